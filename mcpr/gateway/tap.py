@@ -1,0 +1,137 @@
+"""`twist mcpr`: options and the service tree of the gateway."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.application.internet import TimerService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python import usage
+
+from mcpr import __version__
+from mcpr.config import ConfigError, GatewaySettings, load_gateway
+from mcpr.listening import ListeningService, address_of
+from mcpr.proxy.events import EventLog
+from mcpr.proxy.forward import Forwarder
+from mcpr.proxy.request import ProxySite
+from mcpr.proxy.resource import ProxyResource
+from mcpr.proxy.routing import Upstream
+
+log = Logger(namespace="mcpr")
+
+HEARTBEAT_SECONDS = 30.0
+
+
+class Options(usage.Options):
+    synopsis = "--mcp URL [--port N | --listen ENDPOINT ...] [options]"
+    longdesc = (
+        "Serve an MCP server through the MCP-aware proxy. Settings come from the command line, "
+        "then MCPR_* environment variables, then mcpr.toml (--config, else the current directory "
+        "or its parents), then defaults."
+    )
+    optFlags = [
+        ["no-tunnel", None, "Do not open a tunnel even if a relay URL is configured."],
+        ["version", None, "Print the version and exit."],
+    ]
+    optParameters = [
+        ["mcp", None, None, "URL of the MCP server, e.g. http://localhost:9000/mcp."],
+        ["port", None, None, "Local port for direct HTTP mode (default 3000, on 127.0.0.1)."],
+        ["config", None, None, "Path of mcpr.toml (default: ./mcpr.toml or the nearest parent's)."],
+        ["events", None, None, "Write JSON-lines events to FILE, or '-' for stdout."],
+        ["widgets", None, None, "Widget source: a dev server URL or a built folder."],
+        ["csp-mode", None, None, "Widget CSP rewriting: extend (default) or override."],
+        ["relay-url", None, None, "Relay to open a tunnel to (env MCPR_RELAY_URL)."],
+        ["subdomain", None, None, "Subdomain to ask the relay for (env MCPR_TUNNEL_SUBDOMAIN)."],
+        ["upstream-timeout", None, None, "Seconds to wait for the upstream's response headers (30)."],
+        ["max-request-body", None, None, "Largest request body accepted, e.g. 16MiB (default)."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self["csp"] = []
+
+    def opt_listen(self, endpoint: str) -> None:
+        """Endpoint to serve direct HTTP on, e.g. tcp:3000:interface=0.0.0.0 (repeatable)."""
+        self["listen"].append(endpoint)
+
+    def opt_csp(self, domain: str) -> None:
+        """Domain to add to widget CSPs (repeatable)."""
+        self["csp"].append(domain)
+
+    def opt_version(self) -> None:
+        print(f"mcpr {__version__}")
+        sys.exit(0)
+
+    def postOptions(self) -> None:
+        cli: dict[str, Any] = {
+            "mcp": self["mcp"],
+            "port": self["port"],
+            "listen": self["listen"] or None,
+            "events": self["events"],
+            "widgets": self["widgets"],
+            "csp_mode": self["csp-mode"],
+            "csp_domains": self["csp"] or None,
+            "relay_url": self["relay-url"],
+            "no_tunnel": True if self["no-tunnel"] else None,
+            "tunnel_subdomain": self["subdomain"],
+            "upstream_timeout": self["upstream-timeout"],
+            "max_request_body": self["max-request-body"],
+        }
+        try:
+            self["settings"] = load_gateway(cli, config=self["config"])
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+class _Closer(Service):
+    """Closes the upstream pool and the events sink last, after the listeners stopped."""
+
+    def __init__(self, resource: ProxyResource) -> None:
+        self._resource = resource
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        d = self._resource.forwarder.close()
+        d.addBoth(lambda _: self._resource.events.close())
+        return d
+
+
+def build_resource(settings: GatewaySettings, reactor) -> ProxyResource:
+    forwarder = Forwarder(reactor, headers_timeout=settings.upstream_timeout)
+    return ProxyResource(reactor, Upstream.parse(settings.mcp), forwarder, EventLog.open(settings.events))
+
+
+def build_site(resource: ProxyResource, settings: GatewaySettings, *, via: str = "direct") -> ProxySite:
+    site = ProxySite(resource, max_request_body=settings.max_request_body, via=via,
+                     too_large=resource.report_too_large)
+    site.displayTracebacks = False
+    return site
+
+
+def makeService(options: usage.Options, reactor=None) -> IService:
+    if reactor is None:
+        from twisted.internet import reactor
+    settings: GatewaySettings = options["settings"]
+    for warning in settings.warnings:
+        log.warn("{warning}", warning=warning)
+    top = MultiService()
+    resource = build_resource(settings, reactor)
+    _Closer(resource).setServiceParent(top)
+    site = build_site(resource, settings)
+
+    def announce(port: IListeningPort) -> None:
+        log.info("mcpr {version}: http://{address} -> {mcp}", version=__version__,
+                 address=address_of(port), mcp=settings.mcp)
+
+    for description in settings.listen:
+        ListeningService(serverFromString(reactor, description), site, announce).setServiceParent(top)
+    heartbeat = TimerService(HEARTBEAT_SECONDS, resource.heartbeat)
+    heartbeat.clock = reactor
+    heartbeat.setServiceParent(top)
+    return top

@@ -1,0 +1,173 @@
+"""Structured events (JSON lines) and the human console line.
+
+Events are the product's own output, written where `--events` says; they are
+not Twisted log records, so tools can rely on their shape.  The console line
+goes to the Twisted log, for the person watching the terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import IO, Any
+
+from twisted.logger import Logger
+
+log = Logger(namespace="mcpr")
+
+
+def timestamp(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z"
+    )
+
+
+class EventLog:
+    """Writes one JSON object per line; a closed or missing sink makes `emit` a no-op."""
+
+    def __init__(self, stream: IO[str] | None, *, owns: bool = False) -> None:
+        self._stream = stream
+        self._owns = owns
+
+    @classmethod
+    def open(cls, spec: str | None) -> "EventLog":
+        if spec is None:
+            return cls(None)
+        if spec == "-":
+            return cls(sys.stdout)
+        return cls(open(spec, "a", encoding="utf-8", buffering=1), owns=True)
+
+    @property
+    def enabled(self) -> bool:
+        return self._stream is not None
+
+    def emit(self, type: str, ts: float, **fields: Any) -> None:
+        if self._stream is None:
+            return
+        record = {"type": type, "ts": timestamp(ts), **fields}
+        try:
+            self._stream.write(json.dumps(record, separators=(",", ":"), default=str) + "\n")
+            self._stream.flush()
+        except (OSError, ValueError):
+            log.failure("events sink failed; further events are dropped")
+            self._stream = None
+
+    def close(self) -> None:
+        if self._owns and self._stream is not None:
+            self._stream.close()
+        self._stream = None
+
+
+@dataclass
+class RequestRecord:
+    """What one proxied request did, filled in as it goes."""
+
+    request_id: str
+    started: float
+    via: str
+    method: str
+    path: str
+    route: str
+    status: int | None = None
+    session_id: str | None = None
+    mcp_method: str | None = None
+    tool: str | None = None
+    resource: str | None = None
+    prompt: str | None = None
+    jsonrpc_id: Any = None
+    error_code: int | None = None
+    error_message: str | None = None
+    headers_at: float | None = None
+    finished: float | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    client_name: str | None = None
+    client_version: str | None = None
+    outcome: str = "ok"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def _ms(self, start: float | None, end: float | None) -> float | None:
+        if start is None or end is None:
+            return None
+        return round((end - start) * 1000, 3)
+
+    @property
+    def latency_ms(self) -> float | None:
+        return self._ms(self.started, self.finished)
+
+    @property
+    def upstream_ms(self) -> float | None:
+        return self._ms(self.started, self.headers_at)
+
+    @property
+    def downstream_ms(self) -> float | None:
+        return self._ms(self.headers_at, self.finished)
+
+    def as_event(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "session_id": self.session_id,
+            "via": self.via,
+            "method": self.method,
+            "path": self.path,
+            "route": self.route,
+            "status": self.status,
+            "mcp_method": self.mcp_method,
+            "jsonrpc_id": self.jsonrpc_id,
+            "tool": self.tool,
+            "resource": self.resource,
+            "prompt": self.prompt,
+            "error_code": self.error_code,
+            "error_message": self.error_message,
+            "latency_ms": self.latency_ms,
+            "upstream_ms": self.upstream_ms,
+            "downstream_ms": self.downstream_ms,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "client_name": self.client_name,
+            "client_version": self.client_version,
+            "outcome": self.outcome,
+            **self.extra,
+        }
+
+    def console_line(self) -> str:
+        """`21:23:11 POST 200 147B 8ms 8ms↑ 0ms↓ tools/call add`."""
+        parts = [
+            time.strftime("%H:%M:%S", time.localtime(self.started)),
+            self.method,
+            str(self.status if self.status is not None else "-"),
+            human_bytes(self.bytes_out),
+            _ms_text(self.latency_ms),
+            _ms_text(self.upstream_ms) + "↑",
+            _ms_text(self.downstream_ms) + "↓",
+        ]
+        if self.mcp_method:
+            parts.append(self.mcp_method)
+            target = self.tool or self.resource or self.prompt
+            if target:
+                parts.append(target)
+        else:
+            parts.append(self.path)
+        if self.error_code is not None:
+            parts.append(f"error {self.error_code}")
+        if self.outcome != "ok":
+            parts.append(f"({self.outcome})")
+        return " ".join(parts)
+
+
+def _ms_text(ms: float | None) -> str:
+    return "-" if ms is None else f"{ms:.0f}ms"
+
+
+def human_bytes(n: int) -> str:
+    if n < 1024:
+        return f"{n}B"
+    value = n / 1024
+    for unit in ("KB", "MB"):
+        if value < 1024:
+            return f"{value:.1f}{unit}"
+        value /= 1024
+    return f"{value:.1f}GB"

@@ -1,0 +1,194 @@
+"""Sending a request upstream and streaming its answer back.
+
+A pass-through proxy must not use treq's high-level client: it would share one
+cookie jar between users, follow redirects and decode gzip.  A bare `Agent`
+over our own persistent pool does none of that.  The upstream socket is
+registered as the downstream request's producer, so a slow client slows the
+upstream read instead of filling our memory.
+"""
+
+from __future__ import annotations
+
+from typing import IO, Callable
+
+from twisted.internet import error as neterror
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IConsumer, IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
+from twisted.web.client import _HTTP11ClientFactory
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer, IResponse
+from zope.interface import implementer
+
+# Bodies up to this size are sent in one write; larger ones stream from
+# twisted.web's spool file with backpressure.
+INLINE_BODY = 256 * 1024
+
+
+class UpstreamError(Exception):
+    status = 502
+
+    def __init__(self, url: bytes, reason: str) -> None:
+        super().__init__(reason)
+        self.url = url
+        self.reason = reason
+
+
+class UpstreamUnavailable(UpstreamError):
+    status = 502
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A body already in memory: written at once, no cooperator round trip."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self._data)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def body_producer(content: IO[bytes] | None, data: bytes | None) -> IBodyProducer | None:
+    """The upstream body: the bytes already read, or the spool file streamed from its start."""
+    if data is not None:
+        return BytesProducer(data) if data else None
+    if content is None:
+        return None
+    content.seek(0, 2)
+    size = content.tell()
+    content.seek(0)
+    if size == 0:
+        return None
+    if size <= INLINE_BODY:
+        return BytesProducer(content.read())
+    return FileBodyProducer(content)
+
+
+def describe(reason: BaseException) -> str:
+    if isinstance(reason, neterror.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(reason, neterror.DNSLookupError):
+        return "host name lookup failed"
+    if isinstance(reason, (neterror.TimeoutError, neterror.ConnectingCancelledError)):
+        return "connect timed out"
+    reasons = getattr(reason, "reasons", None)
+    if reasons:
+        return describe(reasons[0].value)
+    text = str(reason) or type(reason).__name__
+    return text[:200]
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    noisy = False  # one log line per upstream connection is noise in a proxy
+
+
+class QuietPool(HTTPConnectionPool):
+    _factory = _QuietClientFactory
+
+
+class Forwarder:
+    """Our own connection pool and Agent, with a time limit on the response headers."""
+
+    def __init__(
+        self,
+        reactor,
+        *,
+        headers_timeout: float,
+        connect_timeout: float = 10.0,
+        max_idle_per_host: int = 64,
+        idle_timeout: float = 4.0,
+    ) -> None:
+        self._reactor = reactor
+        self._timeout = headers_timeout
+        self.pool = QuietPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = max_idle_per_host
+        # Servers such as uvicorn and Node close idle keep-alive connections
+        # after 5 s; dropping ours first avoids sending a POST into a socket
+        # that is being closed (a POST is not retried automatically).
+        self.pool.cachedConnectionTimeout = idle_timeout
+        self._agent = Agent(reactor, connectTimeout=connect_timeout, pool=self.pool)
+
+    async def send(
+        self, method: bytes, url: bytes, headers: Headers, body: IBodyProducer | None
+    ) -> IResponse:
+        """The upstream response once its headers arrived; the body is still to be read."""
+        d = self._agent.request(method, url, headers, body)
+        expired = []
+
+        def expire() -> None:
+            expired.append(True)
+            d.cancel()
+
+        timer = self._reactor.callLater(self._timeout, expire)
+        try:
+            return await d
+        except CancelledError:
+            if expired:
+                raise UpstreamTimeout(url, f"no response headers within {self._timeout:g} s") from None
+            raise
+        except Exception as e:
+            if expired:
+                raise UpstreamTimeout(url, f"no response headers within {self._timeout:g} s") from None
+            raise UpstreamUnavailable(url, describe(e)) from None
+        finally:
+            if timer.active():
+                timer.cancel()
+
+    def close(self) -> Deferred[None]:
+        return self.pool.closeCachedConnections()
+
+
+class BodyPipe(Protocol):
+    """Streams an upstream response body into a downstream request.
+
+    `write` gets each chunk (after any inspection) and `done` fires with None
+    on a clean end or fails if the upstream broke off mid-body.
+    """
+
+    def __init__(self, write: Callable[[bytes], None], register: Callable[[IPushProducer], None],
+                 unregister: Callable[[], None], done: Deferred[None]) -> None:
+        self._write = write
+        self._register = register
+        self._unregister = unregister
+        self._done = done
+        self._stopped = False
+
+    def connectionMade(self) -> None:
+        self._register(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._stopped:
+            self._write(data)
+
+    def stop(self) -> None:
+        """The downstream client left: drop the upstream connection."""
+        self._stopped = True
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
+        if not self._stopped:
+            self._unregister()
+        if self._stopped or reason.check(ResponseDone, PotentialDataLoss):
+            self._done.callback(None)
+        else:
+            self._done.errback(reason)

@@ -1,0 +1,88 @@
+"""Reading JSON-RPC answers out of a response stream without holding it.
+
+Events want each answer's error code and sessions want `initialize`'s result;
+the body itself streams on untouched.  JSON bodies are kept only up to a cap
+and SSE bodies are parsed event by event, so memory stays bounded for a
+response of any size or duration.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable
+
+from mcpr.proxy import jsonrpc
+from mcpr.proxy.sse import EventTooLarge, SSEParser
+
+
+def is_event_stream(content_type: bytes | None) -> bool:
+    return bool(content_type) and content_type.split(b";", 1)[0].strip().lower() == b"text/event-stream"
+
+
+def is_json(content_type: bytes | None) -> bool:
+    if not content_type:
+        return False
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or media.endswith(b"+json")
+
+
+class AnswerWatcher:
+    """Collects the JSON-RPC responses in a body; gives up quietly past `limit` bytes."""
+
+    def __init__(self, content_type: bytes | None, keep_results: Iterable[Any] = (), limit: int = 1 << 20):
+        self._sse = SSEParser(limit) if is_event_stream(content_type) else None
+        self._json = is_json(content_type) and self._sse is None
+        self._buffer: list[bytes] = []
+        self._size = 0
+        self._limit = limit
+        self._keep = set(_hashable(k) for k in keep_results)
+        self.answers: list[jsonrpc.Message] = []
+        self.gave_up = False
+
+    @property
+    def active(self) -> bool:
+        return not self.gave_up and (self._sse is not None or self._json)
+
+    def feed(self, data: bytes) -> None:
+        if not self.active:
+            return
+        if self._sse is not None:
+            try:
+                events = self._sse.feed(data)
+            except EventTooLarge:
+                self.gave_up = True
+                return
+            for event in events:
+                if event.data:
+                    self._take(event.data)
+            return
+        self._size += len(data)
+        if self._size > self._limit:
+            self.gave_up = True
+            self._buffer = []
+            return
+        self._buffer.append(data)
+
+    def finish(self) -> list[jsonrpc.Message]:
+        if self._json and not self.gave_up and self._buffer:
+            self._take(b"".join(self._buffer))
+            self._buffer = []
+        return self.answers
+
+    def _take(self, text: str | bytes) -> None:
+        try:
+            value = json.loads(text)
+        except (ValueError, RecursionError):
+            return
+        batch = jsonrpc.parse_value(value)
+        if batch is None:
+            return
+        for message in batch.messages:
+            if message.kind in (jsonrpc.RESPONSE, jsonrpc.ERROR):
+                if message.kind == jsonrpc.RESPONSE and _hashable(message.id) not in self._keep:
+                    message = jsonrpc.Message(message.kind, message.id)
+                self.answers.append(message)
+
+
+def _hashable(value: Any) -> Any:
+    return value if isinstance(value, (str, int, float, type(None))) else repr(value)

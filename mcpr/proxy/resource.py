@@ -1,0 +1,377 @@
+"""The proxy core: one twisted.web resource that serves every request the same way.
+
+Direct HTTP and the tunnel both hand their requests to this resource, so
+routing, sessions, events and error answers cannot differ between them; only
+`site.via` tells them apart in the events.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from mcpr.proxy import headers as hdrs
+from mcpr.proxy import jsonrpc
+from mcpr.proxy.events import EventLog, RequestRecord
+from mcpr.proxy.forward import BodyPipe, Forwarder, UpstreamError, body_producer, describe
+from mcpr.proxy.inspect import AnswerWatcher
+from mcpr.proxy.routing import Kind, Route, Upstream, route
+from mcpr.proxy.sessions import Session, SessionTracker
+
+log = Logger(namespace="mcpr")
+
+# JSON-RPC error codes the gateway answers with (server-error range).
+UPSTREAM_UNAVAILABLE = -32002
+UPSTREAM_TIMEOUT = -32001
+
+# POST bodies up to this size are parsed to classify them; a larger JSON body
+# is still sent to the MCP endpoint, streamed from the spool file.
+CLASSIFY_LIMIT = 1 << 20
+
+
+class _Exchange:
+    """The cancellable parts of one request in flight."""
+
+    pending: Deferred | None = None
+    pipe: BodyPipe | None = None
+    gone = False
+
+    def client_left(self, _reason: Failure) -> None:
+        self.gone = True
+        if self.pipe is not None:
+            self.pipe.stop()
+        elif self.pending is not None:
+            self.pending.cancel()
+
+
+class ProxyResource(Resource):
+    isLeaf = True
+
+    def __init__(
+        self,
+        reactor,
+        upstream: Upstream,
+        forwarder: Forwarder,
+        events: EventLog,
+        *,
+        sessions: SessionTracker | None = None,
+    ) -> None:
+        super().__init__()
+        self._reactor = reactor
+        self.upstream = upstream
+        self.forwarder = forwarder
+        self.events = events
+        self.sessions = sessions or SessionTracker(reactor, self._session_changed)
+        self.started = reactor.seconds()
+        self.in_flight = 0
+        self.requests_total = 0
+        self._ids = itertools.count(1)
+        self._id_prefix = os.urandom(3).hex()
+
+    # -- twisted.web
+
+    def render(self, request: Request) -> Any:
+        if request.path == b"/healthz" and request.method in (b"GET", b"HEAD"):
+            Deferred.fromCoroutine(self._health(request))
+            return NOT_DONE_YET
+        Deferred.fromCoroutine(self._proxy(request))
+        return NOT_DONE_YET
+
+    # -- proxying
+
+    async def _proxy(self, request: Request) -> None:
+        now = self._reactor.seconds()
+        self.in_flight += 1
+        self.requests_total += 1
+        exchange = _Exchange()
+        request.notifyFinish().addErrback(exchange.client_left)
+        record = RequestRecord(
+            request_id=f"{self._id_prefix}-{next(self._ids)}",
+            started=now,
+            via=getattr(request.channel.site, "via", "direct") if request.channel else "direct",
+            method=request.method.decode("latin-1"),
+            path=request.path.decode("latin-1"),
+            route="",
+        )
+        try:
+            await self._exchange(request, record, exchange)
+        except Exception:
+            log.failure("proxying {method} {path} failed", method=record.method, path=record.path)
+            record.outcome = "error"
+            if not request.startedWriting and not exchange.gone:
+                self._answer_error(request, record, None, 500, -32603, "internal proxy error")
+            else:
+                _abort(request)
+        finally:
+            self.in_flight -= 1
+            record.finished = self._reactor.seconds()
+            self._report(record)
+
+    async def _exchange(self, request: Request, record: RequestRecord, exchange: _Exchange) -> None:
+        data, content = _read_body(request)
+        record.bytes_in = len(data) if data is not None else _size(content)
+        rt = route(request.method, request.uri, request.requestHeaders, data, self.upstream)
+        if rt.kind is Kind.PASSTHROUGH and data is None and _looks_json(request):
+            rt = Route(Kind.MCP_POST, self.upstream.mcp_url(request.uri))
+        record.route = rt.kind.value
+        self._describe(record, rt)
+        session_id = _header(request, b"mcp-session-id")
+        if session_id:
+            record.session_id = session_id
+            session = self.sessions.touch(session_id)
+            if session is not None:
+                record.client_name, record.client_version = session.client_name, session.client_version
+
+        out_headers = hdrs.upstream_request_headers(
+            request.requestHeaders,
+            client_ip=_client_ip(request),
+            host=request.getHeader(b"host"),
+            proto=b"https" if request.isSecure() else b"http",
+        )
+        producer = body_producer(content, data)
+        exchange.pending = Deferred.fromCoroutine(
+            self.forwarder.send(request.method, rt.url, out_headers, producer)
+        )
+        try:
+            response = await exchange.pending
+        except CancelledError:
+            record.outcome = "client-gone"
+            return
+        except UpstreamError as e:
+            record.outcome = "upstream-timeout" if e.status == 504 else "upstream-unavailable"
+            if not exchange.gone:
+                code = UPSTREAM_TIMEOUT if e.status == 504 else UPSTREAM_UNAVAILABLE
+                self._answer_error(request, record, rt, e.status, code, self._upstream_message(e))
+            return
+        finally:
+            exchange.pending = None
+        record.headers_at = self._reactor.seconds()
+        record.status = response.code
+
+        answer_session = response.headers.getRawHeaders(b"mcp-session-id", [None])[0]
+        if answer_session and not record.session_id:
+            record.session_id = answer_session.decode("latin-1")
+        if exchange.gone:
+            response.deliverBody(Protocol())
+            record.outcome = "client-gone"
+            return
+
+        request.setResponseCode(response.code, response.phrase)
+        request.responseHeaders = hdrs.downstream_response_headers(response.headers, keep_length=True)
+        watcher = self._watcher(rt, response)
+        done: Deferred[None] = Deferred()
+
+        def write(chunk: bytes) -> None:
+            record.bytes_out += len(chunk)
+            if watcher is not None:
+                watcher.feed(chunk)
+            request.write(chunk)
+
+        exchange.pipe = BodyPipe(write, lambda p: request.registerProducer(p, True),
+                                 request.unregisterProducer, done)
+        response.deliverBody(exchange.pipe)
+        try:
+            await done
+        except Exception as e:
+            record.outcome = "upstream-broke"
+            log.warn("upstream broke off the response to {method} {path}: {why}",
+                     method=record.method, path=record.path, why=str(e))
+            _abort(request)
+            return
+        if exchange.gone:
+            record.outcome = "client-gone"
+            return
+        request.finish()
+        if watcher is not None:
+            self._conclude(rt, record, watcher.finish(), answer_session)
+        if rt.kind is Kind.SESSION_DELETE and 200 <= response.code < 300 and record.session_id:
+            self.sessions.ended(record.session_id)
+
+    def _watcher(self, rt: Route, response) -> AnswerWatcher | None:
+        if rt.kind is not Kind.MCP_POST or rt.rpc is None or not rt.rpc.requests:
+            return None
+        keep = [m.id for m in rt.rpc.requests if m.method == "initialize"]
+        content_type = response.headers.getRawHeaders(b"content-type", [None])[0]
+        return AnswerWatcher(content_type, keep)
+
+    def _describe(self, record: RequestRecord, rt: Route) -> None:
+        if rt.rpc is None:
+            return
+        first = rt.rpc.first
+        record.mcp_method = rt.rpc.method_summary() or first.kind
+        record.jsonrpc_id = first.id if not rt.rpc.batch else [m.id for m in rt.rpc.requests]
+        target = first.target
+        field = jsonrpc.TARGET_FIELD.get(first.method or "")
+        if target and field:
+            setattr(record, field, target)
+        if first.kind == jsonrpc.ERROR:
+            record.error_code, record.error_message = first.error_code, first.error_message
+
+    def _conclude(self, rt: Route, record: RequestRecord, answers: list[jsonrpc.Message],
+                  session_id: bytes | None) -> None:
+        assert rt.rpc is not None
+        for answer in answers:
+            if answer.kind == jsonrpc.ERROR and record.error_code is None:
+                record.error_code, record.error_message = answer.error_code, answer.error_message
+        initialize = next((m for m in rt.rpc.requests if m.method == "initialize"), None)
+        if initialize is None or not session_id:
+            return
+        result = next((a.result for a in answers if a.kind == jsonrpc.RESPONSE and a.id == initialize.id),
+                      None)
+        if result is not None:
+            session = self.sessions.started(session_id.decode("latin-1"), initialize.params, result)
+            record.client_name, record.client_version = session.client_name, session.client_version
+
+    def _upstream_message(self, e: UpstreamError) -> str:
+        what = "timed out" if e.status == 504 else "unavailable"
+        return f"upstream {what}: {e.url.decode('latin-1')}: {e.reason}"
+
+    def _answer_error(self, request: Request, record: RequestRecord, rt: Route | None,
+                      status: int, code: int, message: str) -> None:
+        record.status = status
+        record.error_code, record.error_message = code, message
+        request.setResponseCode(status)
+        if rt is not None and rt.rpc is not None:
+            body = jsonrpc.error_body(rt.rpc, code, message)
+            request.setHeader(b"content-type", b"application/json")
+        else:
+            body = f"{status} {message}\n".encode()
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"content-length", str(len(body)).encode())
+        request.write(body)
+        record.bytes_out += len(body)
+        request.finish()
+
+    # -- reporting
+
+    def _report(self, record: RequestRecord) -> None:
+        self.events.emit("request", record.started, **record.as_event())
+        log.info("{line}", line=record.console_line())
+
+    def report_too_large(self, request: Request, method: bytes, path: bytes) -> None:
+        now = self._reactor.seconds()
+        record = RequestRecord(
+            request_id=f"{self._id_prefix}-{next(self._ids)}",
+            started=now,
+            via=getattr(request.channel.site, "via", "direct"),
+            method=method.decode("latin-1"),
+            path=path.split(b"?", 1)[0].decode("latin-1"),
+            route="refused",
+            status=413,
+            finished=now,
+            outcome="too-large",
+        )
+        self.requests_total += 1
+        self._report(record)
+
+    def _session_changed(self, session: Session) -> None:
+        self.events.emit("session", self._reactor.seconds(), **session.as_event())
+
+    def heartbeat(self) -> None:
+        self.sessions.expire()
+        self.events.emit(
+            "heartbeat",
+            self._reactor.seconds(),
+            uptime_s=round(self._reactor.seconds() - self.started, 3),
+            sessions_active=len(self.sessions),
+            requests_total=self.requests_total,
+            in_flight=self.in_flight,
+            upstream=self.upstream.url,
+        )
+
+    # -- health
+
+    async def _health(self, request: Request) -> None:
+        reachable, error, ms = await self.probe_upstream()
+        body = json.dumps(
+            {
+                "status": "ok",
+                "upstream": {"url": self.upstream.url, "reachable": reachable, "error": error,
+                             "connect_ms": ms},
+                "sessions": len(self.sessions),
+                "in_flight": self.in_flight,
+                "uptime_s": round(self._reactor.seconds() - self.started, 3),
+            }
+        ).encode()
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"content-length", str(len(body)).encode())
+        if not request._disconnected:
+            request.write(body)
+            request.finish()
+
+    async def probe_upstream(self, timeout: float = 2.0) -> tuple[bool, str | None, float | None]:
+        """Whether the upstream accepts TCP connections, without sending it a request."""
+        start = self._reactor.seconds()
+        endpoint = HostnameEndpoint(self._reactor, self.upstream.host, self.upstream.port, timeout=timeout)
+        try:
+            proto = await endpoint.connect(_PROBE)
+        except Exception as e:
+            return False, describe(e), None
+        proto.transport.loseConnection()
+        return True, None, round((self._reactor.seconds() - start) * 1000, 3)
+
+
+_PROBE = Factory.forProtocol(Protocol)
+_PROBE.noisy = False
+
+
+def _read_body(request: Request) -> tuple[bytes | None, Any]:
+    """The body's bytes if small enough to classify, else None and the spool file to stream."""
+    content = request.content
+    if content is None:
+        return b"", None
+    content.seek(0, 2)
+    size = content.tell()
+    content.seek(0)
+    if size <= CLASSIFY_LIMIT:
+        return content.read(), None
+    return None, content
+
+
+def _size(content: Any) -> int:
+    if content is None:
+        return 0
+    pos = content.tell()
+    content.seek(0, 2)
+    size = content.tell()
+    content.seek(pos)
+    return size
+
+
+def _looks_json(request: Request) -> bool:
+    return request.method == b"POST" and any(
+        b"json" in t.lower() for t in request.requestHeaders.getRawHeaders(b"content-type", ())
+    )
+
+
+def _header(request: Request, name: bytes) -> str | None:
+    value = request.getHeader(name)
+    return value.decode("latin-1") if value else None
+
+
+def _client_ip(request: Request) -> str | None:
+    peer = request.getClientAddress()
+    return getattr(peer, "host", None)
+
+
+def _abort(request: Request) -> None:
+    """End a started response so the client sees it broke off, not a clean end."""
+    channel = request.channel
+    if channel is None:
+        return
+    transport = getattr(channel, "transport", None)
+    if transport is not None and hasattr(transport, "abortConnection"):
+        transport.abortConnection()
+    else:
+        channel.loseConnection()
