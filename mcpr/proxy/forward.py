@@ -9,6 +9,7 @@ upstream read instead of filling our memory.
 
 from __future__ import annotations
 
+import socket
 from typing import IO, Callable
 
 from twisted.internet import error as neterror
@@ -18,6 +19,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
 from twisted.web.client import _HTTP11ClientFactory
+from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
@@ -97,8 +99,46 @@ def describe(reason: BaseException) -> str:
     return text[:200]
 
 
+def no_delay(transport) -> None:
+    """Disable Nagle: twisted.web writes headers, body and chunk ends separately,
+    and Nagle plus delayed ACKs would hold each small write for ~40 ms."""
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        set_no_delay(True)
+
+
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
+
+def quick_ack(transport) -> None:
+    """Acknowledge at once (Linux).  An upstream that writes its headers and body
+    separately without TCP_NODELAY (uvicorn+h11 does) holds the body until our
+    ACK, and on a kept-alive connection the kernel delays that ACK by ~40 ms.
+    The flag resets itself, so it is set again after every read."""
+    handle = getattr(transport, "getHandle", None)
+    if _QUICKACK is None or handle is None:
+        return
+    try:
+        handle().setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+    except (OSError, AttributeError):
+        pass
+
+
+class _NoDelayClientProtocol(HTTP11ClientProtocol):
+    def connectionMade(self) -> None:
+        no_delay(self.transport)
+        super().connectionMade()
+
+    def dataReceived(self, data: bytes) -> None:
+        quick_ack(self.transport)
+        super().dataReceived(data)
+
+
 class _QuietClientFactory(_HTTP11ClientFactory):
     noisy = False  # one log line per upstream connection is noise in a proxy
+
+    def buildProtocol(self, addr):
+        return _NoDelayClientProtocol(self._quiescentCallback)
 
 
 class QuietPool(HTTPConnectionPool):

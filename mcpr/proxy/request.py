@@ -11,10 +11,11 @@ from __future__ import annotations
 import io
 from typing import Callable
 
-from twisted.web.http import HTTPChannel
+from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.server import Request, Site
 
 from mcpr.proxy import jsonrpc
+from mcpr.proxy.forward import no_delay
 
 TOO_LARGE_CODE = -32600
 
@@ -94,10 +95,21 @@ class ProxyRequest(Request):
         transport.loseConnection()
 
 
+class _NoDelayChannel(HTTPChannel):
+    def connectionMade(self) -> None:
+        no_delay(self.transport)
+        super().connectionMade()
+
+
+def _channel(site: "ProxySite") -> _GenericHTTPChannelProtocol:
+    return _GenericHTTPChannelProtocol(_NoDelayChannel())
+
+
 class ProxySite(Site):
     """A Site whose requests know the body cap, where they came from and whom to tell of a refusal."""
 
     requestFactory = ProxyRequest
+    protocol = _channel
     noisy = False
 
     def __init__(self, resource, *, max_request_body: int, via: str = "direct",

@@ -24,7 +24,7 @@ from mcpr.proxy import headers as hdrs
 from mcpr.proxy import jsonrpc
 from mcpr.proxy.events import EventLog, RequestRecord
 from mcpr.proxy.forward import BodyPipe, Forwarder, UpstreamError, body_producer, describe
-from mcpr.proxy.inspect import AnswerWatcher
+from mcpr.proxy.inspect import AnswerWatcher, is_event_stream
 from mcpr.proxy.routing import Kind, Route, Upstream, route
 from mcpr.proxy.sessions import Session, SessionTracker
 
@@ -169,6 +169,8 @@ class ProxyResource(Resource):
         request.setResponseCode(response.code, response.phrase)
         request.responseHeaders = hdrs.downstream_response_headers(response.headers, keep_length=True)
         watcher = self._watcher(rt, response)
+        if is_event_stream(response.headers.getRawHeaders(b"content-type", [None])[0]):
+            request.write(b"")  # send the headers now: an SSE stream may stay quiet for long
         done: Deferred[None] = Deferred()
 
         def write(chunk: bytes) -> None:

@@ -1,0 +1,124 @@
+"""Settings precedence, validation messages and config-file discovery."""
+
+from pathlib import Path
+
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from mcpr.config import ConfigError, load_gateway, parse_size
+from mcpr.gateway.tap import Options
+
+
+class GatewaySettingsTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = Path(self.mktemp())
+        self.dir.mkdir()
+
+    def write(self, text: str, folder: Path | None = None) -> Path:
+        path = (folder or self.dir) / "mcpr.toml"
+        path.write_text(text)
+        return path
+
+    def load(self, cli=None, env=None, cwd=None, config=None):
+        return load_gateway(cli or {}, env=env or {}, cwd=cwd or self.dir, config=config)
+
+    def test_defaults(self) -> None:
+        s = self.load({"mcp": "http://localhost:9000/mcp"})
+        self.assertEqual(s.listen, ("tcp:3000:interface=127.0.0.1",))
+        self.assertEqual(s.upstream_timeout, 30.0)
+        self.assertEqual(s.max_request_body, 16 << 20)
+        self.assertIsNone(s.relay_url)
+        self.assertIsNone(s.config_path)
+
+    def test_priority_cli_env_file_default(self) -> None:
+        self.write('mcp = "http://file:1/mcp"\n[tunnel]\nrelay_url = "https://file.example"\nsubdomain = "f"\n')
+        env = {"MCPR_RELAY_URL": "https://env.example", "MCPR_TUNNEL_SUBDOMAIN": "e"}
+        s = self.load({"tunnel_subdomain": "c"}, env)
+        self.assertEqual(s.mcp, "http://file:1/mcp")
+        self.assertEqual(s.relay_url, "https://env.example")
+        self.assertEqual(s.tunnel_subdomain, "c")
+
+    def test_legacy_flat_keys(self) -> None:
+        self.write('mcp = "http://x:1"\nrelay_url = "https://r.example"\ntunnel_token = "t"\n'
+                   'tunnel_subdomain = "s"\n')
+        s = self.load()
+        self.assertEqual((s.relay_url, s.tunnel_token, s.tunnel_subdomain), ("https://r.example", "t", "s"))
+        self.assertEqual(s.warnings, ())
+
+    def test_error_names_key_and_file(self) -> None:
+        path = self.write('port = "abc"\nmcp = "http://x:1"\n')
+        e = self.assertRaises(ConfigError, self.load)
+        self.assertEqual(str(e), f"{path}: key 'port': expected an integer 1-65535, got \"abc\"")
+
+    def test_error_names_nested_key(self) -> None:
+        path = self.write('mcp = "http://x:1"\n[csp]\nmode = "strict"\n')
+        e = self.assertRaises(ConfigError, self.load)
+        self.assertIn(f"{path}: key 'csp.mode': expected one of \"extend\", \"override\"", str(e))
+
+    def test_error_names_option_and_env(self) -> None:
+        e = self.assertRaises(ConfigError, self.load, {"mcp": "ftp://x"})
+        self.assertIn("option --mcp: expected an http:// or https:// URL", str(e))
+        e = self.assertRaises(ConfigError, self.load, {"mcp": "http://x:1"}, {"MCPR_RELAY_URL": "nope"})
+        self.assertIn("environment variable MCPR_RELAY_URL", str(e))
+
+    def test_invalid_toml_names_file(self) -> None:
+        path = self.write("mcp = \n")
+        e = self.assertRaises(ConfigError, self.load)
+        self.assertTrue(str(e).startswith(f"{path}: invalid TOML"))
+
+    def test_unknown_keys_warn(self) -> None:
+        path = self.write('mcp = "http://x:1"\nprot = 1\n[tunnel]\nrelayurl = "x"\n')
+        s = self.load()
+        self.assertEqual(s.warnings, (f"{path}: unknown key 'prot' (ignored)",
+                                      f"{path}: unknown key 'tunnel.relayurl' (ignored)"))
+
+    def test_found_in_parent_directory(self) -> None:
+        self.write('mcp = "http://parent:1"\n')
+        child = self.dir / "a" / "b"
+        child.mkdir(parents=True)
+        self.assertEqual(self.load(cwd=child).mcp, "http://parent:1")
+
+    def test_explicit_config_must_exist(self) -> None:
+        e = self.assertRaises(ConfigError, self.load, config=str(self.dir / "missing.toml"))
+        self.assertIn("--config: no such file", str(e))
+
+    def test_relay_file_refused(self) -> None:
+        self.write('mode = "relay"\nmcp = "http://x:1"\n')
+        e = self.assertRaises(ConfigError, self.load)
+        self.assertIn("mcpr-relay", str(e))
+
+    def test_missing_mcp(self) -> None:
+        e = self.assertRaises(ConfigError, self.load)
+        self.assertIn("--mcp", str(e))
+
+    def test_no_tunnel_wins(self) -> None:
+        s = self.load({"mcp": "http://x:1", "no_tunnel": True}, {"MCPR_RELAY_URL": "https://r.example"})
+        self.assertIsNone(s.relay_url)
+        self.write('mcp = "http://x:1"\n[tunnel]\nenabled = false\nrelay_url = "https://r.example"\n')
+        self.assertIsNone(self.load().relay_url)
+
+    def test_sizes(self) -> None:
+        self.assertEqual(parse_size("16MiB"), 16 << 20)
+        self.assertEqual(parse_size("512k"), 512 << 10)
+        self.assertEqual(parse_size(1000), 1000)
+        for bad in ("0", "-1", "lots", 0, True):
+            self.assertRaises(ValueError, parse_size, bad)
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_cli_options(self) -> None:
+        cwd = Path(self.mktemp())
+        cwd.mkdir()
+        self.patch(Path, "cwd", classmethod(lambda cls: cwd))
+        o = Options()
+        o.parseOptions(["--mcp", "http://localhost:9000/mcp", "--listen", "tcp:1", "--listen", "tcp:2",
+                        "--csp", "a.example", "--csp", "b.example", "--upstream-timeout", "2.5"])
+        s = o["settings"]
+        self.assertEqual(s.listen, ("tcp:1", "tcp:2"))
+        self.assertEqual(s.csp_domains, ("a.example", "b.example"))
+        self.assertEqual(s.upstream_timeout, 2.5)
+
+    def test_bad_option_is_usage_error(self) -> None:
+        o = Options()
+        e = self.assertRaises(usage.UsageError, o.parseOptions, ["--mcp", "http://x:1", "--port", "0"])
+        self.assertIn("option --port: expected an integer 1-65535, got \"0\"", str(e))
