@@ -256,7 +256,7 @@ class ProxyTests(TestCase):
                     break
                 await sleep(0.02)
             (event,) = [e for e in self.events() if e["type"] == "request"]
-            self.assertEqual(event["outcome"], "client-gone")
+            self.assertEqual((event["route"], event["outcome"]), ("mcp-stream", "ok"))
         return Deferred.fromCoroutine(t())
 
     def test_client_disconnect_while_waiting_cancels_upstream_request(self):

@@ -190,12 +190,18 @@ class ProxyResource(Resource):
                      method=record.method, path=record.path, why=str(e))
             _abort(request)
             return
+        answers = watcher.finish() if watcher is not None else []
         if exchange.gone:
-            record.outcome = "client-gone"
-            return
-        request.finish()
+            # An SDK client closes a POST's SSE stream once it has its answer,
+            # and a GET stream ends when the client leaves: both are normal.
+            wanted = {_key(m.id) for m in rt.rpc.requests} if rt.rpc is not None else {None}
+            if rt.kind is not Kind.MCP_STREAM and not wanted <= {_key(a.id) for a in answers}:
+                record.outcome = "client-gone"
+                return
+        else:
+            request.finish()
         if watcher is not None:
-            self._conclude(rt, record, watcher.finish(), answer_session)
+            self._conclude(rt, record, answers, answer_session)
         if rt.kind is Kind.SESSION_DELETE and 200 <= response.code < 300 and record.session_id:
             self.sessions.ended(record.session_id)
 
@@ -326,6 +332,10 @@ class ProxyResource(Resource):
 
 _PROBE = Factory.forProtocol(Protocol)
 _PROBE.noisy = False
+
+
+def _key(value: Any) -> Any:
+    return value if isinstance(value, (str, int, float, type(None))) else repr(value)
 
 
 def _read_body(request: Request) -> tuple[bytes | None, Any]:

@@ -1,0 +1,37 @@
+"""The `mcpr` command: the original mcpr's command lines, run by `twist`.
+
+`mcpr --mcp URL ...` is `twist mcpr --mcp URL ...`, and `mcpr --relay ...` is
+`twist mcpr-relay ...`; options are the plugins' own, so there is one CLI to
+document and test.  Logs are text unless `--log-format` says otherwise.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.application.twist._twist import Twist
+
+# `twist` options that may precede the plugin's, in either spelling.
+_TWIST_OPTIONS = ("--log-format", "--log-level", "--log-file", "--reactor")
+
+
+def twist_argv(argv: list[str]) -> list[str]:
+    """The `twist` command line for an `mcpr` command line (without the program name)."""
+    plugin = "mcpr"
+    twist_args: list[str] = []
+    rest: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--relay":
+            plugin = "mcpr-relay"
+        elif arg.split("=", 1)[0] in _TWIST_OPTIONS:
+            twist_args.append(arg if "=" in arg else f"{arg}={next(args, '')}")
+        else:
+            rest.append(arg)
+    if not any(a.startswith("--log-format") for a in twist_args):
+        twist_args.insert(0, "--log-format=text")
+    return ["twist", *twist_args, plugin, *rest]
+
+
+def main() -> None:
+    Twist.main(twist_argv(sys.argv[1:]))

@@ -1,0 +1,26 @@
+"""The `mcpr` console script maps the original spelling onto the twist plugins."""
+
+from twisted.plugin import IPlugin, getPlugins
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.application.service import IServiceMaker
+
+from mcpr.cli import twist_argv
+
+
+class CliTests(SynchronousTestCase):
+    def test_gateway(self) -> None:
+        self.assertEqual(twist_argv(["--mcp", "http://localhost:9000"]),
+                         ["twist", "--log-format=text", "mcpr", "--mcp", "http://localhost:9000"])
+
+    def test_relay(self) -> None:
+        self.assertEqual(twist_argv(["--relay", "--relay-domain", "d.example", "--port", "8080"]),
+                         ["twist", "--log-format=text", "mcpr-relay", "--relay-domain", "d.example",
+                          "--port", "8080"])
+
+    def test_twist_options_pass_through(self) -> None:
+        self.assertEqual(twist_argv(["--log-format", "json", "--mcp", "u", "--log-level=debug"]),
+                         ["twist", "--log-format=json", "--log-level=debug", "mcpr", "--mcp", "u"])
+
+    def test_plugins_are_discoverable(self) -> None:
+        names = {p.tapname for p in getPlugins(IServiceMaker)}
+        self.assertIn("mcpr", names)
