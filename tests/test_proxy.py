@@ -275,6 +275,12 @@ class ProxyTests(TestCase):
                 await sleep(0.02)
             self.assertEqual(self.upstream.gone, self.upstream.hanging)
             self.failureResultOf(pending)
+            for _ in range(100):
+                if self.resource.in_flight == 0:
+                    break
+                await sleep(0.02)
+            (event,) = [e for e in self.events() if e["type"] == "request"]
+            self.assertEqual((event["outcome"], event["status"]), ("client-gone", None))
         return Deferred.fromCoroutine(t())
 
     def test_upstream_broken_mid_body_is_not_a_clean_end(self):

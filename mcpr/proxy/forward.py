@@ -14,15 +14,24 @@ from typing import IO, Callable
 
 from twisted.internet import error as neterror
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.interfaces import IConsumer, IPushProducer
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IConsumer, IPushProducer, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
+from twisted.web.client import (
+    URI,
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    FileBodyProducer,
+    HTTPConnectionPool,
+    ResponseDone,
+)
+from twisted.web.error import SchemeNotSupported
 from twisted.web.client import _HTTP11ClientFactory
 from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IResponse
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
 # Bodies up to this size are sent in one write; larger ones stream from
@@ -85,6 +94,13 @@ def body_producer(content: IO[bytes] | None, data: bytes | None) -> IBodyProduce
     return FileBodyProducer(content)
 
 
+def _cancelled(e: BaseException) -> bool:
+    """Agent reports a cancelled request as ResponseNeverReceived([CancelledError])."""
+    if isinstance(e, CancelledError):
+        return True
+    return any(r.check(CancelledError) for r in getattr(e, "reasons", ()) or ())
+
+
 def describe(reason: BaseException) -> str:
     if isinstance(reason, neterror.ConnectionRefusedError):
         return "connection refused"
@@ -145,6 +161,34 @@ class QuietPool(HTTPConnectionPool):
     _factory = _QuietClientFactory
 
 
+@implementer(IAgentEndpointFactory)
+class _UpstreamEndpoints:
+    """Endpoints per upstream origin, built once: Agent's default factory builds a
+    HostnameEndpoint (and IDNA-encodes the host) for every request."""
+
+    def __init__(self, reactor, connect_timeout: float, max_origins: int = 64) -> None:
+        self._reactor = reactor
+        self._timeout = connect_timeout
+        self._tls = BrowserLikePolicyForHTTPS()
+        self._cache: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
+        self._max = max_origins
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._cache.get(key)
+        if endpoint is None:
+            if uri.scheme not in (b"http", b"https"):
+                raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
+            endpoint = HostnameEndpoint(self._reactor, uri.host.decode("ascii"), uri.port,
+                                        timeout=self._timeout)
+            if uri.scheme == b"https":
+                endpoint = wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), endpoint)
+            if len(self._cache) >= self._max:
+                self._cache.clear()
+            self._cache[key] = endpoint
+        return endpoint
+
+
 class Forwarder:
     """Our own connection pool and Agent, with a time limit on the response headers."""
 
@@ -165,7 +209,7 @@ class Forwarder:
         # after 5 s; dropping ours first avoids sending a POST into a socket
         # that is being closed (a POST is not retried automatically).
         self.pool.cachedConnectionTimeout = idle_timeout
-        self._agent = Agent(reactor, connectTimeout=connect_timeout, pool=self.pool)
+        self._agent = Agent.usingEndpointFactory(reactor, _UpstreamEndpoints(reactor, connect_timeout), self.pool)
 
     async def send(
         self, method: bytes, url: bytes, headers: Headers, body: IBodyProducer | None
@@ -181,13 +225,11 @@ class Forwarder:
         timer = self._reactor.callLater(self._timeout, expire)
         try:
             return await d
-        except CancelledError:
-            if expired:
-                raise UpstreamTimeout(url, f"no response headers within {self._timeout:g} s") from None
-            raise
         except Exception as e:
             if expired:
                 raise UpstreamTimeout(url, f"no response headers within {self._timeout:g} s") from None
+            if _cancelled(e):
+                raise CancelledError() from None
             raise UpstreamUnavailable(url, describe(e)) from None
         finally:
             if timer.active():

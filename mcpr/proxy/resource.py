@@ -263,7 +263,8 @@ class ProxyResource(Resource):
     # -- reporting
 
     def _report(self, record: RequestRecord) -> None:
-        self.events.emit("request", record.started, **record.as_event())
+        if self.events.enabled:
+            self.events.emit("request", record.started, **record.as_event())
         log.info("{line}", line=record.console_line())
 
     def report_too_large(self, request: Request, method: bytes, path: bytes) -> None:

@@ -1,0 +1,746 @@
+#!/usr/bin/env python3
+"""What the mcpr gateway costs a small MCP tool call: latency added, throughput kept.
+
+    .venv/bin/python bench/proxy_overhead.py [--duration S] [--json]
+
+What it measures
+    The same load, small JSON-RPC `tools/call` POSTs sent back to back on N
+    persistent keep-alive connections, is run twice for each concurrency
+    (1 and 16 by default): *direct* against a fast upstream MCP stand-in, and
+    *through the gateway* in front of that same upstream.  For each of the
+    four cells it reports requests per second and the p50 / p99 latency of a
+    whole request as the client sees it, then the gateway's cost: the
+    throughput ratio gateway / direct and the latency it adds (gateway p50 -
+    direct p50).  Those are checked against two targets: at most 0.5 ms added
+    at p50 at concurrency 1, and at least 2,000 req/s at concurrency 16.
+
+How
+    Every party is its own process, all on 127.0.0.1:
+
+    * the upstream: a minimal asyncio Protocol HTTP/1.1 server (keep-alive,
+      Content-Length bodies) that answers any POST with a small JSON-RPC
+      result echoing the request's id.  It was picked over uvicorn with a raw
+      ASGI app (h11; httptools is not installed here) because, measured with
+      this client, it answered about twice as fast at concurrency 1 (80 vs
+      150 us) and served about five times the requests at 16 (60k vs 11k/s),
+      so it is never the bottleneck;
+    * the gateway: `python -m twisted --log-format=text mcpr --mcp ... --listen
+      tcp:0:interface=127.0.0.1`, run from an empty temporary directory (so no
+      mcpr.toml applies) and without MCPR_* variables; its port is read from
+      its "mcpr <version>: http://127.0.0.1:<port> -> ..." log line and it is
+      stopped with SIGTERM at the end.  Its log (one console line per request,
+      as a user would see it) goes to a file that is checked for errors;
+    * the load generator: this file again (`--role load`), an asyncio raw
+      socket client that keeps N connections busy, sends the next request as
+      soon as the previous answer is complete, checks each answer (status 200
+      and the request's own id in the body) and records its latency.  Requests
+      completing during a warm-up (1 s) are not counted; then it measures for
+      --duration seconds.  `--client wrk` uses wrk instead, if installed
+      (it checks only the status, sends one fixed id, and drops connections
+      with requests in flight when it stops, which the gateway logs).
+
+    The CPU time each process spends during the measured window is read from
+    /proc (Linux), so the table also shows which process was busy: a gateway
+    near 100 % of one core is the bottleneck, and the client and upstream must
+    stay well below that for the figures to be the gateway's.  Absolute
+    numbers depend on the machine (the gateway is a single Python process and
+    shares the cores with the client and the upstream); the comparison direct
+    vs gateway in the same run is the point.
+
+    With --json the table goes to stderr and a JSON object with all figures to
+    stdout.  Exit status: 0 when the run completed (whether or not the targets
+    were met), 1 when it could not run, 130 on Ctrl-C.  All child processes
+    are stopped on exit, Ctrl-C and errors included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import gc
+import itertools
+import json
+import math
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+HOST = "127.0.0.1"
+MCP_PATH = "/mcp"
+REQUEST_BODY = b'{"jsonrpc":"2.0","id":%d,"method":"tools/call","params":{"name":"add","arguments":{"a":1,"b":2}}}'
+RESULT_BODY = '{"jsonrpc":"2.0","id":%s,"result":{"content":[{"type":"text","text":"3"}],"isError":false}}'
+
+TARGET_ADDED_P50_MS = 0.5  # at concurrency 1
+TARGET_RPS = 2000.0  # through the gateway at concurrency 16
+
+STARTUP_TIMEOUT = 20.0
+DRAIN_TIMEOUT = 5.0  # after the window, for answers still in flight
+
+
+# ---------------------------------------------------------------------------
+# HTTP/1.1 message framing shared by the upstream and the client (just enough:
+# keep-alive, Content-Length, chunked answers for the client's sake).
+
+
+@dataclass
+class _Head:
+    start_line: bytes
+    length: int | None = None
+    chunked: bool = False
+    close: bool = False
+
+
+def _parse_head(head: bytes) -> _Head:
+    lines = head.split(b"\r\n")
+    parsed = _Head(lines[0])
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            parsed.length = int(value)
+        elif name == b"transfer-encoding":
+            parsed.chunked = b"chunked" in value.lower()
+        elif name == b"connection":
+            parsed.close = b"close" in value.lower()
+    if lines[0].endswith(b"HTTP/1.0") or lines[0].startswith(b"HTTP/1.0"):
+        parsed.close = True  # good enough here: nobody speaks 1.0 keep-alive to us
+    return parsed
+
+
+def _dechunk(buf: bytes, pos: int) -> tuple[bytes, int] | None:
+    """A chunked body starting at `pos`: (body, end offset), or None if incomplete."""
+    parts = []
+    while True:
+        eol = buf.find(b"\r\n", pos)
+        if eol < 0:
+            return None
+        size = int(buf[pos:eol].split(b";", 1)[0], 16)
+        pos = eol + 2
+        if size == 0:
+            end = buf.find(b"\r\n\r\n", pos - 2)  # no trailers: the CRLF right after "0\r\n"
+            return None if end < 0 else (b"".join(parts), end + 4)
+        if len(buf) < pos + size + 2:
+            return None
+        parts.append(buf[pos:pos + size])
+        pos += size + 2
+
+
+# ---------------------------------------------------------------------------
+# The upstream: `--role upstream` prints its port, then serves until killed.
+
+
+def _answer(body: bytes) -> bytes:
+    try:
+        rid = json.dumps(json.loads(body)["id"], separators=(",", ":"))
+    except (ValueError, KeyError, TypeError):
+        rid = "null"
+    payload = (RESULT_BODY % rid).encode()
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(payload), payload)
+
+
+class _UpstreamProtocol(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.buf = b""
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data if self.buf else data
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                break
+            head = _parse_head(buf[:end])
+            if head.chunked:
+                self.transport.write(b"HTTP/1.1 411 Length Required\r\nContent-Length: 0\r\n"
+                                     b"Connection: close\r\n\r\n")
+                self.transport.close()
+                return
+            start = end + 4
+            stop = start + (head.length or 0)
+            if len(buf) < stop:
+                break
+            body, buf = buf[start:stop], buf[stop:]
+            if head.start_line.startswith(b"POST "):
+                self.transport.write(_answer(body))
+            else:
+                self.transport.write(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
+            if head.close:
+                self.transport.close()
+                return
+        self.buf = buf
+
+
+def serve_upstream() -> None:
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(loop.create_server(_UpstreamProtocol, HOST, 0, backlog=1024))
+    print(server.sockets[0].getsockname()[1], flush=True)
+    loop.run_forever()
+
+
+# ---------------------------------------------------------------------------
+# The load generator: `--role load` prints "window-start", "window-end", then
+# one JSON line with its figures.
+
+
+class _Load:
+    def __init__(self, port: int, path: str, concurrency: int) -> None:
+        self.head = (f"POST {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: application/json\r\n"
+                     f"Accept: application/json, text/event-stream\r\nContent-Length: ").encode()
+        self.ids = itertools.count(1)
+        self.latencies: list[float] = []
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.measure_from = math.inf
+        self.stop_at = math.inf
+        self.connections: set[_LoadConnection] = set()
+
+    def request(self, rid: int) -> bytes:
+        body = REQUEST_BODY % rid
+        return b"%s%d\r\n\r\n%s" % (self.head, len(body), body)
+
+    def completed(self, started: float, now: float, error: str | None) -> None:
+        if error is not None:
+            self.errors[error] += 1
+        elif self.measure_from <= now < self.stop_at:
+            self.latencies.append(now - started)
+
+
+class _LoadConnection(asyncio.Protocol):
+    """One keep-alive connection sending the next request as soon as the answer is whole."""
+
+    def __init__(self, load: _Load, finished: asyncio.Future) -> None:
+        self.load = load
+        self.finished = finished
+        self.buf = b""
+        self.in_flight = False
+        self.started = 0.0
+        self.expect = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.load.connections.add(self)
+        self._send()
+
+    def _send(self) -> None:
+        now = time.perf_counter()
+        if now >= self.load.stop_at:
+            self.transport.close()
+            return
+        rid = next(self.load.ids)
+        self.expect = b'"id":%d' % rid
+        self.buf = b""
+        self.in_flight = True
+        self.started = now
+        self.transport.write(self.load.request(rid))
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = _parse_head(self.buf[:end])
+        if head.chunked:
+            got = _dechunk(self.buf, end + 4)
+            if got is None:
+                return
+            body, stop = got
+        elif head.length is not None:
+            stop = end + 4 + head.length
+            if len(self.buf) < stop:
+                return
+            body = self.buf[end + 4:stop]
+        else:  # a body delimited by closing the connection: not what we test
+            self.load.completed(self.started, time.perf_counter(), "no-length")
+            self.in_flight = False
+            self.transport.close()
+            return
+        now = time.perf_counter()
+        self.in_flight = False
+        status = head.start_line[9:12]
+        error = None
+        if status != b"200":
+            error = f"status-{status.decode('latin-1')}"
+        elif self.expect not in body:
+            error = "wrong-body"
+        elif stop != len(self.buf):
+            error = "extra-bytes"
+        self.load.completed(self.started, now, error)
+        if head.close or error == "extra-bytes":
+            self.transport.close()
+        else:
+            self._send()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.load.connections.discard(self)
+        if self.in_flight:
+            self.load.completed(self.started, time.perf_counter(), "disconnected")
+            self.in_flight = False
+        if not self.finished.done():
+            self.finished.set_result(None)
+
+
+async def _slot(load: _Load, port: int) -> None:
+    """Keeps one connection going until the end, reconnecting if the server closes it."""
+    loop = asyncio.get_running_loop()
+    while time.perf_counter() < load.stop_at:
+        finished = loop.create_future()
+        try:
+            await loop.create_connection(lambda: _LoadConnection(load, finished), HOST, port)
+        except OSError:
+            load.errors["connect"] += 1
+            await asyncio.sleep(0.05)
+            continue
+        await finished
+
+
+async def _generate(port: int, path: str, concurrency: int, warmup: float, duration: float) -> dict:
+    load = _Load(port, path, concurrency)
+    t0 = time.perf_counter()
+    load.measure_from = t0 + warmup
+    load.stop_at = load.measure_from + duration
+    slots = [asyncio.ensure_future(_slot(load, port)) for _ in range(concurrency)]
+    await asyncio.sleep(max(0.0, load.measure_from - time.perf_counter()))
+    print("window-start", flush=True)
+    cpu0 = time.process_time()
+    await asyncio.sleep(max(0.0, load.stop_at - time.perf_counter()))
+    cpu1 = time.process_time()
+    print("window-end", flush=True)
+    _, pending = await asyncio.wait(slots, timeout=DRAIN_TIMEOUT)
+    for conn in list(load.connections):
+        if conn.in_flight:
+            load.errors["timeout"] += 1
+            conn.in_flight = False
+        conn.transport.abort()
+    for task in pending:
+        task.cancel()
+    return summarize(load.latencies, duration) | {
+        "errors": dict(load.errors),
+        "client_cpu_s": round(cpu1 - cpu0, 4),
+    }
+
+
+def summarize(latencies: list[float], duration: float) -> dict:
+    """Figures from latencies in seconds: req/s over `duration`, percentiles in ms."""
+    ordered = sorted(latencies)
+    n = len(ordered)
+
+    def pct(p: float) -> float | None:
+        return round(ordered[min(n - 1, max(0, math.ceil(p / 100 * n) - 1))] * 1000, 4) if n else None
+
+    return {
+        "requests": n,
+        "rps": round(n / duration, 1),
+        "p50_ms": pct(50),
+        "p90_ms": pct(90),
+        "p99_ms": pct(99),
+        "max_ms": round(ordered[-1] * 1000, 4) if n else None,
+        "mean_ms": round(sum(ordered) / n * 1000, 4) if n else None,
+    }
+
+
+def generate_load(port: int, path: str, concurrency: int, warmup: float, duration: float) -> None:
+    gc.disable()  # a bounded run; no collector pauses in the client's own latency
+    result = asyncio.run(_generate(port, path, concurrency, warmup, duration))
+    print(json.dumps(result), flush=True)
+
+
+# ---------------------------------------------------------------------------
+# The orchestrator.
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if the benchmark itself dies (Linux)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class Children:
+    """Every process started, stopped (TERM, then KILL) on the way out whatever happens."""
+
+    def __init__(self) -> None:
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.exit_codes: dict[str, int | None] = {}
+
+    def start(self, name: str, cmd: list[str], **kwargs: Any) -> subprocess.Popen:
+        preexec = _die_with_parent if sys.platform.startswith("linux") else None
+        proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=preexec, **kwargs)
+        self.procs.append((name, proc))
+        return proc
+
+    def stop(self, proc: subprocess.Popen, timeout: float = 5.0) -> int | None:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for name, p in self.procs:
+            if p is proc:
+                self.exit_codes[name] = proc.returncode
+        return proc.returncode
+
+    def close(self) -> None:
+        for _, proc in reversed(self.procs):
+            self.stop(proc)
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far, from /proc (None elsewhere)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _readline(stream, deadline: float) -> str:
+    """One line from a child's unbuffered stdout pipe, or TimeoutError at `deadline`.
+
+    Unbuffered (bufsize=0) so that no line waits in a Python buffer where
+    select() cannot see it."""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no output from child process")
+        ready, _, _ = select.select([stream], [], [], left)
+        if ready:
+            line = stream.readline()
+            if not line:
+                raise RuntimeError("child process ended early")
+            return line.decode().strip()
+
+
+def start_upstream(children: Children, workdir: Path) -> tuple[subprocess.Popen, int]:
+    log = open(workdir / "upstream.log", "wb")
+    proc = children.start("upstream", [sys.executable, __file__, "--role", "upstream"],
+                          stdout=subprocess.PIPE, stderr=log, bufsize=0)
+    port = int(_readline(proc.stdout, time.monotonic() + STARTUP_TIMEOUT))
+    return proc, port
+
+
+ANNOUNCE = re.compile(r"mcpr (\S+): http://127\.0\.0\.1:(\d+) -> ")
+
+
+def start_gateway(children: Children, workdir: Path, upstream_port: int) -> tuple[subprocess.Popen, int, str, Path]:
+    log_path = workdir / "gateway.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MCPR_")}
+    cmd = [sys.executable, "-m", "twisted", "--log-format=text", "mcpr",
+           "--mcp", f"http://{HOST}:{upstream_port}{MCP_PATH}", "--listen", f"tcp:0:interface={HOST}"]
+    with open(log_path, "wb") as log:
+        proc = children.start("gateway", cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        match = ANNOUNCE.search(log_path.read_text(errors="replace"))
+        if match:
+            return proc, int(match.group(2)), match.group(1), log_path
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
+    raise RuntimeError(f"the gateway did not start (exit code {proc.poll()}):\n{tail}")
+
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.path = "%(path)s"
+wrk.body = '%(body)s'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Accept"] = "application/json, text/event-stream"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('WRKJSON {"requests":%%d,"duration_us":%%d,"connect":%%d,"read":%%d,' ..
+    '"write":%%d,"status":%%d,"timeout":%%d,"p50_us":%%f,"p90_us":%%f,"p99_us":%%f,"max_us":%%f,' ..
+    '"mean_us":%%f}\\n', summary.requests, summary.duration, e.connect, e.read, e.write, e.status,
+    e.timeout, latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max,
+    latency.mean))
+end
+"""
+
+
+@dataclass
+class Cell:
+    concurrency: int
+    via: str  # "direct" or "gateway"
+    client: str
+    requests: int = 0
+    rps: float = 0.0
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    p99_ms: float | None = None
+    max_ms: float | None = None
+    mean_ms: float | None = None
+    errors: dict[str, int] = field(default_factory=dict)
+    window_s: float = 0.0
+    cpu: dict[str, float | None] = field(default_factory=dict)  # share of one core, per process
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, children: Children, workdir: Path) -> None:
+        self.args = args
+        self.children = children
+        self.workdir = workdir
+        self.watched: dict[str, int] = {}  # process name -> pid, for CPU shares
+
+    def _cpu(self) -> dict[str, float | None]:
+        return {name: cpu_seconds(pid) for name, pid in self.watched.items()}
+
+    @staticmethod
+    def _share(before: dict, after: dict, wall: float) -> dict[str, float | None]:
+        return {k: (round((after[k] - before[k]) / wall, 3) if before.get(k) is not None
+                    and after.get(k) is not None and wall > 0 else None) for k in before}
+
+    def run_cell(self, port: int, concurrency: int, via: str) -> Cell:
+        if self.args.client == "wrk":
+            return self._run_wrk(port, concurrency, via)
+        a = self.args
+        cmd = [sys.executable, __file__, "--role", "load", "--port", str(port), "--concurrency",
+               str(concurrency), "--warmup", str(a.warmup), "--duration", str(a.duration)]
+        with open(self.workdir / f"load-{via}-{concurrency}.log", "wb") as err:
+            proc = self.children.start("load", cmd, stdout=subprocess.PIPE, stderr=err, bufsize=0)
+        try:
+            deadline = time.monotonic() + a.warmup + a.duration + DRAIN_TIMEOUT + STARTUP_TIMEOUT
+            while _readline(proc.stdout, deadline) != "window-start":
+                pass
+            t0, cpu0 = time.monotonic(), self._cpu()
+            while _readline(proc.stdout, deadline) != "window-end":
+                pass
+            t1, cpu1 = time.monotonic(), self._cpu()
+            result = json.loads(_readline(proc.stdout, deadline))
+        finally:
+            self.children.stop(proc)
+        cpu = self._share(cpu0, cpu1, t1 - t0)
+        cpu["client"] = round(result.pop("client_cpu_s") / (t1 - t0), 3)
+        return Cell(concurrency, via, "python", window_s=a.duration, cpu=cpu, **result)
+
+    def _run_wrk(self, port: int, concurrency: int, via: str) -> Cell:
+        a = self.args
+        script = self.workdir / "wrk.lua"
+        script.write_text(WRK_SCRIPT % {"path": MCP_PATH, "body": (REQUEST_BODY % 1).decode()})
+        url = f"http://{HOST}:{port}"
+
+        def wrk(seconds: float) -> tuple[subprocess.Popen, list[str]]:
+            cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "5s",
+                   "-s", str(script), url]
+            return self.children.start("wrk", cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT), cmd
+
+        if a.warmup > 0:
+            proc, _ = wrk(a.warmup)
+            proc.communicate(timeout=a.warmup + STARTUP_TIMEOUT)
+        proc, _ = wrk(a.duration)
+        t0, cpu0 = time.monotonic(), self._cpu() | {"client": cpu_seconds(proc.pid)}
+        # Sample the client's CPU just before it exits: poll until its time is up.
+        time.sleep(max(1, round(a.duration)) - 0.05)
+        t1, cpu1 = time.monotonic(), self._cpu() | {"client": cpu_seconds(proc.pid)}
+        out, _ = proc.communicate(timeout=STARTUP_TIMEOUT)
+        text = out.decode(errors="replace")
+        line = next((l for l in text.splitlines() if l.startswith("WRKJSON ")), None)
+        if line is None:
+            raise RuntimeError(f"wrk gave no result:\n{text}")
+        w = json.loads(line[len("WRKJSON "):])
+        seconds = w["duration_us"] / 1e6
+        errors = {k: w[k] for k in ("connect", "read", "write", "status", "timeout") if w[k]}
+        return Cell(concurrency, via, "wrk", requests=w["requests"], rps=round(w["requests"] / seconds, 1),
+                    p50_ms=w["p50_us"] / 1000, p90_ms=w["p90_us"] / 1000, p99_ms=w["p99_us"] / 1000,
+                    max_ms=w["max_us"] / 1000, mean_ms=round(w["mean_us"] / 1000, 4), errors=errors,
+                    window_s=round(seconds, 3), cpu=self._share(cpu0, cpu1, t1 - t0))
+
+
+def gateway_log_summary(path: Path) -> dict:
+    """Request lines by status and outcome, and the warnings, errors and tracebacks, in the gateway's log."""
+    statuses: collections.Counter[str] = collections.Counter()
+    outcomes: collections.Counter[str] = collections.Counter()
+    problems: list[str] = []
+    line_re = re.compile(r"\[mcpr#info\] \d\d:\d\d:\d\d \S+ (\S+) .*?(?: \(([\w-]+)\))?$")
+    for line in path.read_text(errors="replace").splitlines():
+        m = line_re.search(line)
+        if m:
+            statuses[m.group(1)] += 1
+            outcomes[m.group(2) or "ok"] += 1
+        elif re.search(r"#(warn|error|critical)\]|Traceback|Unhandled", line):
+            problems.append(line)
+    return {"request_lines": sum(statuses.values()), "by_status": dict(statuses), "by_outcome": dict(outcomes),
+            "problems": len(problems), "first_problems": problems[:5]}
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.0f}%"
+
+
+def report(cells: list[Cell], comparison: dict, targets: list[dict], meta: dict, log: dict) -> str:
+    out = [
+        f"mcpr {meta['gateway_version']} proxy overhead: tools/call POSTs, keep-alive, "
+        f"{meta['duration_s']:g} s per cell after {meta['warmup_s']:g} s warm-up, "
+        f"{meta['client']} client, {meta['cpus']} CPUs, Python {meta['python']}",
+        "",
+        f"{'conc':>4}  {'via':<8}{'req/s':>9}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'max ms':>9}"
+        f"{'errors':>8}   CPU (share of one core): gateway / upstream / client",
+    ]
+    for c in cells:
+        out.append(
+            f"{c.concurrency:>4}  {c.via:<8}{c.rps:>9,.0f}{_fmt(c.p50_ms, '9.3f')}{_fmt(c.p90_ms, '9.3f')}"
+            f"{_fmt(c.p99_ms, '9.3f')}{_fmt(c.max_ms, '9.2f')}{c.error_count:>8}   "
+            f"{_pct(c.cpu.get('gateway')):>5} / {_pct(c.cpu.get('upstream')):>5} / {_pct(c.cpu.get('client')):>5}")
+    out += ["", f"{'conc':>4}  {'gateway/direct req/s':>20}{'added p50 ms':>14}{'added p99 ms':>14}"
+                f"{'gateway CPU µs/req':>20}"]
+    for conc, cmp in comparison.items():
+        out.append(f"{conc:>4}  {_fmt(cmp['rps_ratio'], '19.2f')}x{_fmt(cmp['added_p50_ms'], '14.3f')}"
+                   f"{_fmt(cmp['added_p99_ms'], '14.3f')}{_fmt(cmp['gateway_cpu_us_per_request'], '20.0f')}")
+    out += ["", "Targets:"]
+    for t in targets:
+        verdict = "n/a" if t["ok"] is None else ("MET" if t["ok"] else "MISSED")
+        spec = ",.0f" if t["unit"] == "req/s" else ".3f"
+        out.append(f"  {t['name']:<38} measured {_fmt(t['measured'], spec):>7} {t['unit']:<6} target {t['op']} "
+                   f"{t['limit']:,g} {t['unit']:<6} {verdict}")
+    out += ["", f"Gateway log (whole run, warm-ups included): {log['request_lines']} request lines, "
+                f"by status {log['by_status'] or '{}'}, by outcome {log['by_outcome'] or '{}'}, "
+                f"{log['problems']} warnings/errors; exit code on SIGTERM: {meta['gateway_exit_code']}"]
+    out += [f"  {p}" for p in log["first_problems"]]
+    errors = sum(c.error_count for c in cells)
+    if errors:
+        out.append(f"Client-side errors: {errors} (see the errors column and the JSON output)")
+    return "\n".join(out)
+
+
+def compare(cells: list[Cell]) -> dict:
+    by = {(c.concurrency, c.via): c for c in cells}
+    result = {}
+    for conc in sorted({c.concurrency for c in cells}):
+        d, g = by.get((conc, "direct")), by.get((conc, "gateway"))
+        if d is None or g is None:
+            continue
+        gw_cpu = g.cpu.get("gateway")
+        result[conc] = {
+            "rps_ratio": round(g.rps / d.rps, 4) if d.rps else None,
+            "added_p50_ms": round(g.p50_ms - d.p50_ms, 4) if None not in (g.p50_ms, d.p50_ms) else None,
+            "added_p99_ms": round(g.p99_ms - d.p99_ms, 4) if None not in (g.p99_ms, d.p99_ms) else None,
+            "gateway_cpu_us_per_request": round(gw_cpu / g.rps * 1e6, 1) if gw_cpu and g.rps else None,
+        }
+    return result
+
+
+def check_targets(cells: list[Cell], comparison: dict) -> list[dict]:
+    by = {(c.concurrency, c.via): c for c in cells}
+    added = comparison.get(1, {}).get("added_p50_ms")
+    rps = by[(16, "gateway")].rps if (16, "gateway") in by else None
+    return [
+        {"name": "added p50 latency at concurrency 1", "measured": added, "op": "<=",
+         "limit": TARGET_ADDED_P50_MS, "unit": "ms", "ok": None if added is None else added <= TARGET_ADDED_P50_MS},
+        {"name": "gateway throughput at concurrency 16", "measured": rps, "op": ">=",
+         "limit": TARGET_RPS, "unit": "req/s", "ok": None if rps is None else rps >= TARGET_RPS},
+    ]
+
+
+def run(args: argparse.Namespace) -> int:
+    say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    children = Children()
+    workdir = Path(tempfile.mkdtemp(prefix="mcpr-bench-"))
+    try:
+        upstream, up_port = start_upstream(children, workdir)
+        gateway, gw_port, version, gw_log = start_gateway(children, workdir, up_port)
+        say(f"upstream on :{up_port} (pid {upstream.pid}), gateway mcpr {version} on :{gw_port} "
+            f"(pid {gateway.pid}); {args.client} client")
+        bench = Bench(args, children, workdir)
+        bench.watched = {"gateway": gateway.pid, "upstream": upstream.pid}
+        cells = []
+        plan = [(c, via) for c in args.concurrency for via in ("direct", "gateway")]
+        for i, (conc, via) in enumerate(plan, 1):
+            cell = bench.run_cell(up_port if via == "direct" else gw_port, conc, via)
+            say(f"[{i}/{len(plan)}] concurrency {conc:>2} {via:<7}: {cell.rps:>8,.0f} req/s, "
+                f"p50 {_fmt(cell.p50_ms, '.3f')} ms, p99 {_fmt(cell.p99_ms, '.3f')} ms, "
+                f"errors {cell.error_count}")
+            cells.append(cell)
+        if gateway.poll() is not None:
+            say(f"the gateway exited during the run (exit code {gateway.returncode})")
+        exit_code = children.stop(gateway)
+        log = gateway_log_summary(gw_log)
+        comparison = compare(cells)
+        targets = check_targets(cells, comparison)
+        meta = {"gateway_version": version, "duration_s": args.duration, "warmup_s": args.warmup,
+                "client": args.client, "cpus": os.cpu_count(), "python": sys.version.split()[0],
+                "gateway_exit_code": exit_code,
+                "gateway_command": "python -m twisted --log-format=text mcpr --mcp URL --listen ENDPOINT"}
+        table = report(cells, comparison, targets, meta, log)
+        if args.json:
+            say("\n" + table)
+            print(json.dumps({"meta": meta, "cells": [asdict(c) | {"error_count": c.error_count} for c in cells],
+                              "comparison": {str(k): v for k, v in comparison.items()},
+                              "targets": targets, "gateway_log": log}, indent=2))
+        else:
+            print("\n" + table)
+        return 0
+    finally:
+        children.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _concurrencies(text: str) -> list[int]:
+    values = [int(v) for v in text.split(",") if v.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("a comma-separated list of positive integers")
+    return values
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per cell (5)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each cell (1)")
+    parser.add_argument("--concurrency", type=_concurrencies, default=[1, 16],
+                        help="connections per cell, comma-separated (1,16)")
+    parser.add_argument("--client", choices=("python", "wrk"), default="python",
+                        help="load generator: this script's asyncio client (default) or wrk")
+    parser.add_argument("--json", action="store_true", help="print a JSON object with all figures to stdout")
+    parser.add_argument("--role", choices=("bench", "upstream", "load"), default="bench", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--path", default=MCP_PATH, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.role == "upstream":
+        serve_upstream()
+        return 0
+    if args.role == "load":
+        generate_load(args.port, args.path, args.concurrency[0], args.warmup, args.duration)
+        return 0
+    if args.duration <= 0 or args.warmup < 0:
+        parser.error("--duration must be positive and --warmup not negative")
+    if args.client == "wrk" and shutil.which("wrk") is None:
+        parser.error("--client wrk: wrk is not installed")
+    # SIGTERM and Ctrl-C unwind through run()'s cleanup.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("interrupted; child processes stopped", file=sys.stderr)
+        return 130
+    except (RuntimeError, TimeoutError, OSError) as e:
+        print(f"benchmark failed: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
