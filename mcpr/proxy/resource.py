@@ -383,8 +383,10 @@ def _abort(request: Request) -> None:
     channel = request.channel
     if channel is None:
         return
+    reset_stream = getattr(channel, "abortConnection", None)
+    if reset_stream is not None:
+        reset_stream()  # an HTTP/2 stream (the tunnel): RST_STREAM, the connection lives on
+        return
     transport = getattr(channel, "transport", None)
-    if transport is not None and hasattr(transport, "abortConnection"):
+    if transport is not None:
         transport.abortConnection()
-    else:
-        channel.loseConnection()

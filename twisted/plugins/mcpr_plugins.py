@@ -12,3 +12,10 @@ mcprGateway = ServiceMaker(
     "MCP-aware proxy in front of an MCP server, with an optional tunnel to a relay.",
     "mcpr",
 )
+
+mcprRelay = ServiceMaker(
+    "mcpr relay",
+    "mcpr.relay.tap",
+    "Public relay that serves mcpr tunnels at https://<name>.<domain>.",
+    "mcpr-relay",
+)

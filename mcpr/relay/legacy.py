@@ -1,0 +1,240 @@
+"""The relay end of the original mcpr's JSON tunnel protocol (DESIGN §3 "Legacy").
+
+Existing mcpr gateways speak it, so our relay keeps serving them: requests go
+out as one JSON text message each (body base64), responses come back either
+whole (v0.1, untagged) or as a head and chunks (v0.2).  The protocol has no
+per-stream flow control, so a slow public client pauses reading the whole
+socket; a peer that breaks the protocol is disconnected, alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import itertools
+import json
+import os
+from typing import Any, Callable
+
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mcpr.relay.streams import ResponseSink, TunnelRequest
+
+log = Logger(namespace="mcpr.relay")
+
+PROTOCOL_ERROR = 1008
+
+
+class ProtocolViolation(Exception):
+    """The gateway sent something the protocol does not allow."""
+
+
+def _headers_out(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """Request headers as the legacy protocol's flat object; repeats are joined as HTTP allows."""
+    out: dict[str, str] = {}
+    for name, value in headers:
+        key = name.decode("latin-1")
+        text = value.decode("latin-1")
+        if key in out:
+            out[key] = out[key] + ("; " if key == "cookie" else ", ") + text
+        else:
+            out[key] = text
+    return out
+
+
+def _headers_in(value: Any) -> list[tuple[bytes, bytes]]:
+    if value is None:
+        return []
+    if not isinstance(value, dict):
+        raise ProtocolViolation("headers must be an object")
+    out = []
+    for name, v in value.items():
+        values = v if isinstance(v, list) else [v]
+        for item in values:
+            if not isinstance(item, str):
+                raise ProtocolViolation("header values must be strings")
+            out.append((name.encode("latin-1", "replace"), item.encode("latin-1", "replace")))
+    return out
+
+
+def _decode(data: Any) -> bytes:
+    if data is None:
+        return b""
+    if not isinstance(data, str):
+        raise ProtocolViolation("body must be base64 text")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolViolation("body is not valid base64") from None
+
+
+@implementer(IPushProducer)
+class _SocketPause:
+    """Pauses the whole tunnel socket while any public client of it is not reading."""
+
+    def __init__(self, tunnel: "LegacyTunnel") -> None:
+        self._tunnel = tunnel
+        self._paused = False
+
+    def pauseProducing(self) -> None:
+        if not self._paused:
+            self._paused = True
+            self._tunnel.pause()
+
+    def resumeProducing(self) -> None:
+        if self._paused:
+            self._paused = False
+            self._tunnel.resume()
+
+    def stopProducing(self) -> None:
+        self.resumeProducing()
+
+
+class _LegacyStream:
+    def __init__(self, tunnel: "LegacyTunnel", stream_id: str, sink: ResponseSink) -> None:
+        self.tunnel = tunnel
+        self.id = stream_id
+        self.sink = sink
+        self.started = False
+        self.pause = _SocketPause(tunnel)
+
+    def cancel(self) -> None:
+        if self.tunnel.forget(self.id):
+            self.pause.stopProducing()
+            self.tunnel.send({"kind": "cancel", "id": self.id})
+
+
+class LegacyTunnel:
+    """One registered legacy-protocol gateway; `send` writes a JSON text message on its socket."""
+
+    def __init__(self, subdomain: str, owner: str, send_text: Callable[[bytes], None],
+                 close: Callable[[int, str], None], transport_pause: Callable[[], None],
+                 transport_resume: Callable[[], None]) -> None:
+        self.subdomain = subdomain
+        self.owner = owner
+        self._send_text = send_text
+        self._close = close
+        self._pause_transport = transport_pause
+        self._resume_transport = transport_resume
+        self._streams: dict[str, _LegacyStream] = {}
+        self._prefix = os.urandom(4).hex()
+        self._ids = itertools.count(1)
+        self._issued = 0
+        self._paused = 0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._streams)
+
+    def send(self, message: dict) -> None:
+        self._send_text(json.dumps(message, separators=(",", ":")).encode())
+
+    def open_stream(self, request: TunnelRequest, sink: ResponseSink) -> _LegacyStream:
+        number = next(self._ids)
+        self._issued = number
+        stream_id = f"{self._prefix}-{number}"
+        stream = _LegacyStream(self, stream_id, sink)
+        self._streams[stream_id] = stream
+        body = request.body.read() if request.body is not None and request.body_length else None
+        self.send({
+            "kind": "request",
+            "id": stream_id,
+            "method": request.method.decode("latin-1"),
+            "path": request.path.decode("latin-1"),
+            "headers": _headers_out(request.headers),
+            "body": base64.b64encode(body).decode("ascii") if body else None,
+        })
+        return stream
+
+    def forget(self, stream_id: str) -> bool:
+        return self._streams.pop(stream_id, None) is not None
+
+    def pause(self) -> None:
+        self._paused += 1
+        if self._paused == 1:
+            self._pause_transport()
+
+    def resume(self) -> None:
+        self._paused -= 1
+        if self._paused == 0:
+            self._resume_transport()
+
+    def message(self, payload: bytes, is_binary: bool) -> None:
+        try:
+            self._dispatch(payload, is_binary)
+        except ProtocolViolation as e:
+            log.warn("tunnel {subdomain}: protocol violation ({why}); closing it", subdomain=self.subdomain,
+                     why=str(e))
+            self._close(PROTOCOL_ERROR, f"protocol violation: {e}"[:120])
+
+    def _dispatch(self, payload: bytes, is_binary: bool) -> None:
+        if is_binary:
+            raise ProtocolViolation("binary message on a JSON tunnel")
+        try:
+            message = json.loads(payload)
+        except (ValueError, RecursionError):
+            raise ProtocolViolation("message is not JSON") from None
+        if not isinstance(message, dict) or "id" not in message:
+            raise ProtocolViolation("message has no id")
+        stream = self._stream_for(message["id"])
+        kind = message.get("kind")
+        if stream is None:
+            return
+        sink = stream.sink
+        if kind == "response_head":
+            self._head(stream, message)
+        elif kind == "response_chunk":
+            if not stream.started:
+                raise ProtocolViolation("chunk before head")
+            data = _decode(message.get("data"))
+            if data:
+                sink.data(data)
+            if message.get("last"):
+                self._end(stream)
+        elif kind == "response_error":
+            self.forget(stream.id)
+            text = message.get("message")
+            sink.fail(text[:200] if isinstance(text, str) else "gateway error")
+        elif kind is None and "status" in message:
+            self._head(stream, message)
+            body = _decode(message.get("body"))
+            if body:
+                sink.data(body)
+            self._end(stream)
+        else:
+            raise ProtocolViolation(f"unknown message kind {kind!r}"[:80])
+
+    def _stream_for(self, raw_id: Any) -> _LegacyStream | None:
+        """The stream a message is for; None for one we cancelled; a violation for ids never issued."""
+        stream_id = str(raw_id)
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            return stream
+        prefix, _, number = stream_id.rpartition("-")
+        if prefix == self._prefix and number.isdigit() and 0 < int(number) <= self._issued:
+            return None
+        raise ProtocolViolation("response to an unknown request id")
+
+    def _head(self, stream: _LegacyStream, message: dict) -> None:
+        if stream.started:
+            raise ProtocolViolation("second response head")
+        status = message.get("status")
+        if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
+            raise ProtocolViolation("status must be an HTTP status code")
+        stream.started = True
+        stream.sink.head(status, _headers_in(message.get("headers")))
+        stream.sink.register(stream.pause)
+
+    def _end(self, stream: _LegacyStream) -> None:
+        self.forget(stream.id)
+        stream.pause.stopProducing()
+        stream.sink.end()
+
+    def closed(self) -> None:
+        """The socket is gone: every open stream fails (aborted, or 502 if it had no head yet)."""
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream.pause.stopProducing()
+            stream.sink.fail("tunnel closed")

@@ -1,0 +1,545 @@
+# -*- test-case-name: tests.test_relay_tls -*-
+"""The relay's built-in TLS: SNI over a directory of PEM files, reloadable without a restart.
+
+The relay serves `*.<domain>` (one wildcard certificate) plus maybe a few exact
+names, and certificates get renewed every couple of months by certbot/lego
+dropping new PEM files into a directory.  Twisted 26.4+ has a `tls:<dir>`
+server endpoint for exactly this, but on 26.10 it has two defects that rule it
+out for a daemon:
+
+1. **It busy-loops at startup** when the directory holds a self-signed
+   certificate without its key, e.g. a chain file that ends with the root CA
+   (common with private CAs and test fixtures): `inferDomainMapping` follows
+   issuer -> subject links with no cycle check, so a root, being its own
+   issuer, is followed for ever; the process spins at 100 % CPU and never
+   listens.
+2. **It never serves renewed or added certificates.**  Its "auto-reloading"
+   lookup re-reads the directory only from a code path the handshake never
+   reaches: the SNI callback is bound to the map built at first load.  After a
+   renewal the relay would keep serving the old certificate until restarted.
+
+So we keep Twisted's TLS layer (`TLSMemoryBIOFactory` via `wrapServerTLS`)
+and supply our own `IOpenSSLServerConnectionCreator`, `CertificateStore`:
+
+- all parsing happens off the reactor thread, into an immutable snapshot of
+  ready-made OpenSSL contexts (built once per reload, never per handshake), and
+  the snapshot is swapped in with one assignment on the reactor thread;
+- the SNI callback is a dict lookup (exact name, else one-label wildcard);
+- self-signed certificates are never chain links, and chain walking remembers
+  what it has visited, so no input can make it loop;
+- a broken file is logged and skipped; a reload that finds nothing usable
+  keeps serving what it had.
+
+Wiring, in the relay's `makeService` (`top` is its `MultiService`)::
+
+    endpoint, store = tls_endpoint(reactor, "tls:/etc/mcpr/certs:443")  # loads now, or raises
+    ListeningService(endpoint, site, announce).setServiceParent(top)
+    CertificateWatcher(store).setServiceParent(top)                      # polls every 10 s
+    signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(store.reload))
+
+`store.reload()` never fails (problems are logged), so its Deferred may be
+dropped, as in the signal handler above.  Route `--listen` values for which
+`is_tls_description()` is true to `tls_endpoint()` instead of
+`serverFromString()`, which would pick Twisted's own `tls:` parser.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Hashable
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_pem_private_key,
+)
+from cryptography.x509.oid import NameOID
+from OpenSSL.SSL import Connection, Context
+from OpenSSL.SSL import Error as OpenSSLError
+from zope.interface import implementer
+
+from twisted.application.internet import TimerService
+from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.interfaces import (
+    IOpenSSLServerConnectionCreator,
+    IReactorThreads,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
+from twisted.internet.ssl import CertificateOptions, TLSVersion
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+try:
+    from twisted.internet.endpoints import wrapServerTLS
+except ImportError:  # Twisted < 26.4, which setup.cfg still allows
+    from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    @implementer(IStreamServerEndpoint)
+    class _TLSServerEndpoint:
+        def __init__(self, creator: IOpenSSLServerConnectionCreator,
+                     endpoint: IStreamServerEndpoint) -> None:
+            self._creator = creator
+            self._endpoint = endpoint
+
+        def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
+            return self._endpoint.listen(TLSMemoryBIOFactory(self._creator, False, factory))
+
+    def wrapServerTLS(connectionCreator: IOpenSSLServerConnectionCreator,  # type: ignore[misc]
+                      wrappedEndpoint: IStreamServerEndpoint,
+                      clock: IReactorTime | None = None) -> IStreamServerEndpoint:
+        return _TLSServerEndpoint(connectionCreator, wrappedEndpoint)
+
+
+__all__ = [
+    "CertificateDirectoryError",
+    "CertificateStore",
+    "CertificateWatcher",
+    "is_tls_description",
+    "tls_endpoint",
+]
+
+log = Logger(namespace="mcpr.relay.tls")
+
+_SUFFIXES = frozenset({".pem", ".crt", ".key"})
+"""The files of the directory we read (and watch); anything else is left alone."""
+
+# WebSockets (the tunnels) do not work over HTTP/2, so never offer h2.
+_ALPN = [b"http/1.1"]
+
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----", re.DOTALL)
+
+_SelectContext = Callable[[Connection], None]
+
+
+class CertificateDirectoryError(Exception):
+    """The certificate directory gave nothing we can serve, at startup, where that must be fatal."""
+
+
+@dataclass(frozen=True, eq=False)
+class _Leaf:
+    """A server certificate whose private key we have, ready to serve."""
+
+    file: str
+    certificate: x509.Certificate
+    names: tuple[str, ...]
+    context: Context
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """One complete reading of the directory; the store swaps whole snapshots, never parts."""
+
+    fingerprint: Hashable
+    contexts: Mapping[str, Context]
+    default: Context | None
+    served: tuple[_Leaf, ...]
+    problems: tuple[tuple[str, str], ...]
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class CertificateStore:
+    """Serves, by SNI name, the certificates found in one directory of PEM files.
+
+    Each file may hold any mix of private keys and certificates (key + leaf +
+    chain in one file, or `.crt`/`.key` pairs): keys are matched with
+    certificates by public key, wherever they are.  A certificate we have the
+    key for, and that is not a CA, is served for its SAN DNS names (its CN if
+    it has no SANs); the other certificates are chain candidates, except
+    self-signed roots, which clients must already have.  When two
+    certificates claim a name, the one that expires last wins, so a renewed
+    certificate can be dropped beside the old one.
+
+    A client that sends no SNI name, or one we have no certificate for, gets
+    the default: the first served certificate in file-name order.  It then
+    fails name verification, which is the honest outcome.
+
+    The directory is read synchronously by the constructor, which is meant to
+    run at startup before the reactor does; it raises
+    L{CertificateDirectoryError} (naming the directory) if nothing there is
+    usable.  Later reads go through L{reload}, off the reactor thread.
+    """
+
+    _active: _Snapshot
+    _fingerprint: Hashable
+
+    def __init__(self, directory: str | os.PathLike[str],
+                 reactor: IReactorThreads | None = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as globalReactor
+            reactor = globalReactor  # type: ignore[assignment]
+        self.directory = Path(directory)
+        self._reactor = reactor
+        self._lock = DeferredLock()
+        snapshot = _load(self.directory, self._select)
+        if snapshot.default is None:
+            details = "; ".join(f"{file}: {why}" for file, why in snapshot.problems)
+            raise CertificateDirectoryError(
+                f"no usable certificate in {self.directory}" + (f" ({details})" if details else ""))
+        self._install(snapshot)
+
+    def names(self) -> list[str]:
+        """The names served now (wildcards as `*.domain`), sorted."""
+        return sorted(self._active.contexts)
+
+    def lookup(self, servername: bytes | str | None) -> Context | None:
+        """The context for an SNI name: exact match, else a wildcard one label deep, else None.
+
+        Case and a trailing dot do not matter; `a.b.example` is not covered by
+        `*.example`, as in RFC 6125 and every browser.
+        """
+        if not servername:
+            return None
+        if isinstance(servername, bytes):
+            servername = servername.decode("ascii", "replace")
+        name = servername.lower().rstrip(".")
+        contexts = self._active.contexts
+        found = contexts.get(name)
+        if found is None and "." in name:
+            found = contexts.get("*." + name.split(".", 1)[1])
+        return found
+
+    def serverConnectionForTLS(self, protocol: object) -> Connection:
+        """Start every connection on the default context; the SNI callback may switch it."""
+        return Connection(self._active.default, None)
+
+    def reload(self) -> Deferred[bool]:
+        """Re-read the directory off the reactor thread and serve what it holds from now on.
+
+        Connections already established keep their certificate.  Fires with
+        whether new contexts are in use; it never fails: a broken file is
+        logged and skipped, and if nothing usable is left the previous
+        certificates stay in service (and an error is logged).  Reloads are
+        serialized, so a SIGHUP during a watcher's reload cannot install an
+        older reading over a newer one.
+        """
+        return Deferred.fromCoroutine(self._reload())
+
+    def reload_if_changed(self) -> Deferred[bool]:
+        """Reload only if the names, sizes, mtimes or inodes of the files changed since the last
+        reading (whether that reading was usable or not, so a broken directory is reported once,
+        not on every poll).  The directory listing happens off the reactor thread too."""
+        return Deferred.fromCoroutine(self._reload_if_changed())
+
+    async def _reload(self) -> bool:
+        async with self._lock:
+            try:
+                snapshot = await self._in_thread(_load, self.directory, self._select)
+            except Exception:
+                log.failure("reading certificates from {directory} failed", directory=str(self.directory))
+                return False
+            return self._install(snapshot)
+
+    async def _reload_if_changed(self) -> bool:
+        current = await self._in_thread(_fingerprint, self.directory)
+        if current == self._fingerprint:
+            return False
+        return await self._reload()
+
+    def _in_thread(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), f, *args)
+
+    def _install(self, snapshot: _Snapshot) -> bool:
+        """Runs on the reactor thread: the swap is one assignment, so no handshake sees a mix."""
+        self._fingerprint = snapshot.fingerprint
+        directory = str(self.directory)
+        for file, why in snapshot.problems:
+            log.warn("TLS certificates: {file} in {directory}: {why}", file=file, directory=directory, why=why)
+        if snapshot.default is None:
+            log.error("no usable certificate in {directory}; still serving {names}",
+                      directory=directory, names=self.names())
+            return False
+        self._active = snapshot
+        for leaf in snapshot.served:
+            log.info("TLS: serving {names} from {file} (serial {serial:x}, expires {expires})",
+                     names=list(leaf.names), file=leaf.file, serial=leaf.certificate.serial_number,
+                     expires=leaf.certificate.not_valid_after_utc.isoformat())
+        return True
+
+    def _select(self, connection: Connection) -> None:
+        """The SNI callback: a dict lookup, run inside every handshake; unknown names keep the default."""
+        context = self.lookup(connection.get_servername())
+        if context is not None:
+            connection.set_context(context)
+
+
+class CertificateWatcher(TimerService):
+    """Polls a L{CertificateStore}'s directory and reloads it when it changed.
+
+    Polling a handful of `stat()`s every few seconds is cheap and works for
+    every way certificates arrive (certbot hooks, `kubectl cp`, a config
+    management run) without inotify.  A failed poll is logged and the next
+    one still happens.
+    """
+
+    def __init__(self, store: CertificateStore, interval: float = 10.0,
+                 clock: IReactorTime | None = None) -> None:
+        super().__init__(interval, self._check)
+        self.clock = clock
+        self._store = store
+
+    def _check(self) -> Deferred[bool | None]:
+        def failed(failure: Failure) -> None:
+            log.failure("watching {directory} for certificate changes failed", failure,
+                        directory=str(self._store.directory))
+
+        return self._store.reload_if_changed().addErrback(failed)
+
+
+def is_tls_description(description: str) -> bool:
+    """Whether a `--listen` value is ours (`tls:<directory>...`), rather than for `serverFromString`."""
+    kind, value = next(_parameters(description))
+    return kind is None and value.strip().lower() == "tls"
+
+
+def tls_endpoint(reactor: Any, description: str) -> tuple[IStreamServerEndpoint, CertificateStore]:
+    r"""Build a TLS server endpoint with SNI from `tls:<directory>[:<port>][:port=][:interface=][:backlog=]`.
+
+    `reactor` must provide IReactorTCP and IReactorThreads.  The port defaults
+    to 443, the interface to `::` (which on Linux also accepts IPv4), the
+    backlog to 50.  Escape `:` and `\` in values with a backslash, as in every
+    Twisted endpoint string: `tls:C\:\\certs:443` for `C:\certs`, `interface=\:\:1`.
+
+    The certificates are loaded right here, synchronously, so a directory with
+    nothing usable fails startup with L{CertificateDirectoryError}; the
+    returned store is what to hand to L{CertificateWatcher} and to SIGHUP.
+    """
+    directory, port, interface, backlog = _parse_tls_description(description)
+    store = CertificateStore(directory, reactor)
+    tcp = TCP6ServerEndpoint if ":" in interface else TCP4ServerEndpoint
+    return wrapServerTLS(store, tcp(reactor, port, backlog, interface), reactor), store
+
+
+def _parse_tls_description(description: str) -> tuple[str, int, str, int]:
+    """(directory, port, interface, backlog), or ValueError saying what is wrong."""
+    if not is_tls_description(description):
+        raise ValueError(f"not a tls: listener: {description!r}")
+    parameters = list(_parameters(description))[1:]
+    positional = [value for name, value in parameters if name is None]
+    options = {name: value for name, value in parameters if name is not None}
+    unknown = sorted(set(options) - {"port", "interface", "backlog"})
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} in {description!r}")
+    if not 1 <= len(positional) <= 2 or not positional[0]:
+        raise ValueError(f"expected tls:<directory>[:<port>], got {description!r}")
+    if len(positional) == 2 and "port" in options:
+        raise ValueError(f"port given twice in {description!r}")
+    port = positional[1] if len(positional) == 2 else options.get("port", "443")
+    backlog = options.get("backlog", "50")
+    if not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"bad port {port!r} in {description!r}")
+    if not backlog.isdigit():
+        raise ValueError(f"bad backlog {backlog!r} in {description!r}")
+    return positional[0], int(port), options.get("interface", "::"), int(backlog)
+
+
+def _parameters(description: str) -> Iterator[tuple[str | None, str]]:
+    """Split an endpoint string the way Twisted's strports do: `:` separates parameters, the first
+    `=` names one, and a backslash makes the next character literal.  Yields (name or None, value)."""
+    name: str | None = None
+    current = ""
+    characters = iter(description)
+    for character in characters:
+        if character == "\\":
+            current += next(characters, "")
+        elif character == ":":
+            yield name, current
+            name, current = None, ""
+        elif character == "=" and name is None:
+            name, current = current, ""
+        else:
+            current += character
+    yield name, current
+
+
+def _is_ours(filename: str) -> bool:
+    """One rule for what is read and what is watched (Kubernetes' `tls.crt`/`tls.key` included)."""
+    return os.path.splitext(filename)[1].lower() in _SUFFIXES
+
+
+def _fingerprint(directory: Path) -> Hashable:
+    """Names, sizes, mtimes and inodes of the files we read: cheap, and it changes on any rewrite,
+    including an atomic rename of a file that has the same size and a preserved mtime."""
+    try:
+        with os.scandir(directory) as listing:
+            entries = [entry for entry in listing if _is_ours(entry.name)]
+    except OSError as e:
+        return ("unreadable", str(e))
+    seen = []
+    for entry in entries:
+        try:
+            if entry.is_dir():
+                continue
+            stat = entry.stat()  # follows symlinks, so a swapped target counts as a change
+        except OSError:
+            seen.append((entry.name, -1, -1, -1))
+        else:
+            seen.append((entry.name, stat.st_size, stat.st_mtime_ns, stat.st_ino))
+    return tuple(sorted(seen))
+
+
+def _load(directory: Path, select: _SelectContext) -> _Snapshot:
+    """Read the whole directory into a snapshot.  Runs in a worker thread, so it only collects
+    problems; the reactor thread logs them."""
+    fingerprint = _fingerprint(directory)  # before reading: a change during the read shows next poll
+    problems: list[tuple[str, str]] = []
+    try:
+        paths = sorted(p for p in directory.iterdir() if _is_ours(p.name) and not p.is_dir())
+    except OSError as e:
+        return _Snapshot(fingerprint, {}, None, (), ((str(directory), e.strerror or str(e)),))
+
+    keys: dict[bytes, tuple[str, CertificateIssuerPrivateKeyTypes]] = {}
+    certificates: dict[x509.Certificate, str] = {}  # the first file each one is in, in file order
+    for path in paths:
+        try:
+            file_keys, file_certificates = _read_pem(path)
+        except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as e:
+            problems.append((path.name, f"skipped: {e}"))
+            continue
+        for key in file_keys:
+            keys.setdefault(_spki(key.public_key()), (path.name, key))
+        for certificate in file_certificates:
+            certificates.setdefault(certificate, path.name)
+
+    # Only now that every file is read: a key, its certificate and the intermediates may be
+    # spread over several files, in any order.
+    pending: list[tuple[str, x509.Certificate, CertificateIssuerPrivateKeyTypes]] = []
+    intermediates: dict[x509.Name, list[x509.Certificate]] = {}
+    for certificate, file in certificates.items():
+        spki = _spki(certificate.public_key())
+        if spki in keys and not _is_ca(certificate):
+            pending.append((file, certificate, keys[spki][1]))
+        elif certificate.issuer != certificate.subject:  # roots are never sent, nor followed
+            intermediates.setdefault(certificate.subject, []).append(certificate)
+    paired = {_spki(certificate.public_key()) for _, certificate, _ in pending}
+    problems.extend((file, "private key without a matching server certificate")
+                    for spki, (file, _) in keys.items() if spki not in paired)
+
+    leaves: list[_Leaf] = []
+    for file, certificate, key in pending:
+        names = _dns_names(certificate)
+        if not names:
+            problems.append((file, f"certificate {certificate.serial_number:x} has no DNS name"))
+            continue
+        try:
+            context = _server_context(certificate, key, _chain(certificate, intermediates), select)
+        except (OpenSSLError, TypeError, ValueError) as e:
+            problems.append((file, f"skipped: OpenSSL refused the key or certificate: {e}"))
+            continue
+        leaves.append(_Leaf(file, certificate, names, context))
+
+    best: dict[str, _Leaf] = {}
+    for leaf in leaves:
+        for name in leaf.names:
+            if name not in best or _expiry(leaf) > _expiry(best[name]):
+                best[name] = leaf
+    winners = {id(leaf) for leaf in best.values()}
+    served = tuple(leaf for leaf in leaves if id(leaf) in winners)
+    return _Snapshot(
+        fingerprint=fingerprint,
+        contexts={name: leaf.context for name, leaf in best.items()},
+        default=served[0].context if served else None,
+        served=served,
+        problems=tuple(problems),
+    )
+
+
+def _read_pem(path: Path) -> tuple[list[CertificateIssuerPrivateKeyTypes], list[x509.Certificate]]:
+    """Every key and certificate of one file; any unreadable part rejects the whole file, which
+    is most likely being rewritten (the next poll sees it again)."""
+    keys: list[CertificateIssuerPrivateKeyTypes] = []
+    certificates: list[x509.Certificate] = []
+    for block in _PEM_BLOCK.finditer(path.read_bytes()):
+        label = block[1]
+        if label == b"CERTIFICATE":
+            certificate = x509.load_pem_x509_certificate(block[0])
+            certificate.extensions  # parsed lazily: a malformed extension must fail here
+            certificates.append(certificate)
+        elif label == b"ENCRYPTED PRIVATE KEY":
+            raise ValueError("encrypted private keys are not supported")
+        elif label.endswith(b"PRIVATE KEY"):
+            key = load_pem_private_key(block[0], password=None)
+            if not isinstance(key, CertificateIssuerPrivateKeyTypes):
+                raise ValueError(f"a {type(key).__name__} cannot sign TLS handshakes")
+            keys.append(key)
+    if not keys and not certificates:
+        raise ValueError("no PEM certificate or private key in it")
+    return keys, certificates
+
+
+def _spki(key: Any) -> bytes:
+    return key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+
+
+def _is_ca(certificate: x509.Certificate) -> bool:
+    """A CA certificate is never a server certificate, even if its key lies in the directory."""
+    try:
+        return certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _dns_names(certificate: x509.Certificate) -> tuple[str, ...]:
+    try:
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        found = [str(a.value) for a in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    else:
+        found = san.get_values_for_type(x509.DNSName)
+    names = (name.strip().lower().rstrip(".") for name in found)
+    return tuple(dict.fromkeys(name for name in names if name))
+
+
+def _expiry(leaf: _Leaf) -> datetime:
+    return leaf.certificate.not_valid_after_utc
+
+
+def _chain(leaf: x509.Certificate,
+           intermediates: Mapping[x509.Name, list[x509.Certificate]]) -> list[x509.Certificate]:
+    """The intermediates from the leaf up, each checked to have signed the previous one.
+
+    Roots are not among the candidates and no certificate is used twice, so
+    the walk ends even on intermediates that cross-sign each other."""
+    chain: list[x509.Certificate] = []
+    current = leaf
+    while True:
+        issuer = next((candidate for candidate in intermediates.get(current.issuer, ())
+                       if candidate not in chain and _issued_by(current, candidate)), None)
+        if issuer is None:
+            return chain
+        chain.append(issuer)
+        current = issuer
+
+
+def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    try:
+        child.verify_directly_issued_by(parent)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        return False
+    return True
+
+
+def _server_context(certificate: x509.Certificate, key: CertificateIssuerPrivateKeyTypes,
+                    chain: list[x509.Certificate], select: _SelectContext) -> Context:
+    """Twisted's server defaults (TLS 1.2+, its cipher list, ECDH, no session cache) with our key
+    material added as `cryptography` objects, since pyOpenSSL 26 deprecates the X509/PKey ones
+    that CertificateOptions takes.  Every context gets the SNI callback: any may be the default."""
+    context = CertificateOptions(raiseMinimumTo=TLSVersion.TLSv1_2, acceptableProtocols=_ALPN).getContext()
+    context.use_certificate(certificate)
+    context.use_privatekey(key)
+    for extra in chain:
+        context.add_extra_chain_cert(extra)
+    context.check_privatekey()
+    context.set_tlsext_servername_callback(select)
+    return context

@@ -1,0 +1,107 @@
+"""A gateway that speaks the original mcpr's JSON tunnel protocol, written from DESIGN §3.
+
+Tests drive it by hand: take each request the relay sends from `requests`,
+answer with `send(...)`, and watch `cancels` and `closed`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.endpoints import TCP4ClientEndpoint
+
+
+class Closed(Exception):
+    def __init__(self, code: int | None, reason: str | None) -> None:
+        super().__init__(f"{code} {reason}")
+        self.code = code
+        self.reason = reason
+
+
+class _Protocol(WebSocketClientProtocol):
+    def onOpen(self) -> None:
+        self.factory.client._opened(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.factory.client._message(json.loads(payload))
+
+    def onClose(self, wasClean: bool, code, reason) -> None:
+        self.factory.client._closed_with(code, reason)
+
+
+class LegacyGateway:
+    def __init__(self, port: int, token: str | None, subdomain: str | None = None, *, pick: str | None = None,
+                 hello: dict | None = None) -> None:
+        self.port = port
+        self.hello = hello if hello is not None else {"token": token, "subdomain": subdomain}
+        self.pick = pick
+        self.requests: DeferredQueue = DeferredQueue()
+        self.cancels: DeferredQueue = DeferredQueue()
+        self.offers: list = []
+        self.ack: dict | None = None
+        self.closed: Deferred = Deferred()
+        self.close_code: int | None = None
+        self._registered: Deferred = Deferred()
+        self.proto: _Protocol | None = None
+
+    async def connect(self) -> dict:
+        """The relay's ack; raises Closed if the relay refuses the registration."""
+        factory = WebSocketClientFactory(f"ws://127.0.0.1:{self.port}/_tunnel/register", reactor=reactor)
+        factory.protocol = _Protocol
+        factory.client = self
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", self.port).connect(factory)
+        return await self._registered
+
+    def _opened(self, proto: _Protocol) -> None:
+        self.proto = proto
+        if self.hello is not False:
+            proto.sendMessage(json.dumps(self.hello).encode())
+
+    def _message(self, message: dict) -> None:
+        if "subdomains" in message and self.ack is None:
+            self.offers.append(message["subdomains"])
+            self.proto.sendMessage(json.dumps({"subdomain": self.pick}).encode())
+        elif "url" in message and self.ack is None:
+            self.ack = message
+            self._registered.callback(message)
+        elif message.get("kind") == "request":
+            self.requests.put(message)
+        elif message.get("kind") == "cancel":
+            self.cancels.put(message["id"])
+
+    def _closed_with(self, code, reason) -> None:
+        self.close_code = code
+        if not self._registered.called:
+            self._registered.errback(Closed(code, reason))
+        self.closed.callback((code, reason))
+
+    def send(self, message: dict) -> None:
+        self.proto.sendMessage(json.dumps(message).encode())
+
+    def send_raw(self, payload: bytes, binary: bool = False) -> None:
+        self.proto.sendMessage(payload, isBinary=binary)
+
+    def respond(self, request: dict, status: int = 200, body: bytes = b"", headers: dict | None = None) -> None:
+        """A v0.1 (buffered) response."""
+        self.send({"id": request["id"], "status": status, "headers": headers or {},
+                   "body": base64.b64encode(body).decode()})
+
+    def head(self, request: dict, status: int = 200, headers: dict | None = None) -> None:
+        self.send({"kind": "response_head", "id": request["id"], "status": status, "headers": headers or {}})
+
+    def chunk(self, request: dict, data: bytes, last: bool = False) -> None:
+        self.send({"kind": "response_chunk", "id": request["id"], "data": base64.b64encode(data).decode(),
+                   "last": last})
+
+    async def close(self) -> None:
+        if self.proto is not None and not self.closed.called:
+            self.proto.sendClose(1000)
+            await self.closed
+
+
+def body_of(request: dict) -> bytes:
+    return base64.b64decode(request["body"]) if request.get("body") else b""
