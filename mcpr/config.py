@@ -284,6 +284,8 @@ GATEWAY_SETTINGS: tuple[Setting, ...] = (
     Setting("tunnel_token", parse_text, None, ("tunnel", "token"), (("tunnel_token",),), "MCPR_TUNNEL_TOKEN"),
     Setting("tunnel_subdomain", parse_text, None, ("tunnel", "subdomain"), (("tunnel_subdomain",),),
             "MCPR_TUNNEL_SUBDOMAIN", option="subdomain"),
+    Setting("tunnel_ping_interval", parse_seconds, 20.0, ("tunnel", "ping_interval")),
+    Setting("tunnel_ping_timeout", parse_seconds, 10.0, ("tunnel", "ping_timeout")),
     Setting("events", parse_text, None, ("events",)),
     Setting("upstream_timeout", parse_seconds, 30.0, ("upstream_timeout",)),
     Setting("max_request_body", parse_size, DEFAULT_MAX_BODY, ("max_request_body",)),
@@ -304,6 +306,8 @@ class GatewaySettings:
     relay_url: str | None
     tunnel_token: str | None
     tunnel_subdomain: str | None
+    tunnel_ping_interval: float
+    tunnel_ping_timeout: float
     events: str | None
     upstream_timeout: float
     max_request_body: int
@@ -344,6 +348,8 @@ def load_gateway(
         relay_url=v["relay_url"] if tunnel_on else None,
         tunnel_token=v["tunnel_token"],
         tunnel_subdomain=v["tunnel_subdomain"],
+        tunnel_ping_interval=v["tunnel_ping_interval"],
+        tunnel_ping_timeout=v["tunnel_ping_timeout"],
         events=v["events"],
         upstream_timeout=v["upstream_timeout"],
         max_request_body=v["max_request_body"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 from twisted.application.internet import TimerService
@@ -21,6 +22,8 @@ from mcpr.proxy.forward import Forwarder
 from mcpr.proxy.request import ProxySite
 from mcpr.proxy.resource import ProxyResource
 from mcpr.proxy.routing import Upstream
+from mcpr.tunnel.client import TunnelClient
+from mcpr.tunnel.token import ensure_token
 
 log = Logger(namespace="mcpr")
 
@@ -114,6 +117,26 @@ def build_site(resource: ProxyResource, settings: GatewaySettings, *, via: str =
     return site
 
 
+def tunnel_service(settings: GatewaySettings, resource: ProxyResource, reactor) -> TunnelClient:
+    """The tunnel client, with the token that keeps this gateway's URL (made and saved on first use)."""
+    try:
+        token, saved = ensure_token(settings.tunnel_token, settings.config_path, Path.cwd())
+    except ConfigError as e:
+        raise usage.UsageError(str(e)) from None
+    if saved is not None:
+        log.info("tunnel: new token saved in {path} (mode 0600); keep it to keep your URL", path=str(saved))
+
+    def on_url(url: str) -> None:
+        resource.public_origin = url
+        log.info("Tunnel: {url}", url=url)
+
+    site = build_site(resource, settings, via="tunnel")
+    site.timeOut = None
+    return TunnelClient(reactor, settings.relay_url, token, settings.tunnel_subdomain, site, resource.events,
+                        on_url, ping_interval=settings.tunnel_ping_interval,
+                        ping_timeout=settings.tunnel_ping_timeout)
+
+
 def makeService(options: usage.Options, reactor=None) -> IService:
     if reactor is None:
         from twisted.internet import reactor
@@ -131,6 +154,8 @@ def makeService(options: usage.Options, reactor=None) -> IService:
 
     for description in settings.listen:
         ListeningService(serverFromString(reactor, description), site, announce).setServiceParent(top)
+    if settings.relay_url:
+        tunnel_service(settings, resource, reactor).setServiceParent(top)
     heartbeat = TimerService(HEARTBEAT_SECONDS, resource.heartbeat)
     heartbeat.clock = reactor
     heartbeat.setServiceParent(top)

@@ -21,10 +21,11 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mcpr.relay.streams import ResponseSink, TunnelRequest
+from mcpr.tunnel import wire
 
 log = Logger(namespace="mcpr.relay")
 
-PROTOCOL_ERROR = 1008
+PROTOCOL_ERROR = wire.POLICY
 
 
 class ProtocolViolation(Exception):
@@ -127,6 +128,12 @@ class LegacyTunnel:
     @property
     def in_flight(self) -> int:
         return len(self._streams)
+
+    def evict(self) -> None:
+        self._close(wire.EVICTED, wire.EVICTED_REASON)
+
+    def close(self, code: int, reason: str) -> None:
+        self._close(code, reason)
 
     def send(self, message: dict) -> None:
         self._send_text(json.dumps(message, separators=(",", ":")).encode())

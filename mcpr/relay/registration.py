@@ -19,11 +19,12 @@ from mcpr.relay.auth import AuthFailed, SubdomainRejected, authorize
 from mcpr.relay.legacy import LegacyTunnel
 from mcpr.relay.patterns import token_hint
 from mcpr.relay.registry import Refused
+from mcpr.tunnel import wire
+from mcpr.tunnel.relay_end import H2Tunnel
 
-AUTH_FAILED = 4001
-EVICTED = 4002
-POLICY = 1008
-GOING_AWAY = 1001
+AUTH_FAILED = wire.AUTH_FAILED
+POLICY = wire.POLICY
+GOING_AWAY = wire.GOING_AWAY
 
 
 class RegistrationProtocol(WebSocketServerProtocol):
@@ -31,7 +32,8 @@ class RegistrationProtocol(WebSocketServerProtocol):
 
     def __init__(self) -> None:
         super().__init__()
-        self.tunnel: LegacyTunnel | None = None
+        self.tunnel: LegacyTunnel | H2Tunnel | None = None
+        self._h2 = False
         self._state = "connecting"
         self._timer = None
         self._token: str | None = None
@@ -39,8 +41,12 @@ class RegistrationProtocol(WebSocketServerProtocol):
 
     # -- autobahn callbacks
 
-    def onConnect(self, request: Any) -> None:
+    def onConnect(self, request: Any) -> str | None:
+        """Gateways that offer `mcpr-tunnel.h2` get HTTP/2 streams; others the legacy JSON protocol."""
         self._peer = request.peer
+        if wire.SUBPROTOCOL in request.protocols:
+            self._h2 = True
+            return wire.SUBPROTOCOL
         return None
 
     def onOpen(self) -> None:
@@ -118,20 +124,24 @@ class RegistrationProtocol(WebSocketServerProtocol):
 
     def _claim(self, subdomain: str) -> None:
         relay = self.factory.relay
-        tunnel = LegacyTunnel(subdomain, self._grant.owner, self._send_text, self._close,
-                              self.transport.pauseProducing, self.transport.resumeProducing)
+        tunnel: LegacyTunnel | H2Tunnel
+        if self._h2:
+            tunnel = H2Tunnel(subdomain, self._grant.owner, self._send_binary, self._close)
+        else:
+            tunnel = LegacyTunnel(subdomain, self._grant.owner, self._send_text, self._close,
+                                  self.transport.pauseProducing, self.transport.resumeProducing)
         try:
             relay.registry.claim(tunnel)
         except Refused as e:
             self._refuse(e.code, e.reason, self._token)
             return
         self._cancel_timer()
-        self.tunnel = tunnel
-        tunnel.evict = lambda: self._close(EVICTED, "evicted: another client registered with the same tunnel")
-        tunnel.close = self._close
         self._state = "registered"
         url = relay.public_url(subdomain)
         self._send_json({"subdomain": subdomain, "url": url})
+        self.tunnel = tunnel
+        if self._h2:
+            tunnel.start()
         relay.registered(tunnel, self._token, self._peer)
 
     # -- helpers
@@ -142,6 +152,10 @@ class RegistrationProtocol(WebSocketServerProtocol):
     def _send_text(self, payload: bytes) -> None:
         if self._state == "registered":
             self.sendMessage(payload, isBinary=False)
+
+    def _send_binary(self, payload: bytes) -> None:
+        if self._state == "registered":
+            self.sendMessage(payload, isBinary=True)
 
     def _close(self, code: int, reason: str) -> None:
         if self._state != "closed":
