@@ -8,6 +8,7 @@ whose writes become binary WebSocket messages.
 
 from __future__ import annotations
 
+from h2.settings import SettingCodes, Settings
 from twisted.internet.interfaces import IConsumer, IPushProducer, ITransport
 from twisted.python.failure import Failure
 from twisted.web._http2 import H2Connection
@@ -21,8 +22,10 @@ from mcpr.tunnel import wire
 class MessageTransport:
     """An ITransport over a WebSocket: the HTTP/2 byte stream, cut into binary messages.
 
-    Producers are registered on the socket's own TCP transport, so when the
-    relay reads slowly, Twisted's HTTP/2 connection stops sending.
+    No producer is registered on the socket: the relay's HTTP/2 windows
+    already bound what the gateway may send (CONNECTION_WINDOW), and a paused
+    H2Connection buffers its WINDOW_UPDATEs and aborts the whole tunnel once
+    17 KiB of them pile up, which a large upload in the other direction does.
     """
 
     disconnecting = False
@@ -54,20 +57,31 @@ class MessageTransport:
         return self._ws.transport.getHost()
 
     def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
-        self._ws.transport.registerProducer(producer, streaming)
+        pass
 
     def unregisterProducer(self) -> None:
-        self._ws.transport.unregisterProducer()
+        pass
 
 
 def serve_streams(websocket, site: Site, reactor) -> H2Connection:
     """An HTTP/2 server connection for `site`, writing into `websocket`; feed it with `dataReceived`."""
     connection = H2Connection(reactor)
+    # The relay multiplexes every public request of this gateway onto one
+    # connection: allow more concurrent streams than h2's default 100 (the
+    # relay's per-tunnel in-flight cap is 256 by default and queues beyond this).
+    # Larger windows for request bodies too, as the relay grants for responses.
+    connection.conn.local_settings = Settings(client=False, initial_values={
+        SettingCodes.MAX_CONCURRENT_STREAMS: wire.MAX_STREAMS,
+        SettingCodes.INITIAL_WINDOW_SIZE: wire.STREAM_WINDOW,
+    })
     connection.site = site
     connection.factory = site
     connection.requestFactory = site.requestFactory
     connection.timeOut = None  # liveness is the WebSocket pings' job; SSE streams may idle for hours
-    connection.makeConnection(MessageTransport(websocket))
+    transport = MessageTransport(websocket)
+    connection.makeConnection(transport)
+    connection.conn.increment_flow_control_window(wire.CONNECTION_WINDOW - 65535)
+    transport.write(connection.conn.data_to_send())
     return connection
 
 

@@ -9,7 +9,8 @@ are read from twisted.web's spool file as the gateway's window allows.
 
 from __future__ import annotations
 
-from typing import IO, Callable
+from collections import deque
+from typing import Callable
 
 from h2.config import H2Configuration
 from h2.connection import H2Connection
@@ -42,12 +43,12 @@ _FORBIDDEN = {b"host", b"connection", b"keep-alive", b"proxy-connection", b"tran
 class _RelayStream:
     """One public request in flight; the public request's backpressure pauses it."""
 
-    def __init__(self, tunnel: "H2Tunnel", stream_id: int, sink: ResponseSink, body: IO[bytes] | None,
-                 body_length: int) -> None:
+    def __init__(self, tunnel: "H2Tunnel", request: TunnelRequest, sink: ResponseSink) -> None:
         self.tunnel = tunnel
-        self.id = stream_id
+        self.id = 0  # assigned when the stream opens; 0 while it waits for a free stream slot
+        self.request = request
         self.sink = sink
-        self.body = body if body_length else None
+        self.body = request.body if request.body_length else None
         self.paused = False
         self.unacked = 0
         self.done = False
@@ -80,6 +81,7 @@ class H2Tunnel:
         self._close = close
         self._streams: dict[int, _RelayStream] = {}
         self._blocked: dict[int, _RelayStream] = {}
+        self._waiting: deque[_RelayStream] = deque()
         self.conn = H2Connection(H2Configuration(client_side=True, header_encoding=None))
 
     def start(self) -> None:
@@ -95,7 +97,7 @@ class H2Tunnel:
 
     @property
     def in_flight(self) -> int:
-        return len(self._streams)
+        return len(self._streams) + len(self._waiting)
 
     def evict(self) -> None:
         self._close(wire.EVICTED, wire.EVICTED_REASON)
@@ -112,7 +114,21 @@ class H2Tunnel:
     # -- requests out
 
     def open_stream(self, request: TunnelRequest, sink: ResponseSink) -> _RelayStream:
-        stream_id = self.conn.get_next_available_stream_id()
+        stream = _RelayStream(self, request, sink)
+        self._waiting.append(stream)
+        self._start_waiting()
+        return stream
+
+    def _start_waiting(self) -> None:
+        """Open queued streams while the gateway's MAX_CONCURRENT_STREAMS allows."""
+        while self._waiting and (self.conn.open_outbound_streams
+                                 < self.conn.remote_settings.max_concurrent_streams):
+            self._open(self._waiting.popleft())
+        self._flush()
+
+    def _open(self, stream: _RelayStream) -> None:
+        request = stream.request
+        stream.id = self.conn.get_next_available_stream_id()
         headers = [
             (b":method", request.method),
             (b":scheme", b"https"),
@@ -120,18 +136,15 @@ class H2Tunnel:
             (b":path", request.path or b"/"),
         ]
         headers += [(n, v) for n, v in request.headers if n not in _FORBIDDEN and not n.startswith(b":")]
-        stream = _RelayStream(self, stream_id, sink, request.body, request.body_length)
-        self._streams[stream_id] = stream
+        self._streams[stream.id] = stream
         try:
-            self.conn.send_headers(stream_id, headers, end_stream=stream.body is None)
+            self.conn.send_headers(stream.id, headers, end_stream=stream.body is None)
         except H2Error as e:
-            del self._streams[stream_id]
-            sink.fail(f"cannot open a tunnel stream: {e}")
-            return stream
+            self._finish(stream)
+            stream.sink.fail(f"cannot open a tunnel stream: {e}")
+            return
         if stream.body is not None:
             self._send_body(stream)
-        self._flush()
-        return stream
 
     def _send_body(self, stream: _RelayStream) -> None:
         """Send as much of the body as the gateway's windows allow; WindowUpdated resumes it."""
@@ -149,6 +162,11 @@ class H2Tunnel:
         self._blocked.pop(stream.id, None)
 
     def reset(self, stream: _RelayStream) -> None:
+        if stream.id == 0:
+            if stream in self._waiting:
+                self._waiting.remove(stream)
+            stream.done = True
+            return
         if self._streams.pop(stream.id, None) is None:
             return
         stream.done = True
@@ -157,7 +175,7 @@ class H2Tunnel:
             self.conn.reset_stream(stream.id, ErrorCodes.CANCEL)
         except H2Error:
             pass
-        self._flush()
+        self._start_waiting()
 
     def acknowledge(self, stream: _RelayStream) -> None:
         """Open the window by what the public client has taken, once it is reading again."""
@@ -222,12 +240,15 @@ class H2Tunnel:
         stream.done = True
         self._streams.pop(stream.id, None)
         self._blocked.pop(stream.id, None)
+        if self._waiting:
+            self._start_waiting()
 
     def closed(self) -> None:
         """The socket is gone: every open stream fails (aborted, or 502 if it had no head yet)."""
-        streams, self._streams = self._streams, {}
+        streams = [*self._streams.values(), *self._waiting]
+        self._streams, self._waiting = {}, deque()
         self._blocked.clear()
-        for stream in streams.values():
+        for stream in streams:
             stream.done = True
             stream.sink.fail("tunnel closed")
 

@@ -30,6 +30,9 @@ STREAM_WINDOW = 1 << 20
 CONNECTION_WINDOW = 8 << 20
 MAX_FRAME = 1 << 16
 
+# Concurrent streams a gateway accepts on its tunnel.
+MAX_STREAMS = 1024
+
 # One WebSocket message carries at most this much of the HTTP/2 byte stream.
 MAX_MESSAGE = 1 << 20
 

@@ -1,0 +1,114 @@
+"""An upstream for tunnel tests that need what an MCP SDK server does not give: bulk bodies and an
+SSE stream whose client disconnect is observable.
+
+    GET  /bulk?size=N   N bytes, streamed with backpressure
+    PUT  /sink          reads the body, answers its size and sha256
+    GET  /mcp           (Accept: text/event-stream) an event every 50 ms until the client leaves
+    GET  /status        {"sse_open": n, "sse_closed": n}
+
+Run: python tests/bulk_server.py  -> prints "LISTENING <port>".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+
+from twisted.internet import reactor
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.task import LoopingCall
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+from zope.interface import implementer
+
+CHUNK = b"x" * 65536
+
+
+@implementer(IPushProducer)
+class _Bulk:
+    def __init__(self, request, size: int) -> None:
+        self.request = request
+        self.left = size
+        self.paused = False
+        request.registerProducer(self, True)
+        request.notifyFinish().addErrback(lambda _: self.stopProducing())
+        self.resumeProducing()
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        while not self.paused and self.left > 0:
+            piece = CHUNK[: min(len(CHUNK), self.left)]
+            self.left -= len(piece)
+            self.request.write(piece)
+        if self.left == 0:
+            self.left = -1
+            self.request.unregisterProducer()
+            self.request.finish()
+
+    def stopProducing(self) -> None:
+        self.paused = True
+        self.left = -1
+
+
+class Upstream(Resource):
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sse_open = 0
+        self.sse_closed = 0
+
+    def render_GET(self, request):
+        if request.path == b"/bulk":
+            size = int(request.args[b"size"][0])
+            request.setHeader(b"content-type", b"application/octet-stream")
+            request.setHeader(b"content-length", str(size).encode())
+            _Bulk(request, size)
+            return NOT_DONE_YET
+        if request.path == b"/status":
+            request.setHeader(b"content-type", b"application/json")
+            return json.dumps({"sse_open": self.sse_open, "sse_closed": self.sse_closed}).encode()
+        if request.path == b"/mcp":
+            request.setHeader(b"content-type", b"text/event-stream")
+            self.sse_open += 1
+            count = iter(range(10**9))
+            beat = LoopingCall(lambda: request.write(f"id: {next(count)}\ndata: tick\n\n".encode()))
+            beat.start(0.05)
+
+            def gone(_):
+                beat.stop()
+                self.sse_open -= 1
+                self.sse_closed += 1
+
+            request.notifyFinish().addBoth(gone)
+            return NOT_DONE_YET
+        request.setResponseCode(404)
+        return b"not found"
+
+    def render_PUT(self, request):
+        digest = hashlib.sha256()
+        size = 0
+        while True:
+            block = request.content.read(1 << 20)
+            if not block:
+                break
+            size += len(block)
+            digest.update(block)
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps({"size": size, "sha256": digest.hexdigest()}).encode()
+
+
+def main() -> None:
+    site = Site(Upstream())
+    site.noisy = False
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    print(f"LISTENING {port.getHost().port}", flush=True)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

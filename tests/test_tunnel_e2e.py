@@ -1,0 +1,380 @@
+"""End to end through relay -> tunnel -> gateway -> upstream, every part a real process on loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import signal
+import stat
+import time
+from pathlib import Path
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.protocol import Protocol
+from twisted.trial.unittest import TestCase
+from twisted.web.client import FileBodyProducer, ResponseDone, readBody
+from twisted.web.http_headers import Headers
+
+from tests.loopback import ROOT, Process, client_agent, free_port, python, sleep, twist
+from tests.test_e2e_gateway import run_session, start_upstream
+
+DOMAIN = "localhost"
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+class PeakRSS:
+    """Samples a process's resident memory every 20 ms while a transfer runs."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.start = rss_kib(pid)
+        self.peak = self.start
+        self._call = reactor.callLater(0.02, self._sample)
+
+    def _sample(self) -> None:
+        self.peak = max(self.peak, rss_kib(self.pid))
+        self._call = reactor.callLater(0.02, self._sample)
+
+    def stop(self) -> int:
+        """Growth in MiB."""
+        if self._call.active():
+            self._call.cancel()
+        return (self.peak - self.start) // 1024
+
+
+class Drain(Protocol):
+    """Reads a body without keeping it: size and digest only."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.digest = hashlib.sha256()
+        self.done: Deferred = Deferred()
+        self.first: Deferred = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.size += len(data)
+        self.digest.update(data)
+        if not self.first.called:
+            self.first.callback(data)
+
+    def connectionLost(self, reason) -> None:
+        self.reason = reason
+        self.done.callback(None)
+
+
+class _Zeros(io.RawIOBase):
+    """A large request body that exists only as it is read."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.position = {0: offset, 1: self.position + offset, 2: self.size + offset}[whence]
+        return self.position
+
+    def readinto(self, buffer) -> int:
+        n = max(0, min(len(buffer), self.size - self.position))
+        buffer[:n] = b"\0" * n
+        self.position += n
+        return n
+
+
+class TunnelTestBase(TestCase):
+    timeout = 120
+    relay_args: tuple[str, ...] = ()
+
+    def start_relay(self, port: int | None = None, *extra: str) -> tuple[Process, int]:
+        port = port or free_port()
+        relay = Process(self, twist("mcpr-relay", "--domain", DOMAIN, "--listen", f"tcp:{port}:interface=127.0.0.1",
+                                    "--public-url", f"http://*.{DOMAIN}:{port}", *self.relay_args, *extra),
+                        name="relay")
+        relay.wait_for("listening on")
+        return relay, port
+
+    def start_gateway(self, mcp: str, relay_port: int, *extra: str, env: dict | None = None,
+                      cwd: Path | None = None) -> tuple[Process, str, Path]:
+        if cwd is None:
+            cwd = Path(self.mktemp()).resolve()
+            cwd.mkdir(parents=True)
+        gateway = Process(self, twist("mcpr", "--mcp", mcp, "--listen", "tcp:0:interface=127.0.0.1",
+                                      "--relay-url", f"http://127.0.0.1:{relay_port}", *extra),
+                          name="gateway", cwd=str(cwd), env=env)
+        url = re.search(r"Tunnel: (\S+)", gateway.wait_for("Tunnel: ")).group(1)
+        return gateway, url, cwd
+
+    def start_bulk(self) -> int:
+        bulk = Process(self, python(str(ROOT / "tests" / "bulk_server.py")), name="bulk")
+        return int(bulk.wait_for("LISTENING").split()[-1])
+
+    def host(self, url: str) -> str:
+        return url.split("://", 1)[1]
+
+    async def public(self, relay_port: int, url: str, path: str, method: bytes = b"GET", body=None,
+                     headers: dict | None = None, agent=None):
+        h = Headers({b"host": [self.host(url).encode()]})
+        for k, v in (headers or {}).items():
+            h.setRawHeaders(k.encode(), [v.encode()])
+        agent = agent or client_agent(self)
+        return await agent.request(method, f"http://127.0.0.1:{relay_port}{path}".encode(), h, body)
+
+
+class TunnelSessionTests(TunnelTestBase):
+    def test_full_sdk_session_and_token_file(self):
+        async def t():
+            relay, relay_port = self.start_relay()
+            _, upstream = start_upstream(self)
+            cwd = Path(self.mktemp()).resolve()
+            cwd.mkdir(parents=True)
+            (cwd / "mcpr.toml").write_text("# my settings\n[csp]  # kept\nmode = \"extend\"\n")
+            events = cwd / "events.jsonl"
+            gateway, url, _ = self.start_gateway(upstream, relay_port, "--events", str(events), cwd=cwd)
+            self.assertRegex(url, rf"^http://[0-9a-f]{{12}}\.{DOMAIN}:{relay_port}$")
+
+            saved = (cwd / "mcpr.toml").read_text()
+            self.assertTrue(saved.startswith("# my settings\n[csp]  # kept\nmode = \"extend\"\n"), saved)
+            token = re.search(r'token = "(mcpr_[0-9a-f]{64})"', saved).group(1)
+            self.assertEqual(stat.S_IMODE((cwd / "mcpr.toml").stat().st_mode), 0o600)
+            self.assertNotIn(token, gateway.output() + relay.output())
+
+            result = await run_session(f"http://127.0.0.1:{relay_port}/mcp", "--header", f"Host: {self.host(url)}")
+            self.assertEqual(result["add_result"], 5)
+            self.assertTrue(result["progress_before_result"])
+            self.assertTrue(result["progress_streamed"])
+            self.assertEqual(result["get_stream_notification"], "notifications/resources/list_changed")
+            self.assertTrue(result["deleted"])
+            self.assertIn("Hello", result["resource_text"])
+            self.assertTrue(result["prompt_messages"])
+
+            lines = [json.loads(line) for line in events.read_text().splitlines()]
+            requests = [e for e in lines if e["type"] == "request"]
+            self.assertTrue(requests)
+            self.assertEqual({e["via"] for e in requests}, {"tunnel"})
+            self.assertEqual({e["session_id"] for e in requests}, {result["session_id"]})
+            states = [e["state"] for e in lines if e["type"] == "tunnel"]
+            self.assertIn("connected", states)
+
+            # The same token gets the same URL after a restart of the gateway.
+            gateway.stop()
+            _, again, _ = self.start_gateway(upstream, relay_port, cwd=cwd)
+            self.assertEqual(again, url)
+        return Deferred.fromCoroutine(t())
+
+    def test_env_token_leaves_the_file_alone(self):
+        async def t():
+            _, relay_port = self.start_relay()
+            bulk = self.start_bulk()
+            cwd = Path(self.mktemp()).resolve()
+            cwd.mkdir(parents=True)
+            _, url, _ = self.start_gateway(f"http://127.0.0.1:{bulk}/mcp", relay_port, cwd=cwd,
+                                           env={"MCPR_TUNNEL_TOKEN": "from-the-environment"})
+            self.assertFalse((cwd / "mcpr.toml").exists())
+            self.assertIn(hashlib.sha256(b"from-the-environment").hexdigest()[:12], url)
+        return Deferred.fromCoroutine(t())
+
+    def test_concurrent_tool_calls_on_one_tunnel(self):
+        async def t():
+            _, relay_port = self.start_relay()
+            _, upstream = start_upstream(self)
+            _, url, _ = self.start_gateway(upstream, relay_port, "--subdomain", "many")
+            agent = client_agent(self)
+            base = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
+            init = {"jsonrpc": "2.0", "id": 0, "method": "initialize",
+                    "params": {"protocolVersion": "2025-11-25", "capabilities": {},
+                               "clientInfo": {"name": "load", "version": "1"}}}
+            response = await self.public(relay_port, url, "/mcp", b"POST", _body(init), base, agent)
+            session = response.headers.getRawHeaders(b"mcp-session-id")[0].decode()
+            await readBody(response)
+            headers = {**base, "mcp-session-id": session, "mcp-protocol-version": "2025-11-25"}
+            response = await self.public(relay_port, url, "/mcp", b"POST",
+                                         _body({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+                                         headers, agent)
+            await readBody(response)
+
+            async def call(i: int) -> dict:
+                message = {"jsonrpc": "2.0", "id": i, "method": "tools/call",
+                           "params": {"name": "add", "arguments": {"a": i, "b": 1}}}
+                response = await self.public(relay_port, url, "/mcp", b"POST", _body(message), headers, agent)
+                body = (await readBody(response)).decode()
+                data = [line[6:] for line in body.splitlines() if line.startswith("data: ")]
+                if not data:
+                    raise AssertionError(f"call {i}: HTTP {response.code}: {body[:300]!r}")
+                return json.loads(data[-1])
+
+            results = await DeferredList([Deferred.fromCoroutine(call(i)) for i in range(1, 201)],
+                                         consumeErrors=True)
+            failures = [r.getErrorMessage() for ok, r in results if not ok]
+            self.assertEqual(failures, [])
+            answers = {r["id"]: r["result"]["structuredContent"]["result"] for _, r in results}
+            self.assertEqual(answers, {i: i + 1 for i in range(1, 201)})
+        return Deferred.fromCoroutine(t())
+
+
+class TunnelStreamingTests(TunnelTestBase):
+    relay_args = ("--max-request-body", "200MiB")
+
+    def test_bulk_download_and_upload_keep_memory_bounded(self):
+        async def t():
+            relay, relay_port = self.start_relay()
+            bulk = self.start_bulk()
+            gateway, url, _ = self.start_gateway(f"http://127.0.0.1:{bulk}/mcp", relay_port,
+                                                 "--max-request-body", "200MiB", "--subdomain", "bulk")
+            size = 100 << 20
+            relay_rss, gateway_rss = PeakRSS(relay.popen.pid), PeakRSS(gateway.popen.pid)
+            started = time.monotonic()
+            response = await self.public(relay_port, url, f"/bulk?size={size}")
+            drain = Drain()
+            response.deliverBody(drain)
+            await drain.done
+            download_s = time.monotonic() - started
+            self.assertTrue(drain.reason.check(ResponseDone), drain.reason)
+            self.assertEqual(drain.size, size)
+            self.assertEqual(drain.digest.hexdigest(), hashlib.sha256(b"x" * size).hexdigest())
+
+            started = time.monotonic()
+            response = await self.public(relay_port, url, "/sink", b"PUT", FileBodyProducer(_Zeros(size)))
+            answer = json.loads(await readBody(response))
+            upload_s = time.monotonic() - started
+            self.assertEqual(answer["size"], size)
+            self.assertEqual(answer["sha256"], hashlib.sha256(b"\0" * size).hexdigest())
+            grew = {"relay": relay_rss.stop(), "gateway": gateway_rss.stop()}
+            peaks = {"relay": relay_rss.peak // 1024, "gateway": gateway_rss.peak // 1024}
+            print(f"\n100 MiB down {size / download_s / 1e6:.0f} MB/s, up {size / upload_s / 1e6:.0f} MB/s; "
+                  f"RSS growth MiB {grew}, peak MiB {peaks}")
+            for name, mib in grew.items():
+                self.assertLess(mib, 40, f"{name} RSS grew by {mib} MiB moving 2 x 100 MiB")
+        return Deferred.fromCoroutine(t())
+
+    def test_public_client_leaving_an_sse_stream_reaches_the_upstream(self):
+        async def t():
+            _, relay_port = self.start_relay()
+            bulk = self.start_bulk()
+            _, url, _ = self.start_gateway(f"http://127.0.0.1:{bulk}/mcp", relay_port, "--subdomain", "sse")
+            response = await self.public(relay_port, url, "/mcp", headers={"accept": "text/event-stream"})
+            drain = Drain()
+            response.deliverBody(drain)
+            await drain.first
+            status = await self._status(bulk)
+            self.assertEqual(status, {"sse_open": 1, "sse_closed": 0})
+            drain.transport.stopProducing()
+            for _ in range(100):
+                status = await self._status(bulk)
+                if status["sse_closed"]:
+                    break
+                await sleep(0.05)
+            self.assertEqual(status, {"sse_open": 0, "sse_closed": 1})
+        return Deferred.fromCoroutine(t())
+
+    async def _status(self, port: int) -> dict:
+        agent = client_agent(self)
+        response = await agent.request(b"GET", f"http://127.0.0.1:{port}/status".encode())
+        return json.loads(await readBody(response))
+
+
+class TunnelResilienceTests(TunnelTestBase):
+    relay_args = ("--ping-interval", "1", "--ping-timeout", "1")
+
+    def test_relay_restart_same_url_within_5_seconds(self):
+        async def t():
+            relay, relay_port = self.start_relay()
+            bulk = self.start_bulk()
+            gateway, url, _ = self.start_gateway(f"http://127.0.0.1:{bulk}/mcp", relay_port)
+            response = await self.public(relay_port, url, "/status")
+            self.assertEqual(response.code, 200)
+            await readBody(response)
+            relay.popen.send_signal(signal.SIGKILL)
+            relay.popen.wait()
+            relay, _ = self.start_relay(relay_port)
+            restarted = time.monotonic()
+            while True:
+                response = await self.public(relay_port, url, "/status")
+                await readBody(response)
+                if response.code == 200:
+                    break
+                self.assertLess(time.monotonic() - restarted, 5.0, "the URL did not come back within 5 s")
+                await sleep(0.1)
+            print(f"\nURL back {time.monotonic() - restarted:.2f} s after the relay restarted")
+            self.assertIn("reconnecting", gateway.output())
+        return Deferred.fromCoroutine(t())
+
+    def test_frozen_relay_is_detected_by_pings(self):
+        async def t():
+            relay, relay_port = self.start_relay()
+            bulk = self.start_bulk()
+            cwd = Path(self.mktemp()).resolve()
+            cwd.mkdir(parents=True)
+            (cwd / "mcpr.toml").write_text("[tunnel]\nping_interval = 1\nping_timeout = 1\n")
+            gateway, _, _ = self.start_gateway(f"http://127.0.0.1:{bulk}/mcp", relay_port, cwd=cwd,
+                                               env={"MCPR_TUNNEL_TOKEN": "frozen"})
+            relay.popen.send_signal(signal.SIGSTOP)
+            self.addCleanup(lambda: relay.popen.poll() is None and relay.popen.send_signal(signal.SIGCONT))
+            frozen = time.monotonic()
+            while "connection to the relay lost" not in gateway.output():
+                # interval + timeout, plus Autobahn's 1-second timer granularity
+                self.assertLess(time.monotonic() - frozen, 3.5, "the dead relay was not noticed in time")
+                await sleep(0.05)
+            print(f"\ndead relay noticed after {time.monotonic() - frozen:.2f} s (ping 1 s + timeout 1 s)")
+            relay.popen.send_signal(signal.SIGCONT)
+        return Deferred.fromCoroutine(t())
+
+    def test_frozen_gateway_is_dropped_by_the_relay(self):
+        async def t():
+            relay, relay_port = self.start_relay()
+            bulk = self.start_bulk()
+            gateway, url, _ = self.start_gateway(f"http://127.0.0.1:{bulk}/mcp", relay_port, "--subdomain", "ice")
+            gateway.popen.send_signal(signal.SIGSTOP)
+            self.addCleanup(lambda: gateway.popen.poll() is None and gateway.popen.send_signal(signal.SIGCONT))
+            frozen = time.monotonic()
+            while "tunnel ice disconnected" not in relay.output():
+                self.assertLess(time.monotonic() - frozen, 3.5, "the relay kept a dead tunnel")
+                await sleep(0.05)
+            response = await self.public(relay_port, url, "/status")
+            self.assertEqual((response.code, await readBody(response)), (502, b"tunnel not found\n"))
+            gateway.popen.send_signal(signal.SIGCONT)
+        return Deferred.fromCoroutine(t())
+
+    def test_eviction_and_subdomain_owned_by_another_token(self):
+        async def t():
+            _, relay_port = self.start_relay()
+            bulk = self.start_bulk()
+            mcp = f"http://127.0.0.1:{bulk}/mcp"
+            first, url, _ = self.start_gateway(mcp, relay_port, "--subdomain", "shared", env={"MCPR_TUNNEL_TOKEN": "t1"})
+            second, url2, _ = self.start_gateway(mcp, relay_port, "--subdomain", "shared",
+                                                 env={"MCPR_TUNNEL_TOKEN": "t1"})
+            self.assertEqual(url, url2)
+            first.wait_for("tunnel stopped", 10)
+            self.assertIn("another gateway registered with the same token", first.output())
+            third = Process(self, twist("mcpr", "--mcp", mcp, "--listen", "tcp:0:interface=127.0.0.1",
+                                        "--relay-url", f"http://127.0.0.1:{relay_port}", "--subdomain", "shared"),
+                            name="third", env={"MCPR_TUNNEL_TOKEN": "t2"})
+            third.wait_for("tunnel stopped", 10)
+            self.assertIn("belongs to another token", third.output())
+            self.assertIsNone(third.popen.poll(), "the gateway keeps serving locally")
+            response = await self.public(relay_port, url, "/status")
+            self.assertEqual(response.code, 200)
+            await readBody(response)
+            self.assertNotIn("tunnel stopped", second.output())
+        return Deferred.fromCoroutine(t())
+
+
+def _body(message: dict) -> FileBodyProducer:
+    return FileBodyProducer(io.BytesIO(json.dumps(message).encode()))
+
