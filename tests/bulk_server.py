@@ -5,6 +5,8 @@ SSE stream whose client disconnect is observable.
     PUT  /sink          reads the body, answers its size and sha256
     GET  /mcp           (Accept: text/event-stream) an event every 50 ms until the client leaves
     GET  /status        {"sse_open": n, "sse_closed": n}
+    GET  /broken        some bytes, then the connection is cut
+    GET  /cookies       two Set-Cookie headers, and the request's hop-by-hop headers echoed
 
 Run: python tests/bulk_server.py  -> prints "LISTENING <port>".
 """
@@ -69,6 +71,17 @@ class Upstream(Resource):
             request.setHeader(b"content-length", str(size).encode())
             _Bulk(request, size)
             return NOT_DONE_YET
+        if request.path == b"/broken":
+            request.setHeader(b"content-type", b"text/plain")
+            request.write(b"partial body")
+            reactor.callLater(0.1, request.channel.transport.abortConnection)
+            return NOT_DONE_YET
+        if request.path == b"/cookies":
+            request.responseHeaders.setRawHeaders(b"set-cookie", [b"a=1; Path=/", b"b=2; Path=/"])
+            request.setHeader(b"x-echo-connection", b",".join(request.requestHeaders.getRawHeaders(b"connection", [])))
+            request.setHeader(b"x-echo-te", b",".join(request.requestHeaders.getRawHeaders(b"te", [])))
+            request.setHeader(b"x-echo-custom", b",".join(request.requestHeaders.getRawHeaders(b"x-custom", [])))
+            return b"ok"
         if request.path == b"/status":
             request.setHeader(b"content-type", b"application/json")
             return json.dumps({"sse_open": self.sse_open, "sse_closed": self.sse_closed}).encode()

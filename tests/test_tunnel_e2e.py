@@ -263,6 +263,47 @@ class TunnelStreamingTests(TunnelTestBase):
                 self.assertLess(mib, 40, f"{name} RSS grew by {mib} MiB moving 2 x 100 MiB")
         return Deferred.fromCoroutine(t())
 
+    def test_stalled_stream_does_not_block_others(self):
+        async def t():
+            relay, relay_port = self.start_relay()
+            bulk = self.start_bulk()
+            _, url, _ = self.start_gateway(f"http://127.0.0.1:{bulk}/mcp", relay_port, "--subdomain", "stall")
+            relay_rss = PeakRSS(relay.popen.pid)
+            response = await self.public(relay_port, url, f"/bulk?size={200 << 20}")
+            stalled = Drain()
+            response.deliverBody(stalled)
+            await stalled.first
+            stalled.transport.pauseProducing()  # this public client stops reading
+            await sleep(0.5)
+            started = time.monotonic()
+            for _ in range(20):
+                response = await self.public(relay_port, url, "/status")
+                self.assertEqual(response.code, 200)
+                await readBody(response)
+            elapsed = time.monotonic() - started
+            self.assertLess(elapsed, 2.0, "requests beside a stalled stream were held up")
+            self.assertLess(relay_rss.stop(), 30, "a stalled reader made the relay buffer its stream")
+            stalled.transport.stopProducing()
+        return Deferred.fromCoroutine(t())
+
+    def test_upstream_failure_mid_response_is_an_abort_and_headers_cross_correctly(self):
+        async def t():
+            _, relay_port = self.start_relay()
+            bulk = self.start_bulk()
+            _, url, _ = self.start_gateway(f"http://127.0.0.1:{bulk}/mcp", relay_port, "--subdomain", "hdr")
+            response = await self.public(relay_port, url, "/broken")
+            drain = Drain()
+            response.deliverBody(drain)
+            await drain.done
+            self.assertFalse(drain.reason.check(ResponseDone), "a broken upstream looked like a clean end")
+            response = await self.public(relay_port, url, "/cookies", headers={
+                "connection": "x-custom", "x-custom": "hop", "te": "trailers"})
+            await readBody(response)
+            self.assertEqual(response.headers.getRawHeaders(b"set-cookie"), [b"a=1; Path=/", b"b=2; Path=/"])
+            self.assertEqual(response.headers.getRawHeaders(b"x-echo-custom"), [b""])
+            self.assertEqual(response.headers.getRawHeaders(b"x-echo-te"), [b""])
+        return Deferred.fromCoroutine(t())
+
     def test_public_client_leaving_an_sse_stream_reaches_the_upstream(self):
         async def t():
             _, relay_port = self.start_relay()

@@ -1,0 +1,99 @@
+"""Host parsing and the registry's ownership rules, without sockets."""
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from mcpr.relay.front import split_host
+from mcpr.relay.registry import IN_USE, TOO_MANY, Refused, Registry
+
+DOMAIN = "tunnel.example.com"
+
+
+class HostTests(SynchronousTestCase):
+    def test_cases(self) -> None:
+        cases = {
+            b"abc.tunnel.example.com": ("tunnel", "abc"),
+            b"ABC.Tunnel.Example.COM:443": ("tunnel", "abc"),
+            b"abc.tunnel.example.com.": ("tunnel", "abc"),
+            b"tunnel.example.com": ("bare", None),
+            b"tunnel.example.com:8080": ("bare", None),
+            b"a.b.tunnel.example.com": ("other", None),
+            b"-x.tunnel.example.com": ("other", None),
+            b"x_y.tunnel.example.com": ("other", None),
+            b"abctunnel.example.com": ("other", None),
+            b"example.com": ("other", None),
+            b"127.0.0.1:8080": ("other", None),
+            b"[::1]:8080": ("other", None),
+            b"": ("other", None),
+            None: ("other", None),
+            (b"a" * 64) + b".tunnel.example.com": ("other", None),
+        }
+        for host, expected in cases.items():
+            self.assertEqual(split_host(host, DOMAIN), expected, host)
+
+    @given(st.binary(max_size=80))
+    def test_never_raises_and_only_valid_labels_route(self, host: bytes) -> None:
+        kind, label = split_host(host, DOMAIN)
+        if kind == "tunnel":
+            self.assertRegex(label, r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+class _Tunnel:
+    def __init__(self, subdomain: str, owner: str) -> None:
+        self.subdomain = subdomain
+        self.owner = owner
+        self.evicted = False
+
+    def evict(self) -> None:
+        self.evicted = True
+
+
+class RegistryTests(SynchronousTestCase):
+    def test_same_owner_takes_over_and_old_cleanup_is_harmless(self) -> None:
+        registry = Registry(max_per_owner=8)
+        old, new = _Tunnel("a", "alice"), _Tunnel("a", "alice")
+        registry.claim(old)
+        registry.claim(new)
+        self.assertTrue(old.evicted)
+        self.assertFalse(registry.release(old), "a stale socket's cleanup removed the newer registration")
+        self.assertIs(registry.get("a"), new)
+        self.assertTrue(registry.release(new))
+        self.assertIsNone(registry.get("a"))
+
+    def test_other_owner_refused(self) -> None:
+        registry = Registry(max_per_owner=8)
+        registry.claim(_Tunnel("a", "alice"))
+        e = self.assertRaises(Refused, registry.claim, _Tunnel("a", "bob"))
+        self.assertEqual(e.code, IN_USE)
+
+    def test_tunnels_per_owner(self) -> None:
+        registry = Registry(max_per_owner=2)
+        registry.claim(_Tunnel("a", "alice"))
+        registry.claim(_Tunnel("b", "alice"))
+        self.assertEqual(self.assertRaises(Refused, registry.claim, _Tunnel("c", "alice")).code, TOO_MANY)
+        registry.claim(_Tunnel("b", "alice"))  # a takeover does not count as another tunnel
+        registry.claim(_Tunnel("c", "bob"))
+        self.assertEqual(len(registry), 3)
+
+    @given(st.lists(st.tuples(st.sampled_from(["claim", "release"]), st.sampled_from("xyz"),
+                              st.sampled_from(["o1", "o2"]), st.integers(0, 3)), max_size=40))
+    def test_interleavings_keep_one_live_owner_per_name(self, steps) -> None:
+        """Whatever the order of claims and (stale) releases, a name maps to the last tunnel that claimed it
+        successfully, until that very tunnel is released."""
+        registry = Registry(max_per_owner=100)
+        tunnels: dict = {}
+        expected: dict = {}
+        for action, name, owner, n in steps:
+            tunnel = tunnels.setdefault((name, owner, n), _Tunnel(name, owner))
+            if action == "claim":
+                try:
+                    registry.claim(tunnel)
+                except Refused:
+                    self.assertNotEqual(expected[name].owner, owner)
+                    continue
+                expected[name] = tunnel
+            elif registry.release(tunnel):
+                self.assertIs(expected.pop(name), tunnel)
+            for key, live in expected.items():
+                self.assertIs(registry.get(key), live)
