@@ -84,7 +84,7 @@ class PublicResponse:
         self._timer = None
         if self.stream is not None:
             self.stream.cancel()
-        self._answer(504, "tunnel headers timeout")
+        self.answer(504, "tunnel headers timeout")
 
     def head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         if self.done:
@@ -117,7 +117,7 @@ class PublicResponse:
             return
         self._stop_timer()
         if self.status is None:
-            self._answer(502, f"tunnel error: {reason}")
+            self.answer(502, f"tunnel error: {reason}")
             return
         self._finish("aborted")
         channel = self.request.channel
@@ -138,7 +138,7 @@ class PublicResponse:
             self.stream.cancel()
         self._finish("client-gone")
 
-    def _answer(self, status: int, message: str) -> None:
+    def answer(self, status: int, message: str) -> None:
         body = _text(self.request, status, message)
         self.status = status
         self.bytes += len(body)
@@ -176,10 +176,10 @@ class TunnelForwarder(Resource):
         tunnel = relay.registry.get(self._subdomain)
         response = PublicResponse(self, request, self._subdomain, started)
         if tunnel is None:
-            response._answer(502, "tunnel not found")
+            response.answer(502, "tunnel not found")
             return NOT_DONE_YET
         if tunnel.in_flight >= relay.max_in_flight:
-            response._answer(503, "tunnel overloaded")
+            response.answer(503, "tunnel overloaded")
             return NOT_DONE_YET
         if relay.draining:
             request.setHeader(b"connection", b"close")

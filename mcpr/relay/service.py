@@ -133,7 +133,6 @@ class RelayService(MultiService):
                         if tunnel.owner not in valid:
                             log.info("tunnel {subdomain}: token revoked", subdomain=tunnel.subdomain)
                             tunnel.close(AUTH_FAILED, "token revoked")
-                self.settings = fresh if fresh.listen == self.settings.listen else self.settings
         for store in self.certificates:
             await store.reload()
 
