@@ -20,7 +20,10 @@ class Options(usage.Options):
         "https://<name>.<domain>. Settings: command line, then MCPR_AUTH_PROVIDER* environment variables, "
         "then the config file ([relay] and [[relay.tokens]] tables), then defaults."
     )
-    optFlags = [["version", None, "Print the version and exit."]]
+    optFlags = [
+        ["version", None, "Print the version and exit."],
+        ["relay", None, "Accepted for compatibility (the original mcpr's `--relay`); does nothing."],
+    ]
     optParameters = [
         ["domain", None, None, "Base domain, e.g. tunnel.example.com (alias --relay-domain)."],
         ["port", None, None, "Shorthand for --listen tcp:N (default 8080)."],
