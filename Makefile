@@ -30,3 +30,9 @@ bench: $(STAMP)
 clean:
 	rm -rf $(VENV) build *.egg-info _trial_temp .pytest_cache .hypothesis
 	find twisted/plugins -name dropin.cache -delete
+
+# The Debian package (Debian 12: apt-get install dpkg-dev debhelper dh-virtualenv
+# python3-venv), built from the committed tree (git HEAD) into dist/; see docs/deploy.md.
+.PHONY: deb
+deb:
+	scripts/build-deb
