@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 from urllib.parse import urlsplit
 
+from mcpr.proxy.csp import CspPolicy, WidgetRule
 from mcpr.relay.auth import StaticToken, parse_static_token
 
 CONFIG_NAME = "mcpr.toml"
@@ -109,6 +110,31 @@ def parse_http_url(value: Any) -> str:
     except ValueError:
         raise ValueError("expected an http:// or https:// URL with a valid port") from None
     return text
+
+
+def parse_csp_source(value: Any) -> str:
+    """A domain for a widget CSP (`https://api.example.com`, `*.cdn.example`); nothing that could
+    end the directive or start another."""
+    text = parse_text(value)
+    if any(c.isspace() or c in ";,'\"" for c in text):
+        raise ValueError("expected a domain or origin such as https://api.example.com")
+    return text
+
+
+def parse_origin(value: Any) -> str:
+    """A public origin, `https://host[:port]`; a bare host name means https."""
+    text = parse_text(value)
+    if "://" not in text:
+        text = "https://" + text
+    parts = urlsplit(text)
+    try:
+        parts.port
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname \
+            or parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError("expected an origin such as https://app.example.com")
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def parse_list(item: Callable[[Any], Any]) -> Callable[[Any], tuple]:
@@ -276,8 +302,8 @@ GATEWAY_SETTINGS: tuple[Setting, ...] = (
     Setting("listen", parse_list(parse_text), (), ("listen",)),
     Setting("widgets", parse_text, None, ("widgets",)),
     Setting("csp_mode", parse_choice("extend", "override"), "extend", ("csp", "mode"), option="csp-mode"),
-    Setting("csp_domains", parse_list(parse_text), (), ("csp", "domains"), option="csp"),
-    Setting("csp_domain", parse_text, None, ("csp", "domain")),
+    Setting("csp_domains", parse_list(parse_csp_source), (), ("csp", "domains"), option="csp"),
+    Setting("csp_domain", parse_origin, None, ("csp", "domain")),
     Setting("relay_url", parse_http_url, None, ("tunnel", "relay_url"), (("relay_url",),), "MCPR_RELAY_URL"),
     Setting("tunnel_enabled", parse_bool, True, ("tunnel", "enabled")),
     Setting("no_tunnel", parse_bool, False, ("no_tunnel",)),
@@ -292,7 +318,9 @@ GATEWAY_SETTINGS: tuple[Setting, ...] = (
 )
 
 # Keys the gateway does not read but that may legitimately share its file.
-SHARED_KEYS: tuple[tuple[str, ...], ...] = (("mode",), ("relay",), ("relay_domain",), ("csp", "widget"))
+SHARED_KEYS: tuple[tuple[str, ...], ...] = (("mode",), ("relay",), ("relay_domain",))
+# Tables `load_gateway` reads itself, outside the settings table.
+GATEWAY_TABLES: tuple[tuple[str, ...], ...] = (("csp", "widget"),)
 
 
 @dataclass(frozen=True)
@@ -312,11 +340,71 @@ class GatewaySettings:
     upstream_timeout: float
     max_request_body: int
     config_path: Path | None
+    csp_widgets: tuple[WidgetRule, ...] = ()
     warnings: tuple[str, ...] = ()
 
     @property
     def tunnel(self) -> bool:
         return self.relay_url is not None
+
+    @property
+    def csp(self) -> CspPolicy:
+        return CspPolicy(self.csp_mode, self.csp_domains, self.csp_domain, self.csp_widgets)
+
+
+_WIDGET_DIRECTIVES = ("domains", "connect_domains", "resource_domains", "frame_domains")
+
+
+def _csp_widgets(document: Mapping[str, Any], source: str) -> tuple[WidgetRule, ...]:
+    """`[[csp.widget]]` entries: `match` (a glob on the widget URI), `mode`, and per-directive domains."""
+    entries = _lookup(document, ("csp", "widget"))
+    if entries is None:
+        return ()
+    if not isinstance(entries, list):
+        raise ConfigError(f"{source}: key 'csp.widget': expected [[csp.widget]] tables")
+    rules = []
+    for i, entry in enumerate(entries):
+        where = f"{source}: key 'csp.widget[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}': expected a table with match and domains")
+        unknown = set(entry) - {"match", "mode", *_WIDGET_DIRECTIVES}
+        if unknown:
+            raise ConfigError(f"{where}': unknown key(s) {', '.join(sorted(unknown))}")
+        values: dict[str, Any] = {}
+        for key, parse in (("match", parse_text), ("mode", parse_choice("extend", "override")),
+                           *((d, parse_list(parse_csp_source)) for d in _WIDGET_DIRECTIVES)):
+            if key in entry:
+                try:
+                    values[key] = parse(entry[key])
+                except ValueError as e:
+                    raise ConfigError(f"{where}.{key}': {e}, got {_show(entry[key])}") from None
+        if "match" not in values:
+            raise ConfigError(f"{where}.match': expected a glob on the widget URI, e.g. \"ui://widget/*\"")
+        both = values.get("domains", ())
+        rules.append(WidgetRule(values["match"], values.get("mode"),
+                                connect=both + values.get("connect_domains", ()),
+                                resource=both + values.get("resource_domains", ()),
+                                frame=values.get("frame_domains", ())))
+    return tuple(rules)
+
+
+def _widgets_source(value: str | None, from_cli: bool, source: str, config_path: Path | None,
+                    cwd: Path) -> str | None:
+    """`widgets`: a dev server URL as is, or a folder made absolute (a path in the file is
+    relative to the file, one on the command line to the working directory)."""
+    if value is None:
+        return None
+    from_file = not from_cli and config_path is not None
+    where = f"{source}: key 'widgets'" if from_file else "option --widgets"
+    if value.startswith(("http://", "https://")):
+        try:
+            return parse_http_url(value)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}, got {_show(value)}") from None
+    folder = ((config_path.parent if from_file and config_path else cwd) / value).resolve()
+    if not folder.is_dir():
+        raise ConfigError(f"{where}: expected a widget dev server URL or a folder, no such folder: {folder}")
+    return str(folder)
 
 
 def load_gateway(
@@ -326,7 +414,8 @@ def load_gateway(
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
 ) -> GatewaySettings:
-    loaded = load(GATEWAY_SETTINGS, cli, config=config, env=env, cwd=cwd, known=SHARED_KEYS)
+    cwd = Path.cwd() if cwd is None else cwd
+    loaded = load(GATEWAY_SETTINGS, cli, config=config, env=env, cwd=cwd, known=SHARED_KEYS + GATEWAY_TABLES)
     v = loaded.values
     source = str(loaded.path) if loaded.path else CONFIG_NAME
     mode = loaded.document.get("mode")
@@ -341,7 +430,7 @@ def load_gateway(
     return GatewaySettings(
         mcp=v["mcp"],
         listen=listen,
-        widgets=v["widgets"],
+        widgets=_widgets_source(v["widgets"], cli.get("widgets") is not None, source, loaded.path, cwd),
         csp_mode=v["csp_mode"],
         csp_domains=v["csp_domains"],
         csp_domain=v["csp_domain"],
@@ -354,6 +443,7 @@ def load_gateway(
         upstream_timeout=v["upstream_timeout"],
         max_request_body=v["max_request_body"],
         config_path=loaded.path,
+        csp_widgets=_csp_widgets(loaded.document, source),
         warnings=loaded.warnings,
     )
 

@@ -48,3 +48,28 @@ class RoutingTests(SynchronousTestCase):
         up = Upstream.parse("https://api.example/mcp?key=1")
         self.assertEqual(up.port, 443)
         self.assertEqual(route(b"POST", b"/mcp?other", Headers(), RPC, up).url, b"https://api.example/mcp?key=1")
+
+    def test_widget_assets_route_to_the_widget_source_when_there_is_one(self) -> None:
+        cases = [
+            (b"GET", b"/assets/app.js", None, {}, Kind.WIDGET),
+            (b"HEAD", b"/x.CSS?v=1", None, {}, Kind.WIDGET),
+            (b"GET", b"/@vite/client", None, {}, Kind.WIDGET),
+            (b"GET", b"/node_modules/.vite/deps/react.js?v=1", None, {}, Kind.WIDGET),
+            (b"GET", b"/widgets", None, {}, Kind.WIDGET),
+            (b"GET", b"/logo", None, {"accept": "image/avif,image/webp,*/*"}, Kind.WIDGET),
+            (b"GET", b"/authorize", None, {"accept": "text/html,application/xhtml+xml"}, Kind.PASSTHROUGH),
+            (b"GET", b"/", None, {"accept": "text/html"}, Kind.PASSTHROUGH),
+            (b"GET", b"/.well-known/oauth-authorization-server", None, {}, Kind.PASSTHROUGH),
+            (b"GET", b"/.well-known/thing.js", None, {}, Kind.PASSTHROUGH),
+            (b"PUT", b"/app.js", b"x", {}, Kind.PASSTHROUGH),
+            (b"POST", b"/app.js", RPC, {}, Kind.MCP_POST),
+            (b"GET", b"/mcp.js", None, {"accept": "text/event-stream"}, Kind.MCP_STREAM),
+        ]
+        for method, uri, body, headers, kind in cases:
+            h = Headers({k.encode(): [v.encode()] for k, v in headers.items()})
+            rt = route(method, uri, h, body, self.up, widgets=True)
+            self.assertEqual(rt.kind, kind, uri)
+            if kind is Kind.WIDGET:
+                self.assertEqual(rt.url, uri)
+            self.assertEqual(route(method, uri, h, body, self.up).kind,
+                             Kind.PASSTHROUGH if kind is Kind.WIDGET else kind, uri)

@@ -16,12 +16,14 @@ from twisted.python import usage
 
 from mcpr import __version__
 from mcpr.config import ConfigError, GatewaySettings, load_gateway
+from mcpr.gateway.reload import ReloadService
 from mcpr.listening import ListeningService, address_of
 from mcpr.proxy.events import EventLog
 from mcpr.proxy.forward import Forwarder
 from mcpr.proxy.request import ProxySite
 from mcpr.proxy.resource import ProxyResource
 from mcpr.proxy.routing import Upstream
+from mcpr.proxy.widgets import open_source
 from mcpr.tunnel.client import TunnelClient
 from mcpr.tunnel.token import ensure_token
 
@@ -86,6 +88,7 @@ class Options(usage.Options):
             "upstream_timeout": self["upstream-timeout"],
             "max_request_body": self["max-request-body"],
         }
+        self["cli"] = cli
         try:
             self["settings"] = load_gateway(cli, config=self["config"])
         except ConfigError as e:
@@ -107,7 +110,9 @@ class _Closer(Service):
 
 def build_resource(settings: GatewaySettings, reactor) -> ProxyResource:
     forwarder = Forwarder(reactor, headers_timeout=settings.upstream_timeout)
-    return ProxyResource(reactor, Upstream.parse(settings.mcp), forwarder, EventLog.open(settings.events))
+    widgets = open_source(settings.widgets, forwarder) if settings.widgets else None
+    return ProxyResource(reactor, Upstream.parse(settings.mcp), forwarder, EventLog.open(settings.events),
+                         csp=settings.csp, widgets=widgets)
 
 
 def build_site(resource: ProxyResource, settings: GatewaySettings, *, via: str = "direct") -> ProxySite:
@@ -156,6 +161,8 @@ def makeService(options: usage.Options, reactor=None) -> IService:
         ListeningService(serverFromString(reactor, description), site, announce).setServiceParent(top)
     if settings.relay_url:
         tunnel_service(settings, resource, reactor).setServiceParent(top)
+    ReloadService(reactor, resource, settings,
+                  lambda: load_gateway(options["cli"], config=options["config"])).setServiceParent(top)
     heartbeat = TimerService(HEARTBEAT_SECONDS, resource.heartbeat)
     heartbeat.clock = reactor
     heartbeat.setServiceParent(top)

@@ -20,13 +20,17 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from mcpr.proxy import edge
 from mcpr.proxy import headers as hdrs
 from mcpr.proxy import jsonrpc
+from mcpr.proxy.csp import CspPolicy, CspRewriter
 from mcpr.proxy.events import EventLog, RequestRecord
 from mcpr.proxy.forward import BodyPipe, Forwarder, UpstreamError, body_producer, describe
 from mcpr.proxy.inspect import AnswerWatcher, is_event_stream
+from mcpr.proxy.oauth import OriginMap
 from mcpr.proxy.routing import Kind, Route, Upstream, route
 from mcpr.proxy.sessions import Session, SessionTracker
+from mcpr.proxy.widgets import WidgetDevServer, WidgetSource, listing
 
 log = Logger(namespace="mcpr")
 
@@ -65,6 +69,8 @@ class ProxyResource(Resource):
         events: EventLog,
         *,
         sessions: SessionTracker | None = None,
+        csp: CspPolicy | None = None,
+        widgets: WidgetSource | None = None,
     ) -> None:
         super().__init__()
         self._reactor = reactor
@@ -72,6 +78,10 @@ class ProxyResource(Resource):
         self.forwarder = forwarder
         self.events = events
         self.sessions = sessions or SessionTracker(reactor, self._session_changed)
+        self.csp = csp or CspPolicy()  # replaced as a whole on reload
+        self.widgets = widgets
+        # The tunnel's URL, set by the tunnel once it registered; `[csp].domain` wins over it.
+        self.public_origin: str | None = self.csp.domain
         self.started = reactor.seconds()
         self.in_flight = 0
         self.requests_total = 0
@@ -87,6 +97,17 @@ class ProxyResource(Resource):
         Deferred.fromCoroutine(self._proxy(request))
         return NOT_DONE_YET
 
+    def origin_for(self, request: Request) -> str | None:
+        """The public origin a request came through, for widget CSP.
+
+        `[csp].domain` if configured, else the tunnel's URL for a request that
+        came through the tunnel.  A direct request has none: its client reached
+        this machine, so the upstream's localhost domains still work for it.
+        """
+        if self.csp.domain:
+            return self.csp.domain
+        return self.public_origin if _via(request) == "tunnel" else None
+
     # -- proxying
 
     async def _proxy(self, request: Request) -> None:
@@ -98,7 +119,7 @@ class ProxyResource(Resource):
         record = RequestRecord(
             request_id=f"{self._id_prefix}-{next(self._ids)}",
             started=now,
-            via=getattr(request.channel.site, "via", "direct") if request.channel else "direct",
+            via=_via(request),
             method=request.method.decode("latin-1"),
             path=request.path.decode("latin-1"),
             route="",
@@ -120,11 +141,20 @@ class ProxyResource(Resource):
     async def _exchange(self, request: Request, record: RequestRecord, exchange: _Exchange) -> None:
         data, content = _read_body(request)
         record.bytes_in = len(data) if data is not None else _size(content)
-        rt = route(request.method, request.uri, request.requestHeaders, data, self.upstream)
+        rt = route(request.method, request.uri, request.requestHeaders, data, self.upstream,
+                   widgets=self.widgets is not None)
         if rt.kind is Kind.PASSTHROUGH and data is None and _looks_json(request):
             rt = Route(Kind.MCP_POST, self.upstream.mcp_url(request.uri))
         record.route = rt.kind.value
         self._describe(record, rt)
+        if rt.kind is Kind.WIDGET:
+            if not isinstance(self.widgets, WidgetDevServer) or request.path == b"/widgets":
+                await self._serve_widget(request, record)
+                return
+            rt = Route(Kind.WIDGET, self.widgets.url_for(rt.url))
+        local_html = None
+        if self.widgets is not None and rt.rpc is not None:
+            local_html = Deferred.fromCoroutine(edge.local_html(rt.rpc, self.widgets))
         session_id = _header(request, b"mcp-session-id")
         if session_id:
             record.session_id = session_id
@@ -161,6 +191,7 @@ class ProxyResource(Resource):
         answer_session = response.headers.getRawHeaders(b"mcp-session-id", [None])[0]
         if answer_session and not record.session_id:
             record.session_id = answer_session.decode("latin-1")
+        htmls = await local_html if local_html is not None else {}
         if exchange.gone:
             response.deliverBody(Protocol())
             record.outcome = "client-gone"
@@ -168,9 +199,10 @@ class ProxyResource(Resource):
 
         request.setResponseCode(response.code, response.phrase)
         request.responseHeaders = hdrs.downstream_response_headers(response.headers, keep_length=True)
+        origin = self.origin_for(request)
+        oauth = OriginMap(self.upstream, origin or edge.request_origin(request))
+        oauth.headers(request.responseHeaders)
         watcher = self._watcher(rt, response)
-        if is_event_stream(response.headers.getRawHeaders(b"content-type", [None])[0]):
-            request.write(b"")  # send the headers now: an SSE stream may stay quiet for long
         done: Deferred[None] = Deferred()
 
         def write(chunk: bytes) -> None:
@@ -179,8 +211,13 @@ class ProxyResource(Resource):
                 watcher.feed(chunk)
             request.write(chunk)
 
-        exchange.pipe = BodyPipe(write, lambda p: request.registerProducer(p, True),
-                                 request.unregisterProducer, done)
+        csp = CspRewriter(self.csp, origin, self.upstream.host)
+        rewriter = edge.body_rewriter(rt, request, response, request.responseHeaders, csp=csp, htmls=htmls,
+                                      oauth=oauth, write=write)
+        if is_event_stream(response.headers.getRawHeaders(b"content-type", [None])[0]):
+            request.write(b"")  # send the headers now: an SSE stream may stay quiet for long
+        exchange.pipe = BodyPipe(write if rewriter is None else rewriter.feed,
+                                 lambda p: request.registerProducer(p, True), request.unregisterProducer, done)
         response.deliverBody(exchange.pipe)
         try:
             await done
@@ -190,6 +227,8 @@ class ProxyResource(Resource):
                      method=record.method, path=record.path, why=str(e))
             _abort(request)
             return
+        if rewriter is not None:
+            rewriter.finish()
         answers = watcher.finish() if watcher is not None else []
         if exchange.gone:
             # An SDK client closes a POST's SSE stream once it has its answer,
@@ -204,6 +243,27 @@ class ProxyResource(Resource):
             self._conclude(rt, record, answers, answer_session)
         if rt.kind is Kind.SESSION_DELETE and 200 <= response.code < 300 and record.session_id:
             self.sessions.ended(record.session_id)
+
+    async def _serve_widget(self, request: Request, record: RequestRecord) -> None:
+        """A widget asset from the folder, or the `GET /widgets` listing: answered here."""
+        assert self.widgets is not None
+        if request.path == b"/widgets":
+            body = listing(self.widgets)
+            request.setHeader(b"content-type", b"application/json")
+            request.setHeader(b"content-length", str(len(body)).encode())
+            served = body if request.method == b"GET" else b""
+        else:
+            served = self.widgets.render(request)
+        if served is NOT_DONE_YET:
+            try:
+                await request.notifyFinish()
+            except Exception:
+                record.outcome = "client-gone"
+        elif not request._disconnected:
+            request.write(served)
+            request.finish()
+        record.status = request.code
+        record.bytes_out = request.sentLength
 
     def _watcher(self, rt: Route, response) -> AnswerWatcher | None:
         if rt.kind is not Kind.MCP_POST or rt.rpc is None or not rt.rpc.requests:
@@ -272,7 +332,7 @@ class ProxyResource(Resource):
         record = RequestRecord(
             request_id=f"{self._id_prefix}-{next(self._ids)}",
             started=now,
-            via=getattr(request.channel.site, "via", "direct"),
+            via=_via(request),
             method=method.decode("latin-1"),
             path=path.split(b"?", 1)[0].decode("latin-1"),
             route="refused",
@@ -333,6 +393,10 @@ class ProxyResource(Resource):
 
 _PROBE = Factory.forProtocol(Protocol)
 _PROBE.noisy = False
+
+
+def _via(request: Request) -> str:
+    return getattr(request.channel.site, "via", "direct") if request.channel else "direct"
 
 
 def _key(value: Any) -> Any:

@@ -2,8 +2,9 @@
 
 The gateway serves a whole origin, not one path: MCP traffic is recognised by
 what it is (a JSON-RPC body, an SSE GET, a session DELETE) and sent to the
-configured MCP URL; everything else (OAuth, `/.well-known/*`, assets) keeps
-its path and query on the upstream origin.
+configured MCP URL; widget assets go to the widget source when there is one;
+everything else (OAuth, `/.well-known/*`) keeps its path and query on the
+upstream origin.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class Kind(enum.Enum):
     MCP_POST = "mcp"
     MCP_STREAM = "mcp-stream"
     SESSION_DELETE = "session-delete"
+    WIDGET = "widget"
     PASSTHROUGH = "passthrough"
 
 
@@ -66,15 +68,45 @@ class Route:
 
     @property
     def is_mcp(self) -> bool:
-        return self.kind is not Kind.PASSTHROUGH
+        return self.kind not in (Kind.PASSTHROUGH, Kind.WIDGET)
 
 
 def _accepts_event_stream(headers: Headers) -> bool:
     return any(b"text/event-stream" in v.lower() for v in headers.getRawHeaders(b"accept", ()))
 
 
-def route(method: bytes, uri: bytes, headers: Headers, body: bytes | None, upstream: Upstream) -> Route:
-    """Classify one request; `uri` is the path and query as the client sent them."""
+# Paths a browser loads as widget assets.  HTML pages without an extension
+# (OAuth's /authorize, a server's own pages) are not among them: they stay upstream.
+ASSET_EXTENSIONS = frozenset({
+    b".html", b".htm", b".js", b".mjs", b".cjs", b".jsx", b".ts", b".tsx", b".css", b".map", b".wasm",
+    b".png", b".jpg", b".jpeg", b".gif", b".svg", b".webp", b".avif", b".ico",
+    b".woff", b".woff2", b".ttf", b".otf", b".mp3", b".mp4", b".webm",
+})
+_ASSET_MEDIA = (b"text/css", b"text/javascript", b"application/javascript", b"image/", b"font/", b"audio/",
+                b"video/")
+_DEV_SERVER_PREFIXES = (b"/@", b"/node_modules/")  # Vite's module and client paths
+
+
+def is_widget_request(method: bytes, path: bytes, headers: Headers) -> bool:
+    """A GET for a widget asset: by extension, by a dev server's module path, or by what it accepts."""
+    if method not in (b"GET", b"HEAD") or path.startswith(b"/.well-known/"):
+        return False
+    if path == b"/widgets" or path.startswith(_DEV_SERVER_PREFIXES):
+        return True
+    name = path.rsplit(b"/", 1)[-1].lower()
+    if b"." in name and name[name.rindex(b"."):] in ASSET_EXTENSIONS:
+        return True
+    accept = headers.getRawHeaders(b"accept", [b""])[0].split(b",", 1)[0].strip().lower()
+    return accept.startswith(_ASSET_MEDIA)
+
+
+def route(method: bytes, uri: bytes, headers: Headers, body: bytes | None, upstream: Upstream, *,
+          widgets: bool = False) -> Route:
+    """Classify one request; `uri` is the path and query as the client sent them.
+
+    With `widgets`, asset requests route to the widget source; their `url` is
+    then the client's own path and query, for the source to resolve.
+    """
     if not uri.startswith(b"/"):
         uri = b"/" + uri
     if method == b"POST" and body:
@@ -85,4 +117,6 @@ def route(method: bytes, uri: bytes, headers: Headers, body: bytes | None, upstr
         return Route(Kind.MCP_STREAM, upstream.mcp_url(uri))
     elif method == b"DELETE" and headers.hasHeader(b"mcp-session-id"):
         return Route(Kind.SESSION_DELETE, upstream.mcp_url(uri))
+    if widgets and is_widget_request(method, uri.split(b"?", 1)[0], headers):
+        return Route(Kind.WIDGET, uri)
     return Route(Kind.PASSTHROUGH, upstream.passthrough_url(uri))

@@ -1,0 +1,77 @@
+"""SIGHUP rereads `[csp]`; other changed settings are reported as needing a restart."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from types import SimpleNamespace
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.logger import capturedLogs, formatEvent
+from twisted.trial.unittest import TestCase
+
+from mcpr.config import load_gateway
+from mcpr.gateway.reload import ReloadService, changed_keys
+from tests.loopback import sleep
+
+BASE = 'mcp = "http://localhost:9000/mcp"\n'
+
+
+class ReloadTests(TestCase):
+    timeout = 10
+
+    def setUp(self) -> None:
+        self.dir = Path(self.mktemp()).resolve()
+        self.dir.mkdir()
+        self.path = self.dir / "mcpr.toml"
+        self.path.write_text(BASE + '[csp]\ndomains = ["https://old.example.com"]\n')
+        self.running = self.read()
+        self.original = self.running.csp
+        self.resource = SimpleNamespace(csp=self.original)
+        self.service = ReloadService(reactor, self.resource, self.running, self.read)
+
+    def read(self):
+        return load_gateway({"csp_mode": None}, env={}, cwd=self.dir)
+
+    def test_changed_keys(self) -> None:
+        self.path.write_text('mcp = "http://localhost:9001/mcp"\nport = 4000\nno_tunnel = true\n'
+                             '[csp]\nmode = "override"\n[tunnel]\ntoken = "mcpr_generated"\n')
+        self.assertEqual(changed_keys(self.running, self.read()), ["mcp", "listen"])
+
+    def test_sighup_applies_csp_and_reports_the_rest(self):
+        async def t():
+            self.service.startService()
+            self.addCleanup(self.service.stopService)
+            self.path.write_text('mcp = "http://localhost:9001/mcp"\n[csp]\nmode = "override"\n'
+                                 'domain = "https://new.example.com"\n'
+                                 '[[csp.widget]]\nmatch = "*"\nframe_domains = ["https://f.example.com"]\n')
+            with capturedLogs() as events:
+                os.kill(os.getpid(), signal.SIGHUP)
+                for _ in range(100):
+                    if self.resource.csp is not self.original:
+                        break
+                    await sleep(0.01)
+            csp = self.resource.csp
+            self.assertEqual((csp.mode, csp.domain, csp.domains), ("override", "https://new.example.com", ()))
+            self.assertEqual(csp.widgets[0].frame, ("https://f.example.com",))
+            lines = [formatEvent(e) for e in events]
+            self.assertTrue(any("need a restart" in line and "mcp" in line for line in lines), lines)
+        return Deferred.fromCoroutine(t())
+
+    def test_broken_file_keeps_the_running_policy(self):
+        async def t():
+            self.path.write_text(BASE + '[csp]\nmode = "strict"\n')
+            with capturedLogs() as events:
+                self.service.reload()
+            self.assertIs(self.resource.csp, self.original)
+            self.assertTrue(any("csp.mode" in formatEvent(e) for e in events))
+        return Deferred.fromCoroutine(t())
+
+    def test_handler_restored_on_stop(self) -> None:
+        before = signal.getsignal(signal.SIGHUP)
+        self.service.startService()
+        self.assertNotEqual(signal.getsignal(signal.SIGHUP), before)
+        self.service.stopService()
+        self.assertEqual(signal.getsignal(signal.SIGHUP), before)
