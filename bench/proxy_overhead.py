@@ -56,16 +56,9 @@ How
 from __future__ import annotations
 
 import argparse
-import asyncio
-import collections
-import contextlib
-import gc
-import itertools
 import json
-import math
 import os
 import re
-import select
 import shutil
 import signal
 import subprocess
@@ -74,363 +67,33 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
-HOST = "127.0.0.1"
-MCP_PATH = "/mcp"
-REQUEST_BODY = b'{"jsonrpc":"2.0","id":%d,"method":"tools/call","params":{"name":"add","arguments":{"a":1,"b":2}}}'
-RESULT_BODY = '{"jsonrpc":"2.0","id":%s,"result":{"content":[{"type":"text","text":"3"}],"isError":false}}'
+from _common import (
+    DRAIN_TIMEOUT,
+    HOST,
+    MCP_PATH,
+    REQUEST_BODY,
+    STARTUP_TIMEOUT,
+    Children,
+    cpu_seconds,
+    fmt,
+    gateway_log_summary,
+    generate_load,
+    readline,
+    serve_upstream,
+    share,
+    wait_for_log,
+)
 
 TARGET_ADDED_P50_MS = 0.5  # at concurrency 1
 TARGET_RPS = 2000.0  # through the gateway at concurrency 16
-
-STARTUP_TIMEOUT = 20.0
-DRAIN_TIMEOUT = 5.0  # after the window, for answers still in flight
-
-
-# ---------------------------------------------------------------------------
-# HTTP/1.1 message framing shared by the upstream and the client (just enough:
-# keep-alive, Content-Length, chunked answers for the client's sake).
-
-
-@dataclass
-class _Head:
-    start_line: bytes
-    length: int | None = None
-    chunked: bool = False
-    close: bool = False
-
-
-def _parse_head(head: bytes) -> _Head:
-    lines = head.split(b"\r\n")
-    parsed = _Head(lines[0])
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        name = name.strip().lower()
-        if name == b"content-length":
-            parsed.length = int(value)
-        elif name == b"transfer-encoding":
-            parsed.chunked = b"chunked" in value.lower()
-        elif name == b"connection":
-            parsed.close = b"close" in value.lower()
-    if lines[0].endswith(b"HTTP/1.0") or lines[0].startswith(b"HTTP/1.0"):
-        parsed.close = True  # good enough here: nobody speaks 1.0 keep-alive to us
-    return parsed
-
-
-def _dechunk(buf: bytes, pos: int) -> tuple[bytes, int] | None:
-    """A chunked body starting at `pos`: (body, end offset), or None if incomplete."""
-    parts = []
-    while True:
-        eol = buf.find(b"\r\n", pos)
-        if eol < 0:
-            return None
-        size = int(buf[pos:eol].split(b";", 1)[0], 16)
-        pos = eol + 2
-        if size == 0:
-            end = buf.find(b"\r\n\r\n", pos - 2)  # no trailers: the CRLF right after "0\r\n"
-            return None if end < 0 else (b"".join(parts), end + 4)
-        if len(buf) < pos + size + 2:
-            return None
-        parts.append(buf[pos:pos + size])
-        pos += size + 2
-
-
-# ---------------------------------------------------------------------------
-# The upstream: `--role upstream` prints its port, then serves until killed.
-
-
-def _answer(body: bytes) -> bytes:
-    try:
-        rid = json.dumps(json.loads(body)["id"], separators=(",", ":"))
-    except (ValueError, KeyError, TypeError):
-        rid = "null"
-    payload = (RESULT_BODY % rid).encode()
-    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
-        len(payload), payload)
-
-
-class _UpstreamProtocol(asyncio.Protocol):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.buf = b""
-
-    def data_received(self, data: bytes) -> None:
-        buf = self.buf + data if self.buf else data
-        while True:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                break
-            head = _parse_head(buf[:end])
-            if head.chunked:
-                self.transport.write(b"HTTP/1.1 411 Length Required\r\nContent-Length: 0\r\n"
-                                     b"Connection: close\r\n\r\n")
-                self.transport.close()
-                return
-            start = end + 4
-            stop = start + (head.length or 0)
-            if len(buf) < stop:
-                break
-            body, buf = buf[start:stop], buf[stop:]
-            if head.start_line.startswith(b"POST "):
-                self.transport.write(_answer(body))
-            else:
-                self.transport.write(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
-            if head.close:
-                self.transport.close()
-                return
-        self.buf = buf
-
-
-def serve_upstream() -> None:
-    loop = asyncio.new_event_loop()
-    server = loop.run_until_complete(loop.create_server(_UpstreamProtocol, HOST, 0, backlog=1024))
-    print(server.sockets[0].getsockname()[1], flush=True)
-    loop.run_forever()
-
-
-# ---------------------------------------------------------------------------
-# The load generator: `--role load` prints "window-start", "window-end", then
-# one JSON line with its figures.
-
-
-class _Load:
-    def __init__(self, port: int, path: str, concurrency: int) -> None:
-        self.head = (f"POST {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: application/json\r\n"
-                     f"Accept: application/json, text/event-stream\r\nContent-Length: ").encode()
-        self.ids = itertools.count(1)
-        self.latencies: list[float] = []
-        self.errors: collections.Counter[str] = collections.Counter()
-        self.measure_from = math.inf
-        self.stop_at = math.inf
-        self.connections: set[_LoadConnection] = set()
-
-    def request(self, rid: int) -> bytes:
-        body = REQUEST_BODY % rid
-        return b"%s%d\r\n\r\n%s" % (self.head, len(body), body)
-
-    def completed(self, started: float, now: float, error: str | None) -> None:
-        if error is not None:
-            self.errors[error] += 1
-        elif self.measure_from <= now < self.stop_at:
-            self.latencies.append(now - started)
-
-
-class _LoadConnection(asyncio.Protocol):
-    """One keep-alive connection sending the next request as soon as the answer is whole."""
-
-    def __init__(self, load: _Load, finished: asyncio.Future) -> None:
-        self.load = load
-        self.finished = finished
-        self.buf = b""
-        self.in_flight = False
-        self.started = 0.0
-        self.expect = b""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.load.connections.add(self)
-        self._send()
-
-    def _send(self) -> None:
-        now = time.perf_counter()
-        if now >= self.load.stop_at:
-            self.transport.close()
-            return
-        rid = next(self.load.ids)
-        self.expect = b'"id":%d' % rid
-        self.buf = b""
-        self.in_flight = True
-        self.started = now
-        self.transport.write(self.load.request(rid))
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        end = self.buf.find(b"\r\n\r\n")
-        if end < 0:
-            return
-        head = _parse_head(self.buf[:end])
-        if head.chunked:
-            got = _dechunk(self.buf, end + 4)
-            if got is None:
-                return
-            body, stop = got
-        elif head.length is not None:
-            stop = end + 4 + head.length
-            if len(self.buf) < stop:
-                return
-            body = self.buf[end + 4:stop]
-        else:  # a body delimited by closing the connection: not what we test
-            self.load.completed(self.started, time.perf_counter(), "no-length")
-            self.in_flight = False
-            self.transport.close()
-            return
-        now = time.perf_counter()
-        self.in_flight = False
-        status = head.start_line[9:12]
-        error = None
-        if status != b"200":
-            error = f"status-{status.decode('latin-1')}"
-        elif self.expect not in body:
-            error = "wrong-body"
-        elif stop != len(self.buf):
-            error = "extra-bytes"
-        self.load.completed(self.started, now, error)
-        if head.close or error == "extra-bytes":
-            self.transport.close()
-        else:
-            self._send()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.load.connections.discard(self)
-        if self.in_flight:
-            self.load.completed(self.started, time.perf_counter(), "disconnected")
-            self.in_flight = False
-        if not self.finished.done():
-            self.finished.set_result(None)
-
-
-async def _slot(load: _Load, port: int) -> None:
-    """Keeps one connection going until the end, reconnecting if the server closes it."""
-    loop = asyncio.get_running_loop()
-    while time.perf_counter() < load.stop_at:
-        finished = loop.create_future()
-        try:
-            await loop.create_connection(lambda: _LoadConnection(load, finished), HOST, port)
-        except OSError:
-            load.errors["connect"] += 1
-            await asyncio.sleep(0.05)
-            continue
-        await finished
-
-
-async def _generate(port: int, path: str, concurrency: int, warmup: float, duration: float) -> dict:
-    load = _Load(port, path, concurrency)
-    t0 = time.perf_counter()
-    load.measure_from = t0 + warmup
-    load.stop_at = load.measure_from + duration
-    slots = [asyncio.ensure_future(_slot(load, port)) for _ in range(concurrency)]
-    await asyncio.sleep(max(0.0, load.measure_from - time.perf_counter()))
-    print("window-start", flush=True)
-    cpu0 = time.process_time()
-    await asyncio.sleep(max(0.0, load.stop_at - time.perf_counter()))
-    cpu1 = time.process_time()
-    print("window-end", flush=True)
-    _, pending = await asyncio.wait(slots, timeout=DRAIN_TIMEOUT)
-    for conn in list(load.connections):
-        if conn.in_flight:
-            load.errors["timeout"] += 1
-            conn.in_flight = False
-        conn.transport.abort()
-    for task in pending:
-        task.cancel()
-    return summarize(load.latencies, duration) | {
-        "errors": dict(load.errors),
-        "client_cpu_s": round(cpu1 - cpu0, 4),
-    }
-
-
-def summarize(latencies: list[float], duration: float) -> dict:
-    """Figures from latencies in seconds: req/s over `duration`, percentiles in ms."""
-    ordered = sorted(latencies)
-    n = len(ordered)
-
-    def pct(p: float) -> float | None:
-        return round(ordered[min(n - 1, max(0, math.ceil(p / 100 * n) - 1))] * 1000, 4) if n else None
-
-    return {
-        "requests": n,
-        "rps": round(n / duration, 1),
-        "p50_ms": pct(50),
-        "p90_ms": pct(90),
-        "p99_ms": pct(99),
-        "max_ms": round(ordered[-1] * 1000, 4) if n else None,
-        "mean_ms": round(sum(ordered) / n * 1000, 4) if n else None,
-    }
-
-
-def generate_load(port: int, path: str, concurrency: int, warmup: float, duration: float) -> None:
-    gc.disable()  # a bounded run; no collector pauses in the client's own latency
-    result = asyncio.run(_generate(port, path, concurrency, warmup, duration))
-    print(json.dumps(result), flush=True)
-
-
-# ---------------------------------------------------------------------------
-# The orchestrator.
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM if the benchmark itself dies (Linux)."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-class Children:
-    """Every process started, stopped (TERM, then KILL) on the way out whatever happens."""
-
-    def __init__(self) -> None:
-        self.procs: list[tuple[str, subprocess.Popen]] = []
-        self.exit_codes: dict[str, int | None] = {}
-
-    def start(self, name: str, cmd: list[str], **kwargs: Any) -> subprocess.Popen:
-        preexec = _die_with_parent if sys.platform.startswith("linux") else None
-        proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=preexec, **kwargs)
-        self.procs.append((name, proc))
-        return proc
-
-    def stop(self, proc: subprocess.Popen, timeout: float = 5.0) -> int | None:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for name, p in self.procs:
-            if p is proc:
-                self.exit_codes[name] = proc.returncode
-        return proc.returncode
-
-    def close(self) -> None:
-        for _, proc in reversed(self.procs):
-            self.stop(proc)
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process so far, from /proc (None elsewhere)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _readline(stream, deadline: float) -> str:
-    """One line from a child's unbuffered stdout pipe, or TimeoutError at `deadline`.
-
-    Unbuffered (bufsize=0) so that no line waits in a Python buffer where
-    select() cannot see it."""
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("no output from child process")
-        ready, _, _ = select.select([stream], [], [], left)
-        if ready:
-            line = stream.readline()
-            if not line:
-                raise RuntimeError("child process ended early")
-            return line.decode().strip()
 
 
 def start_upstream(children: Children, workdir: Path) -> tuple[subprocess.Popen, int]:
     log = open(workdir / "upstream.log", "wb")
     proc = children.start("upstream", [sys.executable, __file__, "--role", "upstream"],
                           stdout=subprocess.PIPE, stderr=log, bufsize=0)
-    port = int(_readline(proc.stdout, time.monotonic() + STARTUP_TIMEOUT))
+    port = int(readline(proc.stdout, time.monotonic() + STARTUP_TIMEOUT))
     return proc, port
 
 
@@ -445,16 +108,8 @@ def start_gateway(children: Children, workdir: Path, upstream_port: int) -> tupl
     with open(log_path, "wb") as log:
         proc = children.start("gateway", cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
                               stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while time.monotonic() < deadline:
-        match = ANNOUNCE.search(log_path.read_text(errors="replace"))
-        if match:
-            return proc, int(match.group(2)), match.group(1), log_path
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
-    raise RuntimeError(f"the gateway did not start (exit code {proc.poll()}):\n{tail}")
+    match = wait_for_log(proc, log_path, ANNOUNCE, "the gateway")
+    return proc, int(match.group(2)), match.group(1), log_path
 
 
 WRK_SCRIPT = """
@@ -520,13 +175,13 @@ class Bench:
             proc = self.children.start("load", cmd, stdout=subprocess.PIPE, stderr=err, bufsize=0)
         try:
             deadline = time.monotonic() + a.warmup + a.duration + DRAIN_TIMEOUT + STARTUP_TIMEOUT
-            while _readline(proc.stdout, deadline) != "window-start":
+            while readline(proc.stdout, deadline) != "window-start":
                 pass
             t0, cpu0 = time.monotonic(), self._cpu()
-            while _readline(proc.stdout, deadline) != "window-end":
+            while readline(proc.stdout, deadline) != "window-end":
                 pass
             t1, cpu1 = time.monotonic(), self._cpu()
-            result = json.loads(_readline(proc.stdout, deadline))
+            result = json.loads(readline(proc.stdout, deadline))
         finally:
             self.children.stop(proc)
         cpu = self._share(cpu0, cpu1, t1 - t0)
@@ -566,31 +221,6 @@ class Bench:
                     window_s=round(seconds, 3), cpu=self._share(cpu0, cpu1, t1 - t0))
 
 
-def gateway_log_summary(path: Path) -> dict:
-    """Request lines by status and outcome, and the warnings, errors and tracebacks, in the gateway's log."""
-    statuses: collections.Counter[str] = collections.Counter()
-    outcomes: collections.Counter[str] = collections.Counter()
-    problems: list[str] = []
-    line_re = re.compile(r"\[mcpr#info\] \d\d:\d\d:\d\d \S+ (\S+) .*?(?: \(([\w-]+)\))?$")
-    for line in path.read_text(errors="replace").splitlines():
-        m = line_re.search(line)
-        if m:
-            statuses[m.group(1)] += 1
-            outcomes[m.group(2) or "ok"] += 1
-        elif re.search(r"#(warn|error|critical)\]|Traceback|Unhandled", line):
-            problems.append(line)
-    return {"request_lines": sum(statuses.values()), "by_status": dict(statuses), "by_outcome": dict(outcomes),
-            "problems": len(problems), "first_problems": problems[:5]}
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value * 100:.0f}%"
-
-
 def report(cells: list[Cell], comparison: dict, targets: list[dict], meta: dict, log: dict) -> str:
     out = [
         f"mcpr {meta['gateway_version']} proxy overhead: tools/call POSTs, keep-alive, "
@@ -602,19 +232,19 @@ def report(cells: list[Cell], comparison: dict, targets: list[dict], meta: dict,
     ]
     for c in cells:
         out.append(
-            f"{c.concurrency:>4}  {c.via:<8}{c.rps:>9,.0f}{_fmt(c.p50_ms, '9.3f')}{_fmt(c.p90_ms, '9.3f')}"
-            f"{_fmt(c.p99_ms, '9.3f')}{_fmt(c.max_ms, '9.2f')}{c.error_count:>8}   "
-            f"{_pct(c.cpu.get('gateway')):>5} / {_pct(c.cpu.get('upstream')):>5} / {_pct(c.cpu.get('client')):>5}")
+            f"{c.concurrency:>4}  {c.via:<8}{c.rps:>9,.0f}{fmt(c.p50_ms, '9.3f')}{fmt(c.p90_ms, '9.3f')}"
+            f"{fmt(c.p99_ms, '9.3f')}{fmt(c.max_ms, '9.2f')}{c.error_count:>8}   "
+            f"{share(c.cpu.get('gateway')):>5} / {share(c.cpu.get('upstream')):>5} / {share(c.cpu.get('client')):>5}")
     out += ["", f"{'conc':>4}  {'gateway/direct req/s':>20}{'added p50 ms':>14}{'added p99 ms':>14}"
                 f"{'gateway CPU µs/req':>20}"]
     for conc, cmp in comparison.items():
-        out.append(f"{conc:>4}  {_fmt(cmp['rps_ratio'], '19.2f')}x{_fmt(cmp['added_p50_ms'], '14.3f')}"
-                   f"{_fmt(cmp['added_p99_ms'], '14.3f')}{_fmt(cmp['gateway_cpu_us_per_request'], '20.0f')}")
+        out.append(f"{conc:>4}  {fmt(cmp['rps_ratio'], '19.2f')}x{fmt(cmp['added_p50_ms'], '14.3f')}"
+                   f"{fmt(cmp['added_p99_ms'], '14.3f')}{fmt(cmp['gateway_cpu_us_per_request'], '20.0f')}")
     out += ["", "Targets:"]
     for t in targets:
         verdict = "n/a" if t["ok"] is None else ("MET" if t["ok"] else "MISSED")
         spec = ",.0f" if t["unit"] == "req/s" else ".3f"
-        out.append(f"  {t['name']:<38} measured {_fmt(t['measured'], spec):>7} {t['unit']:<6} target {t['op']} "
+        out.append(f"  {t['name']:<38} measured {fmt(t['measured'], spec):>7} {t['unit']:<6} target {t['op']} "
                    f"{t['limit']:,g} {t['unit']:<6} {verdict}")
     out += ["", f"Gateway log (whole run, warm-ups included): {log['request_lines']} request lines, "
                 f"by status {log['by_status'] or '{}'}, by outcome {log['by_outcome'] or '{}'}, "
@@ -671,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
         for i, (conc, via) in enumerate(plan, 1):
             cell = bench.run_cell(up_port if via == "direct" else gw_port, conc, via)
             say(f"[{i}/{len(plan)}] concurrency {conc:>2} {via:<7}: {cell.rps:>8,.0f} req/s, "
-                f"p50 {_fmt(cell.p50_ms, '.3f')} ms, p99 {_fmt(cell.p99_ms, '.3f')} ms, "
+                f"p50 {fmt(cell.p50_ms, '.3f')} ms, p99 {fmt(cell.p99_ms, '.3f')} ms, "
                 f"errors {cell.error_count}")
             cells.append(cell)
         if gateway.poll() is not None:
