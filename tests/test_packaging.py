@@ -151,9 +151,10 @@ class ReleaseTests(SynchronousTestCase):
         self.assertIn("cryptography", {r.name for r in required})
         for req in required:
             key = canonicalize_name(req.name)
-            self.assertIn(key, pins, f"{req.name} is required by setup.cfg but not pinned")
+            hint = "; refresh it: .venv/bin/python scripts/lock_requirements.py"
+            self.assertIn(key, pins, f"{req.name} is required by setup.cfg but not in requirements.lock{hint}")
             self.assertTrue(req.specifier.contains(pins[key], prereleases=True),
-                            f"requirements.lock pins {req.name}=={pins[key]}, setup.cfg wants {req}")
+                            f"requirements.lock pins {req.name}=={pins[key]}, setup.cfg wants {req}{hint}")
         # The extras' dependencies are pinned too (twisted[tls,http2]).
         for name in ("pyopenssl", "service-identity", "idna", "h2", "priority"):
             self.assertIn(name, pins)
