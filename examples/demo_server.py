@@ -19,7 +19,12 @@ What it demonstrates, i.e. the kinds of traffic an MCP-aware proxy must carry:
                        related to any request, so the server delivers it on the
                        session's standalone ``GET /mcp`` SSE stream;
 * ``big(size)``      - returns a text of exactly ``size`` bytes (bulk tests);
-* resource ``demo://greeting`` and prompt ``review(code)``.
+* resource ``demo://greeting`` and prompt ``review(code)``;
+* ``show_greeting(name)`` and its widget ``ui://widget/greeting.html`` - an
+                       MCP App (ChatGPT apps, Claude connectors) written for
+                       localhost: its Content Security Policy names
+                       ``localhost`` domains in both the OpenAI and the Claude
+                       shape, which mcpr rewrites for the public URL.
 
 Run it::
 
@@ -117,6 +122,47 @@ def greeting() -> str:
 def review(code: str) -> str:
     """Ask for a code review."""
     return f"Please review this code:\n\n{code}"
+
+
+# --- a widget --------------------------------------------------------------
+
+WIDGET_URI = "ui://widget/greeting.html"
+
+# Rendered by the AI client in a sandboxed iframe; its assets would come from a
+# local build server, which is why the CSP below names localhost.
+GREETING_WIDGET = """<!doctype html>
+<div id="greeting"></div>
+<script type="module" src="http://localhost:5173/greeting.js"></script>
+"""
+
+# What a widget declares when written for a laptop: fine on this machine, wrong
+# once the server is reached through a public URL (mcpr fixes it at the edge).
+WIDGET_META = {
+    "openai/widgetCSP": {
+        "connect_domains": ["http://localhost:9000", "https://api.open-meteo.com"],
+        "resource_domains": ["http://localhost:5173", "https://fonts.gstatic.com"],
+    },
+    "ui": {
+        "csp": {
+            "connectDomains": ["http://localhost:9000", "https://api.open-meteo.com"],
+            "resourceDomains": ["http://localhost:5173", "https://fonts.gstatic.com"],
+        },
+        "prefersBorder": True,
+    },
+    "openai/widgetDescription": "A card that greets someone.",
+}
+
+
+@server.tool(meta={"openai/outputTemplate": WIDGET_URI, "ui": {"resourceUri": WIDGET_URI}})
+def show_greeting(name: str) -> str:
+    """Greet someone with a widget."""
+    return f"Hello, {name}!"
+
+
+@server.resource(WIDGET_URI, name="greeting-widget", mime_type="text/html+skybridge", meta=WIDGET_META)
+def greeting_widget() -> str:
+    """The greeting card's HTML."""
+    return GREETING_WIDGET
 
 
 # --- serving ---------------------------------------------------------------
