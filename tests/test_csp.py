@@ -12,6 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from mcpr.proxy import jsonrpc
 from mcpr.proxy.csp import REWRITTEN_METHODS, CspPolicy, CspRewriter, WidgetRule, is_local_host, source_host
 from mcpr.proxy.edge import answers_transform
+from mcpr.proxy.rewrite import EventStreamRewriter
 
 PUBLIC = "https://abc.tunnel.example.com"
 UPSTREAM_HOST = "mcp.internal"
@@ -246,6 +247,25 @@ class ResultTests(SynchronousTestCase):
         self.assertEqual(answers[3]["result"]["tools"][0]["_meta"], meta)
         self.assertIsNone(answers_transform(jsonrpc.parse_value({"jsonrpc": "2.0", "id": 1, "method": "ping"}),
                                             rewriter(), {}))
+
+
+    def test_sse_wrapped_answer(self) -> None:
+        batch = jsonrpc.parse_value({"jsonrpc": "2.0", "id": 4, "method": "resources/read",
+                                     "params": {"uri": "ui://widget/pizza-map.html"}})
+        answer = rpc_result(4, {"contents": [{"uri": "ui://widget/pizza-map.html", "text": HTML,
+                                              "_meta": OPENAI_META}]})
+        progress = b'event: message\r\ndata: {"jsonrpc":"2.0","method":"notifications/progress"}\r\n\r\n'
+        stream = progress + b"event: message\r\nid: 17\r\ndata: " + json.dumps(answer).encode() + b"\r\n\r\n"
+        out: list[bytes] = []
+        sse = EventStreamRewriter(answers_transform(batch, rewriter(), {}), out.append)
+        for i in range(0, len(stream), 50):
+            sse.feed(stream[i:i + 50])
+        sse.finish()
+        body = b"".join(out)
+        self.assertTrue(body.startswith(progress + b"event: message\r\nid: 17\r\ndata: "))
+        (content,) = json.loads(body[len(progress):].split(b"data: ", 1)[1])["result"]["contents"]
+        self.assertEqual(content["text"], HTML)
+        self.assertEqual(shapes(content["_meta"])["connect"], [PUBLIC, "https://api.mapbox.com"])
 
 
 class HostTests(SynchronousTestCase):
