@@ -7,14 +7,13 @@ import time
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from mcpr.proxy.events import EventLog
 from mcpr.tunnel.client import Backoff, TunnelClient, websocket_url
-from tests.loopback import Process, free_port, sleep, twist
+from tests.loopback import Process, TrackingSite, free_port, listen, sleep, twist
 
 
 class BackoffTests(SynchronousTestCase):
@@ -47,10 +46,8 @@ class _NotFound(Resource):
         return b"no tunnels here"
 
 
-class _RefusesUpgrades(Site):
+class _RefusesUpgrades(TrackingSite):
     """A 'relay' that accepts TCP and answers every upgrade with 404, counting attempts."""
-
-    noisy = False
 
     def __init__(self) -> None:
         super().__init__(_NotFound())
@@ -59,9 +56,6 @@ class _RefusesUpgrades(Site):
     def buildProtocol(self, addr):
         self.attempts.append(time.monotonic())
         return super().buildProtocol(addr)
-
-    def log(self, request) -> None:
-        pass
 
 
 class ReconnectTests(TestCase):
@@ -72,9 +66,8 @@ class ReconnectTests(TestCase):
         refused upgrade count as failures (plain ClientService would retry at a fixed rate)."""
         async def t():
             site = _RefusesUpgrades()
-            port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
-            self.addCleanup(port.stopListening)
-            client = TunnelClient(reactor, f"http://127.0.0.1:{port.getHost().port}", "token", None, Site(Resource()),
+            port = await listen(self, site)
+            client = TunnelClient(reactor, f"http://127.0.0.1:{port}", "token", None, Site(Resource()),
                                   EventLog(None), lambda url: None,
                                   backoff=Backoff(initial=0.05, factor=2, cap=10, jitter=0))
             client.startService()
