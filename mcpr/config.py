@@ -71,6 +71,14 @@ def parse_seconds(value: Any) -> float:
     return seconds
 
 
+def parse_ping_seconds(value: Any) -> float:
+    """Autobahn schedules pings on whole-second buckets: shorter values fire at random early."""
+    seconds = parse_seconds(value)
+    if seconds < 1:
+        raise ValueError("expected at least 1 second (WebSocket ping timers have 1-second granularity)")
+    return seconds
+
+
 _SIZE = re.compile(r"^\s*(\d+)\s*(|b|k|kb|kib|m|mb|mib|g|gb|gib)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1 << 20, "mb": 10**6,
           "mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30}
@@ -310,8 +318,8 @@ GATEWAY_SETTINGS: tuple[Setting, ...] = (
     Setting("tunnel_token", parse_text, None, ("tunnel", "token"), (("tunnel_token",),), "MCPR_TUNNEL_TOKEN"),
     Setting("tunnel_subdomain", parse_text, None, ("tunnel", "subdomain"), (("tunnel_subdomain",),),
             "MCPR_TUNNEL_SUBDOMAIN", option="subdomain"),
-    Setting("tunnel_ping_interval", parse_seconds, 20.0, ("tunnel", "ping_interval")),
-    Setting("tunnel_ping_timeout", parse_seconds, 10.0, ("tunnel", "ping_timeout")),
+    Setting("tunnel_ping_interval", parse_ping_seconds, 20.0, ("tunnel", "ping_interval")),
+    Setting("tunnel_ping_timeout", parse_ping_seconds, 10.0, ("tunnel", "ping_timeout")),
     Setting("events", parse_text, None, ("events",)),
     Setting("upstream_timeout", parse_seconds, 30.0, ("upstream_timeout",)),
     Setting("max_request_body", parse_size, DEFAULT_MAX_BODY, ("max_request_body",)),
@@ -465,8 +473,8 @@ RELAY_SETTINGS: tuple[Setting, ...] = (
     Setting("registration_timeout", parse_seconds, 10.0, ("relay", "registration_timeout")),
     Setting("headers_timeout", parse_seconds, 30.0, ("relay", "headers_timeout")),
     Setting("drain_timeout", parse_seconds, 30.0, ("relay", "drain_timeout")),
-    Setting("ping_interval", parse_seconds, 20.0, ("relay", "ping_interval")),
-    Setting("ping_timeout", parse_seconds, 10.0, ("relay", "ping_timeout")),
+    Setting("ping_interval", parse_ping_seconds, 20.0, ("relay", "ping_interval")),
+    Setting("ping_timeout", parse_ping_seconds, 10.0, ("relay", "ping_timeout")),
     Setting("public_url", parse_text, None, ("relay", "public_url"), option="public-url"),
 )
 

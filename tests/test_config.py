@@ -122,3 +122,12 @@ class OptionsTests(SynchronousTestCase):
         o = Options()
         e = self.assertRaises(usage.UsageError, o.parseOptions, ["--mcp", "http://x:1", "--port", "0"])
         self.assertIn("option --port: expected an integer 1-65535, got \"0\"", str(e))
+
+
+class PingSettingsTests(SynchronousTestCase):
+    def test_sub_second_pings_refused(self) -> None:
+        from mcpr.config import load_relay
+
+        e = self.assertRaises(ConfigError, load_relay, {"domain": "t.example", "ping_interval": "0.5"},
+                              env={}, cwd=Path(self.mktemp()))
+        self.assertIn("option --ping-interval: expected at least 1 second", str(e))
