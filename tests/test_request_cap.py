@@ -1,5 +1,6 @@
 """Oversized request bodies are refused while they arrive, not after."""
 
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
@@ -17,7 +18,9 @@ class Echo(Resource):
 class CapTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.refused: list = []
-        self.site = ProxySite(Echo(), max_request_body=100,
+        # A Clock of its own: the channels' idle timeouts must not land on the global reactor,
+        # where the next trial TestCase would find them and fail as dirty.
+        self.site = ProxySite(Echo(), max_request_body=100, reactor=Clock(),
                               too_large=lambda request, method, path: self.refused.append((method, path)))
         self.transport = StringTransport()
         self.channel = self.site.buildProtocol(None)
