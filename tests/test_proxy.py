@@ -182,7 +182,9 @@ class ProxyTests(TestCase):
                                            "connection": "keep-alive, x-drop", "x-drop": "1",
                                            "te": "trailers", "mcp-protocol-version": "2025-11-25",
                                            "last-event-id": "42"})
-            seen = json.loads(await readBody(response))
+            raw = await readBody(response)
+            self.assertEqual(response.length, len(raw), "a body of known length went out chunked")
+            seen = json.loads(raw)
             self.assertEqual(seen["uri"], "/.well-known/oauth-protected-resource?a=b")
             h = seen["headers"]
             self.assertEqual(h["host"], [f"127.0.0.1:{self.up_port}"])

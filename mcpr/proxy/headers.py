@@ -62,7 +62,7 @@ def upstream_request_headers(
     return out
 
 
-def downstream_response_headers(source: Headers, *, keep_length: bool) -> Headers:
-    """The upstream response's end-to-end headers; Content-Length only if the body passes unchanged."""
-    drop = HOP_BY_HOP if keep_length else HOP_BY_HOP | {b"content-length"}
-    return _copy(source, drop)
+def downstream_response_headers(source: Headers) -> Headers:
+    """The upstream response's end-to-end headers.  Twisted's client keeps Content-Length out of
+    them; the caller sets it again when the body passes unchanged (see `response.length`)."""
+    return _copy(source, HOP_BY_HOP | {b"content-length"})

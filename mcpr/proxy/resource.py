@@ -198,7 +198,7 @@ class ProxyResource(Resource):
             return
 
         request.setResponseCode(response.code, response.phrase)
-        request.responseHeaders = hdrs.downstream_response_headers(response.headers, keep_length=True)
+        request.responseHeaders = hdrs.downstream_response_headers(response.headers)
         origin = self.origin_for(request)
         oauth = OriginMap(self.upstream, origin or edge.request_origin(request))
         oauth.headers(request.responseHeaders)
@@ -214,6 +214,10 @@ class ProxyResource(Resource):
         csp = CspRewriter(self.csp, origin, self.upstream.host)
         rewriter = edge.body_rewriter(rt, request, response, request.responseHeaders, csp=csp, htmls=htmls,
                                       oauth=oauth, write=write)
+        if rewriter is None and isinstance(response.length, int) and request.method != b"HEAD" \
+                and response.code not in (204, 304):
+            # An unchanged body of known length goes out with it: no chunked framing to add.
+            request.setHeader(b"content-length", b"%d" % response.length)
         if is_event_stream(response.headers.getRawHeaders(b"content-type", [None])[0]):
             request.write(b"")  # send the headers now: an SSE stream may stay quiet for long
         exchange.pipe = BodyPipe(write if rewriter is None else rewriter.feed,
