@@ -21,10 +21,12 @@ What it measures, in one run, each figure beside its baselines from the same run
     3. Bulk: a 100 MiB download (GET /bulk?size=N, Content-Length, written
        with backpressure) and a 100 MiB upload (PUT /sink, Content-Length;
        the upstream counts the bytes and answers their number), straight to
-       the upstream, through the gateway and through the tunnel.  MB/s
-       (10^6 bytes per second, request sent to last byte / answer received)
-       and the peak growth of the relay's and the gateway's resident memory
-       (VmRSS sampled every 10 ms) over its value just before each transfer.
+       the upstream, through the gateway and through the tunnel, each one
+       --bulk-repeat times (3).  MB/s (10^6 bytes per second, request sent
+       to last byte / answer received) of the median transfer, with the
+       slowest and the fastest, and the peak growth of the relay's and the
+       gateway's resident memory (VmRSS sampled every 10 ms) over its value
+       just before each transfer, the largest of the repeats.
 
     Targets: >= 1,000 req/s through the tunnel at concurrency 16; <= 1.5 ms
     added at p50 at concurrency 1 (tunnel vs gateway); <= 5 ms added at p99
@@ -649,6 +651,24 @@ class Bench:
         return {"via": via} | json.loads(line) | {"rss": memory, "rss_samples": rss.samples, "cpu": cpu}
 
 
+def combine_bulk(runs: list[dict]) -> dict:
+    """Repeated transfers of one kind: the median run's figures, the largest RSS growth of any run."""
+    ok = [r for r in runs if not r["error"]]
+    ranked = sorted(ok, key=lambda r: r["mbps"])
+    median = dict(ranked[len(ranked) // 2]) if ranked else dict(runs[0])
+    median["runs"] = [{k: r.get(k) for k in ("mbps", "seconds", "error")} | {
+        "rss_growth_mb": {p: v.get("growth_mb") for p, v in r["rss"].items()}} for r in runs]
+    median["mbps_min"] = ranked[0]["mbps"] if ranked else None
+    median["mbps_max"] = ranked[-1]["mbps"] if ranked else None
+    median["error"] = next((r["error"] for r in runs if r["error"]), None)
+    for proc in median["rss"]:
+        growth = [r["rss"][proc]["growth_mb"] for r in runs if r["rss"][proc]["growth_mb"] is not None]
+        peaks = [r["rss"][proc]["peak_mb"] for r in runs if r["rss"][proc]["peak_mb"] is not None]
+        median["rss"][proc] = dict(median["rss"][proc], growth_mb=max(growth, default=None),
+                                   peak_mb=max(peaks, default=None))
+    return median
+
+
 def start_upstream(children: Children, workdir: Path, sse_rate: float) -> tuple[subprocess.Popen, int]:
     log = open(workdir / "upstream.log", "wb")
     proc = children.start("upstream", [sys.executable, __file__, "--role", "upstream", "--sse-rate", str(sse_rate)],
@@ -832,13 +852,16 @@ def report(cells: list[Cell], comparison: dict, sse: list[dict], bulk: list[dict
             out.append(f"added by relay + tunnel: p50 {fmt(_diff(by['tunnel']['p50_ms'], by['gateway']['p50_ms']), '.3f')}"
                        f" ms, p99 {fmt(_diff(by['tunnel']['p99_ms'], by['gateway']['p99_ms']), '.3f')} ms")
     if bulk:
-        out += ["", f"3. Bulk: {meta['bulk_size'] / (1 << 20):g} MiB bodies; RSS growth = peak during the "
-                    f"transfer - RSS before it (MB = 10^6 bytes)",
-                f"{'op':<6}{'via':<9}{'MB/s':>8}{'seconds':>9}   RSS growth MB: relay / gateway   "
-                f"peak RSS MB: relay / gateway   CPU: relay / gateway / upstream"]
+        out += ["", f"3. Bulk: {meta['bulk_size'] / (1 << 20):g} MiB bodies, {meta['bulk_repeat']} of each; MB/s of "
+                    f"the median (slowest - fastest); RSS growth = peak during a transfer - RSS before it, "
+                    f"largest of the repeats (MB = 10^6 bytes)",
+                f"{'op':<6}{'via':<9}{'MB/s':>6}{'(min - max)':>14}{'seconds':>9}   RSS growth MB: relay / gateway"
+                f"   peak RSS MB: relay / gateway   CPU: relay / gateway / upstream"]
         for b in bulk:
             rss = b["rss"]
-            out.append(f"{b['op']:<6}{b['via']:<9}{col(b.get('mbps'), '8.0f')}{col(b.get('seconds'), '9.3f')}   "
+            spread = f"({fmt(b.get('mbps_min'), '.0f')} - {fmt(b.get('mbps_max'), '.0f')})"
+            out.append(f"{b['op']:<6}{b['via']:<9}{col(b.get('mbps'), '6.0f')}{spread:>14}"
+                       f"{col(b.get('seconds'), '9.3f')}   "
                        f"{col(rss.get('relay', {}).get('growth_mb'), '13.1f')} / "
                        f"{col(rss.get('gateway', {}).get('growth_mb'), '7.1f')}   "
                        f"{col(rss.get('relay', {}).get('peak_mb'), '19.1f')} / "
@@ -895,14 +918,17 @@ def run(args: argparse.Namespace) -> int:
             sse.append(s)
 
         bulk: list[dict] = []
-        for op in ("down", "up") if "bulk" in args.phases else ():
+        for op in args.bulk_ops if "bulk" in args.phases else ():
             for via in args.vias:
-                b = bench.run_bulk(op, via)
-                say(f"bulk {op:<4} {via:<8}: {fmt(b.get('mbps'), '.0f')} MB/s, RSS growth MB relay "
-                    f"{fmt(b['rss'].get('relay', {}).get('growth_mb'), '.1f')} gateway "
-                    f"{fmt(b['rss'].get('gateway', {}).get('growth_mb'), '.1f')}"
-                    + (f", error {b['error']}" if b["error"] else ""))
-                bulk.append(b)
+                runs = []
+                for _ in range(args.bulk_repeat):
+                    b = bench.run_bulk(op, via)
+                    say(f"bulk {op:<4} {via:<8}: {fmt(b.get('mbps'), '.0f')} MB/s, RSS growth MB relay "
+                        f"{fmt(b['rss'].get('relay', {}).get('growth_mb'), '.1f')} gateway "
+                        f"{fmt(b['rss'].get('gateway', {}).get('growth_mb'), '.1f')}"
+                        + (f", error {b['error']}" if b["error"] else ""))
+                    runs.append(b)
+                bulk.append(combine_bulk(runs))
 
         for name, proc in (("relay", relay), ("gateway", gateway)):
             if proc.poll() is not None:
@@ -912,7 +938,8 @@ def run(args: argparse.Namespace) -> int:
         comparison = compare_cells(cells)
         targets = check_targets(cells, comparison, sse, bulk)
         meta = {"gateway_version": version, "duration_s": args.duration, "warmup_s": args.warmup,
-                "sse_rate": args.sse_rate, "bulk_size": args.bulk_size, "cpus": os.cpu_count(),
+                "sse_rate": args.sse_rate, "bulk_size": args.bulk_size,
+                "bulk_repeat": args.bulk_repeat, "cpus": os.cpu_count(),
                 "python": sys.version.split()[0], "exit_codes": exit_codes, "tunnel_url": tunnel_url,
                 "loadavg_at_end": Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists()
                 else None}
@@ -944,6 +971,13 @@ def _vias(text: str) -> list[str]:
     return [v for v in VIAS if v in values]
 
 
+def _bulk_ops(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values or set(values) - {"down", "up"}:
+        raise argparse.ArgumentTypeError("a comma-separated list of: down, up")
+    return values
+
+
 def _phases(text: str) -> list[str]:
     values = [v.strip() for v in text.split(",") if v.strip()]
     if not values or set(values) - {"small", "sse", "bulk"}:
@@ -961,6 +995,10 @@ def main() -> int:
                         help="connections per small-request cell, comma-separated (1,16,64)")
     parser.add_argument("--sse-rate", type=float, default=200.0, help="SSE events per second (200)")
     parser.add_argument("--bulk-size", type=int, default=BULK_SIZE, help="bytes per bulk transfer (100 MiB)")
+    parser.add_argument("--bulk-repeat", type=int, default=3,
+                        help="transfers of each kind; the median's MB/s and the largest RSS growth count (3)")
+    parser.add_argument("--bulk-ops", type=_bulk_ops, default=["down", "up"],
+                        help="bulk transfers, comma-separated (down,up)")
     parser.add_argument("--phases", type=_phases, default=["small", "sse", "bulk"],
                         help="what to measure, comma-separated (small,sse,bulk)")
     parser.add_argument("--vias", type=_vias, default=list(VIAS),
@@ -986,8 +1024,8 @@ def main() -> int:
     if args.role == "bulk":
         print(json.dumps(bulk_transfer(args.port, args.host, args.op, args.size)), flush=True)
         return 0
-    if args.duration <= 0 or args.warmup < 0 or args.sse_rate <= 0 or args.bulk_size <= 0:
-        parser.error("--duration, --sse-rate and --bulk-size must be positive and --warmup not negative")
+    if min(args.duration, args.sse_rate, args.bulk_size, args.bulk_repeat) <= 0 or args.warmup < 0:
+        parser.error("--duration, --sse-rate, --bulk-size and --bulk-repeat must be positive, --warmup not negative")
     # SIGTERM and Ctrl-C unwind through run()'s cleanup.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
