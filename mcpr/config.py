@@ -15,7 +15,7 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit
 
 from mcpr.proxy.csp import CspPolicy, WidgetRule
@@ -363,21 +363,32 @@ class GatewaySettings:
 _WIDGET_DIRECTIVES = ("domains", "connect_domains", "resource_domains", "frame_domains")
 
 
-def _csp_widgets(document: Mapping[str, Any], source: str) -> tuple[WidgetRule, ...]:
-    """`[[csp.widget]]` entries: `match` (a glob on the widget URI), `mode`, and per-directive domains."""
-    entries = _lookup(document, ("csp", "widget"))
+def _array_of_tables(document: Mapping[str, Any], path: tuple[str, ...], source: str, keys: Iterable[str],
+                     what: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each `[[path]]` table with the prefix its errors start with; unknown keys are errors here,
+    since a misspelt key in such a table silently changes what it grants."""
+    entries = _lookup(document, path)
     if entries is None:
-        return ()
+        return
+    name = ".".join(path)
     if not isinstance(entries, list):
-        raise ConfigError(f"{source}: key 'csp.widget': expected [[csp.widget]] tables")
-    rules = []
+        raise ConfigError(f"{source}: key '{name}': expected [[{name}]] tables")
+    allowed = set(keys)
     for i, entry in enumerate(entries):
-        where = f"{source}: key 'csp.widget[{i}]"
+        where = f"{source}: key '{name}[{i}]"
         if not isinstance(entry, dict):
-            raise ConfigError(f"{where}': expected a table with match and domains")
-        unknown = set(entry) - {"match", "mode", *_WIDGET_DIRECTIVES}
+            raise ConfigError(f"{where}': expected a table with {what}")
+        unknown = set(entry) - allowed
         if unknown:
             raise ConfigError(f"{where}': unknown key(s) {', '.join(sorted(unknown))}")
+        yield where, entry
+
+
+def _csp_widgets(document: Mapping[str, Any], source: str) -> tuple[WidgetRule, ...]:
+    """`[[csp.widget]]` entries: `match` (a glob on the widget URI), `mode`, and per-directive domains."""
+    rules = []
+    for where, entry in _array_of_tables(document, ("csp", "widget"), source,
+                                         ("match", "mode", *_WIDGET_DIRECTIVES), "match and domains"):
         values: dict[str, Any] = {}
         for key, parse in (("match", parse_text), ("mode", parse_choice("extend", "override")),
                            *((d, parse_list(parse_csp_source)) for d in _WIDGET_DIRECTIVES)):
@@ -524,16 +535,9 @@ def parse_domain(value: Any) -> str:
 
 
 def _file_tokens(document: Mapping[str, Any], source: str) -> list[StaticToken]:
-    entries = _lookup(document, ("relay", "tokens"))
-    if entries is None:
-        return []
-    if not isinstance(entries, list):
-        raise ConfigError(f"{source}: key 'relay.tokens': expected [[relay.tokens]] tables")
     out = []
-    for i, entry in enumerate(entries):
-        where = f"{source}: key 'relay.tokens[{i}]"
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{where}': expected a table with token and subdomains")
+    for where, entry in _array_of_tables(document, ("relay", "tokens"), source, ("token", "subdomains"),
+                                         "token and subdomains"):
         token = entry.get("token")
         if not isinstance(token, str) or not token.strip():
             raise ConfigError(f"{where}.token': expected a non-empty string")
@@ -542,9 +546,6 @@ def _file_tokens(document: Mapping[str, Any], source: str) -> list[StaticToken]:
             subdomains = [subdomains]
         if not isinstance(subdomains, list) or not subdomains or not all(isinstance(s, str) for s in subdomains):
             raise ConfigError(f"{where}.subdomains': expected a non-empty list of subdomain patterns")
-        unknown = set(entry) - {"token", "subdomains"}
-        if unknown:
-            raise ConfigError(f"{where}': unknown key(s) {', '.join(sorted(unknown))}")
         try:
             out.append(StaticToken(token.strip(), tuple(s.strip() for s in subdomains)))
         except ValueError as e:
