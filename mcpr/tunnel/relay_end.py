@@ -136,6 +136,9 @@ class H2Tunnel:
             (b":path", request.path or b"/"),
         ]
         headers += [(n, v) for n, v in request.headers if n not in _FORBIDDEN and not n.startswith(b":")]
+        if stream.body is not None:
+            # With a length, the gateway keeps a small body in memory instead of a spool file.
+            headers.append((b"content-length", b"%d" % request.body_length))
         self._streams[stream.id] = stream
         try:
             self.conn.send_headers(stream.id, headers, end_stream=stream.body is None)
