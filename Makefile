@@ -26,6 +26,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/proxy_overhead.py
+	$(BIN)/python bench/tunnel.py
+	$(BIN)/python bench/csp_rewrite.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info _trial_temp .pytest_cache .hypothesis
