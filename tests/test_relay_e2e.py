@@ -86,7 +86,7 @@ class RelayTestBase(TestCase):
 
 class OpenModeTests(RelayTestBase):
     relay_args = ("--headers-timeout", "1", "--max-request-body", "1KiB", "--max-in-flight", "2",
-                  "--max-tunnels-per-token", "2", "--registration-timeout", "1")
+                  "--max-tunnels-per-token", "2", "--registration-timeout", "1", "--max-message-size", "64KiB")
 
     def test_register_route_and_buffered_response(self):
         async def t():
@@ -236,6 +236,24 @@ class OpenModeTests(RelayTestBase):
             pending = Deferred.fromCoroutine(self.get(f"good.{DOMAIN}"))
             good.respond(await good.requests.get(), 200, b"still fine")
             self.assertEqual(await readBody(await pending), b"still fine")
+        return Deferred.fromCoroutine(t())
+
+
+    def test_oversized_message_closes_only_that_tunnel(self):
+        async def t():
+            good = await self.gateway("tok-a", "calm")
+            big = await self.gateway("tok-e", "loud")
+            pending = Deferred.fromCoroutine(self.get(f"loud.{DOMAIN}"))
+            request = await big.requests.get()
+            big.respond(request, 200, b"x" * (100 << 10))  # one 133 KiB JSON message, over the 64 KiB cap
+            code, _ = await big.closed
+            self.assertEqual(code, 1009)
+            response = await pending
+            self.assertEqual(response.code, 502)
+            await readBody(response)
+            pending = Deferred.fromCoroutine(self.get(f"calm.{DOMAIN}"))
+            good.respond(await good.requests.get(), 200, b"unaffected")
+            self.assertEqual(await readBody(await pending), b"unaffected")
         return Deferred.fromCoroutine(t())
 
 
