@@ -86,8 +86,15 @@ def answers_transform(batch: jsonrpc.Batch, csp: CspRewriter, htmls: LocalHtml) 
     return transform
 
 
+def mentions_origin(rt: Route, request: Request, response: IResponse) -> bool:
+    """Whether the response may carry upstream URLs to move (most answers do not: skip the work)."""
+    headers = response.headers
+    return (headers.hasHeader(b"www-authenticate") or headers.hasHeader(b"location")
+            or (rt.kind is Kind.PASSTHROUGH and request.method == b"GET" and is_discovery(request.path)))
+
+
 def body_rewriter(rt: Route, request: Request, response: IResponse, headers: Headers, *,
-                  csp: CspRewriter, htmls: LocalHtml, oauth: OriginMap,
+                  csp: CspRewriter, htmls: LocalHtml, oauth: OriginMap | None,
                   write: Callable[[bytes], None]) -> BodyRewriter | None:
     """The rewriter the response body must go through, or None to stream it untouched.
 
@@ -99,7 +106,8 @@ def body_rewriter(rt: Route, request: Request, response: IResponse, headers: Hea
     transform: Transform | None = None
     if rt.kind is Kind.MCP_POST and rt.rpc is not None:
         transform = answers_transform(rt.rpc, csp, htmls)
-    elif rt.kind is Kind.PASSTHROUGH and request.method == b"GET" and is_discovery(request.path):
+    elif oauth is not None and rt.kind is Kind.PASSTHROUGH and request.method == b"GET" \
+            and is_discovery(request.path):
         transform = oauth.document
     if transform is None:
         return None

@@ -200,8 +200,10 @@ class ProxyResource(Resource):
         request.setResponseCode(response.code, response.phrase)
         request.responseHeaders = hdrs.downstream_response_headers(response.headers)
         origin = self.origin_for(request)
-        oauth = OriginMap(self.upstream, origin or edge.request_origin(request))
-        oauth.headers(request.responseHeaders)
+        oauth = None
+        if edge.mentions_origin(rt, request, response):
+            oauth = OriginMap(self.upstream, origin or edge.request_origin(request))
+            oauth.headers(request.responseHeaders)
         watcher = self._watcher(rt, response)
         done: Deferred[None] = Deferred()
 
