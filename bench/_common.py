@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -427,3 +427,26 @@ def fmt(value: float | None, spec: str) -> str:
 
 def share(value: float | None) -> str:
     return "-" if value is None else f"{value * 100:.0f}%"
+
+
+@dataclass
+class Cell:
+    """One load cell: a path ("via") at a concurrency, with its latencies and CPU shares."""
+
+    concurrency: int
+    via: str
+    client: str = "python"
+    requests: int = 0
+    rps: float = 0.0
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    p99_ms: float | None = None
+    max_ms: float | None = None
+    mean_ms: float | None = None
+    errors: dict[str, int] = field(default_factory=dict)
+    window_s: float = 0.0
+    cpu: dict[str, float | None] = field(default_factory=dict)  # share of one core, per process
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())

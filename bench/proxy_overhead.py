@@ -65,10 +65,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 from _common import (
+    Cell,
     DRAIN_TIMEOUT,
     HOST,
     MCP_PATH,
@@ -129,25 +130,6 @@ end
 """
 
 
-@dataclass
-class Cell:
-    concurrency: int
-    via: str  # "direct" or "gateway"
-    client: str
-    requests: int = 0
-    rps: float = 0.0
-    p50_ms: float | None = None
-    p90_ms: float | None = None
-    p99_ms: float | None = None
-    max_ms: float | None = None
-    mean_ms: float | None = None
-    errors: dict[str, int] = field(default_factory=dict)
-    window_s: float = 0.0
-    cpu: dict[str, float | None] = field(default_factory=dict)  # share of one core, per process
-
-    @property
-    def error_count(self) -> int:
-        return sum(self.errors.values())
 
 
 class Bench:

@@ -77,11 +77,12 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from _common import (
+    Cell,
     DRAIN_TIMEOUT,
     HOST,
     MCP_PATH,
@@ -550,24 +551,6 @@ def _mb(kib: int | None) -> float | None:
     return None if kib is None else round(kib * 1024 / 1e6, 1)
 
 
-@dataclass
-class Cell:
-    concurrency: int
-    via: str  # upstream, gateway or tunnel
-    requests: int = 0
-    rps: float = 0.0
-    p50_ms: float | None = None
-    p90_ms: float | None = None
-    p99_ms: float | None = None
-    max_ms: float | None = None
-    mean_ms: float | None = None
-    errors: dict[str, int] = field(default_factory=dict)
-    window_s: float = 0.0
-    cpu: dict[str, float | None] = field(default_factory=dict)  # share of one core, per process
-
-    @property
-    def error_count(self) -> int:
-        return sum(self.errors.values())
 
 
 class Bench:
@@ -619,7 +602,7 @@ class Bench:
         finally:
             self.children.stop(proc)
         cpu = self._share(cpu0, cpu1, t1 - t0, result.pop("client_cpu_s"))
-        return Cell(concurrency, via, window_s=a.duration, cpu=cpu, **result)
+        return Cell(concurrency, via, "python", window_s=a.duration, cpu=cpu, **result)
 
     def run_sse(self, via: str) -> dict:
         a = self.args

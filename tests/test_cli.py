@@ -1,6 +1,6 @@
 """The `mcpr` console script maps the original spelling onto the twist plugins."""
 
-from twisted.plugin import IPlugin, getPlugins
+from twisted.plugin import getPlugins
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.application.service import IServiceMaker
 
