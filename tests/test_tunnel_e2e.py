@@ -18,6 +18,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import FileBodyProducer, ResponseDone, readBody
 from twisted.web.http_headers import Headers
 
+from tests.legacy_client import LegacyGateway
 from tests.loopback import ROOT, Process, client_agent, free_port, python, sleep, twist
 from tests.test_e2e_gateway import run_session, start_upstream
 
@@ -176,6 +177,22 @@ class TunnelSessionTests(TunnelTestBase):
             gateway.stop()
             _, again, _ = self.start_gateway(upstream, relay_port, cwd=cwd)
             self.assertEqual(again, url)
+        return Deferred.fromCoroutine(t())
+
+    def test_legacy_and_h2_gateways_side_by_side(self):
+        async def t():
+            _, relay_port = self.start_relay()
+            bulk = self.start_bulk()
+            _, url, _ = self.start_gateway(f"http://127.0.0.1:{bulk}/mcp", relay_port, "--subdomain", "modern")
+            legacy = LegacyGateway(relay_port, "legacy-token", "old")
+            self.addCleanup(lambda: Deferred.fromCoroutine(legacy.close()))
+            await legacy.connect()
+            old = Deferred.fromCoroutine(self.public(relay_port, f"http://old.{DOMAIN}:{relay_port}", "/x"))
+            legacy.respond(await legacy.requests.get(), 200, b"from the legacy protocol")
+            self.assertEqual(await readBody(await old), b"from the legacy protocol")
+            response = await self.public(relay_port, url, "/status")
+            self.assertEqual(response.code, 200)
+            self.assertIn(b"sse_open", await readBody(response))
         return Deferred.fromCoroutine(t())
 
     def test_env_token_leaves_the_file_alone(self):
