@@ -321,6 +321,19 @@ class TunnelStreamingTests(TunnelTestBase):
             self.assertEqual(response.headers.getRawHeaders(b"x-echo-te"), [b""])
         return Deferred.fromCoroutine(t())
 
+    def test_gateway_body_cap_applies_to_tunnel_streams(self):
+        async def t():
+            _, relay_port = self.start_relay()
+            bulk = self.start_bulk()
+            gateway, url, _ = self.start_gateway(f"http://127.0.0.1:{bulk}/mcp", relay_port, "--subdomain", "cap",
+                                                 "--max-request-body", "1MiB")
+            response = await self.public(relay_port, url, "/sink", b"PUT", FileBodyProducer(_Zeros(2 << 20)))
+            self.assertEqual(response.code, 413)
+            self.assertIn(b"larger than 1048576 bytes", await readBody(response))
+            response = await self.public(relay_port, url, "/sink", b"PUT", FileBodyProducer(_Zeros(1 << 20)))
+            self.assertEqual(json.loads(await readBody(response))["size"], 1 << 20)
+        return Deferred.fromCoroutine(t())
+
     def test_public_client_leaving_an_sse_stream_reaches_the_upstream(self):
         async def t():
             _, relay_port = self.start_relay()
