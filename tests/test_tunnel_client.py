@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import time
+from pathlib import Path
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -114,6 +117,33 @@ class RegistrationOutcomeTests(TestCase):
             gateway = self.gateway(port, token="solo-token")
             line = gateway.wait_for("Tunnel: ")
             self.assertRegex(line, r"Tunnel: https://solo\.localhost$")
+        return Deferred.fromCoroutine(t())
+
+    def test_several_patterns_on_a_terminal_are_asked_for(self):
+        async def t():
+            port = self.start("--static-token", "tty-token:alpha-*,beta")
+            master, slave = os.openpty()
+            self.addCleanup(os.close, master)
+            log_path = Path(self.mktemp())
+            with log_path.open("wb") as log:
+                child = subprocess.Popen(
+                    twist("mcpr", "--mcp", "http://127.0.0.1:1/mcp", "--listen", "tcp:0:interface=127.0.0.1",
+                          "--relay-url", f"http://127.0.0.1:{port}"),
+                    stdin=slave, stdout=log, stderr=subprocess.STDOUT,
+                    env={**os.environ, "MCPR_TUNNEL_TOKEN": "tty-token"})
+            os.close(slave)
+            self.addCleanup(lambda: (child.terminate(), child.wait(10)))
+            deadline = time.monotonic() + 20
+            while "connecting to" not in log_path.read_text():
+                self.assertLess(time.monotonic(), deadline)
+                await sleep(0.05)
+            os.write(master, b"gamma\nalpha-dev\n")  # the first answer matches no offered pattern
+            while "Tunnel: " not in log_path.read_text():
+                self.assertLess(time.monotonic(), deadline, log_path.read_text())
+                await sleep(0.05)
+            text = log_path.read_text()
+            self.assertIn("Tunnel: https://alpha-dev.localhost", text)
+            self.assertIn("'gamma' does not match any of: alpha-*, beta", text)
         return Deferred.fromCoroutine(t())
 
     def test_several_patterns_without_a_terminal_say_how_to_choose(self):
