@@ -257,6 +257,30 @@ class OpenModeTests(RelayTestBase):
         return Deferred.fromCoroutine(t())
 
 
+    def test_flood_for_cancelled_requests_closes_the_tunnel(self):
+        async def t():
+            flood = await self.gateway("tok-f", "flood")
+            calm = await self.gateway("tok-g", "calm2")
+            pending = Deferred.fromCoroutine(self.get(f"flood.{DOMAIN}", "/slow"))
+            request = await flood.requests.get()
+            await gw_cancel(flood, pending)
+            for _ in range(1500):
+                flood.chunk(request, b"x")
+            code, reason = await flood.closed
+            self.assertEqual((code, reason), (1008, "protocol violation: flood of messages for finished requests"))
+            pending = Deferred.fromCoroutine(self.get(f"calm2.{DOMAIN}"))
+            calm.respond(await calm.requests.get(), 200, b"fine")
+            self.assertEqual(await readBody(await pending), b"fine")
+        return Deferred.fromCoroutine(t())
+
+
+async def gw_cancel(gw: LegacyGateway, pending: Deferred) -> None:
+    """Make the public client leave, and wait for the relay's cancel."""
+    pending.addErrback(lambda failure: None)  # the cancelled request's own failure is expected
+    pending.cancel()
+    await gw.cancels.get()
+
+
 class StaticModeTests(RelayTestBase):
     relay_args = ("--static-token", "secret-1:alice,alice-*", "--static-token", "secret-2:bob")
 

@@ -27,6 +27,9 @@ log = Logger(namespace="mcpr.relay")
 
 PROTOCOL_ERROR = wire.POLICY
 
+# Messages for cancelled requests tolerated in a row before the tunnel counts as flooding.
+STALE_LIMIT = 1000
+
 
 class ProtocolViolation(Exception):
     """The gateway sent something the protocol does not allow."""
@@ -124,6 +127,7 @@ class LegacyTunnel:
         self._ids = itertools.count(1)
         self._issued = 0
         self._paused = 0
+        self._stale = 0
 
     @property
     def in_flight(self) -> int:
@@ -218,9 +222,14 @@ class LegacyTunnel:
         stream_id = str(raw_id)
         stream = self._streams.get(stream_id)
         if stream is not None:
+            self._stale = 0
             return stream
         prefix, _, number = stream_id.rpartition("-")
         if prefix == self._prefix and number.isdigit() and 0 < int(number) <= self._issued:
+            # A few chunks may race a cancel; an endless stream of them is a flood.
+            self._stale += 1
+            if self._stale > STALE_LIMIT:
+                raise ProtocolViolation("flood of messages for finished requests")
             return None
         raise ProtocolViolation("response to an unknown request id")
 
