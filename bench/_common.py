@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 HOST = "127.0.0.1"
 MCP_PATH = "/mcp"
@@ -450,3 +450,16 @@ class Cell:
     @property
     def error_count(self) -> int:
         return sum(self.errors.values())
+
+
+def run_guarded(run: Callable[[Any], int], args: Any) -> int:
+    """Run a benchmark so that SIGTERM and Ctrl-C unwind through its cleanup of child processes."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("interrupted; child processes stopped", file=sys.stderr)
+        return 130
+    except (RuntimeError, TimeoutError, OSError) as e:
+        print(f"benchmark failed: {e}", file=sys.stderr)
+        return 1

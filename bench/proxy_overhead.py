@@ -60,7 +60,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -69,6 +68,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from _common import (
+    run_guarded,
     Cell,
     DRAIN_TIMEOUT,
     HOST,
@@ -342,16 +342,7 @@ def main() -> int:
         parser.error("--duration must be positive and --warmup not negative")
     if args.client == "wrk" and shutil.which("wrk") is None:
         parser.error("--client wrk: wrk is not installed")
-    # SIGTERM and Ctrl-C unwind through run()'s cleanup.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("interrupted; child processes stopped", file=sys.stderr)
-        return 130
-    except (RuntimeError, TimeoutError, OSError) as e:
-        print(f"benchmark failed: {e}", file=sys.stderr)
-        return 1
+    return run_guarded(run, args)
 
 
 if __name__ == "__main__":

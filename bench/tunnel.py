@@ -70,7 +70,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -82,6 +81,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from _common import (
+    run_guarded,
     Cell,
     DRAIN_TIMEOUT,
     HOST,
@@ -1009,16 +1009,7 @@ def main() -> int:
         return 0
     if min(args.duration, args.sse_rate, args.bulk_size, args.bulk_repeat) <= 0 or args.warmup < 0:
         parser.error("--duration, --sse-rate, --bulk-size and --bulk-repeat must be positive, --warmup not negative")
-    # SIGTERM and Ctrl-C unwind through run()'s cleanup.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("interrupted; child processes stopped", file=sys.stderr)
-        return 130
-    except (RuntimeError, TimeoutError, OSError) as e:
-        print(f"benchmark failed: {e}", file=sys.stderr)
-        return 1
+    return run_guarded(run, args)
 
 
 if __name__ == "__main__":
