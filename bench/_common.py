@@ -9,6 +9,7 @@ upstream run in their own processes: each script starts itself again with
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import collections
 import contextlib
@@ -99,6 +100,12 @@ def answer(body: bytes) -> bytes:
 
 
 class UpstreamProtocol(asyncio.Protocol):
+    """HTTP/1.1 keep-alive framing for the benchmarks' upstreams; `respond` says what each request gets.
+
+    A subclass answers more paths by overriding `respond`, and may take over a request whose body
+    it wants to stream (`takes_body`) or the whole connection (`respond` returning False).
+    """
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.buf = b""
@@ -110,6 +117,10 @@ class UpstreamProtocol(asyncio.Protocol):
             if end < 0:
                 break
             head = parse_head(buf[:end])
+            if self.takes_body(head):
+                self.buf = b""
+                self.data_received(buf[end + 4:])
+                return
             if head.chunked:
                 self.transport.write(b"HTTP/1.1 411 Length Required\r\nContent-Length: 0\r\n"
                                      b"Connection: close\r\n\r\n")
@@ -120,14 +131,23 @@ class UpstreamProtocol(asyncio.Protocol):
             if len(buf) < stop:
                 break
             body, buf = buf[start:stop], buf[stop:]
-            if head.start_line.startswith(b"POST "):
-                self.transport.write(answer(body))
-            else:
-                self.transport.write(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
+            if not self.respond(head, body):
+                return  # the connection is the response's now (a stream)
             if head.close:
                 self.transport.close()
                 return
         self.buf = buf
+
+    def takes_body(self, head: "Head") -> bool:
+        """Whether this request's body is read by the subclass itself, as it arrives."""
+        return False
+
+    def respond(self, head: "Head", body: bytes) -> bool:
+        if head.start_line.startswith(b"POST "):
+            self.transport.write(answer(body))
+        else:
+            self.transport.write(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
+        return True
 
 
 def serve_upstream() -> None:
@@ -463,3 +483,11 @@ def run_guarded(run: Callable[[Any], int], args: Any) -> int:
     except (RuntimeError, TimeoutError, OSError) as e:
         print(f"benchmark failed: {e}", file=sys.stderr)
         return 1
+
+
+def concurrencies(text: str) -> list[int]:
+    """argparse type: a comma-separated list of positive integers."""
+    values = [int(v) for v in text.split(",") if v.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("a comma-separated list of positive integers")
+    return values

@@ -68,19 +68,20 @@ from dataclasses import asdict
 from pathlib import Path
 
 from _common import (
-    run_guarded,
     Cell,
+    Children,
     DRAIN_TIMEOUT,
     HOST,
     MCP_PATH,
     REQUEST_BODY,
     STARTUP_TIMEOUT,
-    Children,
+    concurrencies,
     cpu_seconds,
     fmt,
     gateway_log_summary,
     generate_load,
     readline,
+    run_guarded,
     serve_upstream,
     share,
     wait_for_log,
@@ -310,19 +311,12 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _concurrencies(text: str) -> list[int]:
-    values = [int(v) for v in text.split(",") if v.strip()]
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError("a comma-separated list of positive integers")
-    return values
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per cell (5)")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each cell (1)")
-    parser.add_argument("--concurrency", type=_concurrencies, default=[1, 16],
+    parser.add_argument("--concurrency", type=concurrencies, default=[1, 16],
                         help="connections per cell, comma-separated (1,16)")
     parser.add_argument("--client", choices=("python", "wrk"), default="python",
                         help="load generator: this script's asyncio client (default) or wrk")

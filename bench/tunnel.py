@@ -81,15 +81,15 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from _common import (
-    run_guarded,
     Cell,
+    Children,
     DRAIN_TIMEOUT,
     HOST,
+    Head,
     MCP_PATH,
     STARTUP_TIMEOUT,
-    Children,
-    Head,
-    answer,
+    UpstreamProtocol,
+    concurrencies,
     cpu_seconds,
     fmt,
     gateway_log_summary,
@@ -97,6 +97,7 @@ from _common import (
     log_summary,
     parse_head,
     readline,
+    run_guarded,
     share,
     summarize,
     wait_for_log,
@@ -201,7 +202,7 @@ class BodyReader:
 # The upstream: `--role upstream` prints its port, then serves until killed.
 
 
-class TunnelUpstream(asyncio.Protocol):
+class TunnelUpstream(UpstreamProtocol):
     """POST: the small JSON-RPC answer; GET /mcp: stamped SSE events; GET /bulk?size=N; PUT /sink."""
 
     sse_interval = 1 / 200
@@ -232,46 +233,28 @@ class TunnelUpstream(asyncio.Protocol):
                                  % (len(payload), payload))
             if not data:
                 return
-        buf = self.buf + data if self.buf else data
-        while True:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                break
-            head = parse_head(buf[:end])
-            method, _, rest = head.start_line.partition(b" ")
-            target = rest.rsplit(b" ", 1)[0].decode("latin-1")
-            if method == b"PUT":
-                self.sink = BodyReader(head)
-                self.buf = b""
-                self.data_received(buf[end + 4:])
-                return
-            if head.chunked:
-                self.transport.write(b"HTTP/1.1 411 Length Required\r\nContent-Length: 0\r\n"
-                                     b"Connection: close\r\n\r\n")
-                self.transport.close()
-                return
-            start = end + 4
-            stop = start + (head.length or 0)
-            if len(buf) < stop:
-                break
-            body, buf = buf[start:stop], buf[stop:]
-            if method == b"POST":
-                self.transport.write(answer(body))
-            elif method == b"GET":
-                url = urlsplit(target)
-                if url.path == "/bulk":
-                    self._bulk(int(parse_qs(url.query).get("size", ["0"])[0]))
-                elif url.path == MCP_PATH:
-                    self._sse()
-                    return  # the connection is the stream's now
-                else:
-                    self.transport.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
-            else:
-                self.transport.write(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
-            if head.close:
-                self.transport.close()
-                return
-        self.buf = buf
+        super().data_received(data)
+
+    def takes_body(self, head: Head) -> bool:
+        """PUT /sink: the body is counted as it arrives, never held."""
+        if head.start_line.startswith(b"PUT "):
+            self.sink = BodyReader(head)
+            return True
+        return False
+
+    def respond(self, head: Head, body: bytes) -> bool:
+        method, _, rest = head.start_line.partition(b" ")
+        if method != b"GET":
+            return super().respond(head, body)
+        url = urlsplit(rest.rsplit(b" ", 1)[0].decode("latin-1"))
+        if url.path == "/bulk":
+            self._bulk(int(parse_qs(url.query).get("size", ["0"])[0]))
+        elif url.path == MCP_PATH:
+            self._sse()
+            return False
+        else:
+            self.transport.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+        return True
 
     # GET /bulk: written as fast as the reader takes it
     def _bulk(self, size: int) -> None:
@@ -940,13 +923,6 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _concurrencies(text: str) -> list[int]:
-    values = [int(v) for v in text.split(",") if v.strip()]
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError("a comma-separated list of positive integers")
-    return values
-
-
 def _vias(text: str) -> list[str]:
     values = [v.strip() for v in text.split(",") if v.strip()]
     if not values or set(values) - set(VIAS):
@@ -974,7 +950,7 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=3.0,
                         help="measured seconds per small-request cell and per SSE stream (3)")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each cell (1)")
-    parser.add_argument("--concurrency", type=_concurrencies, default=[1, 16, 64],
+    parser.add_argument("--concurrency", type=concurrencies, default=[1, 16, 64],
                         help="connections per small-request cell, comma-separated (1,16,64)")
     parser.add_argument("--sse-rate", type=float, default=200.0, help="SSE events per second (200)")
     parser.add_argument("--bulk-size", type=int, default=BULK_SIZE, help="bytes per bulk transfer (100 MiB)")
