@@ -18,6 +18,7 @@ from twisted.web.iweb import IResponse
 from twisted.web.server import Request
 
 from mcpr.proxy import jsonrpc
+from mcpr.proxy.jsonrpc import id_key
 from mcpr.proxy.csp import REWRITTEN_METHODS, CspRewriter
 from mcpr.proxy.inspect import is_event_stream, is_json
 from mcpr.proxy.oauth import OriginMap, is_discovery
@@ -29,11 +30,6 @@ log = Logger(namespace="mcpr")
 
 # (widget URI, local HTML) for the `resources/read` requests of one body, by JSON-RPC id.
 LocalHtml = Mapping[Any, tuple[str, str]]
-
-
-def id_key(value: Any) -> Any:
-    """A JSON-RPC id usable as a dict key (ids are scalars, but a broken peer may send anything)."""
-    return value if isinstance(value, (str, int, float, type(None))) else repr(value)
 
 
 def request_origin(request: Request) -> str:

@@ -34,10 +34,6 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
-# Bodies up to this size are sent in one write; larger ones stream from
-# twisted.web's spool file with backpressure.
-INLINE_BODY = 256 * 1024
-
 
 class UpstreamError(Exception):
     status = 502
@@ -78,20 +74,15 @@ class BytesProducer:
         pass
 
 
-def body_producer(content: IO[bytes] | None, data: bytes | None) -> IBodyProducer | None:
-    """The upstream body: the bytes already read, or the spool file streamed from its start."""
-    if data is not None:
-        return BytesProducer(data) if data else None
-    if content is None:
-        return None
-    content.seek(0, 2)
-    size = content.tell()
-    content.seek(0)
-    if size == 0:
-        return None
-    if size <= INLINE_BODY:
-        return BytesProducer(content.read())
-    return FileBodyProducer(content)
+def body_producer(data: bytes | None, content: IO[bytes] | None) -> IBodyProducer | None:
+    """The upstream body: bytes already in memory are written at once, a spool file streams
+    from its start with backpressure."""
+    if data:
+        return BytesProducer(data)
+    if content is not None:
+        content.seek(0)
+        return FileBodyProducer(content)
+    return None
 
 
 def _cancelled(e: BaseException) -> bool:

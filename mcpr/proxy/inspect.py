@@ -35,7 +35,7 @@ class AnswerWatcher:
         self._buffer: list[bytes] = []
         self._size = 0
         self._limit = limit
-        self._keep = set(_hashable(k) for k in keep_results)
+        self._keep = set(jsonrpc.id_key(k) for k in keep_results)
         self.answers: list[jsonrpc.Message] = []
         self.gave_up = False
 
@@ -79,10 +79,7 @@ class AnswerWatcher:
             return
         for message in batch.messages:
             if message.kind in (jsonrpc.RESPONSE, jsonrpc.ERROR):
-                if message.kind == jsonrpc.RESPONSE and _hashable(message.id) not in self._keep:
+                if message.kind == jsonrpc.RESPONSE and jsonrpc.id_key(message.id) not in self._keep:
                     message = jsonrpc.Message(message.kind, message.id)
                 self.answers.append(message)
 
-
-def _hashable(value: Any) -> Any:
-    return value if isinstance(value, (str, int, float, type(None))) else repr(value)

@@ -77,6 +77,11 @@ class Batch:
         return methods[0] if len(methods) == 1 else ",".join(methods)
 
 
+def id_key(value: Any) -> Any:
+    """A JSON-RPC id usable as a dict or set key (ids are scalars, but a broken peer may send anything)."""
+    return value if isinstance(value, (str, int, float, type(None))) else repr(value)
+
+
 def classify(obj: Any) -> Message | None:
     """A JSON value as a JSON-RPC 2.0 message, or None if it is not one."""
     if not isinstance(obj, dict) or obj.get("jsonrpc") != "2.0":

@@ -139,8 +139,7 @@ class ProxyResource(Resource):
             self._report(record)
 
     async def _exchange(self, request: Request, record: RequestRecord, exchange: _Exchange) -> None:
-        data, content = _read_body(request)
-        record.bytes_in = len(data) if data is not None else _size(content)
+        data, content, record.bytes_in = _read_body(request)
         rt = route(request.method, request.uri, request.requestHeaders, data, self.upstream,
                    widgets=self.widgets is not None)
         if rt.kind is Kind.PASSTHROUGH and data is None and _looks_json(request):
@@ -168,7 +167,7 @@ class ProxyResource(Resource):
             host=request.getHeader(b"host"),
             proto=b"https" if request.isSecure() else b"http",
         )
-        producer = body_producer(content, data)
+        producer = body_producer(data, content)
         exchange.pending = Deferred.fromCoroutine(
             self.forwarder.send(request.method, rt.url, out_headers, producer)
         )
@@ -239,8 +238,8 @@ class ProxyResource(Resource):
         if exchange.gone:
             # An SDK client closes a POST's SSE stream once it has its answer,
             # and a GET stream ends when the client leaves: both are normal.
-            wanted = {_key(m.id) for m in rt.rpc.requests} if rt.rpc is not None else {None}
-            if rt.kind is not Kind.MCP_STREAM and not wanted <= {_key(a.id) for a in answers}:
+            wanted = {jsonrpc.id_key(m.id) for m in rt.rpc.requests} if rt.rpc is not None else {None}
+            if rt.kind is not Kind.MCP_STREAM and not wanted <= {jsonrpc.id_key(a.id) for a in answers}:
                 record.outcome = "client-gone"
                 return
         else:
@@ -405,31 +404,17 @@ def _via(request: Request) -> str:
     return getattr(request.channel.site, "via", "direct") if request.channel else "direct"
 
 
-def _key(value: Any) -> Any:
-    return value if isinstance(value, (str, int, float, type(None))) else repr(value)
-
-
-def _read_body(request: Request) -> tuple[bytes | None, Any]:
-    """The body's bytes if small enough to classify, else None and the spool file to stream."""
+def _read_body(request: Request) -> tuple[bytes | None, Any, int]:
+    """(bytes, None, size) if small enough to classify, else (None, the spool file to stream, size)."""
     content = request.content
     if content is None:
-        return b"", None
+        return b"", None, 0
     content.seek(0, 2)
     size = content.tell()
     content.seek(0)
     if size <= CLASSIFY_LIMIT:
-        return content.read(), None
-    return None, content
-
-
-def _size(content: Any) -> int:
-    if content is None:
-        return 0
-    pos = content.tell()
-    content.seek(0, 2)
-    size = content.tell()
-    content.seek(pos)
-    return size
+        return content.read(), None, size
+    return None, content, size
 
 
 def _looks_json(request: Request) -> bool:
