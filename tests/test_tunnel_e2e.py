@@ -21,6 +21,8 @@ from twisted.web.http_headers import Headers
 from tests.legacy_client import LegacyGateway
 from tests.loopback import ROOT, Process, client_agent, free_port, python, sleep, twist
 from tests.test_e2e_gateway import run_session, start_upstream
+from tests.test_relay_tls import INTERMEDIATE, escape, full_chain, issue, pem, write
+from tests.test_relay_tls import ROOT as TEST_CA
 
 DOMAIN = "localhost"
 
@@ -449,3 +451,41 @@ class TunnelResilienceTests(TunnelTestBase):
 def _body(message: dict) -> FileBodyProducer:
     return FileBodyProducer(io.BytesIO(json.dumps(message).encode()))
 
+
+
+class SecureRelayTests(TunnelTestBase):
+    """`--relay-url https://...`: the tunnel runs over wss and the gateway verifies the relay's name."""
+
+    def start_tls_relay(self) -> tuple[int, Path]:
+        certs = Path(self.mktemp()).resolve() / "certs"
+        certs.mkdir(parents=True)
+        signer = (INTERMEDIATE[0], INTERMEDIATE[1].subject)
+        write(certs, "relay.pem", full_chain(issue("localhost", signer, names=("localhost", "*.localhost"))))
+        trust = certs.parent / "root.pem"
+        trust.write_bytes(pem(TEST_CA[1]))
+        port = free_port()
+        relay = Process(self, twist("mcpr-relay", "--domain", DOMAIN, "--public-url", f"https://*.{DOMAIN}:{port}",
+                                    "--listen", f"tls:{escape(certs)}:port={port}:interface=127.0.0.1"),
+                        name="relay")
+        relay.wait_for("listening on")
+        return port, trust
+
+    def gateway(self, port: int, env: dict) -> Process:
+        cwd = Path(self.mktemp()).resolve()
+        cwd.mkdir(parents=True)
+        return Process(self, twist("mcpr", "--mcp", "http://127.0.0.1:1/mcp", "--listen", "tcp:0:interface=127.0.0.1",
+                                   "--relay-url", f"https://localhost:{port}", "--subdomain", "secure"),
+                       name="gateway", cwd=str(cwd), env={"MCPR_TUNNEL_TOKEN": "wss-token", **env})
+
+    def test_wss_with_a_trusted_certificate(self):
+        port, trust = self.start_tls_relay()
+        gateway = self.gateway(port, {"SSL_CERT_FILE": str(trust)})
+        line = gateway.wait_for("Tunnel: ")
+        self.assertIn(f"Tunnel: https://secure.{DOMAIN}:{port}", line)
+
+    def test_wss_refuses_an_untrusted_certificate(self):
+        port, _ = self.start_tls_relay()
+        gateway = self.gateway(port, {"SSL_CERT_FILE": "/nonexistent"})
+        gateway.wait_for("reconnecting in")
+        self.assertNotIn("Tunnel: ", gateway.output())
+        self.assertIn("certificate verify failed", gateway.output())
