@@ -489,3 +489,21 @@ class SecureRelayTests(TunnelTestBase):
         gateway.wait_for("reconnecting in")
         self.assertNotIn("Tunnel: ", gateway.output())
         self.assertIn("certificate verify failed", gateway.output())
+
+    def test_https_upstream_is_verified(self):
+        """The gateway's forwarder to an https MCP server (here the TLS relay's own pages) checks its name."""
+        async def t():
+            port, trust = self.start_tls_relay()
+            results = {}
+            for name, env in (("trusted", {"SSL_CERT_FILE": str(trust)}), ("untrusted", {"SSL_CERT_FILE": "/nonexistent"})):
+                gateway = Process(self, twist("mcpr", "--mcp", f"https://localhost:{port}/mcp", "--listen",
+                                              "tcp:0:interface=127.0.0.1"), name=f"gateway-{name}", env=env)
+                line = gateway.wait_for(f" -> https://localhost:{port}/mcp")
+                address = re.search(r"http://(127\.0\.0\.1:\d+)", line).group(1)
+                response = await client_agent(self).request(b"GET", f"http://{address}/".encode())
+                results[name] = (response.code, await readBody(response))
+            self.assertEqual(results["trusted"][0], 200)
+            self.assertIn(b"mcpr relay", results["trusted"][1])
+            self.assertEqual(results["untrusted"][0], 502)
+            self.assertIn(b"certificate verify failed", results["untrusted"][1])
+        return Deferred.fromCoroutine(t())
