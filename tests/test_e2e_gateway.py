@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import socket
 import sys
 from pathlib import Path
 
@@ -125,3 +126,16 @@ class GatewayEndToEndTests(TestCase):
             self.assertIn("mcpr.toml: key 'port': expected an integer 1-65535, got \"abc\"", (out + err).decode())
         return Deferred.fromCoroutine(t())
 
+    def test_port_in_use_stops_at_start(self):
+        async def t():
+            taken = socket.socket()
+            self.addCleanup(taken.close)
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            out, err, code = await getProcessOutputAndValue(
+                sys.executable, ["-m", "twisted", "mcpr", "--mcp", "http://127.0.0.1:1/mcp", "--listen",
+                                 f"tcp:{port}:interface=127.0.0.1"], env=dict(os.environ))
+            self.assertNotEqual(code, 0)
+            self.assertIn(f"Couldn't listen on 127.0.0.1:{port}", (out + err).decode())
+        return Deferred.fromCoroutine(t())
