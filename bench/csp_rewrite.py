@@ -30,9 +30,9 @@ from typing import Callable
 from twisted.web.http_headers import Headers
 
 from mcpr.proxy import jsonrpc
-from mcpr.proxy.csp import CspPolicy, CspRewriter
-from mcpr.proxy.edge import answers_transform
-from mcpr.proxy.rewrite import EventStreamRewriter, JsonRewriter
+from mcpr.proxy.rewrite.csp import CspPolicy, CspRewriter
+from mcpr.proxy.rewrite.plan import answers_transform
+from mcpr.proxy.rewrite.streaming import EventStreamRewriter, JsonRewriter
 
 PUBLIC = "https://abc123.tunnel.example.com"
 CHUNK = 64 * 1024

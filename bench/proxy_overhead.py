@@ -68,13 +68,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 from _common import (
-    Cell,
-    Children,
     DRAIN_TIMEOUT,
     HOST,
     MCP_PATH,
     REQUEST_BODY,
     STARTUP_TIMEOUT,
+    Cell,
+    Children,
     concurrencies,
     cpu_seconds,
     fmt,

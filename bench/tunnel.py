@@ -81,13 +81,13 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from _common import (
-    Cell,
-    Children,
     DRAIN_TIMEOUT,
     HOST,
-    Head,
     MCP_PATH,
     STARTUP_TIMEOUT,
+    Cell,
+    Children,
+    Head,
     UpstreamProtocol,
     concurrencies,
     cpu_seconds,

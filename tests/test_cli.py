@@ -1,8 +1,8 @@
 """The `mcpr` console script maps the original spelling onto the twist plugins."""
 
+from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.application.service import IServiceMaker
 
 from mcpr.cli import twist_argv
 

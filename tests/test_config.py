@@ -5,7 +5,8 @@ from pathlib import Path
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from mcpr.config import ConfigError, load_gateway, parse_size
+from mcpr.common.settings import ConfigError, parse_size
+from mcpr.gateway.settings import load_gateway
 from mcpr.gateway.tap import Options
 
 
@@ -126,7 +127,7 @@ class OptionsTests(SynchronousTestCase):
 
 class PingSettingsTests(SynchronousTestCase):
     def test_sub_second_pings_refused(self) -> None:
-        from mcpr.config import load_relay
+        from mcpr.relay.settings import load_relay
 
         e = self.assertRaises(ConfigError, load_relay, {"domain": "t.example", "ping_interval": "0.5"},
                               env={}, cwd=Path(self.mktemp()))

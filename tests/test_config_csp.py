@@ -4,8 +4,9 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from mcpr.config import ConfigError, load_gateway
-from mcpr.proxy.csp import CspPolicy, WidgetRule
+from mcpr.common.settings import ConfigError
+from mcpr.gateway.settings import load_gateway
+from mcpr.proxy.rewrite.csp import CspPolicy, WidgetRule
 
 
 class CspSettingsTests(SynchronousTestCase):

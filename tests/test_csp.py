@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from mcpr.proxy import jsonrpc
-from mcpr.proxy.csp import REWRITTEN_METHODS, CspPolicy, CspRewriter, WidgetRule, is_local_host, source_host
-from mcpr.proxy.edge import answers_transform
-from mcpr.proxy.rewrite import EventStreamRewriter
+from mcpr.proxy.rewrite.csp import REWRITTEN_METHODS, CspPolicy, CspRewriter, WidgetRule, is_local_host, source_host
+from mcpr.proxy.rewrite.plan import answers_transform
+from mcpr.proxy.rewrite.streaming import EventStreamRewriter
 
 PUBLIC = "https://abc.tunnel.example.com"
 UPSTREAM_HOST = "mcp.internal"

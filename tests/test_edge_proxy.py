@@ -18,7 +18,7 @@ from twisted.web.client import FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from mcpr.config import load_gateway
+from mcpr.gateway.settings import load_gateway
 from mcpr.gateway.tap import build_resource, build_site
 from tests.edge_upstream import EdgeUpstream
 from tests.loopback import TrackingSite, client_agent, listen, track

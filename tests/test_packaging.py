@@ -43,7 +43,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from mcpr.config import RELAY_SETTINGS, load_relay
+from mcpr.relay.settings import RELAY_SETTINGS, load_relay
 from mcpr.relay.tap import Options as RelayOptions
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from mcpr.config import load_gateway
+from mcpr.gateway.settings import load_gateway
 from mcpr.gateway.tap import build_resource, build_site
 from tests.loopback import TrackingSite, client_agent, listen, sleep, track
 

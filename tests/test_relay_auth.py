@@ -16,16 +16,17 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from mcpr.common.names import LABEL, matches
+from mcpr.common.protocol import Refused
 from mcpr.relay.auth import (
-    AuthFailed,
     Authenticator,
+    AuthFailed,
     Grant,
     StaticToken,
-    SubdomainRejected,
     authorize,
     parse_static_token,
 )
-from mcpr.relay.patterns import LABEL, matches, open_subdomain, owner_id, token_hint
+from mcpr.relay.identity import open_subdomain, owner_id, token_hint
 from tests.loopback import TrackingSite, free_port, listen
 
 TOKEN = "tok-3f9a1c-secret-value"
@@ -147,7 +148,7 @@ class AuthorizeTests(SynchronousTestCase):
     def test_invalid_label(self) -> None:
         for bad in ["", "Alice", "alice.dev", "-alice", "a" * 64, 5, ["alice"]]:
             for grant in [self.grant, self.open_grant]:
-                with self.assertRaises(SubdomainRejected, msg=repr(bad)) as caught:
+                with self.assertRaises(Refused, msg=repr(bad)) as caught:
                     authorize(grant, bad, TOKEN)  # type: ignore[arg-type]
                 self.assertEqual((caught.exception.code, caught.exception.reason), (4004, "invalid subdomain"))
 

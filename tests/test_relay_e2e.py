@@ -17,7 +17,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from mcpr.relay.patterns import open_subdomain
+from mcpr.relay.identity import open_subdomain
 from tests.legacy_client import Closed, LegacyGateway, body_of
 from tests.loopback import Process, client_agent, sleep, twist
 

@@ -9,16 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from mcpr.relay.patterns import (
-    LABEL,
-    is_concrete,
-    matches,
-    open_subdomain,
-    owner_id,
-    parse_pattern,
-    token_hint,
-    valid_label,
-)
+from mcpr.common.names import LABEL, is_concrete, matches, parse_pattern, valid_label
+from mcpr.relay.identity import open_subdomain, owner_id, token_hint
 
 # Only label characters and '*': fnmatch gives '?' and '[' meanings of their own.
 LABEL_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789-"

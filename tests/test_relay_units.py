@@ -4,8 +4,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from mcpr.common.protocol import CloseCode, Refused
 from mcpr.relay.front import split_host
-from mcpr.relay.registry import IN_USE, TOO_MANY, Refused, Registry
+from mcpr.relay.registry import Registry
 
 DOMAIN = "tunnel.example.com"
 
@@ -65,13 +66,13 @@ class RegistryTests(SynchronousTestCase):
         registry = Registry(max_per_owner=8)
         registry.claim(_Tunnel("a", "alice"))
         e = self.assertRaises(Refused, registry.claim, _Tunnel("a", "bob"))
-        self.assertEqual(e.code, IN_USE)
+        self.assertEqual(e.code, CloseCode.IN_USE)
 
     def test_tunnels_per_owner(self) -> None:
         registry = Registry(max_per_owner=2)
         registry.claim(_Tunnel("a", "alice"))
         registry.claim(_Tunnel("b", "alice"))
-        self.assertEqual(self.assertRaises(Refused, registry.claim, _Tunnel("c", "alice")).code, TOO_MANY)
+        self.assertEqual(self.assertRaises(Refused, registry.claim, _Tunnel("c", "alice")).code, CloseCode.TOO_MANY)
         registry.claim(_Tunnel("b", "alice"))  # a takeover does not count as another tunnel
         registry.claim(_Tunnel("c", "bob"))
         self.assertEqual(len(registry), 3)

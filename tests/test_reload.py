@@ -12,8 +12,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import TestCase
 
-from mcpr.config import load_gateway
 from mcpr.gateway.reload import ReloadService, changed_keys
+from mcpr.gateway.settings import load_gateway
 from tests.loopback import sleep
 
 BASE = 'mcp = "http://localhost:9000/mcp"\n'

@@ -5,7 +5,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
-from mcpr.proxy.request import ProxySite
+from mcpr.common.web import CappedSite
 
 
 class Echo(Resource):
@@ -20,7 +20,7 @@ class CapTests(SynchronousTestCase):
         self.refused: list = []
         # A Clock of its own: the channels' idle timeouts must not land on the global reactor,
         # where the next trial TestCase would find them and fail as dirty.
-        self.site = ProxySite(Echo(), max_request_body=100, reactor=Clock(),
+        self.site = CappedSite(Echo(), max_request_body=100, reactor=Clock(),
                               too_large=lambda request, method, path: self.refused.append((method, path)))
         self.transport = StringTransport()
         self.channel = self.site.buildProtocol(None)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from mcpr.proxy.rewrite import EventStreamRewriter, JsonRewriter, replace_data, rewrite_json
+from mcpr.proxy.rewrite.streaming import EventStreamRewriter, JsonRewriter, replace_data, rewrite_json
 
 
 def mark(value) -> bool:

@@ -14,8 +14,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from mcpr.gateway.tunnel import Backoff, TunnelClient, websocket_url
 from mcpr.proxy.events import EventLog
-from mcpr.tunnel.client import Backoff, TunnelClient, websocket_url
 from tests.loopback import Process, TrackingSite, free_port, listen, sleep, twist
 
 

@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
-from mcpr.config import load_gateway
+from mcpr.gateway.settings import load_gateway
 from mcpr.gateway.tap import build_resource, build_site
 from mcpr.proxy.widgets import WidgetFolder, substitute_html, widget_name
 from tests.edge_upstream import UPSTREAM_HTML, WIDGET_URI, DevServer, EdgeUpstream

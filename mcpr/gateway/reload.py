@@ -17,10 +17,11 @@ from typing import Any, Callable
 from twisted.application.service import Service
 from twisted.logger import Logger
 
-from mcpr.config import ConfigError, GatewaySettings
+from mcpr.common.settings import ConfigError
+from mcpr.gateway.settings import GatewaySettings
 from mcpr.proxy.resource import ProxyResource
 
-log = Logger(namespace="mcpr")
+log = Logger()
 
 # Applied by a reload; every other field needs a restart.
 RELOADED = frozenset({"csp_mode", "csp_domains", "csp_domain", "csp_widgets"})

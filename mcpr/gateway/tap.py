@@ -15,19 +15,20 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from mcpr import __version__
-from mcpr.config import ConfigError, GatewaySettings, load_gateway
+from mcpr.common.service import ListeningService, address_of
+from mcpr.common.settings import ConfigError
+from mcpr.common.web import CappedSite
 from mcpr.gateway.reload import ReloadService
-from mcpr.listening import ListeningService, address_of
+from mcpr.gateway.settings import GatewaySettings, load_gateway
+from mcpr.gateway.token import ensure_token
+from mcpr.gateway.tunnel import TunnelClient
 from mcpr.proxy.events import EventLog
 from mcpr.proxy.forward import Forwarder
-from mcpr.proxy.request import ProxySite
 from mcpr.proxy.resource import ProxyResource
 from mcpr.proxy.routing import Upstream
 from mcpr.proxy.widgets import open_source
-from mcpr.tunnel.client import TunnelClient
-from mcpr.tunnel.token import ensure_token
 
-log = Logger(namespace="mcpr")
+log = Logger()
 
 HEARTBEAT_SECONDS = 30.0
 
@@ -115,8 +116,8 @@ def build_resource(settings: GatewaySettings, reactor) -> ProxyResource:
                          csp=settings.csp, widgets=widgets)
 
 
-def build_site(resource: ProxyResource, settings: GatewaySettings, *, via: str = "direct") -> ProxySite:
-    site = ProxySite(resource, max_request_body=settings.max_request_body, via=via,
+def build_site(resource: ProxyResource, settings: GatewaySettings, *, via: str = "direct") -> CappedSite:
+    site = CappedSite(resource, max_request_body=settings.max_request_body, via=via,
                      too_large=resource.report_too_large)
     site.displayTracebacks = False
     return site

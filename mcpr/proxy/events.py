@@ -16,7 +16,7 @@ from typing import IO, Any
 
 from twisted.logger import Logger
 
-log = Logger(namespace="mcpr")
+log = Logger()
 
 
 def timestamp(seconds: float) -> str:

@@ -18,6 +18,7 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IConsumer, IPushProducer, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
+from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import (
     URI,
     Agent,
@@ -25,14 +26,15 @@ from twisted.web.client import (
     FileBodyProducer,
     HTTPConnectionPool,
     ResponseDone,
+    _HTTP11ClientFactory,
 )
 from twisted.web.error import SchemeNotSupported
-from twisted.web.client import _HTTP11ClientFactory
-from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
+
+from mcpr.common.web import no_delay
 
 
 class UpstreamError(Exception):
@@ -104,14 +106,6 @@ def describe(reason: BaseException) -> str:
         return describe(reasons[0].value)
     text = str(reason) or type(reason).__name__
     return text[:200]
-
-
-def no_delay(transport) -> None:
-    """Disable Nagle: twisted.web writes headers, body and chunk ends separately,
-    and Nagle plus delayed ACKs would hold each small write for ~40 ms."""
-    set_no_delay = getattr(transport, "setTcpNoDelay", None)
-    if set_no_delay is not None:
-        set_no_delay(True)
 
 
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)

@@ -20,19 +20,19 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from mcpr.proxy import edge
 from mcpr.proxy import headers as hdrs
 from mcpr.proxy import jsonrpc
-from mcpr.proxy.csp import CspPolicy, CspRewriter
+from mcpr.proxy.answers import AnswerWatcher, is_event_stream
 from mcpr.proxy.events import EventLog, RequestRecord
 from mcpr.proxy.forward import BodyPipe, Forwarder, UpstreamError, body_producer, describe
-from mcpr.proxy.inspect import AnswerWatcher, is_event_stream
-from mcpr.proxy.oauth import OriginMap
+from mcpr.proxy.rewrite import plan as edge
+from mcpr.proxy.rewrite.csp import CspPolicy, CspRewriter
+from mcpr.proxy.rewrite.oauth import OriginMap
 from mcpr.proxy.routing import Kind, Route, Upstream, route
 from mcpr.proxy.sessions import Session, SessionTracker
 from mcpr.proxy.widgets import WidgetDevServer, WidgetSource, listing
 
-log = Logger(namespace="mcpr")
+log = Logger()
 
 # JSON-RPC error codes the gateway answers with (server-error range).
 UPSTREAM_UNAVAILABLE = -32002

@@ -28,7 +28,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from mcpr.proxy.forward import Forwarder, UpstreamError
 
-log = Logger(namespace="mcpr")
+log = Logger()
 
 _WIDGET_URI = re.compile(r"ui://widget/([A-Za-z0-9][A-Za-z0-9_.-]*)\.html")
 

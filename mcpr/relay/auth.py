@@ -13,7 +13,7 @@ round trip) before it looks at names:
   into the subdomain to register, or the patterns to offer the client.
 
 Refusals carry the WebSocket close code and reason the relay sends, with the
-same `code`/`reason` attributes as the registry's `Refused`.  Tokens are never
+same `Refused` the registry raises.  Tokens are never
 logged nor put in a reason: logs name a token by `token_hint`.
 """
 
@@ -37,57 +37,29 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
-from mcpr.relay.patterns import (
-    matches,
-    open_subdomain,
-    owner_id,
-    parse_pattern,
-    token_hint,
-    valid_label,
-)
+from mcpr.common.names import matches, parse_pattern, valid_label
+from mcpr.common.protocol import CloseCode, Refused
+from mcpr.relay.identity import open_subdomain, owner_id, token_hint
 
-log = Logger(namespace="mcpr")
-
-AUTH_FAILED = 4001
-INVALID_SUBDOMAIN = 4004
+log = Logger()
 
 INVALID_TOKEN = "invalid token"
 PROVIDER_UNAVAILABLE = "auth provider unavailable"
 
-# WebSocket close reasons are capped at 123 bytes of UTF-8; keep a margin.
-MAX_REASON = 120
 # An answer to /api/verify is a few hundred bytes; more is a broken provider,
 # and reading it whole would let one make the relay buffer without bound.
 MAX_PROVIDER_BODY = 64 * 1024
 
 
-def _fit_reason(reason: str) -> str:
-    """`reason` cut to `MAX_REASON` bytes of UTF-8 without splitting a character."""
-    encoded = reason.encode("utf-8", "replace")
-    return encoded[:MAX_REASON].decode("utf-8", "ignore")
-
-
-class AuthFailed(Exception):
+class AuthFailed(Refused):
     """The token may not register (this name): close with 4001 and `reason`.
 
     The reason may come from the auth provider, so it is cut to fit a
     WebSocket close frame.
     """
 
-    code = AUTH_FAILED
-
     def __init__(self, reason: str) -> None:
-        self.reason = _fit_reason(reason)
-        super().__init__(self.reason)
-
-
-class SubdomainRejected(Exception):
-    """The requested name can never be a subdomain, whoever asks: close with `code`."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
+        super().__init__(CloseCode.AUTH_FAILED, reason)
 
 
 @dataclass(frozen=True)
@@ -283,7 +255,7 @@ class Authenticator:
 def authorize(grant: Grant, requested: str | None, token: str) -> str | list[str]:
     """The subdomain `grant` registers, or the patterns to offer its client.
 
-    - A requested name must be a valid label (else `SubdomainRejected` 4004)
+    - A requested name must be a valid label (else `Refused` 4004)
       and match one of the grant's patterns (else `AuthFailed` 4001); in open
       mode any valid label is allowed.  It is returned as is.
     - Without one, open mode gives `open_subdomain(token)`; otherwise the
@@ -294,7 +266,7 @@ def authorize(grant: Grant, requested: str | None, token: str) -> str | list[str
     """
     if requested is not None:
         if not valid_label(requested):
-            raise SubdomainRejected(INVALID_SUBDOMAIN, "invalid subdomain")
+            raise Refused(CloseCode.INVALID_SUBDOMAIN, "invalid subdomain")
         if grant.patterns is None or any(matches(p, requested) for p in grant.patterns):
             return requested
         raise AuthFailed(f"subdomain '{requested}' not authorized for this token")

@@ -19,15 +19,17 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from mcpr import __version__
-from mcpr.proxy.headers import HOP_BY_HOP
+from mcpr.common.headers import HOP_BY_HOP, add_forwarded, end_to_end
+from mcpr.common.names import valid_label
+from mcpr.common.web import body_length
 from mcpr.relay.metrics import RelayMetrics
-from mcpr.relay.patterns import valid_label
 from mcpr.relay.registry import Registry
-from mcpr.relay.streams import TunnelRequest
+from mcpr.relay.tunnels.contract import TunnelRequest
 
-log = Logger(namespace="mcpr.relay")
+log = Logger()
 
-_REQUEST_DROPPED = HOP_BY_HOP | {b"content-length", b"expect"}
+# Recomputed for the tunnel: its framing carries the body's length itself.
+_REQUEST_DROPPED = frozenset({b"content-length", b"expect"})
 
 
 def split_host(host: bytes | None, domain: str) -> tuple[str, str | None]:
@@ -189,38 +191,17 @@ class TunnelForwarder(Resource):
         request.notifyFinish().addErrback(lambda _: response.client_left())
         response.start_timer(relay.headers_timeout)
         content = request.content
-        length = 0
-        if content is not None:
-            content.seek(0, 2)
-            length = content.tell()
-            content.seek(0)
+        length = body_length(content)
         self.metrics.bytes_in(length)
         response.stream = tunnel.open_stream(
             TunnelRequest(request.method, request.uri, self._headers(request), content, length), response)
         return NOT_DONE_YET
 
     def _headers(self, request: Request) -> list[tuple[bytes, bytes]]:
-        out: list[tuple[bytes, bytes]] = []
-        connection = {t.strip().lower() for v in request.requestHeaders.getRawHeaders(b"connection", ())
-                      for t in v.split(b",")}
-        dropped = _REQUEST_DROPPED | connection
-        for name, values in request.requestHeaders.getAllRawHeaders():
-            lower = name.lower()
-            if lower in dropped or lower in (b"x-forwarded-for",):
-                continue
-            out.extend((lower, v) for v in values)
-        peer = getattr(request.getClientAddress(), "host", None)
-        prior = request.requestHeaders.getRawHeaders(b"x-forwarded-for")
-        chain = [*prior] if prior else []
-        if peer:
-            chain.append(peer.encode())
-        if chain:
-            out.append((b"x-forwarded-for", b", ".join(chain)))
-        if not request.requestHeaders.hasHeader(b"x-forwarded-host") and request.getHeader(b"host"):
-            out.append((b"x-forwarded-host", request.getHeader(b"host")))
-        if not request.requestHeaders.hasHeader(b"x-forwarded-proto"):
-            out.append((b"x-forwarded-proto", b"https" if request.isSecure() else b"http"))
-        return out
+        out = end_to_end(request.requestHeaders, _REQUEST_DROPPED)
+        add_forwarded(out, client_ip=getattr(request.getClientAddress(), "host", None),
+                      host=request.getHeader(b"host"), proto=b"https" if request.isSecure() else b"http")
+        return [(name.lower(), value) for name, values in out.getAllRawHeaders() for value in values]
 
     def finished(self, response: PublicResponse, outcome: str) -> None:
         relay = self._relay

@@ -15,20 +15,16 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from mcpr.relay.auth import AuthFailed, SubdomainRejected, authorize
-from mcpr.relay.legacy import LegacyTunnel
-from mcpr.relay.patterns import token_hint
-from mcpr.relay.registry import Refused
-from mcpr.tunnel import wire
-from mcpr.tunnel.relay_end import H2Tunnel
-
-AUTH_FAILED = wire.AUTH_FAILED
-POLICY = wire.POLICY
-GOING_AWAY = wire.GOING_AWAY
+from mcpr.common import protocol as wire
+from mcpr.common.protocol import CloseCode, Refused, fit_reason
+from mcpr.relay.auth import authorize
+from mcpr.relay.identity import token_hint
+from mcpr.relay.tunnels.h2 import H2Tunnel
+from mcpr.relay.tunnels.legacy import LegacyTunnel
 
 
 class RegistrationProtocol(WebSocketServerProtocol):
-    _log = Logger(namespace="mcpr.relay")  # autobahn owns self.log
+    _log = Logger()  # autobahn owns self.log
 
     def __init__(self) -> None:
         super().__init__()
@@ -59,18 +55,18 @@ class RegistrationProtocol(WebSocketServerProtocol):
             self.tunnel.message(payload, isBinary)
             return
         if self._state not in ("hello", "pick") or isBinary:
-            self._refuse(POLICY, "unexpected message during registration")
+            self._refuse(CloseCode.POLICY, "unexpected message during registration")
             return
         try:
             message = json.loads(payload)
         except (ValueError, RecursionError):
             message = None
         if not isinstance(message, dict):
-            self._refuse(POLICY, "registration must be a JSON object")
+            self._refuse(CloseCode.POLICY, "registration must be a JSON object")
             return
         subdomain = message.get("subdomain") or None  # original clients may send ""
         if subdomain is not None and not isinstance(subdomain, str):
-            self._refuse(4004, "invalid subdomain")
+            self._refuse(CloseCode.INVALID_SUBDOMAIN, "invalid subdomain")
             return
         if self._state == "hello":
             token = message.get("token")
@@ -96,8 +92,8 @@ class RegistrationProtocol(WebSocketServerProtocol):
         relay = self.factory.relay
         try:
             grant = await relay.auth.authenticate(token, subdomain)
-        except AuthFailed as e:
-            self._refuse(AUTH_FAILED, e.reason, token)
+        except Refused as e:
+            self._refuse(e.code, e.reason, token)
             return
         if self._state != "authenticating":
             return  # the socket closed while the provider answered
@@ -108,11 +104,8 @@ class RegistrationProtocol(WebSocketServerProtocol):
     def _decide(self, requested: str | None, *, offer_allowed: bool) -> None:
         try:
             decision = authorize(self._grant, requested, self._token)
-        except SubdomainRejected as e:
+        except Refused as e:
             self._refuse(e.code, e.reason, self._token)
-            return
-        except AuthFailed as e:
-            self._refuse(AUTH_FAILED, e.reason, self._token)
             return
         if isinstance(decision, str):
             self._claim(decision)
@@ -120,7 +113,7 @@ class RegistrationProtocol(WebSocketServerProtocol):
             self._state = "pick"
             self._send_json({"subdomains": list(decision)})
         else:
-            self._refuse(POLICY, "pick one subdomain")
+            self._refuse(CloseCode.POLICY, "pick one subdomain")
 
     def _claim(self, subdomain: str) -> None:
         relay = self.factory.relay
@@ -165,8 +158,7 @@ class RegistrationProtocol(WebSocketServerProtocol):
         """Close with any RFC 6455 code: Autobahn's sendClose only lets applications
         send 1000 and 3000-4999, but 1001, 1008 and 1011 are ours to send too."""
         if self.state == self.STATE_OPEN:
-            self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123].decode("utf-8", "ignore")
-                                .encode("utf-8"), isReply=False)
+            self.sendCloseFrame(code=code, reasonUtf8=fit_reason(reason).encode("utf-8"), isReply=False)
 
     def _refuse(self, code: int, reason: str, token: str | None = None) -> None:
         relay = self.factory.relay
@@ -178,7 +170,7 @@ class RegistrationProtocol(WebSocketServerProtocol):
     def _registration_timeout(self) -> None:
         self._timer = None
         if self.tunnel is None:
-            self._refuse(POLICY, "registration timeout")
+            self._refuse(CloseCode.POLICY, "registration timeout")
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -187,7 +179,7 @@ class RegistrationProtocol(WebSocketServerProtocol):
 
     def _crashed(self, failure) -> None:
         self._log.failure("registration failed", failure)
-        self._close(1011, "internal error")
+        self._close(CloseCode.INTERNAL_ERROR, "internal error")
 
 
 def registration_resource(relay, reactor) -> WebSocketResource:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Iterator, Protocol
 
+from mcpr.common.protocol import CloseCode, Refused
+
 
 class Registered(Protocol):
     """What the registry needs of a tunnel."""
@@ -19,19 +21,6 @@ class Registered(Protocol):
 
     def evict(self) -> None:
         """Close this tunnel because the same owner registered its subdomain again (4002)."""
-
-
-class Refused(Exception):
-    """A registration the registry will not take; `code` is the WebSocket close code."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-
-
-IN_USE = 4003
-TOO_MANY = 4008
 
 
 class Registry:
@@ -57,9 +46,9 @@ class Registry:
         if current is tunnel:
             return
         if current is not None and current.owner != tunnel.owner:
-            raise Refused(IN_USE, "subdomain in use")
+            raise Refused(CloseCode.IN_USE, "subdomain in use")
         if current is None and len(self.owned_by(tunnel.owner)) >= self._max:
-            raise Refused(TOO_MANY, "too many tunnels")
+            raise Refused(CloseCode.TOO_MANY, "too many tunnels")
         self._tunnels[tunnel.subdomain] = tunnel
         if current is not None:
             current.evict()

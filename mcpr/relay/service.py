@@ -19,20 +19,24 @@ from twisted.logger import Logger
 from twisted.web.server import Site
 
 from mcpr import __version__
-from mcpr.config import ConfigError, RelaySettings, load_relay
-from mcpr.listening import ListeningService, address_of
-from mcpr.proxy.request import ProxySite
+from mcpr.common.protocol import CloseCode, label_of
+from mcpr.common.service import ListeningService, address_of
+from mcpr.common.settings import ConfigError
+from mcpr.common.web import CappedSite
 from mcpr.relay.auth import Authenticator
 from mcpr.relay.front import RelayFront
+from mcpr.relay.identity import token_hint
 from mcpr.relay.metrics import RelayMetrics
-from mcpr.relay.patterns import token_hint
-from mcpr.relay.registration import GOING_AWAY, registration_resource
+from mcpr.relay.registration import registration_resource
 from mcpr.relay.registry import Registry
+from mcpr.relay.settings import RelaySettings, load_relay
 from mcpr.relay.tls import CertificateWatcher, is_tls_description, tls_endpoint
 
-log = Logger(namespace="mcpr.relay")
+log = Logger()
 
-AUTH_FAILED = 4001
+# Refusals counted under their own label; any other close code is a protocol error.
+_REFUSAL_LABELS = frozenset({CloseCode.AUTH_FAILED, CloseCode.IN_USE, CloseCode.INVALID_SUBDOMAIN,
+                             CloseCode.TOO_MANY})
 
 
 class RelayService(MultiService):
@@ -48,7 +52,7 @@ class RelayService(MultiService):
         self.front = RelayFront(reactor, settings.domain, self.registry, self.metrics,
                                 registration_resource(self, reactor), max_in_flight=settings.max_in_flight,
                                 headers_timeout=settings.headers_timeout)
-        self.site = ProxySite(self.front, max_request_body=settings.max_request_body, via="relay",
+        self.site = CappedSite(self.front, max_request_body=settings.max_request_body, via="relay",
                               too_large=self.front.too_large)
         self.site.displayTracebacks = False
         self.certificates = []
@@ -88,8 +92,7 @@ class RelayService(MultiService):
         self.metrics.tunnels.set(len(self.registry))
 
     def refused(self, code: int, reason: str, hint: str | None, peer: str | None) -> None:
-        result = {4001: "auth_failed", 4003: "in_use", 4004: "invalid_subdomain", 4008: "too_many"}.get(
-            code, "protocol_error")
+        result = label_of(code) if code in _REFUSAL_LABELS else "protocol_error"
         self.metrics.registrations.labels(result).inc()
         log.info("registration refused ({code} {reason}; token {hint}, from {peer})", code=code, reason=reason,
                  hint=hint or "-", peer=peer)
@@ -132,7 +135,7 @@ class RelayService(MultiService):
                     for tunnel in list(self.registry):
                         if tunnel.owner not in valid:
                             log.info("tunnel {subdomain}: token revoked", subdomain=tunnel.subdomain)
-                            tunnel.close(AUTH_FAILED, "token revoked")
+                            tunnel.close(CloseCode.AUTH_FAILED, "token revoked")
         for store in self.certificates:
             await store.reload()
 
@@ -151,7 +154,7 @@ class RelayService(MultiService):
         if self.front.in_flight:
             log.warn("drain timeout: {n} request(s) still in flight", n=self.front.in_flight)
         for tunnel in list(self.registry):
-            tunnel.close(GOING_AWAY, "relay shutting down")
+            tunnel.close(CloseCode.GOING_AWAY, "relay shutting down")
         await deferLater(self.reactor, 0.2, lambda: None)
         await super().stopService()
         self.auth.close()

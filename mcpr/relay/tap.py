@@ -9,8 +9,9 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from mcpr import __version__
-from mcpr.config import ConfigError, load_relay
+from mcpr.common.settings import ConfigError
 from mcpr.relay.service import RelayService
+from mcpr.relay.settings import load_relay
 
 
 class Options(usage.Options):

@@ -64,8 +64,6 @@ from cryptography.hazmat.primitives.serialization import (
 from cryptography.x509.oid import NameOID
 from OpenSSL.SSL import Connection, Context
 from OpenSSL.SSL import Error as OpenSSLError
-from zope.interface import implementer
-
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
@@ -79,6 +77,7 @@ from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 try:
     from twisted.internet.endpoints import wrapServerTLS
@@ -110,7 +109,7 @@ __all__ = [
     "tls_endpoint",
 ]
 
-log = Logger(namespace="mcpr.relay.tls")
+log = Logger()
 
 _SUFFIXES = frozenset({".pem", ".crt", ".key"})
 """The files of the directory we read (and watch); anything else is left alone."""

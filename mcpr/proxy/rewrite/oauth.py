@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from twisted.web.http_headers import Headers
 
-from mcpr.proxy.csp import is_local_host
+from mcpr.proxy.rewrite.csp import is_local_host
 from mcpr.proxy.routing import Upstream
 
 _DISCOVERY_PREFIXES = (

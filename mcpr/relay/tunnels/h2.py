@@ -30,10 +30,11 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mcpr.relay.streams import ResponseSink, TunnelRequest
-from mcpr.tunnel import wire
+from mcpr.common import protocol as wire
+from mcpr.common.protocol import CloseCode
+from mcpr.relay.tunnels.contract import ResponseSink, TunnelRequest
 
-log = Logger(namespace="mcpr.relay")
+log = Logger()
 
 # Headers HTTP/2 forbids (RFC 9113 §8.2.2), beyond the hop-by-hop ones the front already dropped.
 _FORBIDDEN = {b"host", b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te"}
@@ -100,7 +101,7 @@ class H2Tunnel:
         return len(self._streams) + len(self._waiting)
 
     def evict(self) -> None:
-        self._close(wire.EVICTED, wire.EVICTED_REASON)
+        self._close(CloseCode.EVICTED, wire.EVICTED_REASON)
 
     def close(self, code: int, reason: str) -> None:
         self._close(code, reason)
@@ -194,7 +195,7 @@ class H2Tunnel:
 
     def message(self, payload: bytes, is_binary: bool) -> None:
         if not is_binary:
-            self._close(wire.POLICY, "text message on an h2 tunnel")
+            self._close(CloseCode.POLICY, "text message on an h2 tunnel")
             return
         try:
             events = self.conn.receive_data(payload)
@@ -202,7 +203,7 @@ class H2Tunnel:
             log.warn("tunnel {subdomain}: HTTP/2 protocol error ({why}); closing it", subdomain=self.subdomain,
                      why=str(e))
             self._flush()
-            self._close(wire.POLICY, "HTTP/2 protocol error")
+            self._close(CloseCode.POLICY, "HTTP/2 protocol error")
             return
         for event in events:
             self._handle(event)
@@ -216,7 +217,7 @@ class H2Tunnel:
                 self._send_body(stream)
             return
         if isinstance(event, ConnectionTerminated):
-            self._close(wire.POLICY, "gateway ended the HTTP/2 connection")
+            self._close(CloseCode.POLICY, "gateway ended the HTTP/2 connection")
             return
         stream = self._streams.get(getattr(event, "stream_id", 0) or 0)
         if stream is None:

@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStrea
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-log = Logger(namespace="mcpr")
+log = Logger()
 
 
 def address_of(port: IListeningPort) -> str:

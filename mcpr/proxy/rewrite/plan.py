@@ -18,15 +18,15 @@ from twisted.web.iweb import IResponse
 from twisted.web.server import Request
 
 from mcpr.proxy import jsonrpc
+from mcpr.proxy.answers import is_event_stream, is_json
 from mcpr.proxy.jsonrpc import id_key
-from mcpr.proxy.csp import REWRITTEN_METHODS, CspRewriter
-from mcpr.proxy.inspect import is_event_stream, is_json
-from mcpr.proxy.oauth import OriginMap, is_discovery
-from mcpr.proxy.rewrite import BodyRewriter, EventStreamRewriter, JsonRewriter, Transform
+from mcpr.proxy.rewrite.csp import REWRITTEN_METHODS, CspRewriter
+from mcpr.proxy.rewrite.oauth import OriginMap, is_discovery
+from mcpr.proxy.rewrite.streaming import BodyRewriter, EventStreamRewriter, JsonRewriter, Transform
 from mcpr.proxy.routing import Kind, Route
 from mcpr.proxy.widgets import WidgetSource, substitute_html, widget_name
 
-log = Logger(namespace="mcpr")
+log = Logger()
 
 # (widget URI, local HTML) for the `resources/read` requests of one body, by JSON-RPC id.
 LocalHtml = Mapping[Any, tuple[str, str]]

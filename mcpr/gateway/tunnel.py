@@ -27,22 +27,24 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
+from mcpr.common import protocol as wire
+from mcpr.common.names import is_concrete, matches, valid_label
+from mcpr.common.protocol import CloseCode
+from mcpr.common.web import no_delay
+from mcpr.gateway.h2_server import serve_streams, stop_streams
 from mcpr.proxy.events import EventLog
-from mcpr.proxy.forward import no_delay
-from mcpr.relay.patterns import is_concrete, matches, valid_label
-from mcpr.tunnel import wire
-from mcpr.tunnel.gateway_end import serve_streams, stop_streams
 
-log = Logger(namespace="mcpr.tunnel")
+log = Logger()
 
 # Close codes after which retrying cannot help: the user must change something.
 FINAL = {
-    wire.AUTH_FAILED: "the relay refused the tunnel token",
-    wire.EVICTED: "another gateway registered with the same token and subdomain; this one stops its tunnel",
-    wire.IN_USE: "the subdomain belongs to another token on this relay",
-    wire.INVALID_SUBDOMAIN: "the subdomain is not a valid DNS label",
-    wire.TOO_MANY: "this token already holds as many tunnels as the relay allows",
+    CloseCode.AUTH_FAILED: "the relay refused the tunnel token",
+    CloseCode.EVICTED: "another gateway registered with the same token and subdomain; this one stops its tunnel",
+    CloseCode.IN_USE: "the subdomain belongs to another token on this relay",
+    CloseCode.INVALID_SUBDOMAIN: "the subdomain is not a valid DNS label",
+    CloseCode.TOO_MANY: "this token already holds as many tunnels as the relay allows",
 }
+assert set(FINAL) == {code for code in CloseCode if code.final}
 
 
 class Closed(Exception):
@@ -103,7 +105,7 @@ def choose_on_terminal(patterns: list[str]) -> Deferred[str]:
 class TunnelProtocol(WebSocketClientProtocol):
     """One connection to the relay: the registration exchange, then HTTP/2 streams."""
 
-    _log = Logger(namespace="mcpr.tunnel")  # autobahn owns self.log
+    _log = Logger()  # autobahn owns self.log
 
     def __init__(self) -> None:
         super().__init__()
@@ -123,7 +125,7 @@ class TunnelProtocol(WebSocketClientProtocol):
         client: TunnelClient = self.factory.client
         if self._subprotocol != wire.SUBPROTOCOL:
             self.sendClose(1000)
-            self._fail(Closed(wire.PROTOCOL_ERROR, f"the relay does not speak {wire.SUBPROTOCOL}"))
+            self._fail(Closed(CloseCode.PROTOCOL_ERROR, f"the relay does not speak {wire.SUBPROTOCOL}"))
             return
         self._send({"token": client.token, "subdomain": client.subdomain})
 
@@ -137,7 +139,7 @@ class TunnelProtocol(WebSocketClientProtocol):
         except ValueError:
             message = None
         if not isinstance(message, dict):
-            self._fail(Closed(wire.PROTOCOL_ERROR, "unexpected message from the relay"))
+            self._fail(Closed(CloseCode.PROTOCOL_ERROR, "unexpected message from the relay"))
             self.dropConnection(abort=True)
             return
         if "url" in message:
@@ -158,7 +160,7 @@ class TunnelProtocol(WebSocketClientProtocol):
         try:
             d = client.choose(patterns)
         except NoChoice as e:
-            self._fail(Closed(wire.POLICY, str(e)), final=True)
+            self._fail(Closed(CloseCode.POLICY, str(e)), final=True)
             self.sendClose(1000)
             return
 
@@ -284,7 +286,7 @@ class TunnelClient(Service):
 
     def _give_up(self, code: int | None, reason: str) -> None:
         why = FINAL.get(code, "the tunnel cannot be registered")
-        self._event("evicted" if code == wire.EVICTED else "stopped", code=code, reason=reason)
+        self._event("evicted" if code == CloseCode.EVICTED else "stopped", code=code, reason=reason)
         log.error("tunnel stopped: {why} ({code} {reason}); still serving locally", why=why, code=code,
                   reason=reason)
 

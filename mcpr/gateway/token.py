@@ -15,7 +15,7 @@ from pathlib import Path
 
 import tomlkit
 
-from mcpr.config import CONFIG_NAME, ConfigError
+from mcpr.common.settings import CONFIG_NAME, ConfigError
 
 
 def new_token() -> str:

@@ -11,19 +11,13 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable
 
+from mcpr.common.web import is_json
 from mcpr.proxy import jsonrpc
 from mcpr.proxy.sse import EventTooLarge, SSEParser
 
 
 def is_event_stream(content_type: bytes | None) -> bool:
     return bool(content_type) and content_type.split(b";", 1)[0].strip().lower() == b"text/event-stream"
-
-
-def is_json(content_type: bytes | None) -> bool:
-    if not content_type:
-        return False
-    media = content_type.split(b";", 1)[0].strip().lower()
-    return media == b"application/json" or media.endswith(b"+json")
 
 
 class AnswerWatcher:

@@ -15,7 +15,7 @@ from twisted.web._http2 import H2Connection
 from twisted.web.server import Site
 from zope.interface import implementer
 
-from mcpr.tunnel import wire
+from mcpr.common import protocol as wire
 
 
 @implementer(ITransport, IConsumer)

@@ -19,7 +19,7 @@ from twisted.web.http_headers import Headers
 
 from mcpr.proxy.sse import SSEParser
 
-log = Logger(namespace="mcpr")
+log = Logger()
 
 # Mutates a parsed JSON value in place; says whether it changed anything.
 Transform = Callable[[Any], bool]

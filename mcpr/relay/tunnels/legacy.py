@@ -20,12 +20,11 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mcpr.relay.streams import ResponseSink, TunnelRequest
-from mcpr.tunnel import wire
+from mcpr.common import protocol as wire
+from mcpr.common.protocol import CloseCode, fit_reason
+from mcpr.relay.tunnels.contract import ResponseSink, TunnelRequest
 
-log = Logger(namespace="mcpr.relay")
-
-PROTOCOL_ERROR = wire.POLICY
+log = Logger()
 
 # Messages for cancelled requests tolerated in a row before the tunnel counts as flooding.
 STALE_LIMIT = 1000
@@ -134,7 +133,7 @@ class LegacyTunnel:
         return len(self._streams)
 
     def evict(self) -> None:
-        self._close(wire.EVICTED, wire.EVICTED_REASON)
+        self._close(CloseCode.EVICTED, wire.EVICTED_REASON)
 
     def close(self, code: int, reason: str) -> None:
         self._close(code, reason)
@@ -178,7 +177,7 @@ class LegacyTunnel:
         except ProtocolViolation as e:
             log.warn("tunnel {subdomain}: protocol violation ({why}); closing it", subdomain=self.subdomain,
                      why=str(e))
-            self._close(PROTOCOL_ERROR, f"protocol violation: {e}"[:120])
+            self._close(CloseCode.POLICY, fit_reason(f"protocol violation: {e}"))
 
     def _dispatch(self, payload: bytes, is_binary: bool) -> None:
         if is_binary:

@@ -1,22 +1,16 @@
-"""Subdomain labels, the patterns that grant them, and the identities derived from a token.
+"""Subdomain labels and the patterns that grant them.
 
 A tunnel's public name is one DNS label under the relay's domain.  Tokens are
 granted labels through patterns with at most one `*` (any run of characters,
 also empty), as in the original mcpr's auth-provider contract.  Matching is a
 prefix/suffix test rather than a regular expression built from the pattern,
-so nothing a provider sends can change what the matcher means.
-
-Everything the relay remembers or logs about a token is derived from one
-SHA-256 digest, so the token itself never has to be kept or written anywhere:
-`owner_id` (the registry's owner), `token_hint` (its first 8 hex digits, for
-logs) and `open_subdomain` (its first 12, the open mode's default name).  The
-hint is therefore a prefix of an open-mode tunnel's subdomain, which lets an
-operator match log lines to URLs.
+so nothing a provider sends can change what the matcher means.  Both daemons
+need this grammar: the relay to grant names, the gateway to check a name
+typed at its prompt.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 
 LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
@@ -85,25 +79,3 @@ def matches(pattern: str, subdomain: str) -> bool:
 def is_concrete(pattern: str) -> bool:
     """Whether `pattern` names one subdomain that a client can be given as is."""
     return WILDCARD not in pattern
-
-
-def _digest(token: str) -> bytes:
-    # surrogatepass: a token parsed from JSON may hold a lone surrogate, which
-    # strict UTF-8 refuses; such a token must still hash, not crash the relay.
-    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
-
-
-def owner_id(token: str) -> str:
-    """The registry owner for `token`: its SHA-256 in hex, stable across restarts and nodes."""
-    return _digest(token).hex()
-
-
-def token_hint(token: str) -> str:
-    """A short, non-reversible name for `token` in logs (which never show the token)."""
-    return _digest(token).hex()[:8]
-
-
-def open_subdomain(token: str) -> str:
-    """Open mode's subdomain for a client that asks for none: the first 6 bytes of
-    SHA-256(token) in hex, as in the original mcpr, so a token keeps its URL."""
-    return _digest(token)[:6].hex()

@@ -1,0 +1,55 @@
+"""Which headers cross a hop, and the `X-Forwarded-*` trio each hop adds.
+
+Hop-by-hop headers describe one connection and must not be replayed on the
+next (RFC 9110 §7.6.1): the fixed list, plus whatever a `Connection` header
+names.  Both daemons are hops (relay → gateway → upstream), so both use these
+rules; everything else, repeated headers included, passes untouched so that
+sessions (`Mcp-Session-Id`), auth and cookies keep working.
+"""
+
+from __future__ import annotations
+
+from twisted.web.http_headers import Headers
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+
+def connection_tokens(headers: Headers) -> frozenset[bytes]:
+    """The header names a `Connection` header declares hop-by-hop."""
+    values = headers.getRawHeaders(b"connection") or ()
+    return frozenset(t.strip().lower() for v in values for t in v.split(b",") if t.strip())
+
+
+def end_to_end(source: Headers, drop: frozenset[bytes] = frozenset()) -> Headers:
+    """A copy of `source` without hop-by-hop headers, those `Connection` names, and `drop`."""
+    out = Headers()
+    dropped = HOP_BY_HOP | drop | connection_tokens(source)
+    for name, values in source.getAllRawHeaders():
+        if name.lower() not in dropped:
+            out.setRawHeaders(name, values)
+    return out
+
+
+def add_forwarded(headers: Headers, *, client_ip: str | None, host: bytes | None, proto: bytes) -> None:
+    """Append the client to `X-Forwarded-For`; set `X-Forwarded-Host/-Proto` unless a hop in
+    front already did (it saw the public side, which this hop cannot)."""
+    if client_ip:
+        prior = headers.getRawHeaders(b"x-forwarded-for")
+        value = client_ip.encode()
+        headers.setRawHeaders(b"x-forwarded-for", [b", ".join([*prior, value]) if prior else value])
+    if host and not headers.hasHeader(b"x-forwarded-host"):
+        headers.setRawHeaders(b"x-forwarded-host", [host])
+    if not headers.hasHeader(b"x-forwarded-proto"):
+        headers.setRawHeaders(b"x-forwarded-proto", [proto])

@@ -1,0 +1,94 @@
+"""What both ends of a tunnel agree on: paths, subprotocol, close codes, flow-control sizes.
+
+The wire protocol is specified in `docs/protocol.md`; this module is its
+vocabulary, so the relay and the gateway cannot disagree on a code or a size.
+"""
+
+from __future__ import annotations
+
+import enum
+
+SUBPROTOCOL = "mcpr-tunnel.h2"
+REGISTER_PATH = "/_tunnel/register"
+
+# WebSocket close reasons are capped at 123 bytes of UTF-8 (RFC 6455 §5.5); keep a margin.
+MAX_REASON = 120
+
+
+class CloseCode(enum.IntEnum):
+    """Every close code a tunnel socket may end with (docs/protocol.md, "Close codes").
+
+    `final` says whether a gateway should stop retrying (the user must change
+    something first); `label` names the code in metrics.
+    """
+
+    final: bool
+    label: str
+
+    def __new__(cls, code: int, label: str, final: bool = False) -> "CloseCode":
+        member = int.__new__(cls, code)
+        member._value_ = code
+        member.label = label
+        member.final = final
+        return member
+
+    NORMAL = (1000, "normal")
+    GOING_AWAY = (1001, "going_away")
+    PROTOCOL_ERROR = (1002, "protocol_error")
+    POLICY = (1008, "policy")
+    INTERNAL_ERROR = (1011, "internal_error")
+    AUTH_FAILED = (4001, "auth_failed", True)
+    EVICTED = (4002, "evicted", True)
+    IN_USE = (4003, "in_use", True)
+    INVALID_SUBDOMAIN = (4004, "invalid_subdomain", True)
+    TOO_MANY = (4008, "too_many", True)
+
+
+def label_of(code: int | None) -> str:
+    """The metric label of a close code, known or not."""
+    try:
+        return CloseCode(code).label
+    except ValueError:
+        return "other"
+
+
+def fit_reason(reason: str) -> str:
+    """`reason` cut to `MAX_REASON` bytes of UTF-8 without splitting a character."""
+    return reason.encode("utf-8", "replace")[:MAX_REASON].decode("utf-8", "ignore")
+
+
+class Refused(Exception):
+    """A socket is closed with `code` and `reason` (cut to fit a close frame).
+
+    The relay raises it wherever a registration is refused (auth, names, the
+    registry) and catches it in one place, which sends the close frame.
+    """
+
+    def __init__(self, code: CloseCode, reason: str) -> None:
+        self.code = code
+        self.reason = fit_reason(reason)
+        super().__init__(self.reason)
+
+
+EVICTED_REASON = "evicted: another client registered with the same tunnel"
+
+# The relay grants each stream this much unacknowledged response data, and
+# the whole tunnel at most CONNECTION_WINDOW: a slow public reader stalls its
+# own stream after STREAM_WINDOW bytes, and a tunnel never buffers more than
+# CONNECTION_WINDOW in the relay.
+STREAM_WINDOW = 1 << 20
+CONNECTION_WINDOW = 8 << 20
+MAX_FRAME = 1 << 16
+
+# Concurrent streams a gateway accepts on its tunnel.
+MAX_STREAMS = 1024
+
+# One WebSocket message carries at most this much of the HTTP/2 byte stream.
+MAX_MESSAGE = 1 << 20
+
+
+def split(data: bytes, size: int = MAX_MESSAGE) -> list[bytes]:
+    """HTTP/2 is a byte stream, so it may be cut anywhere to bound message sizes."""
+    if len(data) <= size:
+        return [data]
+    return [data[i:i + size] for i in range(0, len(data), size)]

@@ -1,0 +1,320 @@
+"""The settings engine: `mcpr.toml`, the environment and the command line, merged.
+
+One table of `Setting`s per program says where each value may come from; one
+merge function applies the priority CLI > environment > file > default, so the
+two programs cannot drift apart in how they treat their inputs.  Every error
+names the key and where the bad value came from, because a user reading
+"invalid port" cannot tell which of three places to fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from urllib.parse import urlsplit
+
+CONFIG_NAME = "mcpr.toml"
+
+# Both daemons cap request bodies at this size unless told otherwise.
+DEFAULT_MAX_BODY = 16 << 20
+
+
+class ConfigError(Exception):
+    """A setting is missing, malformed or contradictory; the message says which and where."""
+
+
+def show_value(value: Any) -> str:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+# --- value parsers: each takes a raw value (TOML-typed or a string from the
+# --- command line or environment) and raises ValueError("expected ...").
+
+
+def parse_port(value: Any) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ValueError("expected an integer 1-65535")
+    return value
+
+
+def parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off", ""):
+            return False
+    raise ValueError("expected true or false")
+
+
+def parse_seconds(value: Any) -> float:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ValueError("expected a number of seconds") from None
+    if not 0 < seconds <= 86400:
+        raise ValueError("expected a number of seconds between 0 and 86400")
+    return seconds
+
+
+def parse_ping_seconds(value: Any) -> float:
+    """Autobahn schedules pings on whole-second buckets: shorter values fire at random early."""
+    seconds = parse_seconds(value)
+    if seconds < 1:
+        raise ValueError("expected at least 1 second (WebSocket ping timers have 1-second granularity)")
+    return seconds
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*(|b|k|kb|kib|m|mb|mib|g|gb|gib)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1 << 20, "mb": 10**6,
+          "mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30}
+
+
+def parse_size(value: Any) -> int:
+    """Bytes, as an integer or a string such as "16MiB" or "512k"."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = _SIZE.match(value) if isinstance(value, str) else None
+    if match is None or int(match.group(1)) == 0:
+        raise ValueError('expected a positive size in bytes, e.g. 16777216 or "16MiB"')
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+def parse_count(value: Any) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("expected a positive integer")
+    return value
+
+
+def parse_text(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("expected a non-empty string")
+    return value.strip()
+
+
+def parse_http_url(value: Any) -> str:
+    text = parse_text(value) if isinstance(value, str) else None
+    parts = urlsplit(text) if text else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected an http:// or https:// URL")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError("expected an http:// or https:// URL with a valid port") from None
+    return text
+
+
+def parse_csp_source(value: Any) -> str:
+    """A domain for a widget CSP (`https://api.example.com`, `*.cdn.example`); nothing that could
+    end the directive or start another."""
+    text = parse_text(value)
+    if any(c.isspace() or c in ";,'\"" for c in text):
+        raise ValueError("expected a domain or origin such as https://api.example.com")
+    return text
+
+
+def parse_origin(value: Any) -> str:
+    """A public origin, `https://host[:port]`; a bare host name means https."""
+    text = parse_text(value)
+    if "://" not in text:
+        text = "https://" + text
+    parts = urlsplit(text)
+    try:
+        parts.port
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname \
+            or parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError("expected an origin such as https://app.example.com")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def parse_list(item: Callable[[Any], Any]) -> Callable[[Any], tuple]:
+    """A TOML array, a repeated CLI option, or a comma-separated string."""
+
+    def parse(value: Any) -> tuple:
+        if isinstance(value, str):
+            value = [part for part in value.split(",") if part.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError("expected a list of strings")
+        return tuple(item(v) for v in value)
+
+    return parse
+
+
+def parse_choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise ValueError("expected one of " + ", ".join(show_value(c) for c in choices))
+        return value
+
+    return parse
+
+
+# --- the merge
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its name in the settings mapping and where it may come from."""
+
+    name: str
+    parse: Callable[[Any], Any]
+    default: Any = None
+    path: tuple[str, ...] | None = None
+    legacy: tuple[tuple[str, ...], ...] = ()
+    env: str | None = None
+    option: str | None = None
+
+
+@dataclass(frozen=True)
+class Loaded:
+    values: dict[str, Any]
+    path: Path | None
+    document: dict[str, Any]
+    warnings: tuple[str, ...]
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+
+def find_config(explicit: str | None, cwd: Path) -> Path | None:
+    """`--config PATH`, else `mcpr.toml` in the current directory or its nearest parent."""
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError(f"--config: no such file: {explicit}")
+        return path
+    for folder in (cwd, *cwd.parents):
+        candidate = folder / CONFIG_NAME
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_config(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+
+
+def _lookup(document: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    node: Any = document
+    for part in path:
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _flatten(document: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterable[tuple[str, ...]]:
+    for key, value in document.items():
+        path = prefix + (key,)
+        if isinstance(value, Mapping):
+            yield from _flatten(value, path)
+        else:
+            yield path
+
+
+def unknown_keys(document: Mapping[str, Any], known: Iterable[tuple[str, ...]]) -> list[str]:
+    """Dotted names of keys nobody reads; anything under a known table path counts as read."""
+    known = set(known)
+    return [
+        ".".join(path)
+        for path in _flatten(document)
+        if not any(path[:i] in known for i in range(1, len(path) + 1))
+    ]
+
+
+def merge(
+    settings: Sequence[Setting],
+    cli: Mapping[str, Any],
+    env: Mapping[str, str],
+    document: Mapping[str, Any],
+    source: str,
+) -> dict[str, Any]:
+    """Apply CLI > environment > file > default to every setting, validating each winner."""
+    values: dict[str, Any] = {}
+    for s in settings:
+        raw, where = cli.get(s.name), f"option --{s.option or s.name.replace('_', '-')}"
+        if raw is None and s.env and env.get(s.env):
+            raw, where = env[s.env], f"environment variable {s.env}"
+        if raw is None:
+            for path in ((s.path,) if s.path else ()) + s.legacy:
+                found = _lookup(document, path)
+                if found is not None:
+                    raw, where = found, f"{source}: key '{'.'.join(path)}'"
+                    break
+        if raw is None:
+            values[s.name] = s.default
+            continue
+        try:
+            values[s.name] = s.parse(raw)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}, got {show_value(raw)}") from None
+    return values
+
+
+def load(
+    settings: Sequence[Setting],
+    cli: Mapping[str, Any],
+    *,
+    config: str | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    known: Iterable[tuple[str, ...]] = (),
+) -> Loaded:
+    env = os.environ if env is None else env
+    path = find_config(config, Path.cwd() if cwd is None else cwd)
+    document = read_config(path)
+    source = str(path) if path else CONFIG_NAME
+    values = merge(settings, cli, env, document, source)
+    paths = [p for s in settings for p in ((s.path,) if s.path else ()) + s.legacy]
+    warnings = tuple(
+        f"{source}: unknown key '{key}' (ignored)"
+        for key in unknown_keys(document, [*paths, *known])
+    )
+    return Loaded(values, path, document, warnings)
+
+
+def array_of_tables(document: Mapping[str, Any], path: tuple[str, ...], source: str, keys: Iterable[str],
+                     what: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each `[[path]]` table with the prefix its errors start with; unknown keys are errors here,
+    since a misspelt key in such a table silently changes what it grants."""
+    entries = _lookup(document, path)
+    if entries is None:
+        return
+    name = ".".join(path)
+    if not isinstance(entries, list):
+        raise ConfigError(f"{source}: key '{name}': expected [[{name}]] tables")
+    allowed = set(keys)
+    for i, entry in enumerate(entries):
+        where = f"{source}: key '{name}[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}': expected a table with {what}")
+        unknown = set(entry) - allowed
+        if unknown:
+            raise ConfigError(f"{where}': unknown key(s) {', '.join(sorted(unknown))}")
+        yield where, entry

@@ -1,0 +1,172 @@
+"""The gateway's settings (`twist mcpr`): its table, `[[csp.widget]]` and the widget source."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from mcpr.common.settings import (
+    CONFIG_NAME,
+    DEFAULT_MAX_BODY,
+    ConfigError,
+    Setting,
+    array_of_tables,
+    load,
+    parse_bool,
+    parse_choice,
+    parse_csp_source,
+    parse_http_url,
+    parse_list,
+    parse_origin,
+    parse_ping_seconds,
+    parse_port,
+    parse_seconds,
+    parse_size,
+    parse_text,
+    show_value,
+)
+from mcpr.proxy.rewrite.csp import CspPolicy, WidgetRule
+
+DEFAULT_PORT = 3000
+
+GATEWAY_SETTINGS: tuple[Setting, ...] = (
+    Setting("mcp", parse_http_url, None, ("mcp",)),
+    Setting("port", parse_port, DEFAULT_PORT, ("port",)),
+    Setting("listen", parse_list(parse_text), (), ("listen",)),
+    Setting("widgets", parse_text, None, ("widgets",)),
+    Setting("csp_mode", parse_choice("extend", "override"), "extend", ("csp", "mode"), option="csp-mode"),
+    Setting("csp_domains", parse_list(parse_csp_source), (), ("csp", "domains"), option="csp"),
+    Setting("csp_domain", parse_origin, None, ("csp", "domain")),
+    Setting("relay_url", parse_http_url, None, ("tunnel", "relay_url"), (("relay_url",),), "MCPR_RELAY_URL"),
+    Setting("tunnel_enabled", parse_bool, True, ("tunnel", "enabled")),
+    Setting("no_tunnel", parse_bool, False, ("no_tunnel",)),
+    Setting("tunnel_token", parse_text, None, ("tunnel", "token"), (("tunnel_token",),), "MCPR_TUNNEL_TOKEN"),
+    Setting("tunnel_subdomain", parse_text, None, ("tunnel", "subdomain"), (("tunnel_subdomain",),),
+            "MCPR_TUNNEL_SUBDOMAIN", option="subdomain"),
+    Setting("tunnel_ping_interval", parse_ping_seconds, 20.0, ("tunnel", "ping_interval")),
+    Setting("tunnel_ping_timeout", parse_ping_seconds, 10.0, ("tunnel", "ping_timeout")),
+    Setting("events", parse_text, None, ("events",)),
+    Setting("upstream_timeout", parse_seconds, 30.0, ("upstream_timeout",)),
+    Setting("max_request_body", parse_size, DEFAULT_MAX_BODY, ("max_request_body",)),
+)
+
+# Keys the gateway does not read but that may legitimately share its file.
+SHARED_KEYS: tuple[tuple[str, ...], ...] = (("mode",), ("relay",), ("relay_domain",))
+# Tables `load_gateway` reads itself, outside the settings table.
+GATEWAY_TABLES: tuple[tuple[str, ...], ...] = (("csp", "widget"),)
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    mcp: str
+    listen: tuple[str, ...]
+    widgets: str | None
+    csp_mode: str
+    csp_domains: tuple[str, ...]
+    csp_domain: str | None
+    relay_url: str | None
+    tunnel_token: str | None
+    tunnel_subdomain: str | None
+    tunnel_ping_interval: float
+    tunnel_ping_timeout: float
+    events: str | None
+    upstream_timeout: float
+    max_request_body: int
+    config_path: Path | None
+    csp_widgets: tuple[WidgetRule, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def tunnel(self) -> bool:
+        return self.relay_url is not None
+
+    @property
+    def csp(self) -> CspPolicy:
+        return CspPolicy(self.csp_mode, self.csp_domains, self.csp_domain, self.csp_widgets)
+
+
+_WIDGET_DIRECTIVES = ("domains", "connect_domains", "resource_domains", "frame_domains")
+
+
+def _csp_widgets(document: Mapping[str, Any], source: str) -> tuple[WidgetRule, ...]:
+    """`[[csp.widget]]` entries: `match` (a glob on the widget URI), `mode`, and per-directive domains."""
+    rules = []
+    for where, entry in array_of_tables(document, ("csp", "widget"), source,
+                                         ("match", "mode", *_WIDGET_DIRECTIVES), "match and domains"):
+        values: dict[str, Any] = {}
+        for key, parse in (("match", parse_text), ("mode", parse_choice("extend", "override")),
+                           *((d, parse_list(parse_csp_source)) for d in _WIDGET_DIRECTIVES)):
+            if key in entry:
+                try:
+                    values[key] = parse(entry[key])
+                except ValueError as e:
+                    raise ConfigError(f"{where}.{key}': {e}, got {show_value(entry[key])}") from None
+        if "match" not in values:
+            raise ConfigError(f"{where}.match': expected a glob on the widget URI, e.g. \"ui://widget/*\"")
+        both = values.get("domains", ())
+        rules.append(WidgetRule(values["match"], values.get("mode"),
+                                connect=both + values.get("connect_domains", ()),
+                                resource=both + values.get("resource_domains", ()),
+                                frame=values.get("frame_domains", ())))
+    return tuple(rules)
+
+
+def _widgets_source(value: str | None, from_cli: bool, source: str, config_path: Path | None,
+                    cwd: Path) -> str | None:
+    """`widgets`: a dev server URL as is, or a folder made absolute (a path in the file is
+    relative to the file, one on the command line to the working directory)."""
+    if value is None:
+        return None
+    from_file = not from_cli and config_path is not None
+    where = f"{source}: key 'widgets'" if from_file else "option --widgets"
+    if value.startswith(("http://", "https://")):
+        try:
+            return parse_http_url(value)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}, got {show_value(value)}") from None
+    folder = ((config_path.parent if from_file and config_path else cwd) / value).resolve()
+    if not folder.is_dir():
+        raise ConfigError(f"{where}: expected a widget dev server URL or a folder, no such folder: {folder}")
+    return str(folder)
+
+
+def load_gateway(
+    cli: Mapping[str, Any],
+    *,
+    config: str | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> GatewaySettings:
+    cwd = Path.cwd() if cwd is None else cwd
+    loaded = load(GATEWAY_SETTINGS, cli, config=config, env=env, cwd=cwd, known=SHARED_KEYS + GATEWAY_TABLES)
+    v = loaded.values
+    source = str(loaded.path) if loaded.path else CONFIG_NAME
+    mode = loaded.document.get("mode")
+    if mode == "relay":
+        raise ConfigError(f"{source}: key 'mode': this file configures a relay; run `twist mcpr-relay`")
+    if mode not in (None, "gateway"):
+        raise ConfigError(f"{source}: key 'mode': expected \"gateway\" or \"relay\", got {show_value(mode)}")
+    if v["mcp"] is None:
+        raise ConfigError(f"no MCP server URL: pass --mcp URL or set 'mcp' in {CONFIG_NAME}")
+    listen = v["listen"] or (f"tcp:{v['port']}:interface=127.0.0.1",)
+    tunnel_on = v["tunnel_enabled"] and not v["no_tunnel"]
+    return GatewaySettings(
+        mcp=v["mcp"],
+        listen=listen,
+        widgets=_widgets_source(v["widgets"], cli.get("widgets") is not None, source, loaded.path, cwd),
+        csp_mode=v["csp_mode"],
+        csp_domains=v["csp_domains"],
+        csp_domain=v["csp_domain"],
+        relay_url=v["relay_url"] if tunnel_on else None,
+        tunnel_token=v["tunnel_token"],
+        tunnel_subdomain=v["tunnel_subdomain"],
+        tunnel_ping_interval=v["tunnel_ping_interval"],
+        tunnel_ping_timeout=v["tunnel_ping_timeout"],
+        events=v["events"],
+        upstream_timeout=v["upstream_timeout"],
+        max_request_body=v["max_request_body"],
+        config_path=loaded.path,
+        csp_widgets=_csp_widgets(loaded.document, source),
+        warnings=loaded.warnings,
+    )

@@ -1,0 +1,1 @@
+"""Everything the gateway changes in a response: the plan, and the rewriters it picks."""

@@ -1,0 +1,1 @@
+"""The relay's ends of tunnels, one module per wire protocol, behind one contract."""
