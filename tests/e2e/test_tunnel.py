@@ -11,47 +11,19 @@ import stat
 import time
 from pathlib import Path
 
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import TestCase
 from twisted.web.client import FileBodyProducer, ResponseDone, readBody
 from twisted.web.http_headers import Headers
 
-from tests.legacy_client import LegacyGateway
-from tests.loopback import ROOT, Process, client_agent, free_port, python, sleep, twist
-from tests.test_e2e_gateway import run_session, start_upstream
-from tests.test_relay_tls import INTERMEDIATE, escape, full_chain, issue, pem, write
-from tests.test_relay_tls import ROOT as TEST_CA
+from tests.support.certificates import CA as TEST_CA
+from tests.support.certificates import INTERMEDIATE, escape, full_chain, issue, pem, write
+from tests.support.legacy_gateway import LegacyGateway
+from tests.support.loopback import client_agent, sleep
+from tests.support.processes import ROOT, PeakRSS, Process, free_port, python, run_session, start_upstream, twist
 
 DOMAIN = "localhost"
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
-class PeakRSS:
-    """Samples a process's resident memory every 20 ms while a transfer runs."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.start = rss_kib(pid)
-        self.peak = self.start
-        self._call = reactor.callLater(0.02, self._sample)
-
-    def _sample(self) -> None:
-        self.peak = max(self.peak, rss_kib(self.pid))
-        self._call = reactor.callLater(0.02, self._sample)
-
-    def stop(self) -> int:
-        """Growth in MiB."""
-        if self._call.active():
-            self._call.cancel()
-        return (self.peak - self.start) // 1024
 
 
 class Drain(Protocol):
@@ -125,7 +97,7 @@ class TunnelTestBase(TestCase):
         return gateway, url, cwd
 
     def start_bulk(self) -> int:
-        bulk = Process(self, python(str(ROOT / "tests" / "bulk_server.py")), name="bulk")
+        bulk = Process(self, python(str(ROOT / "tests" / "support" / "bulk_server.py")), name="bulk")
         return int(bulk.wait_for("LISTENING").split()[-1])
 
     def host(self, url: str) -> str:
@@ -450,7 +422,6 @@ class TunnelResilienceTests(TunnelTestBase):
 
 def _body(message: dict) -> FileBodyProducer:
     return FileBodyProducer(io.BytesIO(json.dumps(message).encode()))
-
 
 
 class SecureRelayTests(TunnelTestBase):

@@ -14,7 +14,7 @@ from twisted.trial.unittest import TestCase
 
 from mcpr.gateway.reload import ReloadService, changed_keys
 from mcpr.gateway.settings import load_gateway
-from tests.loopback import sleep
+from tests.support.loopback import sleep
 
 BASE = 'mcp = "http://localhost:9000/mcp"\n'
 

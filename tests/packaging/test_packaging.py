@@ -46,7 +46,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from mcpr.relay.settings import RELAY_SETTINGS, load_relay
 from mcpr.relay.tap import Options as RelayOptions
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RELAY_UNIT = ROOT / "systemd" / "mcpr-relay.service"
 GATEWAY_UNIT = ROOT / "systemd" / "mcpr@.service"
 CONFFILE = ROOT / "etc" / "mcpr" / "relay.toml"

@@ -27,7 +27,8 @@ from mcpr.relay.auth import (
     parse_static_token,
 )
 from mcpr.relay.identity import open_subdomain, owner_id, token_hint
-from tests.loopback import TrackingSite, free_port, listen
+from tests.support.loopback import TrackingSite, listen
+from tests.support.processes import free_port
 
 TOKEN = "tok-3f9a1c-secret-value"
 SECRET = "relay-shared-secret"

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import TestCase
 from twisted.web.client import FileBodyProducer, ResponseDone, readBody
 from twisted.web.http_headers import Headers
@@ -17,7 +16,8 @@ from twisted.web.server import NOT_DONE_YET
 
 from mcpr.gateway.settings import load_gateway
 from mcpr.gateway.tap import build_resource, build_site
-from tests.loopback import TrackingSite, client_agent, listen, sleep, track
+from tests.support.collect import Collect
+from tests.support.loopback import TrackingSite, client_agent, listen, sleep, track
 
 
 class FakeUpstream(Resource):
@@ -98,29 +98,6 @@ class FakeUpstream(Resource):
                                "error": {"code": -32602, "message": "no such tool"}}).encode()
         request.setHeader(b"content-type", b"application/json")
         return json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": {"echo": message}}).encode()
-
-
-class Collect(Protocol):
-    """Records each chunk as it arrives, and how the body ended."""
-
-    def __init__(self) -> None:
-        self.chunks: list[bytes] = []
-        self.arrived: Deferred | None = None
-        self.done: Deferred = Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.chunks.append(data)
-        if self.arrived is not None:
-            d, self.arrived = self.arrived, None
-            d.callback(data)
-
-    def next_chunk(self) -> Deferred:
-        self.arrived = Deferred()
-        return self.arrived
-
-    def connectionLost(self, reason) -> None:
-        self.reason = reason
-        self.done.callback(None)
 
 
 class ProxyTests(TestCase):

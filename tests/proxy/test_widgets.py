@@ -18,8 +18,8 @@ from twisted.web.http_headers import Headers
 from mcpr.gateway.settings import load_gateway
 from mcpr.gateway.tap import build_resource, build_site
 from mcpr.proxy.widgets import WidgetFolder, substitute_html, widget_name
-from tests.edge_upstream import UPSTREAM_HTML, WIDGET_URI, DevServer, EdgeUpstream
-from tests.loopback import TrackingSite, client_agent, listen, track
+from tests.support.edge_upstream import UPSTREAM_HTML, WIDGET_URI, DevServer, EdgeUpstream
+from tests.support.loopback import TrackingSite, client_agent, listen, track
 
 PUBLIC = "https://abc.tunnel.example.com"
 LOCAL_HTML = '<!doctype html><div id="root"></div><script type="module" src="/assets/app.js"></script>\n'

@@ -18,8 +18,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from mcpr.relay.identity import open_subdomain
-from tests.legacy_client import Closed, LegacyGateway, body_of
-from tests.loopback import Process, client_agent, sleep, twist
+from tests.support.legacy_gateway import Closed, LegacyGateway, body_of
+from tests.support.loopback import client_agent, sleep
+from tests.support.processes import Process, twist
 
 DOMAIN = "tunnel.test"
 

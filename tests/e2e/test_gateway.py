@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import socket
 import sys
 from pathlib import Path
@@ -16,32 +15,8 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
-from tests.loopback import ROOT, Process, client_agent, python, twist
-
-
-def start_upstream(testcase) -> tuple[Process, str]:
-    server = Process(testcase, python(str(ROOT / "examples" / "demo_server.py"), "--port", "0"), name="server")
-    url = server.wait_for("LISTENING").split()[-1]
-    return server, url
-
-
-def start_gateway(testcase, mcp: str, *extra: str, cwd: Path | None = None) -> tuple[Process, str]:
-    if cwd is None:
-        cwd = Path(testcase.mktemp())
-        cwd.mkdir()
-    gateway = Process(testcase, twist("mcpr", "--mcp", mcp, "--listen", "tcp:0:interface=127.0.0.1", *extra),
-                      name="gateway", cwd=str(cwd))
-    line = gateway.wait_for(" -> " + mcp)
-    address = re.search(r"http://(127\.0\.0\.1:\d+)", line).group(1)
-    return gateway, f"http://{address}"
-
-
-async def run_session(url: str, *args: str) -> dict:
-    out, err, code = await getProcessOutputAndValue(
-        sys.executable, [str(ROOT / "examples" / "mcp_session.py"), url, "--json", *args], env=dict(os.environ))
-    if code != 0:
-        raise AssertionError(f"client failed ({code}): {err.decode()}\n{out.decode()}")
-    return json.loads(out)
+from tests.support.loopback import client_agent
+from tests.support.processes import run_session, start_gateway, start_upstream
 
 
 class GatewayEndToEndTests(TestCase):

@@ -18,9 +18,10 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from tests.legacy_client import LegacyGateway
-from tests.loopback import Process, client_agent, sleep, twist
-from tests.test_relay_tls import TRUST, escape, full_chain, leaf, write
+from tests.support.certificates import TRUST, escape, full_chain, leaf, write
+from tests.support.legacy_gateway import LegacyGateway
+from tests.support.loopback import client_agent, sleep
+from tests.support.processes import Process, twist
 
 DOMAIN = "tunnel.example.test"
 

@@ -16,8 +16,8 @@ from twisted.web.client import FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
 from mcpr.proxy.sse import SSEParser
-from tests.loopback import Process, client_agent, free_port, sleep, twist
-from tests.test_e2e_gateway import start_gateway, start_upstream
+from tests.support.loopback import client_agent, sleep
+from tests.support.processes import Process, free_port, start_gateway, start_upstream, twist
 
 WIDGET_URI = "ui://widget/greeting.html"
 LOCAL_HTML = '<!doctype html><div id="greeting"></div><script type="module" src="/greeting.js"></script>\n'

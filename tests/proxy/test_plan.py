@@ -20,9 +20,9 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 
 from mcpr.gateway.settings import load_gateway
 from mcpr.gateway.tap import build_resource, build_site
-from tests.edge_upstream import EdgeUpstream
-from tests.loopback import TrackingSite, client_agent, listen, track
-from tests.test_proxy import Collect
+from tests.support.collect import Collect
+from tests.support.edge_upstream import EdgeUpstream
+from tests.support.loopback import TrackingSite, client_agent, listen, track
 
 PUBLIC = "https://abc.tunnel.example.com"
 

@@ -16,7 +16,8 @@ from twisted.web.server import Site
 
 from mcpr.gateway.tunnel import Backoff, TunnelClient, websocket_url
 from mcpr.proxy.events import EventLog
-from tests.loopback import Process, TrackingSite, free_port, listen, sleep, twist
+from tests.support.loopback import TrackingSite, listen, sleep
+from tests.support.processes import Process, free_port, twist
 
 
 class BackoffTests(SynchronousTestCase):

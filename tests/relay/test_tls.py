@@ -9,18 +9,13 @@ root, which Twisted 26.10's own `tls:` endpoint loops on for ever.
 from __future__ import annotations
 
 import functools
-import os
 import threading
 from collections.abc import Callable, Coroutine
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL.SSL import Connection
 from service_identity import VerificationError
 from twisted.internet import reactor
@@ -28,7 +23,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Protocol
-from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, globalLogPublisher
@@ -47,82 +42,11 @@ from mcpr.relay.tls import (
     is_tls_description,
     tls_endpoint,
 )
+from tests.support.certificates import CA, INTERMEDIATE, TRUST, cn, escape, full_chain, issue, leaf, pem, write
 
 WILDCARD = "*.tunnel.example.test"
 OTHER = "other.example.test"
 BODY = b"hello over tls\n"
-NOW = datetime.now(timezone.utc)
-
-
-def pem(*objects: Any) -> bytes:
-    out = b""
-    for obj in objects:
-        if isinstance(obj, x509.Certificate):
-            out += obj.public_bytes(Encoding.PEM)
-        else:
-            out += obj.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
-    return out
-
-
-Issued = tuple[ec.EllipticCurvePrivateKey, x509.Certificate]
-
-
-def issue(subject: str, issuer: tuple[ec.EllipticCurvePrivateKey, x509.Name] | None = None, *,
-          names: tuple[str, ...] = (), ca: bool = False, days: int = 30,
-          key: ec.EllipticCurvePrivateKey | None = None) -> Issued:
-    """A certificate (self-signed when `issuer` is None) and its key (a fresh P-256 one by default)."""
-    key = key or ec.generate_private_key(ec.SECP256R1())
-    name = cn(subject)
-    signer_key, signer_name = issuer or (key, name)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(signer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - timedelta(hours=1))
-        .not_valid_after(NOW + timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-    )
-    if issuer is not None:
-        builder = builder.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(signer_key.public_key()), critical=False)
-    if ca:
-        builder = builder.add_extension(x509.KeyUsage(
-            digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-            key_encipherment=False, data_encipherment=False, key_agreement=False,
-            encipher_only=False, decipher_only=False), critical=True)
-    else:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False,
-        ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-    return key, builder.sign(signer_key, hashes.SHA256())
-
-
-def cn(name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-
-
-ROOT = issue("mcpr test root", ca=True)
-INTERMEDIATE = issue("mcpr test intermediate", (ROOT[0], ROOT[1].subject), ca=True)
-TRUST = Certificate.loadPEM(pem(ROOT[1]))
-
-
-def leaf(name: str, days: int = 30) -> Issued:
-    return issue(name, (INTERMEDIATE[0], INTERMEDIATE[1].subject), names=(name,), days=days)
-
-
-def write(directory: Path, filename: str, content: bytes) -> None:
-    """Atomically (write, then rename), as a careful deploy hook does."""
-    temporary = directory / (filename + ".tmp")
-    temporary.write_bytes(content)
-    os.replace(temporary, directory / filename)
-
-
-def full_chain(issued: Issued) -> bytes:
-    """Key, leaf, intermediate and the self-signed root, all in one file."""
-    return pem(issued[0], issued[1], INTERMEDIATE[1], ROOT[1])
 
 
 def served_serial(store: CertificateStore, name: str) -> int:
@@ -279,11 +203,6 @@ def deferred(test: Callable[[Any], Coroutine[Any, Any, None]]) -> Callable[[Any]
     return run
 
 
-def escape(path: Path) -> str:
-    """Endpoint-string escaping, as for any Twisted endpoint."""
-    return str(path).replace("\\", "\\\\").replace(":", "\\:")
-
-
 def certificate_directory(testcase: SynchronousTestCase) -> Path:
     """The wildcard in one file (key, leaf, intermediate and the root), OTHER as separate
     .crt/.key files.  The directory's name has a colon, to exercise endpoint-string escaping."""
@@ -298,8 +217,8 @@ def certificate_directory(testcase: SynchronousTestCase) -> Path:
 
 def add_awkward_files(directory: Path) -> None:
     """Files a real directory may hold beside the certificates, none of them servable."""
-    write(directory, "root.pem", pem(ROOT[1]))
-    write(directory, "intermediate.crt", pem(INTERMEDIATE[1], ROOT[1]))
+    write(directory, "root.pem", pem(CA[1]))
+    write(directory, "intermediate.crt", pem(INTERMEDIATE[1], CA[1]))
     write(directory, "broken.pem", b"-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
     write(directory, "empty.key", b"")
 
@@ -443,7 +362,7 @@ class StoreTests(SynchronousTestCase):
     def test_first_load_says_why_files_were_unusable(self) -> None:
         directory = Path(self.mktemp())
         directory.mkdir()
-        write(directory, "ca.pem", pem(*ROOT))  # a CA is never served, even with its key
+        write(directory, "ca.pem", pem(*CA))  # a CA is never served, even with its key
         error = self.assertRaises(CertificateDirectoryError, CertificateStore, directory, InlineThreads())
         self.assertEqual(str(error), f"no usable certificate in {directory} "
                                      "(ca.pem: private key without a matching server certificate)")

@@ -8,7 +8,7 @@ SSE stream whose client disconnect is observable.
     GET  /broken        some bytes, then the connection is cut
     GET  /cookies       two Set-Cookie headers, and the request's hop-by-hop headers echoed
 
-Run: python tests/bulk_server.py  -> prints "LISTENING <port>".
+Run: python tests/support/bulk_server.py  -> prints "LISTENING <port>".
 """
 
 from __future__ import annotations

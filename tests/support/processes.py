@@ -1,0 +1,125 @@
+"""Real child processes for end-to-end tests: the daemons under `twist`, the example MCP server,
+the SDK client; their output goes to a file that the test can wait on and show on failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from twisted.internet import reactor
+from twisted.internet.utils import getProcessOutputAndValue
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Process:
+    """A real child process whose output is captured to a file, stopped at cleanup."""
+
+    def __init__(self, testcase, args: list[str], *, name: str, cwd: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.log_path = Path(testcase.mktemp() + f"-{name}.log")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_path.open("wb")
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.popen = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, cwd=cwd,
+                                      env=full_env, stdin=subprocess.DEVNULL)
+        testcase.addCleanup(self.stop)
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for(self, needle: str, timeout: float = 20.0) -> str:
+        """Block until `needle` appears in the output (start-up only; the reactor is not running
+        anything of ours yet); returns the line that holds it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.output().splitlines():
+                if needle in line:
+                    return line
+            if self.popen.poll() is not None:
+                raise AssertionError(f"process exited ({self.popen.returncode}):\n{self.output()}")
+            time.sleep(0.05)
+        raise AssertionError(f"{needle!r} not seen within {timeout} s:\n{self.output()}")
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self._log.close()
+
+
+def python(*args: str) -> list[str]:
+    return [sys.executable, *args]
+
+
+def twist(*args: str) -> list[str]:
+    return [sys.executable, "-m", "twisted", "--log-format=text", *args]
+
+
+def start_upstream(testcase) -> tuple[Process, str]:
+    server = Process(testcase, python(str(ROOT / "examples" / "demo_server.py"), "--port", "0"), name="server")
+    url = server.wait_for("LISTENING").split()[-1]
+    return server, url
+
+
+def start_gateway(testcase, mcp: str, *extra: str, cwd: Path | None = None) -> tuple[Process, str]:
+    if cwd is None:
+        cwd = Path(testcase.mktemp())
+        cwd.mkdir()
+    gateway = Process(testcase, twist("mcpr", "--mcp", mcp, "--listen", "tcp:0:interface=127.0.0.1", *extra),
+                      name="gateway", cwd=str(cwd))
+    line = gateway.wait_for(" -> " + mcp)
+    address = re.search(r"http://(127\.0\.0\.1:\d+)", line).group(1)
+    return gateway, f"http://{address}"
+
+
+async def run_session(url: str, *args: str) -> dict:
+    out, err, code = await getProcessOutputAndValue(
+        sys.executable, [str(ROOT / "examples" / "mcp_session.py"), url, "--json", *args], env=dict(os.environ))
+    if code != 0:
+        raise AssertionError(f"client failed ({code}): {err.decode()}\n{out.decode()}")
+    return json.loads(out)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+class PeakRSS:
+    """Samples a process's resident memory every 20 ms while a transfer runs."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.start = rss_kib(pid)
+        self.peak = self.start
+        self._call = reactor.callLater(0.02, self._sample)
+
+    def _sample(self) -> None:
+        self.peak = max(self.peak, rss_kib(self.pid))
+        self._call = reactor.callLater(0.02, self._sample)
+
+    def stop(self) -> int:
+        """Growth in MiB."""
+        if self._call.active():
+            self._call.cancel()
+        return (self.peak - self.start) // 1024
+
