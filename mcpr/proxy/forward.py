@@ -12,7 +12,6 @@ from __future__ import annotations
 import socket
 from typing import IO, Callable
 
-from twisted.internet import error as neterror
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IConsumer, IPushProducer, IStreamClientEndpoint
@@ -34,6 +33,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from mcpr.common.failures import cancelled, describe
 from mcpr.common.web import no_delay
 
 
@@ -85,27 +85,6 @@ def body_producer(data: bytes | None, content: IO[bytes] | None) -> IBodyProduce
         content.seek(0)
         return FileBodyProducer(content)
     return None
-
-
-def _cancelled(e: BaseException) -> bool:
-    """Agent reports a cancelled request as ResponseNeverReceived([CancelledError])."""
-    if isinstance(e, CancelledError):
-        return True
-    return any(r.check(CancelledError) for r in getattr(e, "reasons", ()) or ())
-
-
-def describe(reason: BaseException) -> str:
-    if isinstance(reason, neterror.ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(reason, neterror.DNSLookupError):
-        return "host name lookup failed"
-    if isinstance(reason, (neterror.TimeoutError, neterror.ConnectingCancelledError)):
-        return "connect timed out"
-    reasons = getattr(reason, "reasons", None)
-    if reasons:
-        return describe(reasons[0].value)
-    text = str(reason) or type(reason).__name__
-    return text[:200]
 
 
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
@@ -213,7 +192,7 @@ class Forwarder:
         except Exception as e:
             if expired:
                 raise UpstreamTimeout(url, f"no response headers within {self._timeout:g} s") from None
-            if _cancelled(e):
+            if cancelled(e):
                 raise CancelledError() from None
             raise UpstreamUnavailable(url, describe(e)) from None
         finally:

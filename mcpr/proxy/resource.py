@@ -20,11 +20,12 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from mcpr.common.failures import describe
 from mcpr.proxy import headers as hdrs
 from mcpr.proxy import jsonrpc
 from mcpr.proxy.answers import AnswerWatcher, is_event_stream
 from mcpr.proxy.events import EventLog, RequestRecord
-from mcpr.proxy.forward import BodyPipe, Forwarder, UpstreamError, body_producer, describe
+from mcpr.proxy.forward import BodyPipe, Forwarder, UpstreamError, body_producer
 from mcpr.proxy.rewrite import plan as edge
 from mcpr.proxy.rewrite.csp import CspPolicy, CspRewriter
 from mcpr.proxy.rewrite.oauth import OriginMap

@@ -37,6 +37,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
+from mcpr.common.failures import cancelled, describe
 from mcpr.common.names import matches, parse_pattern, valid_label
 from mcpr.common.protocol import CloseCode, Refused
 from mcpr.relay.identity import open_subdomain, owner_id, token_hint
@@ -211,10 +212,10 @@ class Authenticator:
             status, body = await exchange
         except Exception as e:
             if deadline.active():
-                if _cancelled(e):
+                if cancelled(e):
                     # Our caller gave up (the client left): not the provider's fault.
                     raise CancelledError() from None
-                raise self._unavailable(hint, _describe(e)) from None
+                raise self._unavailable(hint, describe(e)) from None
             raise self._unavailable(hint, f"no answer within {self._timeout} s") from None
         finally:
             if deadline.active():
@@ -308,21 +309,6 @@ def _json(body: bytes) -> Any:
         return json.loads(body)
     except (ValueError, RecursionError):
         return None
-
-
-def _causes(error: Exception) -> list[BaseException]:
-    """`error`, or the causes a twisted.web ResponseFailed-like error wraps in `reasons`."""
-    reasons = getattr(error, "reasons", None)
-    return [f.value for f in reasons] if reasons else [error]
-
-
-def _cancelled(error: Exception) -> bool:
-    return any(isinstance(cause, CancelledError) for cause in _causes(error))
-
-
-def _describe(error: Exception) -> str:
-    """A one-line reason for a failed request, for the log."""
-    return "; ".join(f"{type(cause).__name__}: {cause}" for cause in _causes(error))
 
 
 class _TooLarge(Exception):
