@@ -191,9 +191,9 @@ class Setting:
     parse: Callable[[Any], Any]
     default: Any = None
     path: tuple[str, ...] | None = None
+    _: KW_ONLY
     legacy: tuple[tuple[str, ...], ...] = ()
     env: str | None = None
-    _: KW_ONLY
     help: str | None = None
     option: str | None = None
     flag: bool = False

@@ -45,7 +45,7 @@ def _parse_static_tokens(specs: Any) -> tuple[StaticToken, ...]:
 # The relay's settings, each declared once: `twist mcpr-relay`'s options, the keys of its config
 # file, the environment variables and the defaults all come from here.
 RELAY_SETTINGS: tuple[Setting, ...] = (
-    Setting("domain", parse_text, None, ("relay", "domain"), (("relay_domain",),),
+    Setting("domain", parse_text, None, ("relay", "domain"), legacy=(("relay_domain",),),
             help="Base domain, e.g. tunnel.example.com (alias --relay-domain).",
             aliases=(("relay-domain", "Alias of --domain (the original mcpr's spelling)."),)),
     Setting("port", parse_port, 8080, ("port",), help="Shorthand for --listen tcp:N (default 8080)."),
@@ -54,10 +54,10 @@ RELAY_SETTINGS: tuple[Setting, ...] = (
                  "(SNI over a PEM directory)."),
     Setting("static_tokens", _parse_static_tokens, (), option="static-token", repeatable=True, secret=True,
             help="TOKEN:PATTERN[,PATTERN] a gateway may register with (repeatable)."),
-    Setting("auth_provider", parse_http_url, None, ("relay", "auth_provider"), (), "MCPR_AUTH_PROVIDER",
+    Setting("auth_provider", parse_http_url, None, ("relay", "auth_provider"), env="MCPR_AUTH_PROVIDER",
             help="Auth provider base URL (env MCPR_AUTH_PROVIDER)."),
-    Setting("auth_provider_secret", parse_text, None, ("relay", "auth_provider_secret"), (),
-            "MCPR_AUTH_PROVIDER_SECRET", help="X-Relay-Secret for the provider (env MCPR_AUTH_PROVIDER_SECRET)."),
+    Setting("auth_provider_secret", parse_text, None, ("relay", "auth_provider_secret"),
+            env="MCPR_AUTH_PROVIDER_SECRET", help="X-Relay-Secret for the provider (env MCPR_AUTH_PROVIDER_SECRET)."),
     Setting("metrics", parse_text, None, ("relay", "metrics"),
             help="Endpoint for Prometheus metrics, e.g. tcp:9100:interface=127.0.0.1."),
     Setting("max_request_body", parse_size, DEFAULT_MAX_BODY, ("relay", "max_request_body"),
