@@ -44,7 +44,6 @@ from packaging.utils import canonicalize_name
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from mcpr.relay.settings import RELAY_SETTINGS, load_relay
-from mcpr.relay.tap import Options as RelayOptions
 
 ROOT = Path(__file__).resolve().parents[2]
 RELAY_UNIT = ROOT / "systemd" / "mcpr-relay.service"
@@ -158,25 +157,6 @@ class ReleaseTests(SynchronousTestCase):
         # The extras' dependencies are pinned too (twisted[tls,http2]).
         for name in ("pyopenssl", "service-identity", "idna", "h2", "priority"):
             self.assertIn(name, pins)
-
-
-class RelayCommandLineTests(SynchronousTestCase):
-    def options(self, *args: str) -> RelayOptions:
-        config = Path(self.mktemp())
-        config.write_text('mode = "relay"\n')
-        options = RelayOptions()
-        options.parseOptions(["--config", str(config), *args])
-        return options
-
-    def test_original_spelling(self) -> None:
-        """The Docker ENTRYPOINT is `twist ... mcpr-relay`, so the original mcpr's
-        `--relay --port 8080 --relay-domain D` must be accepted there too."""
-        settings = self.options("--relay", "--port", "8080", "--relay-domain", "tunnel.example.com")["settings"]
-        self.assertEqual(settings.domain, "tunnel.example.com")
-        self.assertEqual(settings.listen, ("tcp:8080",))
-
-    def test_relay_flag_is_optional(self) -> None:
-        self.assertEqual(self.options("--domain", "d.example")["settings"].domain, "d.example")
 
 
 class ConffileTests(SynchronousTestCase):
