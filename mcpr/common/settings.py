@@ -1,9 +1,12 @@
 """The settings engine: `mcpr.toml`, the environment and the command line, merged.
 
-One table of `Setting`s per program says where each value may come from; one
-merge function applies the priority CLI > environment > file > default, so the
-two programs cannot drift apart in how they treat their inputs.  Every error
-names the key and where the bad value came from, because a user reading
+One table of `Setting`s per program declares each setting once: its parser and
+default, its TOML key, its environment variable and its command-line option
+with the help text.  The program's `usage.Options` is generated from the same
+table (`options_from`, `cli_values`), and one merge function applies the
+priority CLI > environment > file > default, so the two programs cannot drift
+apart in how they treat their inputs, and a new setting is one line.  Every
+error names the key and where the bad value came from, because a user reading
 "invalid port" cannot tell which of three places to fix.
 """
 
@@ -13,10 +16,12 @@ import json
 import os
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 from urllib.parse import urlsplit
+
+from twisted.python import usage
 
 CONFIG_NAME = "mcpr.toml"
 
@@ -109,9 +114,9 @@ def parse_text(value: Any) -> str:
 
 
 def parse_http_url(value: Any) -> str:
-    text = parse_text(value) if isinstance(value, str) else None
-    parts = urlsplit(text) if text else None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+    text = parse_text(value) if isinstance(value, str) else ""
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("expected an http:// or https:// URL")
     try:
         parts.port
@@ -138,8 +143,8 @@ def parse_origin(value: Any) -> str:
     try:
         parts.port
     except ValueError:
-        parts = None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname \
+        raise ValueError("expected an origin such as https://app.example.com") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname \
             or parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ValueError("expected an origin such as https://app.example.com")
     return f"{parts.scheme}://{parts.netloc}"
@@ -172,15 +177,40 @@ def parse_choice(*choices: str) -> Callable[[Any], str]:
 
 @dataclass(frozen=True)
 class Setting:
-    """One setting: its name in the settings mapping and where it may come from."""
+    """One setting, declared once: its name in the settings mapping and everything about where it
+    may come from.
+
+    A setting with `help` is also a command-line option, spelt `option` or else its name with
+    dashes; one without is read from the environment and the file only.  A `flag` takes no
+    value; a `repeatable` option collects every occurrence into a list.  `aliases` are other
+    spellings of the option, each with its own help line.  The value of a `secret` setting is
+    never repeated in an error, since errors end up in logs.
+    """
 
     name: str
     parse: Callable[[Any], Any]
     default: Any = None
     path: tuple[str, ...] | None = None
+    _: KW_ONLY
     legacy: tuple[tuple[str, ...], ...] = ()
     env: str | None = None
+    help: str | None = None
     option: str | None = None
+    flag: bool = False
+    repeatable: bool = False
+    aliases: tuple[tuple[str, str], ...] = ()
+    secret: bool = False
+
+    def __post_init__(self) -> None:
+        if self.help is None and (self.option or self.flag or self.repeatable or self.aliases):
+            raise ValueError(f"setting {self.name}: command-line details without help text")
+        if self.flag and (self.repeatable or self.aliases):
+            raise ValueError(f"setting {self.name}: a flag takes no value, so it cannot repeat or have aliases")
+
+    @property
+    def spelling(self) -> str:
+        """The option's long name, which errors use too."""
+        return self.option or self.name.replace("_", "-")
 
 
 @dataclass(frozen=True)
@@ -258,7 +288,7 @@ def merge(
     """Apply CLI > environment > file > default to every setting, validating each winner."""
     values: dict[str, Any] = {}
     for s in settings:
-        raw, where = cli.get(s.name), f"option --{s.option or s.name.replace('_', '-')}"
+        raw, where = cli.get(s.name), f"option --{s.spelling}"
         if raw is None and s.env and env.get(s.env):
             raw, where = env[s.env], f"environment variable {s.env}"
         if raw is None:
@@ -273,7 +303,8 @@ def merge(
         try:
             values[s.name] = s.parse(raw)
         except ValueError as e:
-            raise ConfigError(f"{where}: {e}, got {show_value(raw)}") from None
+            got = "" if s.secret else f", got {show_value(raw)}"
+            raise ConfigError(f"{where}: {e}{got}") from None
     return values
 
 
@@ -318,3 +349,86 @@ def array_of_tables(document: Mapping[str, Any], path: tuple[str, ...], source: 
         if unknown:
             raise ConfigError(f"{where}': unknown key(s) {', '.join(sorted(unknown))}")
         yield where, entry
+
+
+def listen_endpoints(values: Mapping[str, Any], cli: Mapping[str, Any], port_endpoint: str, *,
+                     refuse_port_with_listen: bool) -> tuple[str, ...]:
+    """The `listen` endpoints, else the one that `port` is a shorthand for (`port_endpoint`
+    formatted with the port).
+
+    `--port` and `--listen` both on the command line is the one place the daemons' rules
+    differ: the relay refuses it, the gateway lets `--listen` win; the flag says which.
+    """
+    if refuse_port_with_listen and cli.get("port") is not None and cli.get("listen"):
+        raise ConfigError("--port and --listen both given: use --listen tcp:N alone")
+    return values["listen"] or (port_endpoint.format(port=values["port"]),)
+
+
+# --- the command line: `usage.Options` generated from the same table
+
+
+_Options = TypeVar("_Options", bound=usage.Options)
+
+
+def _store(option: str, doc: str) -> Callable[[usage.Options, str], None]:
+    def handler(self: usage.Options, value: str) -> None:
+        self[option] = value
+
+    handler.__doc__ = doc
+    return handler
+
+
+def _append(option: str, doc: str) -> Callable[[usage.Options, str], None]:
+    def handler(self: usage.Options, value: str) -> None:
+        self.setdefault(option, []).append(value)
+
+    handler.__doc__ = doc
+    return handler
+
+
+def options_from(table: Sequence[Setting]) -> Callable[[type[_Options]], type[_Options]]:
+    """A class decorator adding every command-line option of `table` to a `usage.Options`.
+
+    Parameters and flags join the class's own `optParameters`/`optFlags` (with no default: a
+    default there would hide the environment and the file); repeatable options and aliases
+    become `opt_*` handlers, whose docstrings are their help lines.
+    """
+
+    def build(cls: type[_Options]) -> type[_Options]:
+        parameters = list(cls.__dict__.get("optParameters", []))
+        flags = list(cls.__dict__.get("optFlags", []))
+        for s in table:
+            if s.help is None:
+                continue
+            if s.flag:
+                flags.append([s.spelling, None, s.help])
+            elif s.repeatable:
+                setattr(cls, "opt_" + s.spelling.replace("-", "_"), _append(s.spelling, s.help))
+            else:
+                parameters.append([s.spelling, None, None, s.help])
+            for alias, doc in s.aliases:
+                handler = (_append if s.repeatable else _store)(s.spelling, doc)
+                setattr(cls, "opt_" + alias.replace("-", "_"), handler)
+        # usage.Options reads these by name from each class of the MRO; its stubs do not declare them.
+        setattr(cls, "optParameters", parameters)
+        setattr(cls, "optFlags", flags)
+        return cls
+
+    return build
+
+
+def cli_values(table: Sequence[Setting], options: Mapping[str, Any]) -> dict[str, Any]:
+    """The command line parsed by an `options_from` class, as `merge` reads it: an option not
+    given is None, so the environment, the file and the default still apply."""
+    cli: dict[str, Any] = {}
+    for s in table:
+        if s.help is None:
+            continue
+        given = options.get(s.spelling)
+        if s.flag:
+            cli[s.name] = True if given else None
+        elif s.repeatable:
+            cli[s.name] = list(given) if given else None
+        else:
+            cli[s.name] = given
+    return cli

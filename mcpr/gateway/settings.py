@@ -12,6 +12,7 @@ from mcpr.common.settings import (
     ConfigError,
     Setting,
     array_of_tables,
+    listen_endpoints,
     load,
     parse_bool,
     parse_choice,
@@ -30,25 +31,37 @@ from mcpr.proxy.rewrite.csp import CspPolicy, WidgetRule
 
 DEFAULT_PORT = 3000
 
+# The gateway's settings, each declared once: `twist mcpr`'s options, the keys of mcpr.toml, the
+# environment variables and the defaults all come from here.
 GATEWAY_SETTINGS: tuple[Setting, ...] = (
-    Setting("mcp", parse_http_url, None, ("mcp",)),
-    Setting("port", parse_port, DEFAULT_PORT, ("port",)),
-    Setting("listen", parse_list(parse_text), (), ("listen",)),
-    Setting("widgets", parse_text, None, ("widgets",)),
-    Setting("csp_mode", parse_choice("extend", "override"), "extend", ("csp", "mode"), option="csp-mode"),
-    Setting("csp_domains", parse_list(parse_csp_source), (), ("csp", "domains"), option="csp"),
+    Setting("mcp", parse_http_url, None, ("mcp",), help="URL of the MCP server, e.g. http://localhost:9000/mcp."),
+    Setting("port", parse_port, DEFAULT_PORT, ("port",),
+            help="Local port for direct HTTP mode (default 3000, on 127.0.0.1)."),
+    Setting("listen", parse_list(parse_text), (), ("listen",), repeatable=True,
+            help="Endpoint to serve direct HTTP on, e.g. tcp:3000:interface=0.0.0.0 (repeatable)."),
+    Setting("widgets", parse_text, None, ("widgets",), help="Widget source: a dev server URL or a built folder."),
+    Setting("csp_mode", parse_choice("extend", "override"), "extend", ("csp", "mode"),
+            help="Widget CSP rewriting: extend (default) or override."),
+    Setting("csp_domains", parse_list(parse_csp_source), (), ("csp", "domains"), option="csp", repeatable=True,
+            help="Domain to add to widget CSPs (repeatable)."),
     Setting("csp_domain", parse_origin, None, ("csp", "domain")),
-    Setting("relay_url", parse_http_url, None, ("tunnel", "relay_url"), (("relay_url",),), "MCPR_RELAY_URL"),
+    Setting("relay_url", parse_http_url, None, ("tunnel", "relay_url"), legacy=(("relay_url",),),
+            env="MCPR_RELAY_URL", help="Relay to open a tunnel to (env MCPR_RELAY_URL)."),
     Setting("tunnel_enabled", parse_bool, True, ("tunnel", "enabled")),
-    Setting("no_tunnel", parse_bool, False, ("no_tunnel",)),
-    Setting("tunnel_token", parse_text, None, ("tunnel", "token"), (("tunnel_token",),), "MCPR_TUNNEL_TOKEN"),
-    Setting("tunnel_subdomain", parse_text, None, ("tunnel", "subdomain"), (("tunnel_subdomain",),),
-            "MCPR_TUNNEL_SUBDOMAIN", option="subdomain"),
+    Setting("no_tunnel", parse_bool, False, ("no_tunnel",), flag=True,
+            help="Do not open a tunnel even if a relay URL is configured."),
+    Setting("tunnel_token", parse_text, None, ("tunnel", "token"), legacy=(("tunnel_token",),),
+            env="MCPR_TUNNEL_TOKEN"),
+    Setting("tunnel_subdomain", parse_text, None, ("tunnel", "subdomain"), legacy=(("tunnel_subdomain",),),
+            env="MCPR_TUNNEL_SUBDOMAIN", option="subdomain",
+            help="Subdomain to ask the relay for (env MCPR_TUNNEL_SUBDOMAIN)."),
     Setting("tunnel_ping_interval", parse_ping_seconds, 20.0, ("tunnel", "ping_interval")),
     Setting("tunnel_ping_timeout", parse_ping_seconds, 10.0, ("tunnel", "ping_timeout")),
-    Setting("events", parse_text, None, ("events",)),
-    Setting("upstream_timeout", parse_seconds, 30.0, ("upstream_timeout",)),
-    Setting("max_request_body", parse_size, DEFAULT_MAX_BODY, ("max_request_body",)),
+    Setting("events", parse_text, None, ("events",), help="Write JSON-lines events to FILE, or '-' for stdout."),
+    Setting("upstream_timeout", parse_seconds, 30.0, ("upstream_timeout",),
+            help="Seconds to wait for the upstream's response headers (30)."),
+    Setting("max_request_body", parse_size, DEFAULT_MAX_BODY, ("max_request_body",),
+            help="Largest request body accepted, e.g. 16MiB (default)."),
 )
 
 # Keys the gateway does not read but that may legitimately share its file.
@@ -59,6 +72,9 @@ GATEWAY_TABLES: tuple[tuple[str, ...], ...] = (("csp", "widget"),)
 
 @dataclass(frozen=True)
 class GatewaySettings:
+    """The table's values (less `port`, `tunnel_enabled` and `no_tunnel`, which only shape
+    `listen` and `relay_url`) and what is read beside it."""
+
     mcp: str
     listen: tuple[str, ...]
     widgets: str | None
@@ -76,10 +92,6 @@ class GatewaySettings:
     config_path: Path | None
     csp_widgets: tuple[WidgetRule, ...] = ()
     warnings: tuple[str, ...] = ()
-
-    @property
-    def tunnel(self) -> bool:
-        return self.relay_url is not None
 
     @property
     def csp(self) -> CspPolicy:
@@ -140,7 +152,7 @@ def load_gateway(
 ) -> GatewaySettings:
     cwd = Path.cwd() if cwd is None else cwd
     loaded = load(GATEWAY_SETTINGS, cli, config=config, env=env, cwd=cwd, known=SHARED_KEYS + GATEWAY_TABLES)
-    v = loaded.values
+    v = dict(loaded.values)
     source = str(loaded.path) if loaded.path else CONFIG_NAME
     mode = loaded.document.get("mode")
     if mode == "relay":
@@ -149,24 +161,11 @@ def load_gateway(
         raise ConfigError(f"{source}: key 'mode': expected \"gateway\" or \"relay\", got {show_value(mode)}")
     if v["mcp"] is None:
         raise ConfigError(f"no MCP server URL: pass --mcp URL or set 'mcp' in {CONFIG_NAME}")
-    listen = v["listen"] or (f"tcp:{v['port']}:interface=127.0.0.1",)
-    tunnel_on = v["tunnel_enabled"] and not v["no_tunnel"]
-    return GatewaySettings(
-        mcp=v["mcp"],
-        listen=listen,
-        widgets=_widgets_source(v["widgets"], cli.get("widgets") is not None, source, loaded.path, cwd),
-        csp_mode=v["csp_mode"],
-        csp_domains=v["csp_domains"],
-        csp_domain=v["csp_domain"],
-        relay_url=v["relay_url"] if tunnel_on else None,
-        tunnel_token=v["tunnel_token"],
-        tunnel_subdomain=v["tunnel_subdomain"],
-        tunnel_ping_interval=v["tunnel_ping_interval"],
-        tunnel_ping_timeout=v["tunnel_ping_timeout"],
-        events=v["events"],
-        upstream_timeout=v["upstream_timeout"],
-        max_request_body=v["max_request_body"],
-        config_path=loaded.path,
-        csp_widgets=_csp_widgets(loaded.document, source),
-        warnings=loaded.warnings,
-    )
+    v["listen"] = listen_endpoints(v, cli, "tcp:{port}:interface=127.0.0.1", refuse_port_with_listen=False)
+    del v["port"]
+    enabled, no_tunnel = v.pop("tunnel_enabled"), v.pop("no_tunnel")
+    if no_tunnel or not enabled:
+        v["relay_url"] = None
+    v["widgets"] = _widgets_source(v["widgets"], cli.get("widgets") is not None, source, loaded.path, cwd)
+    return GatewaySettings(**v, config_path=loaded.path, csp_widgets=_csp_widgets(loaded.document, source),
+                           warnings=loaded.warnings)

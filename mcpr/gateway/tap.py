@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService, Service
@@ -16,10 +15,10 @@ from twisted.python import usage
 
 from mcpr import __version__
 from mcpr.common.service import ListeningService, address_of
-from mcpr.common.settings import ConfigError
+from mcpr.common.settings import ConfigError, cli_values, options_from
 from mcpr.common.web import CappedSite
 from mcpr.gateway.reload import ReloadService
-from mcpr.gateway.settings import GatewaySettings, load_gateway
+from mcpr.gateway.settings import GATEWAY_SETTINGS, GatewaySettings, load_gateway
 from mcpr.gateway.token import ensure_token
 from mcpr.gateway.tunnel import TunnelClient
 from mcpr.proxy.events import EventLog
@@ -33,7 +32,10 @@ log = Logger()
 HEARTBEAT_SECONDS = 30.0
 
 
+@options_from(GATEWAY_SETTINGS)
 class Options(usage.Options):
+    """`twist mcpr`'s options: the settings table's, plus `--config` and `--version`."""
+
     synopsis = "--mcp URL [--port N | --listen ENDPOINT ...] [options]"
     longdesc = (
         "Serve an MCP server through the MCP-aware proxy. Settings come from the command line, "
@@ -41,55 +43,18 @@ class Options(usage.Options):
         "or its parents), then defaults."
     )
     optFlags = [
-        ["no-tunnel", None, "Do not open a tunnel even if a relay URL is configured."],
         ["version", None, "Print the version and exit."],
     ]
     optParameters = [
-        ["mcp", None, None, "URL of the MCP server, e.g. http://localhost:9000/mcp."],
-        ["port", None, None, "Local port for direct HTTP mode (default 3000, on 127.0.0.1)."],
-        ["config", None, None, "Path of mcpr.toml (default: ./mcpr.toml or the nearest parent's)."],
-        ["events", None, None, "Write JSON-lines events to FILE, or '-' for stdout."],
-        ["widgets", None, None, "Widget source: a dev server URL or a built folder."],
-        ["csp-mode", None, None, "Widget CSP rewriting: extend (default) or override."],
-        ["relay-url", None, None, "Relay to open a tunnel to (env MCPR_RELAY_URL)."],
-        ["subdomain", None, None, "Subdomain to ask the relay for (env MCPR_TUNNEL_SUBDOMAIN)."],
-        ["upstream-timeout", None, None, "Seconds to wait for the upstream's response headers (30)."],
-        ["max-request-body", None, None, "Largest request body accepted, e.g. 16MiB (default)."],
+        ["config", "c", None, "Path of mcpr.toml (default: ./mcpr.toml or the nearest parent's)."],
     ]
-
-    def __init__(self) -> None:
-        super().__init__()
-        self["listen"] = []
-        self["csp"] = []
-
-    def opt_listen(self, endpoint: str) -> None:
-        """Endpoint to serve direct HTTP on, e.g. tcp:3000:interface=0.0.0.0 (repeatable)."""
-        self["listen"].append(endpoint)
-
-    def opt_csp(self, domain: str) -> None:
-        """Domain to add to widget CSPs (repeatable)."""
-        self["csp"].append(domain)
 
     def opt_version(self) -> None:
         print(f"mcpr {__version__}")
         sys.exit(0)
 
     def postOptions(self) -> None:
-        cli: dict[str, Any] = {
-            "mcp": self["mcp"],
-            "port": self["port"],
-            "listen": self["listen"] or None,
-            "events": self["events"],
-            "widgets": self["widgets"],
-            "csp_mode": self["csp-mode"],
-            "csp_domains": self["csp"] or None,
-            "relay_url": self["relay-url"],
-            "no_tunnel": True if self["no-tunnel"] else None,
-            "tunnel_subdomain": self["subdomain"],
-            "upstream_timeout": self["upstream-timeout"],
-            "max_request_body": self["max-request-body"],
-        }
-        self["cli"] = cli
+        self["cli"] = cli = cli_values(GATEWAY_SETTINGS, self)
         try:
             self["settings"] = load_gateway(cli, config=self["config"])
         except ConfigError as e:

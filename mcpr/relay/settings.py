@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 from mcpr.common.settings import (
     CONFIG_NAME,
@@ -13,6 +13,7 @@ from mcpr.common.settings import (
     ConfigError,
     Setting,
     array_of_tables,
+    listen_endpoints,
     load,
     parse_count,
     parse_http_url,
@@ -26,24 +27,59 @@ from mcpr.common.settings import (
 )
 from mcpr.relay.auth import StaticToken, parse_static_token
 
+_DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+
+
+def parse_domain(value: Any) -> str:
+    text = parse_text(value).lower().rstrip(".")
+    if not _DOMAIN.match(text):
+        raise ValueError("expected a DNS name such as tunnel.example.com")
+    return text
+
+
+def _parse_static_tokens(specs: Any) -> tuple[StaticToken, ...]:
+    """`--static-token` specs; the table marks them secret, so an error never repeats a token."""
+    return tuple(parse_static_token(spec) for spec in specs)
+
+
+# The relay's settings, each declared once: `twist mcpr-relay`'s options, the keys of its config
+# file, the environment variables and the defaults all come from here.
 RELAY_SETTINGS: tuple[Setting, ...] = (
-    Setting("domain", parse_text, None, ("relay", "domain"), (("relay_domain",),)),
-    Setting("port", parse_port, 8080, ("port",)),
-    Setting("listen", parse_list(parse_text), (), ("relay", "listen")),
-    Setting("auth_provider", parse_http_url, None, ("relay", "auth_provider"), (), "MCPR_AUTH_PROVIDER"),
-    Setting("auth_provider_secret", parse_text, None, ("relay", "auth_provider_secret"), (),
-            "MCPR_AUTH_PROVIDER_SECRET"),
-    Setting("metrics", parse_text, None, ("relay", "metrics")),
-    Setting("max_request_body", parse_size, DEFAULT_MAX_BODY, ("relay", "max_request_body")),
-    Setting("max_in_flight", parse_count, 256, ("relay", "max_in_flight")),
-    Setting("max_tunnels_per_token", parse_count, 8, ("relay", "max_tunnels_per_token")),
-    Setting("max_message_size", parse_size, 4 << 20, ("relay", "max_message_size")),
-    Setting("registration_timeout", parse_seconds, 10.0, ("relay", "registration_timeout")),
-    Setting("headers_timeout", parse_seconds, 30.0, ("relay", "headers_timeout")),
-    Setting("drain_timeout", parse_seconds, 30.0, ("relay", "drain_timeout")),
-    Setting("ping_interval", parse_ping_seconds, 20.0, ("relay", "ping_interval")),
-    Setting("ping_timeout", parse_ping_seconds, 10.0, ("relay", "ping_timeout")),
-    Setting("public_url", parse_text, None, ("relay", "public_url"), option="public-url"),
+    Setting("domain", parse_text, None, ("relay", "domain"), legacy=(("relay_domain",),),
+            help="Base domain, e.g. tunnel.example.com (alias --relay-domain).",
+            aliases=(("relay-domain", "Alias of --domain (the original mcpr's spelling)."),)),
+    Setting("port", parse_port, 8080, ("port",), help="Shorthand for --listen tcp:N (default 8080)."),
+    Setting("listen", parse_list(parse_text), (), ("relay", "listen"), repeatable=True,
+            help="Endpoint to serve on (repeatable): tcp:8080, or tls:/etc/mcpr/certs:port=443 "
+                 "(SNI over a PEM directory)."),
+    Setting("static_tokens", _parse_static_tokens, (), option="static-token", repeatable=True, secret=True,
+            help="TOKEN:PATTERN[,PATTERN] a gateway may register with (repeatable)."),
+    Setting("auth_provider", parse_http_url, None, ("relay", "auth_provider"), env="MCPR_AUTH_PROVIDER",
+            help="Auth provider base URL (env MCPR_AUTH_PROVIDER)."),
+    Setting("auth_provider_secret", parse_text, None, ("relay", "auth_provider_secret"),
+            env="MCPR_AUTH_PROVIDER_SECRET", help="X-Relay-Secret for the provider (env MCPR_AUTH_PROVIDER_SECRET)."),
+    Setting("metrics", parse_text, None, ("relay", "metrics"),
+            help="Endpoint for Prometheus metrics, e.g. tcp:9100:interface=127.0.0.1."),
+    Setting("max_request_body", parse_size, DEFAULT_MAX_BODY, ("relay", "max_request_body"),
+            help="Largest public request body (default 16MiB; 413 above)."),
+    Setting("max_in_flight", parse_count, 256, ("relay", "max_in_flight"),
+            help="Concurrent requests per tunnel (default 256; 503 above)."),
+    Setting("max_tunnels_per_token", parse_count, 8, ("relay", "max_tunnels_per_token"),
+            help="Tunnels one token may hold (default 8; close 4008 above)."),
+    Setting("max_message_size", parse_size, 4 << 20, ("relay", "max_message_size"),
+            help="Largest WebSocket message from a gateway (default 4MiB)."),
+    Setting("registration_timeout", parse_seconds, 10.0, ("relay", "registration_timeout"),
+            help="Seconds a new socket has to register (default 10)."),
+    Setting("headers_timeout", parse_seconds, 30.0, ("relay", "headers_timeout"),
+            help="Seconds to wait for a tunnel's response headers (default 30; 504)."),
+    Setting("drain_timeout", parse_seconds, 30.0, ("relay", "drain_timeout"),
+            help="Seconds to let in-flight requests finish on stop (default 30)."),
+    Setting("ping_interval", parse_ping_seconds, 20.0, ("relay", "ping_interval"),
+            help="Seconds between WebSocket pings (default 20)."),
+    Setting("ping_timeout", parse_ping_seconds, 10.0, ("relay", "ping_timeout"),
+            help="Seconds to wait for a pong before dropping a tunnel (default 10)."),
+    Setting("public_url", parse_text, None, ("relay", "public_url"),
+            help="Public URL template of tunnels (default https://*.<domain>)."),
 )
 
 RELAY_SHARED_KEYS: tuple[tuple[str, ...], ...] = (
@@ -55,6 +91,9 @@ RELAY_SHARED_KEYS: tuple[tuple[str, ...], ...] = (
 
 @dataclass(frozen=True)
 class RelaySettings:
+    """The table's values (less `port` and `static_tokens`, which only shape `listen` and
+    `tokens`) and what is read beside it."""
+
     domain: str
     listen: tuple[str, ...]
     tokens: tuple[StaticToken, ...]
@@ -81,16 +120,6 @@ class RelaySettings:
         return "provider" if self.auth_provider else "open"
 
 
-_DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
-
-
-def parse_domain(value: Any) -> str:
-    text = parse_text(value).lower().rstrip(".")
-    if not _DOMAIN.match(text):
-        raise ValueError("expected a DNS name such as tunnel.example.com")
-    return text
-
-
 def _file_tokens(document: Mapping[str, Any], source: str) -> list[StaticToken]:
     out = []
     for where, entry in array_of_tables(document, ("relay", "tokens"), source, ("token", "subdomains"),
@@ -112,14 +141,13 @@ def _file_tokens(document: Mapping[str, Any], source: str) -> list[StaticToken]:
 
 def load_relay(
     cli: Mapping[str, Any],
-    static_tokens: Sequence[str] = (),
     *,
     config: str | None = None,
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
 ) -> RelaySettings:
     loaded = load(RELAY_SETTINGS, cli, config=config, env=env, cwd=cwd, known=RELAY_SHARED_KEYS)
-    v = loaded.values
+    v = dict(loaded.values)
     source = str(loaded.path) if loaded.path else CONFIG_NAME
     mode = loaded.document.get("mode")
     if loaded.path is not None and mode not in (None, "relay"):
@@ -127,44 +155,19 @@ def load_relay(
     if v["domain"] is None:
         raise ConfigError(f"no relay domain: pass --domain D (or set [relay] domain in {CONFIG_NAME})")
     try:
-        domain = parse_domain(v["domain"])
+        v["domain"] = parse_domain(v["domain"])
     except ValueError as e:
         raise ConfigError(f"relay domain: {e}, got {show_value(v['domain'])}") from None
-    tokens = _file_tokens(loaded.document, source)
-    for spec in static_tokens:
-        try:
-            tokens.append(parse_static_token(spec))
-        except ValueError as e:
-            raise ConfigError(f"option --static-token: {e}") from None
+    tokens = (*_file_tokens(loaded.document, source), *v.pop("static_tokens"))
     if v["auth_provider_secret"] and not v["auth_provider"]:
         raise ConfigError("--auth-provider-secret is set but --auth-provider is not")
-    if cli.get("port") is not None and cli.get("listen"):
-        raise ConfigError("--port and --listen both given: use --listen tcp:N alone")
+    v["listen"] = listen_endpoints(v, cli, "tcp:{port}", refuse_port_with_listen=True)
+    del v["port"]
     warnings = list(loaded.warnings)
     if tokens and v["auth_provider"]:
         warnings.append("static tokens are configured, so --auth-provider is not consulted")
-    listen = v["listen"] or (f"tcp:{v['port']}",)
-    public_url = v["public_url"] or f"https://*.{domain}"
+    public_url = v["public_url"] = v["public_url"] or f"https://*.{v['domain']}"
     if public_url.count("*") != 1 or not public_url.startswith(("http://", "https://")):
-        raise ConfigError(f"public_url: expected a URL with one '*' for the subdomain, e.g. https://*.{domain}, "
+        raise ConfigError(f"public_url: expected a URL with one '*' for the subdomain, e.g. https://*.{v['domain']}, "
                           f"got {show_value(public_url)}")
-    return RelaySettings(
-        domain=domain,
-        listen=listen,
-        tokens=tuple(tokens),
-        auth_provider=v["auth_provider"],
-        auth_provider_secret=v["auth_provider_secret"],
-        metrics=v["metrics"],
-        max_request_body=v["max_request_body"],
-        max_in_flight=v["max_in_flight"],
-        max_tunnels_per_token=v["max_tunnels_per_token"],
-        max_message_size=v["max_message_size"],
-        registration_timeout=v["registration_timeout"],
-        headers_timeout=v["headers_timeout"],
-        drain_timeout=v["drain_timeout"],
-        ping_interval=v["ping_interval"],
-        ping_timeout=v["ping_timeout"],
-        public_url=public_url,
-        config_path=loaded.path,
-        warnings=tuple(warnings),
-    )
+    return RelaySettings(**v, tokens=tokens, config_path=loaded.path, warnings=tuple(warnings))

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 from twisted.application.service import IService
 from twisted.python import usage
 
 from mcpr import __version__
-from mcpr.common.settings import ConfigError
+from mcpr.common.settings import ConfigError, cli_values, options_from
 from mcpr.relay.service import RelayService
-from mcpr.relay.settings import load_relay
+from mcpr.relay.settings import RELAY_SETTINGS, load_relay
 
 
+@options_from(RELAY_SETTINGS)
 class Options(usage.Options):
+    """`twist mcpr-relay`'s options: the settings table's, plus `--config`, `--version` and the
+    original mcpr's `--relay`."""
+
     synopsis = "--domain tunnel.example.com [--listen ENDPOINT ...] [options]"
     longdesc = (
         "Run the mcpr relay: gateways register tunnels at /_tunnel/register and are served at "
@@ -26,52 +29,15 @@ class Options(usage.Options):
         ["relay", None, "Accepted for compatibility (the original mcpr's `--relay`); does nothing."],
     ]
     optParameters = [
-        ["domain", None, None, "Base domain, e.g. tunnel.example.com (alias --relay-domain)."],
-        ["port", None, None, "Shorthand for --listen tcp:N (default 8080)."],
         ["config", "c", None, "Config file (default: ./mcpr.toml or the nearest parent's)."],
-        ["auth-provider", None, None, "Auth provider base URL (env MCPR_AUTH_PROVIDER)."],
-        ["auth-provider-secret", None, None, "X-Relay-Secret for the provider (env MCPR_AUTH_PROVIDER_SECRET)."],
-        ["metrics", None, None, "Endpoint for Prometheus metrics, e.g. tcp:9100:interface=127.0.0.1."],
-        ["public-url", None, None, "Public URL template of tunnels (default https://*.<domain>)."],
-        ["max-request-body", None, None, "Largest public request body (default 16MiB; 413 above)."],
-        ["max-in-flight", None, None, "Concurrent requests per tunnel (default 256; 503 above)."],
-        ["max-tunnels-per-token", None, None, "Tunnels one token may hold (default 8; close 4008 above)."],
-        ["max-message-size", None, None, "Largest WebSocket message from a gateway (default 4MiB)."],
-        ["registration-timeout", None, None, "Seconds a new socket has to register (default 10)."],
-        ["headers-timeout", None, None, "Seconds to wait for a tunnel's response headers (default 30; 504)."],
-        ["drain-timeout", None, None, "Seconds to let in-flight requests finish on stop (default 30)."],
-        ["ping-interval", None, None, "Seconds between WebSocket pings (default 20)."],
-        ["ping-timeout", None, None, "Seconds to wait for a pong before dropping a tunnel (default 10)."],
     ]
-
-    def __init__(self) -> None:
-        super().__init__()
-        self["listen"] = []
-        self["static-token"] = []
-
-    def opt_listen(self, endpoint: str) -> None:
-        """Endpoint to serve on (repeatable): tcp:8080, or tls:/etc/mcpr/certs:port=443 (SNI over a PEM directory)."""
-        self["listen"].append(endpoint)
-
-    def opt_static_token(self, spec: str) -> None:
-        """TOKEN:PATTERN[,PATTERN] a gateway may register with (repeatable)."""
-        self["static-token"].append(spec)
-
-    def opt_relay_domain(self, domain: str) -> None:
-        """Alias of --domain (the original mcpr's spelling)."""
-        self["domain"] = domain
 
     def opt_version(self) -> None:
         print(f"mcpr {__version__}")
         sys.exit(0)
 
     def postOptions(self) -> None:
-        names = ("domain", "port", "auth-provider", "auth-provider-secret", "metrics", "public-url",
-                 "max-request-body", "max-in-flight", "max-tunnels-per-token", "max-message-size",
-                 "registration-timeout", "headers-timeout", "drain-timeout", "ping-interval", "ping-timeout")
-        cli: dict[str, Any] = {name.replace("-", "_"): self[name] for name in names}
-        cli["listen"] = self["listen"] or None
-        args = {"cli": cli, "static_tokens": tuple(self["static-token"]), "config": self["config"]}
+        args = {"cli": cli_values(RELAY_SETTINGS, self), "config": self["config"]}
         try:
             self["settings"] = load_relay(**args)
         except ConfigError as e:

@@ -23,4 +23,5 @@ class CliTests(SynchronousTestCase):
 
     def test_plugins_are_discoverable(self) -> None:
         names = {p.tapname for p in getPlugins(IServiceMaker)}
-        self.assertIn("mcpr", names)
+        for tapname in ("mcpr", "mcpr-relay"):
+            self.assertIn(tapname, names)
