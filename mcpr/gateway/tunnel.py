@@ -2,9 +2,10 @@
 
 A reconnect loop of our own rather than `ClientService`: only a completed
 registration counts as success (ClientService resets its backoff on TCP
-connect and would hammer a relay that refuses us, TWISTED-NOTES §4.3), and
-some refusals (bad token, evicted, name taken) must end the loop instead of
-retrying it.  While the tunnel is down the gateway keeps serving locally.
+connect and would hammer a relay that refuses us), and some refusals (bad
+token, evicted, name taken) must end the loop instead of retrying it
+(docs/protocol.md, "Liveness and reconnection").  While the tunnel is down
+the gateway keeps serving locally.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Who may register which subdomain on the relay.
 
-Three modes, by priority (DESIGN.md §4): static tokens from the command line
-or the configuration file, else an HTTP auth provider with the original
-mcpr's contract, else open mode where any token may take any free label.
+Three modes, by priority (docs/protocol.md, "Authentication"): static
+tokens from the command line or the configuration file, else an HTTP auth
+provider with the original mcpr's contract, else open mode where any token
+may take any free label.
 
 Registration is two steps, so the relay can run the slow one (the provider
 round trip) before it looks at names:

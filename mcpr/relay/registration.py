@@ -1,4 +1,4 @@
-"""`/_tunnel/register`: the WebSocket on which gateways claim a subdomain (DESIGN §3).
+"""`/_tunnel/register`: the WebSocket on which gateways claim a subdomain (docs/protocol.md, "Registration").
 
 The token travels in the first message, never in the URL (URLs end up in
 access logs).  Until a registration completes the socket may only carry the

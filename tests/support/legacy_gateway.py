@@ -1,4 +1,4 @@
-"""A gateway that speaks the original mcpr's JSON tunnel protocol, written from DESIGN §3.
+"""A gateway that speaks the original mcpr's JSON tunnel protocol (docs/protocol.md, "Legacy JSON protocol").
 
 Tests drive it by hand: take each request the relay sends from `requests`,
 answer with `send(...)`, and watch `cancels` and `closed`.
