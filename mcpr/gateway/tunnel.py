@@ -273,7 +273,11 @@ class _ObservedEndpoint:
 
 
 class TunnelClient(ClientService):
-    """Keeps one registration with the relay alive, serving its streams with `site`."""
+    """Keeps one registration with the relay alive, serving its streams with `site`.
+
+    `whenConnected()` fires with the `TunnelProtocol` once its socket is up,
+    before the relay has answered the registration.
+    """
 
     # ClientService logs "Scheduling retry {attempt} ..." at info with its own
     # count, which restarts at every TCP connect; the retry policy below logs
