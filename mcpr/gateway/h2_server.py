@@ -9,9 +9,8 @@ whose writes become binary WebSocket messages.
 from __future__ import annotations
 
 from h2.settings import SettingCodes, Settings
-from twisted.internet.interfaces import IConsumer, IPushProducer, ITransport
-from twisted.python.failure import Failure
-from twisted.web._http2 import H2Connection
+from twisted.internet.interfaces import IConsumer, IProducer, IProtocol, IReactorTime, ITransport
+from twisted.web._http2 import H2Connection  # private: see serve_streams
 from twisted.web.server import Site
 from zope.interface import implementer
 
@@ -56,15 +55,30 @@ class MessageTransport:
     def getHost(self):
         return self._ws.transport.getHost()
 
-    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
         pass
 
     def unregisterProducer(self) -> None:
         pass
 
 
-def serve_streams(websocket, site: Site, reactor) -> H2Connection:
-    """An HTTP/2 server connection for `site`, writing into `websocket`; feed it with `dataReceived`."""
+def serve_streams(websocket, site: Site, reactor: IReactorTime) -> IProtocol:
+    """An HTTP/2 server connection for `site`, writing into `websocket`.
+
+    Feed it with `dataReceived`; `connectionLost` ends every stream, whose
+    requests then see their client leave.
+    """
+    # Private Twisted API, on purpose and only here (checked against Twisted 26.10):
+    # twisted.web has no public HTTP/2 server connection.  Its only public road
+    # to `twisted.web._http2.H2Connection` is the channel `Site.buildProtocol`
+    # makes, on a transport whose `negotiatedProtocol` (ALPN) is h2: that channel
+    # swaps in an H2Connection, wires it to the site with the same attributes
+    # as below (twisted/web/http.py, `_GenericHTTPChannelProtocol.dataReceived`)
+    # and connects it at once, so h2's default settings (100 streams, 64 KiB
+    # windows) go out before anyone can change them.  So the connection is built
+    # here, and our settings are put on its h2 state machine (`conn`, driven
+    # through the `h2` library's public API) before `makeConnection` sends the
+    # preface.
     connection = H2Connection(reactor)
     # The relay multiplexes every public request of this gateway onto one
     # connection: allow more concurrent streams than h2's default 100 (the
@@ -74,17 +88,12 @@ def serve_streams(websocket, site: Site, reactor) -> H2Connection:
         SettingCodes.MAX_CONCURRENT_STREAMS: wire.MAX_STREAMS,
         SettingCodes.INITIAL_WINDOW_SIZE: wire.STREAM_WINDOW,
     })
-    connection.site = site
-    connection.factory = site
-    connection.requestFactory = site.requestFactory
+    connection.requestFactory = site.requestFactory  # type: ignore[attr-defined]
+    connection.site = site  # type: ignore[assignment]
+    connection.factory = site  # type: ignore[assignment]
     connection.timeOut = None  # liveness is the WebSocket pings' job; SSE streams may idle for hours
     transport = MessageTransport(websocket)
     connection.makeConnection(transport)
-    connection.conn.increment_flow_control_window(wire.CONNECTION_WINDOW - 65535)
+    connection.conn.increment_flow_control_window(wire.CONNECTION_WINDOW - 65535)  # from h2's default
     transport.write(connection.conn.data_to_send())
     return connection
-
-
-def stop_streams(connection: H2Connection, reason: Failure) -> None:
-    """The socket is gone: every stream's request sees its client leave, so upstream calls are cancelled."""
-    connection.connectionLost(reason)

@@ -1,11 +1,24 @@
 """The gateway's tunnel client: register with the relay, serve streams, and never lose the URL.
 
-A reconnect loop of our own rather than `ClientService`: only a completed
-registration counts as success (ClientService resets its backoff on TCP
-connect and would hammer a relay that refuses us), and some refusals (bad
-token, evicted, name taken) must end the loop instead of retrying it
-(docs/protocol.md, "Liveness and reconnection").  While the tunnel is down
-the gateway keeps serving locally.
+Twisted's `ClientService` keeps the connection up; three things are ours:
+
+- Only a completed registration counts as success.  ClientService resets its
+  failure count whenever a TCP connection is made, so a relay that accepts TCP
+  and then refuses the upgrade or the token would be retried at the first,
+  shortest delay for ever.  Its `prepareConnection` (success only once a given
+  Deferred fires) cannot be used either: a socket that closes while that
+  Deferred is pending, which is exactly what a refusal is, raises automat's
+  `NoTransition` for `_clientDisconnected` in the `Connecting` or `Waiting`
+  state, and the service never retries again (Twisted 26.10, checked).  So
+  the retry policy ignores ClientService's count and uses ours, which only a
+  registration resets.
+- Some refusals (`CloseCode.final`: bad token, evicted, name taken, ...; or no
+  way to choose a subdomain) stop the service instead of retrying: the user
+  must change something first (docs/protocol.md, "Liveness and reconnection").
+- Stopping says goodbye (a WebSocket close) before ClientService lets go of
+  the socket, which it would otherwise just close.
+
+While the tunnel is down the gateway keeps serving locally.
 """
 
 from __future__ import annotations
@@ -13,50 +26,69 @@ from __future__ import annotations
 import json
 import random
 import sys
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.application.internet import ClientService
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectingCancelledError
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.ssl import optionsForClientTLS
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Site
+from zope.interface import implementer, provider
 
 from mcpr.common import protocol as wire
 from mcpr.common.names import is_concrete, matches, valid_label
 from mcpr.common.protocol import CloseCode
 from mcpr.common.web import no_delay
-from mcpr.gateway.h2_server import serve_streams, stop_streams
-from mcpr.proxy.events import EventLog
+from mcpr.gateway.h2_server import serve_streams
 
 log = Logger()
 
-# Close codes after which retrying cannot help: the user must change something.
-FINAL = {
+# What to tell the user when a close code ends the tunnel.  Whether a code is
+# final is `CloseCode.final`'s decision alone, so a code can stop being final
+# (or become final) in mcpr/common/protocol.py without a change here.
+WHY_FINAL: dict[int | None, str] = {
     CloseCode.AUTH_FAILED: "the relay refused the tunnel token",
     CloseCode.EVICTED: "another gateway registered with the same token and subdomain; this one stops its tunnel",
     CloseCode.IN_USE: "the subdomain belongs to another token on this relay",
     CloseCode.INVALID_SUBDOMAIN: "the subdomain is not a valid DNS label",
     CloseCode.TOO_MANY: "this token already holds as many tunnels as the relay allows",
 }
-assert set(FINAL) == {code for code in CloseCode if code.final}
 
 
-class Closed(Exception):
-    def __init__(self, code: int | None, reason: str | None) -> None:
-        super().__init__(f"{code} {reason}")
-        self.code = code
-        self.reason = reason or ""
+_FINAL = frozenset(code for code in CloseCode if code.final)
+assert _FINAL <= set(WHY_FINAL)
 
 
-class NoChoice(Exception):
-    """The relay offered several subdomains and nobody can pick one."""
+def is_final(code: int | None) -> bool:
+    """Whether a close code says that retrying cannot help."""
+    return code in _FINAL
+
+
+class Refusal(Exception):
+    """Why the gateway closed the socket itself; it reports `code` and this message as the close."""
+
+    code: CloseCode = CloseCode.PROTOCOL_ERROR
+
+
+class NoChoice(Refusal):
+    """The relay offered several subdomains and nobody can pick one: final, only the user can choose."""
+
+    code = CloseCode.POLICY
+
+
+class EventSink(typing.Protocol):
+    """Where tunnel events go (the `--events` stream)."""
+
+    def emit(self, type: str, ts: float, **fields: Any) -> None: ...
 
 
 @dataclass
@@ -103,32 +135,42 @@ def choose_on_terminal(patterns: list[str]) -> Deferred[str]:
     return deferToThread(ask)
 
 
+class TunnelOwner(typing.Protocol):
+    """Who hears what happens to each connection (the `TunnelClient`)."""
+
+    def tunnel_made(self, tunnel: TunnelProtocol) -> None: ...
+
+    def tunnel_registered(self, url: str) -> None: ...
+
+    def tunnel_closed(self, code: int | None, reason: str, *, registered: bool, final: bool) -> None: ...
+
+
 class TunnelProtocol(WebSocketClientProtocol):
     """One connection to the relay: the registration exchange, then HTTP/2 streams."""
 
-    _log = Logger()  # autobahn owns self.log
+    factory: TunnelFactory
 
     def __init__(self) -> None:
         super().__init__()
-        self.registered: Deferred[str] = Deferred()
-        self.closed: Deferred[tuple[int | None, str]] = Deferred()
-        self._h2 = None
         self._subprotocol: str | None = None
+        self._h2: IProtocol | None = None
+        self._registered = False
+        self._refusal: Refusal | None = None
 
     def connectionMade(self) -> None:
         no_delay(self.transport)  # HTTP/2 frames are small writes; Nagle would hold them ~40 ms
         super().connectionMade()
+        self.factory.owner.tunnel_made(self)
 
     def onConnect(self, response: Any) -> None:
         self._subprotocol = response.protocol
 
     def onOpen(self) -> None:
-        client: TunnelClient = self.factory.client
         if self._subprotocol != wire.SUBPROTOCOL:
+            self._refusal = Refusal(f"the relay does not speak {wire.SUBPROTOCOL}")
             self.sendClose(1000)
-            self._fail(Closed(CloseCode.PROTOCOL_ERROR, f"the relay does not speak {wire.SUBPROTOCOL}"))
             return
-        self._send({"token": client.token, "subdomain": client.subdomain})
+        self._send_json({"token": self.factory.token, "subdomain": self.factory.subdomain})
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self._h2 is not None:
@@ -140,170 +182,198 @@ class TunnelProtocol(WebSocketClientProtocol):
         except ValueError:
             message = None
         if not isinstance(message, dict):
-            self._fail(Closed(CloseCode.PROTOCOL_ERROR, "unexpected message from the relay"))
+            self._refusal = Refusal("unexpected message from the relay")
             self.dropConnection(abort=True)
             return
         if "url" in message:
-            client: TunnelClient = self.factory.client
-            client.subdomain = message.get("subdomain") or client.subdomain
-            self._h2 = serve_streams(self, client.site, client.reactor)
-            if not self.registered.called:
-                self.registered.callback(message["url"])
+            self.factory.subdomain = message.get("subdomain") or self.factory.subdomain
+            self._h2 = serve_streams(self, self.factory.site, self.factory.reactor)
+            self._registered = True
+            self.factory.owner.tunnel_registered(message["url"])
         elif "subdomains" in message:
             self._pick([p for p in message["subdomains"] if isinstance(p, str)])
 
     def _pick(self, patterns: list[str]) -> None:
-        client: TunnelClient = self.factory.client
         concrete = [p for p in patterns if is_concrete(p)]
         if len(patterns) == 1 and concrete:
-            self._send({"subdomain": concrete[0]})
+            self._send_json({"subdomain": concrete[0]})
             return
         try:
-            d = client.choose(patterns)
+            d = self.factory.choose(patterns)
         except NoChoice as e:
-            self._fail(Closed(CloseCode.POLICY, str(e)), final=True)
+            self._refusal = e
             self.sendClose(1000)
             return
 
         def picked(name: str) -> None:
-            client.subdomain = name  # kept for reconnects, even if this socket timed out meanwhile
+            self.factory.subdomain = name  # kept for reconnects, even if this socket timed out meanwhile
             if self.state == self.STATE_OPEN:
-                self._send({"subdomain": name})
+                self._send_json({"subdomain": name})
 
         d.addCallbacks(picked, lambda f: self.sendClose(1000))
 
+    def say_goodbye(self) -> None:
+        """End this connection on purpose: a clean close if it is open (Autobahn drops the
+        socket if the relay does not answer within closeHandshakeTimeout), else drop it."""
+        if self.state == self.STATE_OPEN:
+            self.sendClose(1000)
+        else:
+            self.dropConnection(abort=True)
+
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self._h2 is not None:
-            stop_streams(self._h2, Failure(ConnectionError(f"tunnel closed ({code})")))
+            # Every stream's request sees its client leave, so upstream calls are cancelled.
+            self._h2.connectionLost(Failure(ConnectionError(f"tunnel closed ({code})")))
             self._h2 = None
-        self._fail(Closed(code, reason))
-        if not self.closed.called:
-            self.closed.callback((code, reason or ""))
+        refusal = self._refusal
+        if refusal is not None:
+            code, reason = refusal.code, str(refusal)
+        self.factory.owner.tunnel_closed(code, reason or "", registered=self._registered,
+                                         final=isinstance(refusal, NoChoice) or is_final(code))
 
-    def _fail(self, error: Closed, final: bool = False) -> None:
-        error.final = final
-        if not self.registered.called:
-            self.registered.errback(error)
-
-    def _send(self, message: dict) -> None:
+    def _send_json(self, message: dict) -> None:
         self.sendMessage(json.dumps(message).encode(), isBinary=False)
 
 
-class TunnelClient(Service):
-    """Keeps one registration with the relay alive, serving its streams with `site`."""
+class TunnelFactory(WebSocketClientFactory):
+    """Gives each connection what it registers with, the site its streams are served by, and its owner."""
 
-    def __init__(self, reactor, relay_url: str, token: str, subdomain: str | None, site: Site,
-                 events: EventLog, on_url: Callable[[str], None], *, ping_interval: float = 20.0,
-                 ping_timeout: float = 10.0, backoff: Backoff | None = None,
-                 choose: Callable[[list[str]], Deferred[str]] = choose_on_terminal) -> None:
-        self.reactor = reactor
-        self.relay_url = relay_url
+    protocol = TunnelProtocol  # type: ignore[assignment]  # autobahn does not parametrize Factory
+    noisy = False
+
+    def __init__(self, url: str, *, token: str, subdomain: str | None, site: Site,
+                 choose: Callable[[list[str]], Deferred[str]], owner: TunnelOwner, reactor: Any) -> None:
+        super().__init__(url, protocols=[wire.SUBPROTOCOL], reactor=reactor)
         self.token = token
-        self.subdomain = subdomain
+        self.subdomain = subdomain  # the relay's answer or the user's pick, kept for reconnects
         self.site = site
         self.choose = choose
+        self.owner = owner
+
+
+@provider(ILogObserver)
+def _discard(event: dict) -> None:
+    pass
+
+
+@implementer(IStreamClientEndpoint)
+class _ObservedEndpoint:
+    """The relay's endpoint, telling its listeners of every attempt and every failure to connect
+    (ClientService offers no hook for either; magic-wormhole wraps its endpoint the same way)."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint, attempting: Callable[[], None],
+                 failed: Callable[[Failure], Failure]) -> None:
+        self._endpoint = endpoint
+        self._attempting = attempting
+        self._failed = failed
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        self._attempting()
+        return self._endpoint.connect(factory).addErrback(self._failed)
+
+
+class TunnelClient(ClientService):
+    """Keeps one registration with the relay alive, serving its streams with `site`.
+
+    `whenConnected()` fires with the `TunnelProtocol` once its socket is up,
+    before the relay has answered the registration.
+    """
+
+    # ClientService logs "Scheduling retry {attempt} ..." at info with its own
+    # count, which restarts at every TCP connect; the retry policy below logs
+    # the delay that really applies.  `_log` is ClientService's private logger
+    # (Twisted 26.10): if it is renamed, only that extra line comes back.
+    _log = Logger(observer=_discard)
+
+    def __init__(self, reactor: Any, relay_url: str, token: str, subdomain: str | None, site: Site,
+                 events: EventSink, on_url: Callable[[str], None], *, ping_interval: float = 20.0,
+                 ping_timeout: float = 10.0, backoff: Backoff | None = None,
+                 choose: Callable[[list[str]], Deferred[str]] = choose_on_terminal) -> None:
+        self.relay_url = relay_url
+        self.url: str | None = None
+        self.state = "idle"
+        self._reactor = reactor
         self._events = events
         self._on_url = on_url
         self._backoff = backoff or Backoff()
+        self._attempts = 0
+        self._failures = 0  # failed attempts since the last completed registration
+        self._current: TunnelProtocol | None = None
+        self._goodbye: Deferred[None] | None = None
         url, host, port, secure = websocket_url(relay_url)
-        endpoint = HostnameEndpoint(reactor, host, port, timeout=10)
-        self._endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint) if secure else endpoint
-        self._factory = WebSocketClientFactory(url, protocols=[wire.SUBPROTOCOL], reactor=reactor)
-        self._factory.protocol = TunnelProtocol
-        self._factory.noisy = False
-        self._factory.client = self
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, host, port, timeout=10)
+        if secure:
+            endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
+        self._factory = TunnelFactory(url, token=token, subdomain=subdomain, site=site, choose=choose, owner=self,
+                                      reactor=reactor)
         self._factory.setProtocolOptions(
             autoPingInterval=ping_interval, autoPingTimeout=ping_timeout, openHandshakeTimeout=10,
             closeHandshakeTimeout=5, maxMessagePayloadSize=4 * wire.MAX_MESSAGE,
             maxFramePayloadSize=4 * wire.MAX_MESSAGE)
-        self._loop: Deferred | None = None
-        self._sleep: Deferred | None = None
-        self._current: TunnelProtocol | None = None
-        self._connecting: Deferred | None = None
-        self.url: str | None = None
-        self.state = "idle"
-
-    def startService(self) -> None:
-        super().startService()
-        self._loop = Deferred.fromCoroutine(self._run())
-        self._loop.addErrback(lambda f: log.failure("tunnel loop crashed", f))
+        super().__init__(_ObservedEndpoint(endpoint, self._attempting, self._unreachable), self._factory,
+                         retryPolicy=self._retry_delay, clock=reactor)
 
     def _event(self, state: str, **fields: Any) -> None:
         self.state = state
-        self._events.emit("tunnel", self.reactor.seconds(), state=state, relay=self.relay_url, **fields)
+        self._events.emit("tunnel", self._reactor.seconds(), state=state, relay=self.relay_url, **fields)
 
-    async def _run(self) -> None:
-        failures = 0
-        attempt = 0
-        while self.running:
-            attempt += 1
-            self._event("connecting", attempt=attempt)
-            log.info("tunnel: connecting to {relay} (attempt {attempt})", relay=self.relay_url, attempt=attempt)
-            try:
-                self._connecting = self._endpoint.connect(self._factory)
-                proto = await self._connecting
-                self._connecting = None
-                self._current = proto
-                url = await proto.registered
-            except CancelledError:
-                return
-            except Closed as e:
-                self._current = None
-                if e.code in FINAL or getattr(e, "final", False):
-                    self._give_up(e.code, e.reason)
-                    return
-                failures += 1
-                log.warn("tunnel: registration failed ({code} {reason})", code=e.code, reason=e.reason)
-            except Exception as e:
-                self._current = None
-                failures += 1
-                log.warn("tunnel: cannot reach {relay}: {why}", relay=self.relay_url, why=str(e) or repr(e))
-            else:
-                failures = 0
-                self.url = url
-                self._event("connected", url=url, subdomain=self.subdomain)
-                self._on_url(url)
-                code, reason = await proto.closed
-                self._current = None
-                self._event("disconnected", code=code, reason=reason)
-                if not self.running:
-                    return
-                if code in FINAL:
-                    self._give_up(code, reason)
-                    return
-                log.warn("tunnel: connection to the relay lost ({code} {reason})", code=code, reason=reason)
-            if not self.running:
-                return
-            delay = self._backoff.delay(max(failures, 1))
-            self._event("reconnecting", delay_s=round(delay, 3))
-            log.info("tunnel: reconnecting in {delay:.2f} s", delay=delay)
-            self._sleep = deferLater(self.reactor, delay, lambda: None)
-            try:
-                await self._sleep
-            except CancelledError:
-                return
-            finally:
-                self._sleep = None
+    def _attempting(self) -> None:
+        self._attempts += 1
+        self._event("connecting", attempt=self._attempts)
+        log.info("tunnel: connecting to {relay} (attempt {attempt})", relay=self.relay_url, attempt=self._attempts)
+
+    def _unreachable(self, failure: Failure) -> Failure:
+        if not failure.check(CancelledError, ConnectingCancelledError):
+            why = str(failure.value) or repr(failure.value)
+            log.warn("tunnel: cannot reach {relay}: {why}", relay=self.relay_url, why=why)
+        return failure
+
+    def _retry_delay(self, attempt: int) -> float:
+        """The retry policy: ClientService's `attempt` restarts at every TCP connect, ours only
+        at a completed registration."""
+        self._failures += 1
+        delay = self._backoff.delay(self._failures)
+        self._event("reconnecting", delay_s=round(delay, 3))
+        log.info("tunnel: reconnecting in {delay:.2f} s", delay=delay)
+        return delay
+
+    def tunnel_made(self, tunnel: TunnelProtocol) -> None:
+        self._current = tunnel
+
+    def tunnel_registered(self, url: str) -> None:
+        self._failures = 0
+        self.url = url
+        self._event("connected", url=url, subdomain=self._factory.subdomain)
+        self._on_url(url)
+
+    def tunnel_closed(self, code: int | None, reason: str, *, registered: bool, final: bool) -> None:
+        # Called from the socket's connectionLost, before ClientService hears of it: stopping the
+        # service here means it never schedules a retry.
+        self._current = None
+        if registered:
+            self._event("disconnected", code=code, reason=reason)
+        if self._goodbye is not None:
+            goodbye, self._goodbye = self._goodbye, None
+            super().stopService().chainDeferred(goodbye)
+        elif final:
+            self._give_up(code, reason)
+            super().stopService()
+        elif registered:
+            log.warn("tunnel: connection to the relay lost ({code} {reason})", code=code, reason=reason)
+        else:
+            log.warn("tunnel: registration failed ({code} {reason})", code=code, reason=reason)
 
     def _give_up(self, code: int | None, reason: str) -> None:
-        why = FINAL.get(code, "the tunnel cannot be registered")
+        why = WHY_FINAL.get(code, "the tunnel cannot be registered")
         self._event("evicted" if code == CloseCode.EVICTED else "stopped", code=code, reason=reason)
         log.error("tunnel stopped: {why} ({code} {reason}); still serving locally", why=why, code=code,
                   reason=reason)
 
     def stopService(self) -> Deferred[None]:
-        super().stopService()
-        if self._sleep is not None:
-            self._sleep.cancel()
-        if self._connecting is not None:
-            self._connecting.cancel()
-        current, self._current = self._current, None
-        if current is None:
-            return self._loop if self._loop is not None else succeed(None)
-        if current.state == current.STATE_OPEN:
-            current.sendClose(1000)
-        else:
-            current.dropConnection(abort=True)
-        timeout = self.reactor.callLater(5, current.dropConnection, True)
-        done = current.closed.addBoth(lambda _: timeout.active() and timeout.cancel())
-        return done.addBoth(lambda _: self._loop)
+        """Close an open tunnel with a goodbye first; ClientService stops once the socket is gone."""
+        if self._current is None:
+            return super().stopService()
+        if self._goodbye is None:
+            self._goodbye = Deferred()
+            self._current.say_goodbye()
+        return self._goodbye

@@ -113,45 +113,43 @@ class TunnelTestBase(TestCase):
 
 
 class TunnelSessionTests(TunnelTestBase):
-    def test_full_sdk_session_and_token_file(self):
-        async def t():
-            relay, relay_port = self.start_relay()
-            _, upstream = start_upstream(self)
-            cwd = Path(self.mktemp()).resolve()
-            cwd.mkdir(parents=True)
-            (cwd / "mcpr.toml").write_text("# my settings\n[csp]  # kept\nmode = \"extend\"\n")
-            events = cwd / "events.jsonl"
-            gateway, url, _ = self.start_gateway(upstream, relay_port, "--events", str(events), cwd=cwd)
-            self.assertRegex(url, rf"^http://[0-9a-f]{{12}}\.{DOMAIN}:{relay_port}$")
+    async def test_full_sdk_session_and_token_file(self) -> None:
+        relay, relay_port = self.start_relay()
+        _, upstream = start_upstream(self)
+        cwd = Path(self.mktemp()).resolve()
+        cwd.mkdir(parents=True)
+        (cwd / "mcpr.toml").write_text("# my settings\n[csp]  # kept\nmode = \"extend\"\n")
+        events = cwd / "events.jsonl"
+        gateway, url, _ = self.start_gateway(upstream, relay_port, "--events", str(events), cwd=cwd)
+        self.assertRegex(url, rf"^http://[0-9a-f]{{12}}\.{DOMAIN}:{relay_port}$")
 
-            saved = (cwd / "mcpr.toml").read_text()
-            self.assertTrue(saved.startswith("# my settings\n[csp]  # kept\nmode = \"extend\"\n"), saved)
-            token = re.search(r'token = "(mcpr_[0-9a-f]{64})"', saved).group(1)
-            self.assertEqual(stat.S_IMODE((cwd / "mcpr.toml").stat().st_mode), 0o600)
-            self.assertNotIn(token, gateway.output() + relay.output())
+        saved = (cwd / "mcpr.toml").read_text()
+        self.assertTrue(saved.startswith("# my settings\n[csp]  # kept\nmode = \"extend\"\n"), saved)
+        token = re.search(r'token = "(mcpr_[0-9a-f]{64})"', saved).group(1)
+        self.assertEqual(stat.S_IMODE((cwd / "mcpr.toml").stat().st_mode), 0o600)
+        self.assertNotIn(token, gateway.output() + relay.output())
 
-            result = await run_session(f"http://127.0.0.1:{relay_port}/mcp", "--header", f"Host: {self.host(url)}")
-            self.assertEqual(result["add_result"], 5)
-            self.assertTrue(result["progress_before_result"])
-            self.assertTrue(result["progress_streamed"])
-            self.assertEqual(result["get_stream_notification"], "notifications/resources/list_changed")
-            self.assertTrue(result["deleted"])
-            self.assertIn("Hello", result["resource_text"])
-            self.assertTrue(result["prompt_messages"])
+        result = await run_session(f"http://127.0.0.1:{relay_port}/mcp", "--header", f"Host: {self.host(url)}")
+        self.assertEqual(result["add_result"], 5)
+        self.assertTrue(result["progress_before_result"])
+        self.assertTrue(result["progress_streamed"])
+        self.assertEqual(result["get_stream_notification"], "notifications/resources/list_changed")
+        self.assertTrue(result["deleted"])
+        self.assertIn("Hello", result["resource_text"])
+        self.assertTrue(result["prompt_messages"])
 
-            lines = [json.loads(line) for line in events.read_text().splitlines()]
-            requests = [e for e in lines if e["type"] == "request"]
-            self.assertTrue(requests)
-            self.assertEqual({e["via"] for e in requests}, {"tunnel"})
-            self.assertEqual({e["session_id"] for e in requests}, {result["session_id"]})
-            states = [e["state"] for e in lines if e["type"] == "tunnel"]
-            self.assertIn("connected", states)
+        lines = [json.loads(line) for line in events.read_text().splitlines()]
+        requests = [e for e in lines if e["type"] == "request"]
+        self.assertTrue(requests)
+        self.assertEqual({e["via"] for e in requests}, {"tunnel"})
+        self.assertEqual({e["session_id"] for e in requests}, {result["session_id"]})
+        states = [e["state"] for e in lines if e["type"] == "tunnel"]
+        self.assertIn("connected", states)
 
-            # The same token gets the same URL after a restart of the gateway.
-            gateway.stop()
-            _, again, _ = self.start_gateway(upstream, relay_port, cwd=cwd)
-            self.assertEqual(again, url)
-        return Deferred.fromCoroutine(t())
+        # The same token gets the same URL after a restart of the gateway.
+        gateway.stop()
+        _, again, _ = self.start_gateway(upstream, relay_port, cwd=cwd)
+        self.assertEqual(again, url)
 
     def test_legacy_and_h2_gateways_side_by_side(self):
         async def t():
@@ -169,17 +167,15 @@ class TunnelSessionTests(TunnelTestBase):
             self.assertIn(b"sse_open", await readBody(response))
         return Deferred.fromCoroutine(t())
 
-    def test_env_token_leaves_the_file_alone(self):
-        async def t():
-            _, relay_port = self.start_relay()
-            bulk = self.start_bulk()
-            cwd = Path(self.mktemp()).resolve()
-            cwd.mkdir(parents=True)
-            _, url, _ = self.start_gateway(f"http://127.0.0.1:{bulk}/mcp", relay_port, cwd=cwd,
-                                           env={"MCPR_TUNNEL_TOKEN": "from-the-environment"})
-            self.assertFalse((cwd / "mcpr.toml").exists())
-            self.assertIn(hashlib.sha256(b"from-the-environment").hexdigest()[:12], url)
-        return Deferred.fromCoroutine(t())
+    async def test_env_token_leaves_the_file_alone(self) -> None:
+        _, relay_port = self.start_relay()
+        bulk = self.start_bulk()
+        cwd = Path(self.mktemp()).resolve()
+        cwd.mkdir(parents=True)
+        _, url, _ = self.start_gateway(f"http://127.0.0.1:{bulk}/mcp", relay_port, cwd=cwd,
+                                       env={"MCPR_TUNNEL_TOKEN": "from-the-environment"})
+        self.assertFalse((cwd / "mcpr.toml").exists())
+        self.assertIn(hashlib.sha256(b"from-the-environment").hexdigest()[:12], url)
 
     def test_concurrent_tool_calls_on_one_tunnel(self):
         async def t():
@@ -295,38 +291,34 @@ class TunnelStreamingTests(TunnelTestBase):
             self.assertEqual(response.headers.getRawHeaders(b"x-echo-te"), [b""])
         return Deferred.fromCoroutine(t())
 
-    def test_gateway_body_cap_applies_to_tunnel_streams(self):
-        async def t():
-            _, relay_port = self.start_relay()
-            bulk = self.start_bulk()
-            gateway, url, _ = self.start_gateway(f"http://127.0.0.1:{bulk}/mcp", relay_port, "--subdomain", "cap",
-                                                 "--max-request-body", "1MiB")
-            response = await self.public(relay_port, url, "/sink", b"PUT", FileBodyProducer(_Zeros(2 << 20)))
-            self.assertEqual(response.code, 413)
-            self.assertIn(b"larger than 1048576 bytes", await readBody(response))
-            response = await self.public(relay_port, url, "/sink", b"PUT", FileBodyProducer(_Zeros(1 << 20)))
-            self.assertEqual(json.loads(await readBody(response))["size"], 1 << 20)
-        return Deferred.fromCoroutine(t())
+    async def test_gateway_body_cap_applies_to_tunnel_streams(self) -> None:
+        _, relay_port = self.start_relay()
+        bulk = self.start_bulk()
+        gateway, url, _ = self.start_gateway(f"http://127.0.0.1:{bulk}/mcp", relay_port, "--subdomain", "cap",
+                                             "--max-request-body", "1MiB")
+        response = await self.public(relay_port, url, "/sink", b"PUT", FileBodyProducer(_Zeros(2 << 20)))
+        self.assertEqual(response.code, 413)
+        self.assertIn(b"larger than 1048576 bytes", await readBody(response))
+        response = await self.public(relay_port, url, "/sink", b"PUT", FileBodyProducer(_Zeros(1 << 20)))
+        self.assertEqual(json.loads(await readBody(response))["size"], 1 << 20)
 
-    def test_public_client_leaving_an_sse_stream_reaches_the_upstream(self):
-        async def t():
-            _, relay_port = self.start_relay()
-            bulk = self.start_bulk()
-            _, url, _ = self.start_gateway(f"http://127.0.0.1:{bulk}/mcp", relay_port, "--subdomain", "sse")
-            response = await self.public(relay_port, url, "/mcp", headers={"accept": "text/event-stream"})
-            drain = Drain()
-            response.deliverBody(drain)
-            await drain.first
+    async def test_public_client_leaving_an_sse_stream_reaches_the_upstream(self) -> None:
+        _, relay_port = self.start_relay()
+        bulk = self.start_bulk()
+        _, url, _ = self.start_gateway(f"http://127.0.0.1:{bulk}/mcp", relay_port, "--subdomain", "sse")
+        response = await self.public(relay_port, url, "/mcp", headers={"accept": "text/event-stream"})
+        drain = Drain()
+        response.deliverBody(drain)
+        await drain.first
+        status = await self._status(bulk)
+        self.assertEqual(status, {"sse_open": 1, "sse_closed": 0})
+        drain.transport.stopProducing()
+        for _ in range(100):
             status = await self._status(bulk)
-            self.assertEqual(status, {"sse_open": 1, "sse_closed": 0})
-            drain.transport.stopProducing()
-            for _ in range(100):
-                status = await self._status(bulk)
-                if status["sse_closed"]:
-                    break
-                await sleep(0.05)
-            self.assertEqual(status, {"sse_open": 0, "sse_closed": 1})
-        return Deferred.fromCoroutine(t())
+            if status["sse_closed"]:
+                break
+            await sleep(0.05)
+        self.assertEqual(status, {"sse_open": 0, "sse_closed": 1})
 
     async def _status(self, port: int) -> dict:
         agent = client_agent(self)
@@ -337,48 +329,44 @@ class TunnelStreamingTests(TunnelTestBase):
 class TunnelResilienceTests(TunnelTestBase):
     relay_args = ("--ping-interval", "1", "--ping-timeout", "1")
 
-    def test_relay_restart_same_url_within_5_seconds(self):
-        async def t():
-            relay, relay_port = self.start_relay()
-            bulk = self.start_bulk()
-            gateway, url, _ = self.start_gateway(f"http://127.0.0.1:{bulk}/mcp", relay_port)
+    async def test_relay_restart_same_url_within_5_seconds(self) -> None:
+        relay, relay_port = self.start_relay()
+        bulk = self.start_bulk()
+        gateway, url, _ = self.start_gateway(f"http://127.0.0.1:{bulk}/mcp", relay_port)
+        response = await self.public(relay_port, url, "/status")
+        self.assertEqual(response.code, 200)
+        await readBody(response)
+        relay.popen.send_signal(signal.SIGKILL)
+        relay.popen.wait()
+        relay, _ = self.start_relay(relay_port)
+        restarted = time.monotonic()
+        while True:
             response = await self.public(relay_port, url, "/status")
-            self.assertEqual(response.code, 200)
             await readBody(response)
-            relay.popen.send_signal(signal.SIGKILL)
-            relay.popen.wait()
-            relay, _ = self.start_relay(relay_port)
-            restarted = time.monotonic()
-            while True:
-                response = await self.public(relay_port, url, "/status")
-                await readBody(response)
-                if response.code == 200:
-                    break
-                self.assertLess(time.monotonic() - restarted, 5.0, "the URL did not come back within 5 s")
-                await sleep(0.1)
-            print(f"\nURL back {time.monotonic() - restarted:.2f} s after the relay restarted")
-            self.assertIn("reconnecting", gateway.output())
-        return Deferred.fromCoroutine(t())
+            if response.code == 200:
+                break
+            self.assertLess(time.monotonic() - restarted, 5.0, "the URL did not come back within 5 s")
+            await sleep(0.1)
+        print(f"\nURL back {time.monotonic() - restarted:.2f} s after the relay restarted")
+        self.assertIn("reconnecting", gateway.output())
 
-    def test_frozen_relay_is_detected_by_pings(self):
-        async def t():
-            relay, relay_port = self.start_relay()
-            bulk = self.start_bulk()
-            cwd = Path(self.mktemp()).resolve()
-            cwd.mkdir(parents=True)
-            (cwd / "mcpr.toml").write_text("[tunnel]\nping_interval = 1\nping_timeout = 1\n")
-            gateway, _, _ = self.start_gateway(f"http://127.0.0.1:{bulk}/mcp", relay_port, cwd=cwd,
-                                               env={"MCPR_TUNNEL_TOKEN": "frozen"})
-            relay.popen.send_signal(signal.SIGSTOP)
-            self.addCleanup(lambda: relay.popen.poll() is None and relay.popen.send_signal(signal.SIGCONT))
-            frozen = time.monotonic()
-            while "connection to the relay lost" not in gateway.output():
-                # interval + timeout, plus Autobahn's 1-second timer granularity
-                self.assertLess(time.monotonic() - frozen, 3.5, "the dead relay was not noticed in time")
-                await sleep(0.05)
-            print(f"\ndead relay noticed after {time.monotonic() - frozen:.2f} s (ping 1 s + timeout 1 s)")
-            relay.popen.send_signal(signal.SIGCONT)
-        return Deferred.fromCoroutine(t())
+    async def test_frozen_relay_is_detected_by_pings(self) -> None:
+        relay, relay_port = self.start_relay()
+        bulk = self.start_bulk()
+        cwd = Path(self.mktemp()).resolve()
+        cwd.mkdir(parents=True)
+        (cwd / "mcpr.toml").write_text("[tunnel]\nping_interval = 1\nping_timeout = 1\n")
+        gateway, _, _ = self.start_gateway(f"http://127.0.0.1:{bulk}/mcp", relay_port, cwd=cwd,
+                                           env={"MCPR_TUNNEL_TOKEN": "frozen"})
+        relay.popen.send_signal(signal.SIGSTOP)
+        self.addCleanup(lambda: relay.popen.poll() is None and relay.popen.send_signal(signal.SIGCONT))
+        frozen = time.monotonic()
+        while "connection to the relay lost" not in gateway.output():
+            # interval + timeout, plus Autobahn's 1-second timer granularity
+            self.assertLess(time.monotonic() - frozen, 3.5, "the dead relay was not noticed in time")
+            await sleep(0.05)
+        print(f"\ndead relay noticed after {time.monotonic() - frozen:.2f} s (ping 1 s + timeout 1 s)")
+        relay.popen.send_signal(signal.SIGCONT)
 
     def test_frozen_gateway_is_dropped_by_the_relay(self):
         async def t():
@@ -396,28 +384,26 @@ class TunnelResilienceTests(TunnelTestBase):
             gateway.popen.send_signal(signal.SIGCONT)
         return Deferred.fromCoroutine(t())
 
-    def test_eviction_and_subdomain_owned_by_another_token(self):
-        async def t():
-            _, relay_port = self.start_relay()
-            bulk = self.start_bulk()
-            mcp = f"http://127.0.0.1:{bulk}/mcp"
-            first, url, _ = self.start_gateway(mcp, relay_port, "--subdomain", "shared", env={"MCPR_TUNNEL_TOKEN": "t1"})
-            second, url2, _ = self.start_gateway(mcp, relay_port, "--subdomain", "shared",
-                                                 env={"MCPR_TUNNEL_TOKEN": "t1"})
-            self.assertEqual(url, url2)
-            first.wait_for("tunnel stopped", 10)
-            self.assertIn("another gateway registered with the same token", first.output())
-            third = Process(self, twist("mcpr", "--mcp", mcp, "--listen", "tcp:0:interface=127.0.0.1",
-                                        "--relay-url", f"http://127.0.0.1:{relay_port}", "--subdomain", "shared"),
-                            name="third", env={"MCPR_TUNNEL_TOKEN": "t2"})
-            third.wait_for("tunnel stopped", 10)
-            self.assertIn("belongs to another token", third.output())
-            self.assertIsNone(third.popen.poll(), "the gateway keeps serving locally")
-            response = await self.public(relay_port, url, "/status")
-            self.assertEqual(response.code, 200)
-            await readBody(response)
-            self.assertNotIn("tunnel stopped", second.output())
-        return Deferred.fromCoroutine(t())
+    async def test_eviction_and_subdomain_owned_by_another_token(self) -> None:
+        _, relay_port = self.start_relay()
+        bulk = self.start_bulk()
+        mcp = f"http://127.0.0.1:{bulk}/mcp"
+        first, url, _ = self.start_gateway(mcp, relay_port, "--subdomain", "shared", env={"MCPR_TUNNEL_TOKEN": "t1"})
+        second, url2, _ = self.start_gateway(mcp, relay_port, "--subdomain", "shared",
+                                             env={"MCPR_TUNNEL_TOKEN": "t1"})
+        self.assertEqual(url, url2)
+        first.wait_for("tunnel stopped", 10)
+        self.assertIn("another gateway registered with the same token", first.output())
+        third = Process(self, twist("mcpr", "--mcp", mcp, "--listen", "tcp:0:interface=127.0.0.1",
+                                    "--relay-url", f"http://127.0.0.1:{relay_port}", "--subdomain", "shared"),
+                        name="third", env={"MCPR_TUNNEL_TOKEN": "t2"})
+        third.wait_for("tunnel stopped", 10)
+        self.assertIn("belongs to another token", third.output())
+        self.assertIsNone(third.popen.poll(), "the gateway keeps serving locally")
+        response = await self.public(relay_port, url, "/status")
+        self.assertEqual(response.code, 200)
+        await readBody(response)
+        self.assertNotIn("tunnel stopped", second.output())
 
 
 def _body(message: dict) -> FileBodyProducer:
@@ -461,20 +447,18 @@ class SecureRelayTests(TunnelTestBase):
         self.assertNotIn("Tunnel: ", gateway.output())
         self.assertIn("certificate verify failed", gateway.output())
 
-    def test_https_upstream_is_verified(self):
+    async def test_https_upstream_is_verified(self) -> None:
         """The gateway's forwarder to an https MCP server (here the TLS relay's own pages) checks its name."""
-        async def t():
-            port, trust = self.start_tls_relay()
-            results = {}
-            for name, env in (("trusted", {"SSL_CERT_FILE": str(trust)}), ("untrusted", {"SSL_CERT_FILE": "/nonexistent"})):
-                gateway = Process(self, twist("mcpr", "--mcp", f"https://localhost:{port}/mcp", "--listen",
-                                              "tcp:0:interface=127.0.0.1"), name=f"gateway-{name}", env=env)
-                line = gateway.wait_for(f" -> https://localhost:{port}/mcp")
-                address = re.search(r"http://(127\.0\.0\.1:\d+)", line).group(1)
-                response = await client_agent(self).request(b"GET", f"http://{address}/".encode())
-                results[name] = (response.code, await readBody(response))
-            self.assertEqual(results["trusted"][0], 200)
-            self.assertIn(b"mcpr relay", results["trusted"][1])
-            self.assertEqual(results["untrusted"][0], 502)
-            self.assertIn(b"certificate verify failed", results["untrusted"][1])
-        return Deferred.fromCoroutine(t())
+        port, trust = self.start_tls_relay()
+        results = {}
+        for name, env in (("trusted", {"SSL_CERT_FILE": str(trust)}), ("untrusted", {"SSL_CERT_FILE": "/nonexistent"})):
+            gateway = Process(self, twist("mcpr", "--mcp", f"https://localhost:{port}/mcp", "--listen",
+                                          "tcp:0:interface=127.0.0.1"), name=f"gateway-{name}", env=env)
+            line = gateway.wait_for(f" -> https://localhost:{port}/mcp")
+            address = re.search(r"http://(127\.0\.0\.1:\d+)", line).group(1)
+            response = await client_agent(self).request(b"GET", f"http://{address}/".encode())
+            results[name] = (response.code, await readBody(response))
+        self.assertEqual(results["trusted"][0], 200)
+        self.assertIn(b"mcpr relay", results["trusted"][1])
+        self.assertEqual(results["untrusted"][0], 502)
+        self.assertIn(b"certificate verify failed", results["untrusted"][1])
