@@ -10,9 +10,9 @@ from __future__ import annotations
 import signal
 from typing import Any
 
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -20,7 +20,7 @@ from twisted.web.server import Site
 
 from mcpr import __version__
 from mcpr.common.protocol import CloseCode, label_of
-from mcpr.common.service import ListeningService, address_of
+from mcpr.common.service import address_of, announced, listener
 from mcpr.common.settings import ConfigError
 from mcpr.common.web import CappedSite
 from mcpr.relay.auth import Authenticator
@@ -56,22 +56,21 @@ class RelayService(MultiService):
                               too_large=self.front.too_large)
         self.site.displayTracebacks = False
         self.certificates = []
-        self.listeners: list[ListeningService] = []
+        self.listeners: list[StreamServerEndpointService] = []
         for description in settings.listen:
             if is_tls_description(description):
                 endpoint, store = tls_endpoint(reactor, description)
                 self.certificates.append(store)
                 CertificateWatcher(store, clock=reactor).setServiceParent(self)
+                service = announced(StreamServerEndpointService(endpoint, self.site), self._announce)
             else:
-                endpoint = serverFromString(reactor, description)
-            listener = ListeningService(endpoint, self.site, self._announce)
-            listener.setServiceParent(self)
-            self.listeners.append(listener)
+                service = listener(description, self.site, self._announce, reactor)
+            service.setServiceParent(self)
+            self.listeners.append(service)
         if settings.metrics:
             metrics_site = Site(self.metrics.resource())
             metrics_site.noisy = False
-            ListeningService(serverFromString(reactor, settings.metrics), metrics_site,
-                             self._announce_metrics).setServiceParent(self)
+            listener(settings.metrics, metrics_site, self._announce_metrics, reactor).setServiceParent(self)
         self._previous_hup = None
 
     # -- what the registration endpoint reports
@@ -160,7 +159,7 @@ class RelayService(MultiService):
         self.auth.close()
 
 
-async def _stop(listener: ListeningService) -> None:
+async def _stop(listener: StreamServerEndpointService) -> None:
     if listener.running:
         await listener.stopService()
 
