@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 from typing import Any
 
+from twisted.application import strports
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList
@@ -30,7 +31,7 @@ from mcpr.relay.metrics import RelayMetrics
 from mcpr.relay.registration import registration_resource
 from mcpr.relay.registry import Registry
 from mcpr.relay.settings import RelaySettings, load_relay
-from mcpr.relay.tls import CertificateWatcher, is_tls_description, tls_endpoint
+from mcpr.relay.tls import CertificateWatcher, SNIServerEndpoint, listen_description
 
 log = Logger()
 
@@ -58,14 +59,11 @@ class RelayService(MultiService):
         self.certificates = []
         self.listeners: list[StreamServerEndpointService] = []
         for description in settings.listen:
-            if is_tls_description(description):
-                endpoint, store = tls_endpoint(reactor, description)
-                self.certificates.append(store)
-                CertificateWatcher(store, clock=reactor).setServiceParent(self)
-                service = announced(StreamServerEndpointService(endpoint, self.site), self._announce)
-            else:
-                service = listener(description, self.site, self._announce, reactor)
-            service.setServiceParent(self)
+            service = strports.service(listen_description(description), self.site, reactor=reactor)
+            if isinstance(service.endpoint, SNIServerEndpoint):
+                self.certificates.append(service.endpoint.store)
+                CertificateWatcher(service.endpoint.store, clock=reactor).setServiceParent(self)
+            announced(service, self._announce).setServiceParent(self)
             self.listeners.append(service)
         if settings.metrics:
             metrics_site = Site(self.metrics.resource())
