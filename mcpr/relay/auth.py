@@ -1,6 +1,6 @@
 """Who may register which subdomain on the relay.
 
-Three modes, by priority (DESIGN.md §4): static tokens from the command line
+Three modes, by priority (docs/deploy.md §7): static tokens from the command line
 or the configuration file, else an HTTP auth provider with the original
 mcpr's contract, else open mode where any token may take any free label.
 

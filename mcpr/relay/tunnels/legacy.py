@@ -1,4 +1,4 @@
-"""The relay end of the original mcpr's JSON tunnel protocol (DESIGN §3 "Legacy").
+"""The relay end of the original mcpr's JSON tunnel protocol (docs/protocol.md).
 
 Existing mcpr gateways speak it, so our relay keeps serving them: requests go
 out as one JSON text message each (body base64), responses come back either
