@@ -34,11 +34,12 @@ Announce = Callable[[IListeningPort], None]
 
 
 def address_of(port: IListeningPort) -> str:
-    host = port.getHost()
-    name = getattr(host, "host", None)
+    """`host:port` (`[host]:port` for IPv6) of an IP listener, else the address as Twisted shows it."""
+    address = port.getHost()
+    name, number = getattr(address, "host", None), getattr(address, "port", None)
     if name is None:
-        return str(host)
-    return f"[{name}]:{host.port}" if ":" in name else f"{name}:{host.port}"
+        return str(address)
+    return f"[{name}]:{number}" if ":" in name else f"{name}:{number}"
 
 
 @implementer(IStreamServerEndpoint)

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import enum
 import json
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -149,8 +149,9 @@ class RegistrationProtocol(WebSocketServerProtocol):
         if self._h2:
             tunnel = H2Tunnel(subdomain, self._grant.owner, self._send_binary, self._close)
         else:
+            socket = cast(IPushProducer, self.transport)  # no flow control in the protocol: pause the socket
             tunnel = LegacyTunnel(subdomain, self._grant.owner, self._send_text, self._close,
-                                  self.transport.pauseProducing, self.transport.resumeProducing)
+                                  socket.pauseProducing, socket.resumeProducing)
         try:
             self.factory.registry.claim(tunnel)
         except Refused as e:
@@ -213,7 +214,7 @@ class RegistrationFactory(WebSocketServerFactory):
     """The registration sockets' factory: their collaborators, and Autobahn's limits set explicitly
     (its defaults are unlimited)."""
 
-    protocol = RegistrationProtocol
+    protocol = RegistrationProtocol  # type: ignore[assignment]  # Factory's hint wants a protocol factory
 
     def __init__(self, reactor: Any, registry: Registry, auth: Authenticator, observer: RegistrationObserver, *,
                  public_url: str, registration_timeout: float, max_message_size: int, ping_interval: float,

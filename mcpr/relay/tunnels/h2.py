@@ -205,8 +205,8 @@ class H2Tunnel(SocketTunnel):
         if isinstance(event, WindowUpdated):
             targets = list(self._blocked.values()) if event.stream_id == 0 else (
                 [self._blocked[event.stream_id]] if event.stream_id in self._blocked else [])
-            for stream in targets:
-                self._send_body(stream)
+            for target in targets:
+                self._send_body(target)
             return
         if isinstance(event, ConnectionTerminated):
             self._close(CloseCode.POLICY, "gateway ended the HTTP/2 connection")
