@@ -13,7 +13,8 @@ from typing import Callable
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, TimeoutError
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -34,6 +35,8 @@ CLOSE_GRACE = 0.2
 
 
 class RelayService(MultiService):
+    """The root of the relay's tree; its own jobs are `reload` (SIGHUP) and the drain (stop)."""
+
     def __init__(self, clock: IReactorTime, settings: RelaySettings, *, auth: Authenticator, registry: Registry,
                  forwarder: TunnelForwarder, stats: RequestStats,
                  read: Callable[[], RelaySettings] | None = None) -> None:
@@ -94,7 +97,7 @@ class RelayService(MultiService):
         idle.addTimeout(self._settings.drain_timeout, self._clock)
         try:
             await idle
-        except TimeoutError:
+        except defer.TimeoutError:
             log.warn("drain timeout: {n} request(s) still in flight", n=self._stats.in_flight)
         for tunnel in list(self._registry):
             tunnel.close(CloseCode.GOING_AWAY, "relay shutting down")
