@@ -1,67 +1,109 @@
-"""Listening on endpoint strings, and saying where.
+"""The services both daemons run beside their own: listeners that say where, and SIGHUP.
 
-Tests and users both need the real address (`tcp:0` picks a free port), so
-each listener logs it once bound; a port that cannot be bound at start makes
-`twist` fail at once instead of running without a listener.
+Listeners are Twisted's own `strports.service` (a port that cannot be bound at
+start makes `twist` fail at once instead of running without a listener), plus
+one log line with the bound address: tests and users both need it, since
+`tcp:0` picks a free port.
+
+`twist` leaves SIGHUP at its default action, which kills the process; each
+daemon reloads on it instead, through `SighupService`.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import signal
+from typing import Any, Callable
 
+from twisted.application import strports
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorFromThreads,
+    IStreamServerEndpoint,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 log = Logger()
 
+Announce = Callable[[IListeningPort], None]
+
 
 def address_of(port: IListeningPort) -> str:
-    host = port.getHost()
-    name = getattr(host, "host", None)
+    """`host:port` (`[host]:port` for IPv6) of an IP listener, else the address as Twisted shows it."""
+    address = port.getHost()
+    name, number = getattr(address, "host", None), getattr(address, "port", None)
     if name is None:
-        return str(host)
-    return f"[{name}]:{host.port}" if ":" in name else f"{name}:{host.port}"
+        return str(address)
+    return f"[{name}]:{number}" if ":" in name else f"{name}:{number}"
 
 
-class ListeningService(Service):
-    """Like StreamServerEndpointService, plus a log line with the bound address."""
+@implementer(IStreamServerEndpoint)
+class AnnouncingEndpoint:
+    """Passes the port `wrapped` listens on to `announce` before anyone else sees it."""
 
-    def __init__(self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory,
-                 announce: Callable[[IListeningPort], None]) -> None:
-        self.endpoint = endpoint
-        self.factory = factory
+    def __init__(self, wrapped: IStreamServerEndpoint, announce: Announce) -> None:
+        self.wrapped = wrapped
         self._announce = announce
-        self.port: IListeningPort | None = None
-        self._listening: Deferred | None = None
 
-    def startService(self) -> None:
-        super().startService()
-        d = self.endpoint.listen(self.factory)
-        early: list = []
-        d.addBoth(lambda result: early.append(result) or result)
-        if early and isinstance(early[0], Failure):
-            d.addErrback(lambda f: None)
-            early[0].raiseException()
-        d.addCallback(self._bound)
-        d.addErrback(self._failed)
-        self._listening = d
+    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
+        return self.wrapped.listen(factory).addCallback(self._bound)
 
     def _bound(self, port: IListeningPort) -> IListeningPort:
-        self.port = port
         self._announce(port)
         return port
 
-    def _failed(self, failure: Failure) -> None:
-        if not failure.check(CancelledError):
-            log.failure("cannot listen", failure)
 
-    def stopService(self) -> Deferred[None]:
+def announced(service: StreamServerEndpointService, announce: Announce) -> StreamServerEndpointService:
+    """`service`, announcing its port once bound (through its documented `endpoint` attribute)."""
+    service.endpoint = AnnouncingEndpoint(service.endpoint, announce)
+    return service
+
+
+def listener(description: str, factory: IProtocolFactory, announce: Announce,
+             reactor: Any) -> StreamServerEndpointService:
+    """A listener on an endpoint string that logs its address through `announce` once bound."""
+    return announced(strports.service(description, factory, reactor=reactor), announce)
+
+
+class SighupService(Service):
+    """Runs `callback` on the reactor thread at each SIGHUP while the service runs.
+
+    The previous handler comes back on stop.  Off the main thread (tests that
+    start a service tree in a worker) `signal.signal` raises ValueError: then
+    no handler is installed and `callback` stays callable directly.  A failure
+    of `callback` (or of the Deferred or coroutine it returns) is logged.
+    """
+
+    def __init__(self, reactor: IReactorFromThreads, callback: Callable[[], object]) -> None:
+        self._reactor = reactor
+        self._callback = callback
+        self._installed = False
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        try:
+            self._previous = signal.signal(signal.SIGHUP, self._signalled)
+        except ValueError:
+            return
+        self._installed = True
+
+    def stopService(self) -> None:
         super().stopService()
-        listening, self._listening = self._listening, None
-        if listening is None:
-            return succeed(None)
-        listening.cancel()
-        return listening.addCallback(lambda port: port.stopListening() if port is not None else None)
+        if self._installed:
+            self._installed = False
+            signal.signal(signal.SIGHUP, self._previous if self._previous is not None else signal.SIG_DFL)
+
+    def _signalled(self, signum: int, frame: Any) -> None:
+        self._reactor.callFromThread(self._run)
+
+    def _run(self) -> None:
+        maybeDeferred(self._callback).addErrback(self._failed)
+
+    def _failed(self, failure: Failure) -> None:
+        log.failure("reload on SIGHUP failed", failure)

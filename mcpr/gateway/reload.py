@@ -11,12 +11,11 @@ its own handler while it runs.
 from __future__ import annotations
 
 import dataclasses
-import signal
-from typing import Any, Callable
+from typing import Callable
 
-from twisted.application.service import Service
 from twisted.logger import Logger
 
+from mcpr.common.service import SighupService
 from mcpr.common.settings import ConfigError
 from mcpr.gateway.settings import GatewaySettings
 from mcpr.proxy.resource import ProxyResource
@@ -39,27 +38,15 @@ def changed_keys(running: GatewaySettings, new: GatewaySettings) -> list[str]:
     ]
 
 
-class ReloadService(Service):
+class ReloadService(SighupService):
     """Applies `[csp]` from a fresh read of the settings on SIGHUP."""
 
     def __init__(self, reactor, resource: ProxyResource, running: GatewaySettings,
                  read: Callable[[], GatewaySettings]) -> None:
-        self._reactor = reactor
+        super().__init__(reactor, self.reload)
         self._resource = resource
         self._running = running
         self._read = read
-        self._previous: Any = None
-
-    def startService(self) -> None:
-        super().startService()
-        self._previous = signal.signal(signal.SIGHUP, self._signalled)
-
-    def stopService(self) -> None:
-        super().stopService()
-        signal.signal(signal.SIGHUP, self._previous if self._previous is not None else signal.SIG_DFL)
-
-    def _signalled(self, signum: int, frame: Any) -> None:
-        self._reactor.callFromThread(self.reload)
 
     def reload(self) -> None:
         try:

@@ -8,13 +8,12 @@ from pathlib import Path
 from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python import usage
 
 from mcpr import __version__
-from mcpr.common.service import ListeningService, address_of
+from mcpr.common.service import address_of, listener
 from mcpr.common.settings import ConfigError, cli_values, options_from
 from mcpr.common.web import CappedSite
 from mcpr.gateway.reload import ReloadService
@@ -124,7 +123,7 @@ def makeService(options: usage.Options, reactor=None) -> IService:
                  address=address_of(port), mcp=settings.mcp)
 
     for description in settings.listen:
-        ListeningService(serverFromString(reactor, description), site, announce).setServiceParent(top)
+        listener(description, site, announce, reactor).setServiceParent(top)
     if settings.relay_url:
         tunnel_service(settings, resource, reactor).setServiceParent(top)
     ReloadService(reactor, resource, settings,

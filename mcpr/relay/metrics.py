@@ -1,10 +1,33 @@
-"""Prometheus metrics of one relay, in a registry of its own (tests run several relays in one process)."""
+"""What the relay counts and logs: Prometheus metrics, the access log, registration outcomes.
+
+Each public request reports once, when it ends, to `RequestStats`, which owns
+the in-flight count (drain waits on it), the counters and the access-log line;
+each registration socket reports to `RegistrationStats`.  The metrics live in
+a registry of their own, since tests run several relays in one process.
+"""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.twisted import MetricsResource
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from mcpr.common.protocol import CloseCode, label_of
+from mcpr.relay.registry import Registry
+from mcpr.relay.tunnels.contract import Tunnel
+
+log = Logger()
+
+# Refusals counted under their own label; any other close code is a protocol error.
+_REFUSAL_LABELS = frozenset({CloseCode.AUTH_FAILED, CloseCode.IN_USE, CloseCode.INVALID_SUBDOMAIN,
+                             CloseCode.TOO_MANY})
+
+# Answers the relay gives itself (no tunnel, overloaded, headers timeout): their message says it all.
+_OWN_ANSWERS = frozenset({502, 503, 504})
 
 
 class RelayMetrics:
@@ -18,16 +41,19 @@ class RelayMetrics:
                                 registry=self.registry)
         self.bytes = Counter("mcpr_relay_bytes", "Body bytes relayed.", ["direction"], registry=self.registry)
         self.in_flight = Gauge("mcpr_relay_in_flight", "Public requests being served.", registry=self.registry)
+        # Looked up once: they are counted per request and per chunk.
+        self._bytes_in = self.bytes.labels("in")
+        self._bytes_out = self.bytes.labels("out")
 
     def request(self, status: int | None) -> None:
         self.requests.labels(f"{status // 100}xx" if status else "none").inc()
 
     def bytes_in(self, n: int) -> None:
         if n:
-            self.bytes.labels("in").inc(n)
+            self._bytes_in.inc(n)
 
     def bytes_out(self, n: int) -> None:
-        self.bytes.labels("out").inc(n)
+        self._bytes_out.inc(n)
 
     def resource(self) -> Resource:
         root = Resource()
@@ -35,3 +61,88 @@ class RelayMetrics:
         root.putChild(b"metrics", metrics)
         root.putChild(b"", metrics)
         return root
+
+
+class RequestStats:
+    """Where every public request reports: in flight, bytes, and one access-log line when it ends."""
+
+    def __init__(self, metrics: RelayMetrics, clock: IReactorTime) -> None:
+        self._metrics = metrics
+        self._clock = clock
+        self.in_flight = 0
+        self._idle: list[Deferred[None]] = []
+        self.bytes_out = metrics.bytes_out  # per chunk: no call in between
+
+    def started(self, body_length: int) -> None:
+        """A request went into a tunnel (one that was answered by the relay itself never starts)."""
+        self.in_flight += 1
+        self._metrics.in_flight.inc()
+        self._metrics.bytes_in(body_length)
+
+    def finished(self, request: Request, subdomain: str, status: int | None, size: int, started: float,
+                 outcome: str, *, counted: bool) -> None:
+        """A request ended (`outcome` is "ok", "aborted", "client-gone" or the relay's own answer);
+        `counted` says whether it had `started`."""
+        if counted:
+            self.in_flight -= 1
+            self._metrics.in_flight.dec()
+            if not self.in_flight and self._idle:
+                # From the reactor, not from inside the callbacks of the response that just ended.
+                waiting, self._idle = self._idle, []
+                self._clock.callLater(0, _fire, waiting)
+        self._metrics.request(status)
+        ms = (self._clock.seconds() - started) * 1000
+        log.info("{subdomain} {method} {path} {status} {bytes}B {ms:.0f}ms{note}", subdomain=subdomain,
+                 method=request.method.decode("latin-1"), path=request.path.decode("latin-1"),
+                 status=status if status is not None else "-", bytes=size, ms=ms,
+                 note="" if outcome == "ok" or status in _OWN_ANSWERS else f" ({outcome})")
+
+    def too_large(self, subdomain: str | None, method: bytes, path: bytes) -> None:
+        """A request refused with 413 while its body arrived, before any resource saw it."""
+        self._metrics.request(413)
+        log.info("{subdomain} {method} {path} 413 0B 0ms (body too large)", subdomain=subdomain or "-",
+                 method=method.decode("latin-1"), path=path.split(b"?")[0].decode("latin-1"))
+
+    def when_idle(self) -> Deferred[None]:
+        """Fires once no request is in flight (now, if none is); cancellable, e.g. by a timeout."""
+        if not self.in_flight:
+            return succeed(None)
+        waiting: Deferred[None] = Deferred(self._forget)
+        self._idle.append(waiting)
+        return waiting
+
+    def _forget(self, waiting: Deferred[None]) -> None:
+        if waiting in self._idle:
+            self._idle.remove(waiting)
+
+
+def _fire(waiting: list[Deferred[None]]) -> None:
+    for d in waiting:
+        if not d.called:  # a timeout may have cancelled it in the meantime
+            d.callback(None)
+
+
+class RegistrationStats:
+    """Counts and logs what happens on registration sockets (the registration observer)."""
+
+    def __init__(self, metrics: RelayMetrics, registry: Registry) -> None:
+        self._metrics = metrics
+        self._registry = registry
+
+    def registered(self, tunnel: Tunnel, hint: str, peer: str | None, url: str) -> None:
+        self._metrics.registrations.labels("ok").inc()
+        self._metrics.tunnels.set(len(self._registry))
+        log.info("tunnel {subdomain} registered (token {hint}, from {peer}): {url}", subdomain=tunnel.subdomain,
+                 hint=hint, peer=peer, url=url)
+
+    def refused(self, code: int, reason: str, hint: str | None, peer: str | None) -> None:
+        result = label_of(code) if code in _REFUSAL_LABELS else "protocol_error"
+        self._metrics.registrations.labels(result).inc()
+        log.info("registration refused ({code} {reason}; token {hint}, from {peer})", code=code, reason=reason,
+                 hint=hint or "-", peer=peer)
+
+    def unregistered(self, tunnel: Tunnel, released: bool) -> None:
+        """`released`: the tunnel still held its subdomain (an evicted one did not)."""
+        if released:
+            log.info("tunnel {subdomain} disconnected", subdomain=tunnel.subdomain)
+        self._metrics.tunnels.set(len(self._registry))

@@ -2,38 +2,68 @@
 
 The token travels in the first message, never in the URL (URLs end up in
 access logs).  Until a registration completes the socket may only carry the
-registration exchange, and only for `registration_timeout` seconds.
+registration exchange, and only for `registration_timeout` seconds.  The
+protocol gets what it needs from its own factory: the registry, the
+authenticator, an observer of outcomes and a handful of settings.
 """
 
 from __future__ import annotations
 
+import enum
 import json
-from typing import Any
+from typing import Any, Protocol, cast
 
-from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mcpr.common import protocol as wire
 from mcpr.common.protocol import CloseCode, Refused, fit_reason
-from mcpr.relay.auth import authorize
+from mcpr.relay.auth import Authenticator, Grant, authorize
 from mcpr.relay.identity import token_hint
+from mcpr.relay.registry import Registry
+from mcpr.relay.tunnels.contract import Tunnel
 from mcpr.relay.tunnels.h2 import H2Tunnel
 from mcpr.relay.tunnels.legacy import LegacyTunnel
 
 
+class RegistrationObserver(Protocol):
+    """Told how each registration socket fares (metrics and logs)."""
+
+    def registered(self, tunnel: Tunnel, hint: str, peer: str | None, url: str) -> None: ...
+
+    def refused(self, code: int, reason: str, hint: str | None, peer: str | None) -> None: ...
+
+    def unregistered(self, tunnel: Tunnel, released: bool) -> None:
+        """The socket of a registered tunnel closed; `released`: it still held its subdomain."""
+
+
+class _State(enum.Enum):
+    CONNECTING = enum.auto()      # the WebSocket handshake
+    HELLO = enum.auto()           # waiting for the first message: token, maybe a subdomain
+    AUTHENTICATING = enum.auto()  # the token is being checked (the provider may take a while)
+    PICK = enum.auto()            # subdomains were offered; waiting for the gateway's pick
+    CLAIMING = enum.auto()        # a subdomain is decided; claiming it in the registry
+    REGISTERED = enum.auto()      # a tunnel: messages now belong to it
+    REFUSED = enum.auto()         # closing with a refusal
+    CLOSED = enum.auto()
+
+
 class RegistrationProtocol(WebSocketServerProtocol):
     _log = Logger()  # autobahn owns self.log
+    factory: RegistrationFactory
 
     def __init__(self) -> None:
         super().__init__()
-        self.tunnel: LegacyTunnel | H2Tunnel | None = None
+        self.tunnel: Tunnel | None = None
         self._h2 = False
-        self._state = "connecting"
-        self._timer = None
+        self._state = _State.CONNECTING
+        self._timer: IDelayedCall | None = None
+        self._peer: str | None = None
         self._token: str | None = None
-        self._grant = None
+        self._grant: Grant | None = None
 
     # -- autobahn callbacks
 
@@ -46,15 +76,14 @@ class RegistrationProtocol(WebSocketServerProtocol):
         return None
 
     def onOpen(self) -> None:
-        relay = self.factory.relay
-        self._state = "hello"
-        self._timer = relay.reactor.callLater(relay.settings.registration_timeout, self._registration_timeout)
+        self._state = _State.HELLO
+        self._timer = self.factory.reactor.callLater(self.factory.registration_timeout, self._registration_timeout)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.tunnel is not None:
             self.tunnel.message(payload, isBinary)
             return
-        if self._state not in ("hello", "pick") or isBinary:
+        if self._state not in (_State.HELLO, _State.PICK) or isBinary:
             self._refuse(CloseCode.POLICY, "unexpected message during registration")
             return
         try:
@@ -68,40 +97,39 @@ class RegistrationProtocol(WebSocketServerProtocol):
         if subdomain is not None and not isinstance(subdomain, str):
             self._refuse(CloseCode.INVALID_SUBDOMAIN, "invalid subdomain")
             return
-        if self._state == "hello":
+        if self._state is _State.HELLO:
             token = message.get("token")
-            self._state = "authenticating"
+            self._state = _State.AUTHENTICATING
             Deferred.fromCoroutine(self._hello(token if isinstance(token, str) else "", subdomain)).addErrback(
                 self._crashed)
         else:
-            self._state = "claiming"
+            self._state = _State.CLAIMING
             self._decide(subdomain, offer_allowed=False)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        self._state = "closed"
+        self._state = _State.CLOSED
         self._cancel_timer()
         tunnel, self.tunnel = self.tunnel, None
         if tunnel is not None:
-            relay = self.factory.relay
-            relay.unregistered(tunnel)
+            self.factory.observer.unregistered(tunnel, self.factory.registry.release(tunnel))
             tunnel.closed()
 
     # -- registration
 
     async def _hello(self, token: str, subdomain: str | None) -> None:
-        relay = self.factory.relay
         try:
-            grant = await relay.auth.authenticate(token, subdomain)
+            grant = await self.factory.auth.authenticate(token, subdomain)
         except Refused as e:
             self._refuse(e.code, e.reason, token)
             return
-        if self._state != "authenticating":
+        if self._state is not _State.AUTHENTICATING:
             return  # the socket closed while the provider answered
         self._token, self._grant = token, grant
-        self._state = "claiming"
+        self._state = _State.CLAIMING
         self._decide(subdomain, offer_allowed=True)
 
     def _decide(self, requested: str | None, *, offer_allowed: bool) -> None:
+        assert self._grant is not None and self._token is not None
         try:
             decision = authorize(self._grant, requested, self._token)
         except Refused as e:
@@ -110,48 +138,49 @@ class RegistrationProtocol(WebSocketServerProtocol):
         if isinstance(decision, str):
             self._claim(decision)
         elif offer_allowed:
-            self._state = "pick"
+            self._state = _State.PICK
             self._send_json({"subdomains": list(decision)})
         else:
             self._refuse(CloseCode.POLICY, "pick one subdomain")
 
     def _claim(self, subdomain: str) -> None:
-        relay = self.factory.relay
+        assert self._grant is not None and self._token is not None
         tunnel: LegacyTunnel | H2Tunnel
         if self._h2:
             tunnel = H2Tunnel(subdomain, self._grant.owner, self._send_binary, self._close)
         else:
+            socket = cast(IPushProducer, self.transport)  # no flow control in the protocol: pause the socket
             tunnel = LegacyTunnel(subdomain, self._grant.owner, self._send_text, self._close,
-                                  self.transport.pauseProducing, self.transport.resumeProducing)
+                                  socket.pauseProducing, socket.resumeProducing)
         try:
-            relay.registry.claim(tunnel)
+            self.factory.registry.claim(tunnel)
         except Refused as e:
             self._refuse(e.code, e.reason, self._token)
             return
         self._cancel_timer()
-        self._state = "registered"
-        url = relay.public_url(subdomain)
+        self._state = _State.REGISTERED
+        url = self.factory.public_url(subdomain)
         self._send_json({"subdomain": subdomain, "url": url})
         self.tunnel = tunnel
-        if self._h2:
+        if isinstance(tunnel, H2Tunnel):
             tunnel.start()
-        relay.registered(tunnel, self._token, self._peer)
+        self.factory.observer.registered(tunnel, token_hint(self._token), self._peer, url)
 
     # -- helpers
 
-    def _send_json(self, message: dict) -> None:
+    def _send_json(self, message: dict[str, Any]) -> None:
         self.sendMessage(json.dumps(message).encode(), isBinary=False)
 
     def _send_text(self, payload: bytes) -> None:
-        if self._state == "registered":
+        if self._state is _State.REGISTERED:
             self.sendMessage(payload, isBinary=False)
 
     def _send_binary(self, payload: bytes) -> None:
-        if self._state == "registered":
+        if self._state is _State.REGISTERED:
             self.sendMessage(payload, isBinary=True)
 
     def _close(self, code: int, reason: str) -> None:
-        if self._state != "closed":
+        if self._state is not _State.CLOSED:
             self.close_with(code, reason)
 
     def close_with(self, code: int, reason: str) -> None:
@@ -161,9 +190,8 @@ class RegistrationProtocol(WebSocketServerProtocol):
             self.sendCloseFrame(code=code, reasonUtf8=fit_reason(reason).encode("utf-8"), isReply=False)
 
     def _refuse(self, code: int, reason: str, token: str | None = None) -> None:
-        relay = self.factory.relay
-        relay.refused(code, reason, token_hint(token) if token else None, getattr(self, "_peer", None))
-        self._state = "refused"
+        self.factory.observer.refused(code, reason, token_hint(token) if token else None, self._peer)
+        self._state = _State.REFUSED
         self._cancel_timer()
         self.close_with(code, reason)
 
@@ -177,24 +205,36 @@ class RegistrationProtocol(WebSocketServerProtocol):
             self._timer.cancel()
         self._timer = None
 
-    def _crashed(self, failure) -> None:
+    def _crashed(self, failure: Failure) -> None:
         self._log.failure("registration failed", failure)
         self._close(CloseCode.INTERNAL_ERROR, "internal error")
 
 
-def registration_resource(relay, reactor) -> WebSocketResource:
-    """The WebSocket endpoint with limits set explicitly: Autobahn's defaults are unlimited."""
-    settings = relay.settings
-    factory = WebSocketServerFactory(None, reactor=reactor)
-    factory.protocol = RegistrationProtocol
-    factory.relay = relay
-    factory.setProtocolOptions(
-        maxMessagePayloadSize=settings.max_message_size,
-        maxFramePayloadSize=settings.max_message_size,
-        autoPingInterval=settings.ping_interval,
-        autoPingTimeout=settings.ping_timeout,
-        openHandshakeTimeout=settings.registration_timeout,
-        closeHandshakeTimeout=5,
-        failByDrop=False,
-    )
-    return WebSocketResource(factory)
+class RegistrationFactory(WebSocketServerFactory):
+    """The registration sockets' factory: their collaborators, and Autobahn's limits set explicitly
+    (its defaults are unlimited)."""
+
+    protocol = RegistrationProtocol  # type: ignore[assignment]  # Factory's hint wants a protocol factory
+
+    def __init__(self, reactor: Any, registry: Registry, auth: Authenticator, observer: RegistrationObserver, *,
+                 public_url: str, registration_timeout: float, max_message_size: int, ping_interval: float,
+                 ping_timeout: float) -> None:
+        super().__init__(None, reactor=reactor)
+        self.registry = registry
+        self.auth = auth
+        self.observer = observer
+        self.registration_timeout = registration_timeout
+        self._public_url = public_url
+        self.setProtocolOptions(
+            maxMessagePayloadSize=max_message_size,
+            maxFramePayloadSize=max_message_size,
+            autoPingInterval=ping_interval,
+            autoPingTimeout=ping_timeout,
+            openHandshakeTimeout=registration_timeout,
+            closeHandshakeTimeout=5,
+            failByDrop=False,
+        )
+
+    def public_url(self, subdomain: str) -> str:
+        """Where a tunnel is served: the `public_url` template with its `*` filled in."""
+        return self._public_url.replace("*", subdomain, 1)

@@ -8,39 +8,30 @@ replaced it.
 
 from __future__ import annotations
 
-from typing import Iterator, Protocol
+from typing import Iterator
 
 from mcpr.common.protocol import CloseCode, Refused
-
-
-class Registered(Protocol):
-    """What the registry needs of a tunnel."""
-
-    subdomain: str
-    owner: str
-
-    def evict(self) -> None:
-        """Close this tunnel because the same owner registered its subdomain again (4002)."""
+from mcpr.relay.tunnels.contract import Tunnel
 
 
 class Registry:
     def __init__(self, max_per_owner: int) -> None:
-        self._tunnels: dict[str, Registered] = {}
+        self._tunnels: dict[str, Tunnel] = {}
         self._max = max_per_owner
 
     def __len__(self) -> int:
         return len(self._tunnels)
 
-    def __iter__(self) -> Iterator[Registered]:
+    def __iter__(self) -> Iterator[Tunnel]:
         return iter(list(self._tunnels.values()))
 
-    def get(self, subdomain: str) -> Registered | None:
+    def get(self, subdomain: str) -> Tunnel | None:
         return self._tunnels.get(subdomain)
 
-    def owned_by(self, owner: str) -> list[Registered]:
+    def owned_by(self, owner: str) -> list[Tunnel]:
         return [t for t in self._tunnels.values() if t.owner == owner]
 
-    def claim(self, tunnel: Registered) -> None:
+    def claim(self, tunnel: Tunnel) -> None:
         """Register `tunnel` under its subdomain, or raise `Refused` (4003, 4008)."""
         current = self._tunnels.get(tunnel.subdomain)
         if current is tunnel:
@@ -53,7 +44,7 @@ class Registry:
         if current is not None:
             current.evict()
 
-    def release(self, tunnel: Registered) -> bool:
+    def release(self, tunnel: Tunnel) -> bool:
         """Forget `tunnel`, unless its subdomain now belongs to a newer registration."""
         if self._tunnels.get(tunnel.subdomain) is tunnel:
             del self._tunnels[tunnel.subdomain]

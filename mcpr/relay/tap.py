@@ -4,13 +4,29 @@ from __future__ import annotations
 
 import sys
 
+from autobahn.twisted.resource import WebSocketResource
+from twisted.application import strports
 from twisted.application.service import IService
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
 from twisted.python import usage
+from twisted.web.server import Site
 
 from mcpr import __version__
+from mcpr.common.service import SighupService, address_of, announced, listener
 from mcpr.common.settings import ConfigError, cli_values, options_from
+from mcpr.common.web import CappedSite
+from mcpr.relay.auth import Authenticator
+from mcpr.relay.forwarding import TunnelForwarder
+from mcpr.relay.front import RelayFront
+from mcpr.relay.metrics import RegistrationStats, RelayMetrics, RequestStats
+from mcpr.relay.registration import RegistrationFactory
+from mcpr.relay.registry import Registry
 from mcpr.relay.service import RelayService
-from mcpr.relay.settings import RELAY_SETTINGS, load_relay
+from mcpr.relay.settings import RELAY_SETTINGS, RelaySettings, load_relay
+from mcpr.relay.tls import CertificateWatcher, SNIServerEndpoint, listen_description
+
+log = Logger()
 
 
 @options_from(RELAY_SETTINGS)
@@ -46,6 +62,45 @@ class Options(usage.Options):
 
 
 def makeService(options: usage.Options, reactor=None) -> IService:
+    """The relay's tree: a `RelayService` (reload, drain) over its listeners, certificate
+    watchers, the metrics listener and SIGHUP; the parts below it share one registry."""
     if reactor is None:
         from twisted.internet import reactor
-    return RelayService(options["settings"], reactor, reload_args=options["reload"])
+    settings: RelaySettings = options["settings"]
+    reload_args = options["reload"]
+    metrics = RelayMetrics()
+    registry = Registry(settings.max_tunnels_per_token)
+    auth = Authenticator(reactor, settings.tokens, settings.auth_provider, settings.auth_provider_secret)
+    stats = RequestStats(metrics, reactor)
+    forwarder = TunnelForwarder(reactor, registry, stats, max_in_flight=settings.max_in_flight,
+                                headers_timeout=settings.headers_timeout)
+    registration = RegistrationFactory(
+        reactor, registry, auth, RegistrationStats(metrics, registry), public_url=settings.public_url,
+        registration_timeout=settings.registration_timeout, max_message_size=settings.max_message_size,
+        ping_interval=settings.ping_interval, ping_timeout=settings.ping_timeout)
+    front = RelayFront(reactor, settings.domain, registry, forwarder, stats, WebSocketResource(registration))
+    site = CappedSite(front, max_request_body=settings.max_request_body, via="relay", too_large=front.too_large)
+    site.displayTracebacks = False
+    relay = RelayService(reactor, settings, auth=auth, registry=registry, forwarder=forwarder, stats=stats,
+                         read=lambda: load_relay(**reload_args))
+
+    def announce(port: IListeningPort) -> None:
+        log.info("mcpr relay {version} for {domain}: listening on {address}", version=__version__,
+                 domain=settings.domain, address=address_of(port))
+
+    for description in settings.listen:
+        service = strports.service(listen_description(description), site, reactor=reactor)
+        if isinstance(service.endpoint, SNIServerEndpoint):
+            relay.certificates.append(service.endpoint.store)
+            CertificateWatcher(service.endpoint.store, clock=reactor).setServiceParent(relay)
+        relay.add_listener(announced(service, announce))
+    if settings.metrics:
+        metrics_site = Site(metrics.resource())
+        metrics_site.noisy = False
+        listener(settings.metrics, metrics_site, _announce_metrics, reactor).setServiceParent(relay)
+    SighupService(reactor, relay.reload).setServiceParent(relay)
+    return relay
+
+
+def _announce_metrics(port: IListeningPort) -> None:
+    log.info("metrics on http://{address}/metrics", address=address_of(port))

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_relay_tls -*-
+# -*- test-case-name: tests.relay.test_tls -*-
 """The relay's built-in TLS: SNI over a directory of PEM files, reloadable without a restart.
 
 The relay serves `*.<domain>` (one wildcard certificate) plus maybe a few exact
@@ -18,8 +18,8 @@ out for a daemon:
    reaches: the SNI callback is bound to the map built at first load.  After a
    renewal the relay would keep serving the old certificate until restarted.
 
-So we keep Twisted's TLS layer (`TLSMemoryBIOFactory` via `wrapServerTLS`)
-and supply our own `IOpenSSLServerConnectionCreator`, `CertificateStore`:
+So we keep Twisted's TLS layer (`wrapServerTLS`) and supply our own
+`IOpenSSLServerConnectionCreator`, `CertificateStore`:
 
 - all parsing happens off the reactor thread, into an immutable snapshot of
   ready-made OpenSSL contexts (built once per reload, never per handshake), and
@@ -30,24 +30,24 @@ and supply our own `IOpenSSLServerConnectionCreator`, `CertificateStore`:
 - a broken file is logged and skipped; a reload that finds nothing usable
   keeps serving what it had.
 
-Wiring, in the relay's `makeService` (`top` is its `MultiService`)::
-
-    endpoint, store = tls_endpoint(reactor, "tls:/etc/mcpr/certs:443")  # loads now, or raises
-    ListeningService(endpoint, site, announce).setServiceParent(top)
-    CertificateWatcher(store).setServiceParent(top)                      # polls every 10 s
-    signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(store.reload))
-
+Wiring: the endpoint string `sni:<directory>[:<port>][:interface=][:backlog=]`
+reaches `sni_endpoint` through the parser plugin in
+`twisted/plugins/mcpr_plugins.py`, so `serverFromString` and
+`strports.service` build it like any other listener.  It has its own prefix
+because Twisted's built-in `tls:` parser wins over plugins; the relay accepts
+`tls:` too, as an alias (`listen_description`).  `sni_endpoint` loads the
+certificates right away (or raises), and the `SNIServerEndpoint` it returns
+exposes its `store`, which the relay's `makeService` hands to a
+`CertificateWatcher` (polls every 10 s) and to its SIGHUP reload.
 `store.reload()` never fails (problems are logged), so its Deferred may be
-dropped, as in the signal handler above.  Route `--listen` values for which
-`is_tls_description()` is true to `tls_endpoint()` instead of
-`serverFromString()`, which would pick Twisted's own `tls:` parser.
+dropped.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -66,9 +66,11 @@ from OpenSSL.SSL import Connection, Context
 from OpenSSL.SSL import Error as OpenSSLError
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred, DeferredLock
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, wrapServerTLS
 from twisted.internet.interfaces import (
+    IListeningPort,
     IOpenSSLServerConnectionCreator,
+    IProtocolFactory,
     IReactorThreads,
     IReactorTime,
     IStreamServerEndpoint,
@@ -79,34 +81,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-try:
-    from twisted.internet.endpoints import wrapServerTLS
-except ImportError:  # Twisted < 26.4, which setup.cfg still allows
-    from twisted.internet.interfaces import IListeningPort, IProtocolFactory
-    from twisted.protocols.tls import TLSMemoryBIOFactory
-
-    @implementer(IStreamServerEndpoint)
-    class _TLSServerEndpoint:
-        def __init__(self, creator: IOpenSSLServerConnectionCreator,
-                     endpoint: IStreamServerEndpoint) -> None:
-            self._creator = creator
-            self._endpoint = endpoint
-
-        def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
-            return self._endpoint.listen(TLSMemoryBIOFactory(self._creator, False, factory))
-
-    def wrapServerTLS(connectionCreator: IOpenSSLServerConnectionCreator,  # type: ignore[misc]
-                      wrappedEndpoint: IStreamServerEndpoint,
-                      clock: IReactorTime | None = None) -> IStreamServerEndpoint:
-        return _TLSServerEndpoint(connectionCreator, wrappedEndpoint)
-
-
 __all__ = [
     "CertificateDirectoryError",
     "CertificateStore",
     "CertificateWatcher",
-    "is_tls_description",
-    "tls_endpoint",
+    "SNIServerEndpoint",
+    "listen_description",
+    "sni_endpoint",
 ]
 
 log = Logger()
@@ -296,70 +277,58 @@ class CertificateWatcher(TimerService):
         return self._store.reload_if_changed().addErrback(failed)
 
 
-def is_tls_description(description: str) -> bool:
-    """Whether a `--listen` value is ours (`tls:<directory>...`), rather than for `serverFromString`."""
-    kind, value = next(_parameters(description))
-    return kind is None and value.strip().lower() == "tls"
+@implementer(IStreamServerEndpoint)
+class SNIServerEndpoint:
+    """TLS with SNI from a L{CertificateStore}, over any stream server endpoint.
+
+    `store` is exposed for what must reload it: the L{CertificateWatcher} and SIGHUP.
+    """
+
+    def __init__(self, store: CertificateStore, wrapped: IStreamServerEndpoint,
+                 clock: IReactorTime | None = None) -> None:
+        self.store = store
+        self._tls = wrapServerTLS(store, wrapped, clock)
+
+    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
+        return self._tls.listen(factory)
 
 
-def tls_endpoint(reactor: Any, description: str) -> tuple[IStreamServerEndpoint, CertificateStore]:
-    r"""Build a TLS server endpoint with SNI from `tls:<directory>[:<port>][:port=][:interface=][:backlog=]`.
+def sni_endpoint(reactor: Any, directory: str = "", *args: str, **kwargs: str) -> SNIServerEndpoint:
+    r"""The endpoint of `sni:<directory>[:<port>][:port=][:interface=][:backlog=]` (the parser plugin's job).
 
     `reactor` must provide IReactorTCP and IReactorThreads.  The port defaults
     to 443, the interface to `::` (which on Linux also accepts IPv4), the
     backlog to 50.  Escape `:` and `\` in values with a backslash, as in every
-    Twisted endpoint string: `tls:C\:\\certs:443` for `C:\certs`, `interface=\:\:1`.
+    Twisted endpoint string: `sni:C\:\\certs:443` for `C:\certs`, `interface=\:\:1`.
 
     The certificates are loaded right here, synchronously, so a directory with
-    nothing usable fails startup with L{CertificateDirectoryError}; the
-    returned store is what to hand to L{CertificateWatcher} and to SIGHUP.
+    nothing usable fails startup with L{CertificateDirectoryError}; a malformed
+    description raises ValueError saying what is wrong.
     """
-    directory, port, interface, backlog = _parse_tls_description(description)
+    unknown = sorted(set(kwargs) - {"port", "interface", "backlog"})
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} in an sni: listener")
+    if not directory or len(args) > 1:
+        raise ValueError("expected sni:<directory>[:<port>] (or tls:<directory>[:<port>])")
+    if args and "port" in kwargs:
+        raise ValueError(f"port given twice in the sni: listener of {directory}")
+    port = args[0] if args else kwargs.get("port", "443")
+    backlog = kwargs.get("backlog", "50")
+    interface = kwargs.get("interface", "::")
+    if not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"bad port {port!r} in the sni: listener of {directory}")
+    if not backlog.isdigit():
+        raise ValueError(f"bad backlog {backlog!r} in the sni: listener of {directory}")
     store = CertificateStore(directory, reactor)
     tcp = TCP6ServerEndpoint if ":" in interface else TCP4ServerEndpoint
-    return wrapServerTLS(store, tcp(reactor, port, backlog, interface), reactor), store
+    return SNIServerEndpoint(store, tcp(reactor, int(port), int(backlog), interface), reactor)
 
 
-def _parse_tls_description(description: str) -> tuple[str, int, str, int]:
-    """(directory, port, interface, backlog), or ValueError saying what is wrong."""
-    if not is_tls_description(description):
-        raise ValueError(f"not a tls: listener: {description!r}")
-    parameters = list(_parameters(description))[1:]
-    positional = [value for name, value in parameters if name is None]
-    options = {name: value for name, value in parameters if name is not None}
-    unknown = sorted(set(options) - {"port", "interface", "backlog"})
-    if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(unknown)} in {description!r}")
-    if not 1 <= len(positional) <= 2 or not positional[0]:
-        raise ValueError(f"expected tls:<directory>[:<port>], got {description!r}")
-    if len(positional) == 2 and "port" in options:
-        raise ValueError(f"port given twice in {description!r}")
-    port = positional[1] if len(positional) == 2 else options.get("port", "443")
-    backlog = options.get("backlog", "50")
-    if not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"bad port {port!r} in {description!r}")
-    if not backlog.isdigit():
-        raise ValueError(f"bad backlog {backlog!r} in {description!r}")
-    return positional[0], int(port), options.get("interface", "::"), int(backlog)
-
-
-def _parameters(description: str) -> Iterator[tuple[str | None, str]]:
-    """Split an endpoint string the way Twisted's strports do: `:` separates parameters, the first
-    `=` names one, and a backslash makes the next character literal.  Yields (name or None, value)."""
-    name: str | None = None
-    current = ""
-    characters = iter(description)
-    for character in characters:
-        if character == "\\":
-            current += next(characters, "")
-        elif character == ":":
-            yield name, current
-            name, current = None, ""
-        elif character == "=" and name is None:
-            name, current = current, ""
-        else:
-            current += character
-    yield name, current
+def listen_description(description: str) -> str:
+    """A relay `--listen` value for `serverFromString`: `tls:` is the relay's documented alias of
+    `sni:` (the relay never uses Twisted's own `tls:`, for the defects above); the rest stay as they are."""
+    prefix, colon, rest = description.partition(":")
+    return "sni" + colon + rest if prefix.strip().lower() == "tls" else description
 
 
 def _is_ours(filename: str) -> bool:

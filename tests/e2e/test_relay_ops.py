@@ -1,4 +1,9 @@
-"""The relay process in operation: TLS with SNI, metrics, draining on SIGTERM, reloading on SIGHUP."""
+"""The relay process in operation: TLS with SNI, metrics, draining on SIGTERM, reloading on SIGHUP.
+
+The relay's log is a file, so the only signal of a reload it gives is a line
+there: `logged` waits for it (a bounded poll).  Everything else is awaited on
+the sockets, or on the process's exit.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import optionsForClientTLS
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
@@ -19,7 +25,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from tests.support.certificates import TRUST, escape, full_chain, leaf, write
-from tests.support.legacy_gateway import LegacyGateway
+from tests.support.legacy_gateway import Closed, LegacyGateway
 from tests.support.loopback import client_agent, sleep
 from tests.support.processes import Process, twist
 
@@ -42,6 +48,21 @@ def port_after(process: Process, needle: str) -> int:
     return int(re.search(r"127\.0\.0\.1:(\d+)", process.wait_for(needle)).group(1))
 
 
+async def logged(process: Process, needle: str, timeout: float = 10.0) -> None:
+    """Wait until `needle` is in the process's log, without blocking the reactor."""
+    for _ in range(int(timeout / 0.05)):
+        if needle in process.output():
+            return
+        await sleep(0.05)
+    raise AssertionError(f"{needle!r} not logged within {timeout} s:\n{process.output()}")
+
+
+def relay_toml(*tokens: str) -> str:
+    """A relay config file with one static token `t` for subdomain `t[0]` per token."""
+    text = f'mode = "relay"\n[relay]\ndomain = "{DOMAIN}"\ndrain_timeout = 10\n'
+    return text + "".join(f'[[relay.tokens]]\ntoken = "{t}"\nsubdomains = ["{t[0]}"]\n' for t in tokens)
+
+
 class RelayOperationsTests(TestCase):
     timeout = 60
 
@@ -59,43 +80,38 @@ class RelayOperationsTests(TestCase):
         body = await readBody(response)
         return response.code, body
 
-    def test_tls_sni_wildcard_and_renewal_on_sighup(self):
-        async def t():
-            certs = Path(self.mktemp()).resolve() / "certs"
-            certs.mkdir(parents=True)
-            write(certs, "wildcard.pem", full_chain(leaf(f"*.{DOMAIN}")))
-            write(certs, "apex.pem", full_chain(leaf(DOMAIN)))
-            relay = self.start("--listen", f"tls:{escape(certs)}:port=0:interface=127.0.0.1",
-                               "--listen", "tcp:0:interface=127.0.0.1")
-            relay.wait_for("listening on", 20)
-            ports = [int(p) for p in re.findall(r"listening on 127\.0\.0\.1:(\d+)", relay.output())]
-            tls_port, plain_port = ports[0], ports[1]
-            gw = LegacyGateway(plain_port, "tok", "demo")
-            self.addCleanup(lambda: Deferred.fromCoroutine(gw.close()))
-            await gw.connect()
-            agent = self.https_agent(tls_port)
+    async def test_tls_sni_wildcard_and_renewal_on_sighup(self) -> None:
+        certs = Path(self.mktemp()).resolve() / "certs"
+        certs.mkdir(parents=True)
+        write(certs, "wildcard.pem", full_chain(leaf(f"*.{DOMAIN}")))
+        write(certs, "apex.pem", full_chain(leaf(DOMAIN)))
+        relay = self.start("--listen", f"tls:{escape(certs)}:port=0:interface=127.0.0.1",
+                           "--listen", "tcp:0:interface=127.0.0.1")
+        relay.wait_for("listening on", 20)
+        ports = [int(p) for p in re.findall(r"listening on 127\.0\.0\.1:(\d+)", relay.output())]
+        tls_port, plain_port = ports[0], ports[1]
+        gw = LegacyGateway(plain_port, "tok", "demo")
+        self.addCleanup(lambda: Deferred.fromCoroutine(gw.close()))
+        await gw.connect()
+        agent = self.https_agent(tls_port)
 
-            # Two names in one run: the apex (relay pages) and a tunnel under the wildcard.
-            code, _ = await self.served_serial(agent, DOMAIN)
-            self.assertEqual(code, 200)
-            pending = Deferred.fromCoroutine(self._get(agent, f"https://demo.{DOMAIN}/mcp"))
-            request = await gw.requests.get()
-            self.assertEqual(request["headers"]["x-forwarded-proto"], "https")
-            gw.respond(request, 200, b"over tls")
-            self.assertEqual(await pending, (200, b"over tls"))
+        # Two names in one run: the apex (relay pages) and a tunnel under the wildcard.
+        code, _ = await self.served_serial(agent, DOMAIN)
+        self.assertEqual(code, 200)
+        pending = Deferred.fromCoroutine(self._get(agent, f"https://demo.{DOMAIN}/mcp"))
+        request = await gw.requests.get()
+        self.assertEqual(request["headers"]["x-forwarded-proto"], "https")
+        gw.respond(request, 200, b"over tls")
+        self.assertEqual(await pending, (200, b"over tls"))
 
-            # Renewal: replace the wildcard, SIGHUP, and new handshakes get the new certificate.
-            renewed = leaf(f"*.{DOMAIN}", days=90)
-            write(certs, "wildcard.pem", full_chain(renewed))
-            relay.popen.send_signal(signal.SIGHUP)
-            for _ in range(100):
-                if f"serial {renewed[1].serial_number:x}" in relay.output():
-                    break
-                await sleep(0.05)
-            serial = await self._peer_serial(tls_port, f"x.{DOMAIN}")
-            self.assertEqual(serial, renewed[1].serial_number)
-            self.assertIsNone(relay.popen.poll(), "SIGHUP must not kill the relay")
-        return Deferred.fromCoroutine(t())
+        # Renewal: replace the wildcard, SIGHUP, and new handshakes get the new certificate.
+        renewed = leaf(f"*.{DOMAIN}", days=90)
+        write(certs, "wildcard.pem", full_chain(renewed))
+        relay.popen.send_signal(signal.SIGHUP)
+        await logged(relay, f"serial {renewed[1].serial_number:x}")
+        serial = await self._peer_serial(tls_port, f"x.{DOMAIN}")
+        self.assertEqual(serial, renewed[1].serial_number)
+        self.assertIsNone(relay.popen.poll(), "SIGHUP must not kill the relay")
 
     async def _get(self, agent: Agent, url: str) -> tuple[int, bytes]:
         response = await agent.request(b"GET", url.encode())
@@ -121,59 +137,77 @@ class RelayOperationsTests(TestCase):
         await lost
         return serial
 
-    def test_metrics_drain_and_revocation(self):
-        async def t():
-            folder = Path(self.mktemp()).resolve()
-            folder.mkdir()
-            config = folder / "relay.toml"
-            config.write_text('mode = "relay"\n[relay]\ndomain = "tunnel.example.test"\ndrain_timeout = 10\n'
-                              '[[relay.tokens]]\ntoken = "keep"\nsubdomains = ["a"]\n'
-                              '[[relay.tokens]]\ntoken = "drop"\nsubdomains = ["b"]\n')
-            relay = self.start("--config", str(config), "--listen", "tcp:0:interface=127.0.0.1",
-                               "--metrics", "tcp:0:interface=127.0.0.1")
-            port = port_after(relay, "listening on")
-            metrics_port = port_after(relay, "metrics on")
-            a, b = LegacyGateway(port, "keep", "a"), LegacyGateway(port, "drop", "b")
-            for gw in (a, b):
-                self.addCleanup(lambda gw=gw: Deferred.fromCoroutine(gw.close()))
-                await gw.connect()
-            agent = client_agent(self)
+    def static_relay(self, *tokens: str, metrics: bool = False) -> tuple[Process, Path, int]:
+        """A relay with static `tokens` from its config file: (process, config file, public port)."""
+        folder = Path(self.mktemp()).resolve()
+        folder.mkdir()
+        config = folder / "relay.toml"
+        config.write_text(relay_toml(*tokens))
+        extra = ("--metrics", "tcp:0:interface=127.0.0.1") if metrics else ()
+        relay = self.start("--config", str(config), "--listen", "tcp:0:interface=127.0.0.1", *extra)
+        return relay, config, port_after(relay, "listening on")
 
-            # Revocation: drop token "drop" from the file, SIGHUP; its tunnel is closed, the other stays.
-            config.write_text('mode = "relay"\n[relay]\ndomain = "tunnel.example.test"\ndrain_timeout = 10\n'
-                              '[[relay.tokens]]\ntoken = "keep"\nsubdomains = ["a"]\n')
-            relay.popen.send_signal(signal.SIGHUP)
-            self.assertEqual(await b.closed, (4001, "token revoked"))
-            self.assertFalse(a.closed.called)
+    async def gateway(self, port: int, token: str) -> LegacyGateway:
+        gw = LegacyGateway(port, token, token[0])
+        self.addCleanup(lambda: Deferred.fromCoroutine(gw.close()))
+        await gw.connect()
+        return gw
 
-            # Metrics.
-            pending = agent.request(b"GET", f"http://127.0.0.1:{port}/x".encode(),
-                                    Headers({b"host": [f"a.{DOMAIN}".encode()]}))
-            a.respond(await a.requests.get(), 200, b"ok")
-            await readBody(await pending)
-            response = await agent.request(b"GET", f"http://127.0.0.1:{metrics_port}/metrics".encode())
-            text = (await readBody(response)).decode()
-            self.assertIn("mcpr_relay_tunnels_connected 1.0", text)
-            self.assertIn('mcpr_relay_registrations_total{result="ok"} 2.0', text)
-            self.assertIn('mcpr_relay_requests_total{status_class="2xx"} 1.0', text)
-            self.assertRegex(text, r'mcpr_relay_bytes_total\{direction="out"\} 2\.0')
+    async def test_revocation_on_sighup(self) -> None:
+        """Drop token "bdrop" from the file and SIGHUP: its tunnel is closed, the other stays."""
+        relay, config, port = self.static_relay("akeep", "bdrop")
+        keep, drop = await self.gateway(port, "akeep"), await self.gateway(port, "bdrop")
 
-            # Drain: a request in flight when SIGTERM arrives still completes; then tunnels get 1001.
-            in_flight = agent.request(b"GET", f"http://127.0.0.1:{port}/slow".encode(),
-                                      Headers({b"host": [f"a.{DOMAIN}".encode()]}))
-            request = await a.requests.get()
-            relay.popen.send_signal(signal.SIGTERM)
-            await sleep(0.5)
-            self.assertIsNone(relay.popen.poll(), "the relay waits for in-flight requests")
-            a.respond(request, 200, b"finished during drain")
-            response = await in_flight
-            self.assertEqual(await readBody(response), b"finished during drain")
-            code, _ = await a.closed
-            self.assertEqual(code, 1001)
-            for _ in range(100):
-                if relay.popen.poll() is not None:
-                    break
-                await sleep(0.05)
-            self.assertIn(relay.popen.returncode, (0, -signal.SIGTERM))
-        return Deferred.fromCoroutine(t())
+        config.write_text(relay_toml("akeep"))
+        relay.popen.send_signal(signal.SIGHUP)
 
+        self.assertEqual(await drop.closed, (4001, "token revoked"))
+        self.assertFalse(keep.closed.called)
+        pending = client_agent(self).request(b"GET", f"http://127.0.0.1:{port}/x".encode(),
+                                             Headers({b"host": [f"a.{DOMAIN}".encode()]}))
+        keep.respond(await keep.requests.get(), 200, b"still here")
+        self.assertEqual(await readBody(await pending), b"still here")
+
+    async def test_metrics(self) -> None:
+        relay, _, port = self.static_relay("akeep", metrics=True)
+        metrics_port = port_after(relay, "metrics on")
+        gw = await self.gateway(port, "akeep")
+        refused = LegacyGateway(port, "wrong", "a")
+        await self.assertFailure(Deferred.fromCoroutine(refused.connect()), Closed)
+        agent = client_agent(self)
+
+        pending = agent.request(b"GET", f"http://127.0.0.1:{port}/x".encode(),
+                                Headers({b"host": [f"a.{DOMAIN}".encode()]}))
+        gw.respond(await gw.requests.get(), 200, b"ok")
+        await readBody(await pending)
+
+        response = await agent.request(b"GET", f"http://127.0.0.1:{metrics_port}/metrics".encode())
+        text = (await readBody(response)).decode()
+        self.assertIn("mcpr_relay_tunnels_connected 1.0", text)
+        self.assertIn('mcpr_relay_registrations_total{result="ok"} 1.0', text)
+        self.assertIn('mcpr_relay_registrations_total{result="auth_failed"} 1.0', text)
+        self.assertIn('mcpr_relay_requests_total{status_class="2xx"} 1.0', text)
+        self.assertIn("mcpr_relay_in_flight 0.0", text)
+        self.assertRegex(text, r'mcpr_relay_bytes_total\{direction="out"\} 2\.0')
+
+    async def test_drain_on_sigterm(self) -> None:
+        """A request in flight when SIGTERM arrives still completes; then tunnels get 1001 and the relay exits."""
+        relay, _, port = self.static_relay("akeep")
+        gw = await self.gateway(port, "akeep")
+        in_flight = client_agent(self).request(b"GET", f"http://127.0.0.1:{port}/slow".encode(),
+                                               Headers({b"host": [f"a.{DOMAIN}".encode()]}))
+        request = await gw.requests.get()
+
+        relay.popen.send_signal(signal.SIGTERM)
+        await logged(relay, "draining: 1 request(s) in flight")
+        await sleep(0.5)
+        self.assertIsNone(relay.popen.poll(), "the relay waits for in-flight requests")
+        self.assertFalse(gw.closed.called)
+        gw.respond(request, 200, b"finished during drain")
+
+        response = await in_flight
+        self.assertEqual(await readBody(response), b"finished during drain")
+        code, _ = await gw.closed
+        self.assertEqual(code, 1001)
+        returncode = await deferToThread(relay.popen.wait, 10)
+        self.assertIn(returncode, (0, -signal.SIGTERM))

@@ -1,43 +1,11 @@
-"""Host parsing and the registry's ownership rules, without sockets."""
+"""The registry's ownership rules, without sockets."""
 
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from mcpr.common.protocol import CloseCode, Refused
-from mcpr.relay.front import split_host
 from mcpr.relay.registry import Registry
-
-DOMAIN = "tunnel.example.com"
-
-
-class HostTests(SynchronousTestCase):
-    def test_cases(self) -> None:
-        cases = {
-            b"abc.tunnel.example.com": ("tunnel", "abc"),
-            b"ABC.Tunnel.Example.COM:443": ("tunnel", "abc"),
-            b"abc.tunnel.example.com.": ("tunnel", "abc"),
-            b"tunnel.example.com": ("bare", None),
-            b"tunnel.example.com:8080": ("bare", None),
-            b"a.b.tunnel.example.com": ("other", None),
-            b"-x.tunnel.example.com": ("other", None),
-            b"x_y.tunnel.example.com": ("other", None),
-            b"abctunnel.example.com": ("other", None),
-            b"example.com": ("other", None),
-            b"127.0.0.1:8080": ("other", None),
-            b"[::1]:8080": ("other", None),
-            b"": ("other", None),
-            None: ("other", None),
-            (b"a" * 64) + b".tunnel.example.com": ("other", None),
-        }
-        for host, expected in cases.items():
-            self.assertEqual(split_host(host, DOMAIN), expected, host)
-
-    @given(st.binary(max_size=80))
-    def test_never_raises_and_only_valid_labels_route(self, host: bytes) -> None:
-        kind, label = split_host(host, DOMAIN)
-        if kind == "tunnel":
-            self.assertRegex(label, r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
 class _Tunnel:

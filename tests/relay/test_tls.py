@@ -3,14 +3,14 @@
 The clients verify the certificate for the name they ask for against our own
 test root, so "served correctly" means what a browser would mean by it.  The
 servers' chains go root -> intermediate -> leaf, and the files include the
-root, which Twisted 26.10's own `tls:` endpoint loops on for ever.
+root, which Twisted 26.10's own `tls:` endpoint loops on for ever.  The
+servers are built from endpoint strings, through the `sni:` parser plugin.
 """
 
 from __future__ import annotations
 
-import functools
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +20,12 @@ from OpenSSL.SSL import Connection
 from service_identity import VerificationError
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString, wrapClientTLS
 from twisted.internet.interfaces import IHandshakeListener
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import Clock
-from twisted.internet.testing import EventLoggingObserver
+from twisted.internet.testing import EventLoggingObserver, MemoryReactor
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
@@ -38,9 +38,8 @@ from mcpr.relay.tls import (
     CertificateDirectoryError,
     CertificateStore,
     CertificateWatcher,
-    _parse_tls_description,
-    is_tls_description,
-    tls_endpoint,
+    SNIServerEndpoint,
+    listen_description,
 )
 from tests.support.certificates import CA, INTERMEDIATE, TRUST, cn, escape, full_chain, issue, leaf, pem, write
 
@@ -126,14 +125,15 @@ class Probe(Protocol):
 
 
 class Server:
-    """A `tls:` listener on 127.0.0.1:0 serving `Hello`; the test's cleanup closes it and every
+    """An `sni:` listener on 127.0.0.1:0 serving `Hello`; the test's cleanup closes it and every
     connection, and waits until they are gone."""
 
     def __init__(self, testcase: TestCase, directory: Path) -> None:
         self._testcase = testcase
         self._connections = Connections(Site(Hello()))
-        self._endpoint, self.store = tls_endpoint(
-            reactor, f"tls:{escape(directory)}:0:interface=127.0.0.1")
+        self._endpoint = serverFromString(reactor, f"sni:{escape(directory)}:0:interface=127.0.0.1")
+        assert isinstance(self._endpoint, SNIServerEndpoint)
+        self.store = self._endpoint.store
         self.port = 0
 
     async def start(self) -> None:
@@ -192,17 +192,6 @@ class InlineThreads:
         f(*args, **kwargs)
 
 
-def deferred(test: Callable[[Any], Coroutine[Any, Any, None]]) -> Callable[[Any], Deferred[None]]:
-    """Run an async test as a Deferred: portable, since trial on Twisted 22.4 would report an
-    `async def test_*` as passed without running it."""
-
-    @functools.wraps(test)
-    def run(self: Any) -> Deferred[None]:
-        return Deferred.fromCoroutine(test(self))
-
-    return run
-
-
 def certificate_directory(testcase: SynchronousTestCase) -> Path:
     """The wildcard in one file (key, leaf, intermediate and the root), OTHER as separate
     .crt/.key files.  The directory's name has a colon, to exercise endpoint-string escaping."""
@@ -242,7 +231,6 @@ class HandshakeTests(TestCase):
 
     timeout = 5  # a handshake or reload that never completes fails the test
 
-    @deferred
     async def test_two_names_in_one_run(self) -> None:
         server = Server(self, certificate_directory(self))
         await server.start()
@@ -255,7 +243,6 @@ class HandshakeTests(TestCase):
         self.assertEqual(san(await server.leaf("xyz.TUNNEL.example.test")), [WILDCARD])
         self.assertEqual(server.store.names(), [WILDCARD, OTHER])
 
-    @deferred
     async def test_alpn_never_offers_h2(self) -> None:
         """The tunnels are WebSockets, which HTTP/2 would break; also after the SNI switch."""
         server = Server(self, certificate_directory(self))
@@ -264,7 +251,6 @@ class HandshakeTests(TestCase):
             probe = await server.connect(name, acceptableProtocols=[b"h2", b"http/1.1"])
             self.assertEqual(probe.transport.negotiatedProtocol, b"http/1.1")
 
-    @deferred
     async def test_wildcard_covers_one_label_only(self) -> None:
         server = Server(self, certificate_directory(self))
         await server.start()
@@ -272,7 +258,6 @@ class HandshakeTests(TestCase):
             failure = await server.refused(name)
             self.assertIn(name, str(failure.value))
 
-    @deferred
     async def test_renewal(self) -> None:
         """A renewed certificate is served to new handshakes after reload(); an open connection
         keeps its certificate and keeps working."""
@@ -292,7 +277,6 @@ class HandshakeTests(TestCase):
         self.assertTrue((await before.get()).endswith(BODY))
         self.assertEqual(before.transport.getHandle().get_peer_certificate(as_cryptography=True), old)
 
-    @deferred
     async def test_new_name_after_reload(self) -> None:
         directory = certificate_directory(self)
         server = Server(self, directory)
@@ -305,7 +289,6 @@ class HandshakeTests(TestCase):
         self.assertEqual(san(await server.leaf("new.example.test")), ["new.example.test"])
         self.assertEqual(san(await server.leaf("abc.tunnel.example.test")), [WILDCARD])
 
-    @deferred
     async def test_reload_skips_ca_only_and_broken_files(self) -> None:
         directory = certificate_directory(self)
         server = Server(self, directory)
@@ -320,7 +303,6 @@ class HandshakeTests(TestCase):
         self.assertTrue(about(events, "broken.pem")[0].startswith("skipped: "))
         self.assertEqual(san(await server.leaf("abc.tunnel.example.test")), [WILDCARD])
 
-    @deferred
     async def test_reload_with_nothing_usable_keeps_serving(self) -> None:
         directory = certificate_directory(self)
         server = Server(self, directory)
@@ -337,7 +319,6 @@ class HandshakeTests(TestCase):
         errors = [e for e in events if e["log_level"] == LogLevel.error]
         self.assertEqual([e["directory"] for e in errors], [str(directory)])
 
-    @deferred
     async def test_reload_if_changed_uses_a_thread(self) -> None:
         directory = certificate_directory(self)
         store = CertificateStore(directory)
@@ -356,7 +337,7 @@ class StoreTests(SynchronousTestCase):
         directory.mkdir()
         error = self.assertRaises(CertificateDirectoryError, CertificateStore, directory, InlineThreads())
         self.assertEqual(str(error), f"no usable certificate in {directory}")
-        error = self.assertRaises(CertificateDirectoryError, tls_endpoint, reactor, f"tls:{escape(directory)}")
+        error = self.assertRaises(CertificateDirectoryError, serverFromString, reactor, f"sni:{escape(directory)}")
         self.assertIn(str(directory), str(error))
 
     def test_first_load_says_why_files_were_unusable(self) -> None:
@@ -427,26 +408,57 @@ class StoreTests(SynchronousTestCase):
             self.assertEqual(san(store.serverConnectionForTLS(None).get_certificate(as_cryptography=True)),
                              [WILDCARD])
 
-    def test_parse_descriptions(self) -> None:
+
+
+class EndpointStringTests(SynchronousTestCase):
+    """`sni:` (and the relay's `tls:` alias) through Twisted's own endpoint-string parsing: the
+    listening port is read back from a MemoryReactor."""
+
+    def listened(self, description: str) -> tuple[int, int, str]:
+        """(port, backlog, interface) that listening on `description` asks the reactor for."""
+        memory = MemoryReactor()
+        endpoint = serverFromString(memory, description)
+        self.assertIsInstance(endpoint, SNIServerEndpoint)
+        self.successResultOf(endpoint.listen(Factory.forProtocol(Protocol)))
+        [(port, _, backlog, interface)] = memory.tcpServers
+        return port, backlog, interface
+
+    def test_descriptions(self) -> None:
+        """The directory's name has a colon (escaped as in every endpoint string)."""
+        directory = escape(certificate_directory(self))
         cases = {
-            "tls:/etc/mcpr/certs:port=443": ("/etc/mcpr/certs", 443, "::", 50),
-            "tls:/etc/mcpr/certs:443": ("/etc/mcpr/certs", 443, "::", 50),
-            "tls:/etc/mcpr/certs": ("/etc/mcpr/certs", 443, "::", 50),
-            "tls:certs:8443:interface=127.0.0.1:backlog=10": ("certs", 8443, "127.0.0.1", 10),
-            "tls:C\\:\\\\certs:interface=\\:\\:1:port=0": ("C:\\certs", 0, "::1", 50),
+            f"sni:{directory}:port=443": (443, 50, "::"),
+            f"sni:{directory}:443": (443, 50, "::"),
+            f"sni:{directory}": (443, 50, "::"),
+            f"SNI:{directory}:8443:interface=127.0.0.1:backlog=10": (8443, 10, "127.0.0.1"),
+            f"sni:{directory}:interface=\\:\\:1:port=0": (0, 50, "::1"),
         }
         for description, expected in cases.items():
-            self.assertEqual(_parse_tls_description(description), expected, description)
-        for wrong in ("tls:", "tls:certs:1:port=2", "tls:certs:443:key=x", "tls:certs:https",
-                      "tls:certs:99999", "tls:certs:backlog=lots", "tcp:443", "tls:certs:1:2"):
-            self.assertRaises(ValueError, _parse_tls_description, wrong)
+            self.assertEqual(self.listened(description), expected, description)
 
-    def test_is_tls_description(self) -> None:
-        for description in ("tls:/etc/mcpr/certs:443", "TLS:certs", "tls:certs:port=443"):
-            self.assertTrue(is_tls_description(description), description)
+    def test_store_is_the_directory_given(self) -> None:
+        directory = certificate_directory(self)
+        endpoint = serverFromString(reactor, f"sni:{escape(directory)}")
+        self.assertEqual(endpoint.store.directory, directory)
+        self.assertEqual(endpoint.store.names(), [WILDCARD, OTHER])
+
+    def test_wrong_descriptions(self) -> None:
+        """Each is refused before any directory is read (there is no `certs` here)."""
+        for wrong in ("sni:", "sni", "sni:certs:1:port=2", "sni:certs:443:key=x", "sni:certs:https",
+                      "sni:certs:99999", "sni:certs:backlog=lots", "sni:certs:1:2"):
+            self.assertRaises(ValueError, serverFromString, reactor, wrong)
+
+    def test_tls_is_the_relays_alias_of_sni(self) -> None:
+        for description, expected in {"tls:/etc/mcpr/certs:443": "sni:/etc/mcpr/certs:443",
+                                      "TLS:certs": "sni:certs", "tls:certs:port=443": "sni:certs:port=443",
+                                      "tls:C\\:\\\\certs": "sni:C\\:\\\\certs"}.items():
+            self.assertEqual(listen_description(description), expected, description)
         for description in ("tcp:443", "ssl:443:privateKey=k.pem", "systemd:domain=INET6:index=0",
-                            "tlsx:certs", ""):
-            self.assertFalse(is_tls_description(description), description)
+                            "tlsx:certs", "sni:certs", ""):
+            self.assertEqual(listen_description(description), description)
+        directory = certificate_directory(self)
+        endpoint = serverFromString(reactor, listen_description(f"tls:{escape(directory)}:0"))
+        self.assertEqual(endpoint.store.names(), [WILDCARD, OTHER])
 
 
 class WatcherTests(SynchronousTestCase):

@@ -1,10 +1,14 @@
-"""The `twist mcpr` and `twist mcpr-relay` commands.
+"""The `twist mcpr` and `twist mcpr-relay` commands, and the relay's `sni:` endpoint strings.
 
-Nothing but pointers: the ServiceMaker imports the tap module lazily, so a
-broken import never hides the command from `twist --help`.
+Nothing but pointers: the ServiceMaker imports the tap module lazily, and the
+endpoint parser imports `mcpr.relay.tls` only when a description uses it, so a
+broken import never hides the commands from `twist --help`.
 """
 
 from twisted.application.service import ServiceMaker
+from twisted.internet.interfaces import IStreamServerEndpointStringParser
+from twisted.plugin import IPlugin
+from zope.interface import implementer
 
 mcprGateway = ServiceMaker(
     "mcpr",
@@ -19,3 +23,20 @@ mcprRelay = ServiceMaker(
     "Public relay that serves mcpr tunnels at https://<name>.<domain>.",
     "mcpr-relay",
 )
+
+
+@implementer(IPlugin, IStreamServerEndpointStringParser)
+class _SNIDirectoryParser:
+    """`sni:<directory>[:<port>][:interface=][:backlog=]`: TLS with SNI over a PEM directory.
+
+    Not `tls:`, which is Twisted's own built-in parser and wins over plugins."""
+
+    prefix = "sni"
+
+    def parseStreamServer(self, reactor, *args, **kwargs):
+        from mcpr.relay.tls import sni_endpoint
+
+        return sni_endpoint(reactor, *args, **kwargs)
+
+
+mcprSNI = _SNIDirectoryParser()

@@ -32,7 +32,7 @@ from zope.interface import implementer
 
 from mcpr.common import protocol as wire
 from mcpr.common.protocol import CloseCode
-from mcpr.relay.tunnels.contract import ResponseSink, TunnelRequest
+from mcpr.relay.tunnels.contract import ResponseSink, SocketTunnel, TunnelRequest
 
 log = Logger()
 
@@ -71,15 +71,13 @@ class _RelayStream:
         self.tunnel.reset(self)
 
 
-class H2Tunnel:
+class H2Tunnel(SocketTunnel):
     """One registered gateway speaking `mcpr-tunnel.h2`."""
 
     def __init__(self, subdomain: str, owner: str, send_binary: Callable[[bytes], None],
                  close: Callable[[int, str], None]) -> None:
-        self.subdomain = subdomain
-        self.owner = owner
+        super().__init__(subdomain, owner, close)
         self._send = send_binary
-        self._close = close
         self._streams: dict[int, _RelayStream] = {}
         self._blocked: dict[int, _RelayStream] = {}
         self._waiting: deque[_RelayStream] = deque()
@@ -99,12 +97,6 @@ class H2Tunnel:
     @property
     def in_flight(self) -> int:
         return len(self._streams) + len(self._waiting)
-
-    def evict(self) -> None:
-        self._close(CloseCode.EVICTED, wire.EVICTED_REASON)
-
-    def close(self, code: int, reason: str) -> None:
-        self._close(code, reason)
 
     def _flush(self) -> None:
         data = self.conn.data_to_send()
@@ -213,8 +205,8 @@ class H2Tunnel:
         if isinstance(event, WindowUpdated):
             targets = list(self._blocked.values()) if event.stream_id == 0 else (
                 [self._blocked[event.stream_id]] if event.stream_id in self._blocked else [])
-            for stream in targets:
-                self._send_body(stream)
+            for target in targets:
+                self._send_body(target)
             return
         if isinstance(event, ConnectionTerminated):
             self._close(CloseCode.POLICY, "gateway ended the HTTP/2 connection")

@@ -20,9 +20,8 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mcpr.common import protocol as wire
 from mcpr.common.protocol import CloseCode, fit_reason
-from mcpr.relay.tunnels.contract import ResponseSink, TunnelRequest
+from mcpr.relay.tunnels.contract import ResponseSink, SocketTunnel, TunnelRequest
 
 log = Logger()
 
@@ -109,16 +108,14 @@ class _LegacyStream:
             self.tunnel.send({"kind": "cancel", "id": self.id})
 
 
-class LegacyTunnel:
+class LegacyTunnel(SocketTunnel):
     """One registered legacy-protocol gateway; `send` writes a JSON text message on its socket."""
 
     def __init__(self, subdomain: str, owner: str, send_text: Callable[[bytes], None],
                  close: Callable[[int, str], None], transport_pause: Callable[[], None],
                  transport_resume: Callable[[], None]) -> None:
-        self.subdomain = subdomain
-        self.owner = owner
+        super().__init__(subdomain, owner, close)
         self._send_text = send_text
-        self._close = close
         self._pause_transport = transport_pause
         self._resume_transport = transport_resume
         self._streams: dict[str, _LegacyStream] = {}
@@ -131,12 +128,6 @@ class LegacyTunnel:
     @property
     def in_flight(self) -> int:
         return len(self._streams)
-
-    def evict(self) -> None:
-        self._close(CloseCode.EVICTED, wire.EVICTED_REASON)
-
-    def close(self, code: int, reason: str) -> None:
-        self._close(code, reason)
 
     def send(self, message: dict) -> None:
         self._send_text(json.dumps(message, separators=(",", ":")).encode())
