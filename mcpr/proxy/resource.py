@@ -32,7 +32,7 @@ from mcpr.proxy.rewrite.csp import CspPolicy
 from mcpr.proxy.rewrite.plan import Plan, plan
 from mcpr.proxy.routing import Kind, Route, Upstream, route
 from mcpr.proxy.sessions import Session, SessionTracker
-from mcpr.proxy.widgets import WidgetDevServer, WidgetSource, listing, local_html
+from mcpr.proxy.widgets import WidgetDevServer, WidgetFolder, WidgetSource, listing, local_html
 
 log = Logger()
 
@@ -46,7 +46,11 @@ CLASSIFY_LIMIT = 1 << 20
 
 
 class _Exchange:
-    """The cancellable parts of one request in flight."""
+    """The cancellable parts of one request in flight, and whether its client left.
+
+    `gone` is set by the request's `notifyFinish()` errback, registered
+    before anything else runs, so every step reads the client's state here.
+    """
 
     pending: Deferred | None = None
     pipe: BodyPipe | None = None
@@ -272,12 +276,14 @@ class ProxyResource(Resource):
     async def _serve_widget(self, request: Request, record: RequestRecord, exchange: _Exchange) -> None:
         """A widget asset from the folder, or the `GET /widgets` listing: answered here."""
         assert self.widgets is not None
+        served: bytes | int
         if request.path == b"/widgets":
             body = listing(self.widgets)
             request.setHeader(b"content-type", b"application/json")
             request.setHeader(b"content-length", str(len(body)).encode())
             served = body if request.method == b"GET" else b""
         else:
+            assert isinstance(self.widgets, WidgetFolder)  # a dev server's assets go through `_send`
             served = self.widgets.render(request)
         if served is NOT_DONE_YET:
             try:

@@ -250,8 +250,9 @@ async def local_html(batch: jsonrpc.Batch, source: WidgetSource) -> dict[Any, tu
     """
     found: dict[Any, tuple[str, str]] = {}
     for message in batch.requests:
-        name = widget_name(message.target) if message.method == "resources/read" else None
-        if name is None:
+        uri = message.target if message.method == "resources/read" else None
+        name = widget_name(uri)
+        if uri is None or name is None:
             continue
         try:
             html = await source.html(name)
@@ -259,7 +260,7 @@ async def local_html(batch: jsonrpc.Batch, source: WidgetSource) -> dict[Any, tu
             log.failure("reading widget {name} from {source} failed", name=name, source=source.location)
             continue
         if html is not None:
-            found[jsonrpc.id_key(message.id)] = (message.target, html)  # type: ignore[assignment]
+            found[jsonrpc.id_key(message.id)] = (uri, html)
     return found
 
 

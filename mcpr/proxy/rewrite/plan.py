@@ -110,7 +110,7 @@ def answers_transform(batch: jsonrpc.Batch, csp: CspRewriter, htmls: LocalHtml) 
 
 def _rewritten_methods(batch: jsonrpc.Batch) -> dict[Any, str]:
     """The method of each request in `batch` whose answer may carry widget metadata, by JSON-RPC id."""
-    return {id_key(m.id): m.method for m in batch.requests if m.method in REWRITTEN_METHODS}  # type: ignore[misc]
+    return {id_key(m.id): m.method for m in batch.requests if m.method in REWRITTEN_METHODS}
 
 
 def _answers_transform(methods: dict[Any, str], csp: CspRewriter, htmls: LocalHtml) -> Transform | None:
