@@ -8,7 +8,6 @@ response of any size or duration.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Iterable
 
 from mcpr.common.web import is_json
@@ -64,11 +63,7 @@ class AnswerWatcher:
         return self.answers
 
     def _take(self, text: str | bytes) -> None:
-        try:
-            value = json.loads(text)
-        except (ValueError, RecursionError):
-            return
-        batch = jsonrpc.parse_value(value)
+        batch = jsonrpc.parse_value(jsonrpc.loads_or_none(text))
         if batch is None:
             return
         for message in batch.messages:

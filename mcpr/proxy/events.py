@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import IO, Any
 
@@ -87,7 +87,6 @@ class RequestRecord:
     client_name: str | None = None
     client_version: str | None = None
     outcome: str = "ok"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def _ms(self, start: float | None, end: float | None) -> float | None:
         if start is None or end is None:
@@ -130,7 +129,6 @@ class RequestRecord:
             "client_name": self.client_name,
             "client_version": self.client_version,
             "outcome": self.outcome,
-            **self.extra,
         }
 
     def console_line(self) -> str:

@@ -13,20 +13,20 @@ import socket
 from typing import IO, Callable
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IConsumer, IPushProducer, IStreamClientEndpoint
-from twisted.internet.protocol import Protocol
-from twisted.python.failure import Failure
-from twisted.web._newclient import HTTP11ClientProtocol
-from twisted.web.client import (
-    URI,
-    Agent,
-    BrowserLikePolicyForHTTPS,
-    FileBodyProducer,
-    HTTPConnectionPool,
-    ResponseDone,
-    _HTTP11ClientFactory,
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import (
+    IConsumer,
+    IOpenSSLClientConnectionCreator,
+    IProtocol,
+    IProtocolFactory,
+    IPushProducer,
+    IStreamClientEndpoint,
 )
+from twisted.internet.protocol import Protocol
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, HTTPConnectionPool, ResponseDone
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -104,25 +104,44 @@ def quick_ack(transport) -> None:
         pass
 
 
-class _NoDelayClientProtocol(HTTP11ClientProtocol):
-    def connectionMade(self) -> None:
-        no_delay(self.transport)
-        super().connectionMade()
+class _QuickAck(ProtocolWrapper):
+    """Sits on the TCP connection, under TLS if any, to see every read the socket gives."""
 
     def dataReceived(self, data: bytes) -> None:
         quick_ack(self.transport)
-        super().dataReceived(data)
+        self.wrappedProtocol.dataReceived(data)
 
 
-class _QuietClientFactory(_HTTP11ClientFactory):
-    noisy = False  # one log line per upstream connection is noise in a proxy
-
-    def buildProtocol(self, addr):
-        return _NoDelayClientProtocol(self._quiescentCallback)
+class _QuickAckFactory(WrappingFactory):
+    protocol = _QuickAck
+    noisy = False
 
 
-class QuietPool(HTTPConnectionPool):
-    _factory = _QuietClientFactory
+@implementer(IStreamClientEndpoint)
+class UpstreamEndpoint:
+    """TCP to one upstream (TLS on top for https) with Nagle off and every read acknowledged at once.
+
+    Either alone costs ~40 ms on a small exchange (see `no_delay` and
+    `quick_ack`).  Both are set on what `connect()` gives back, so the pool,
+    the Agent and their protocol stay Twisted's own; the options go to the
+    TCP transport itself, not through TLS, whose handle is not a socket.
+    """
+
+    def __init__(self, tcp: IStreamClientEndpoint, tls: IOpenSSLClientConnectionCreator | None = None) -> None:
+        self._tcp = tcp
+        self._tls = tls
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        protocolFactory.noisy = False  # type: ignore[attr-defined]  # a log line per connection is noise here
+        factory = protocolFactory if self._tls is None else TLSMemoryBIOFactory(self._tls, True, protocolFactory)
+        return self._tcp.connect(_QuickAckFactory(factory)).addCallback(self._opened)
+
+    def _opened(self, connection: _QuickAck) -> IProtocol:
+        # Twisted buffers writes until the reactor's next turn: Nagle is off
+        # before the first byte (of the TLS handshake or the request) leaves.
+        no_delay(connection.transport)
+        protocol = connection.wrappedProtocol
+        return protocol if self._tls is None else protocol.wrappedProtocol
 
 
 @implementer(IAgentEndpointFactory)
@@ -143,10 +162,9 @@ class _UpstreamEndpoints:
         if endpoint is None:
             if uri.scheme not in (b"http", b"https"):
                 raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
-            endpoint = HostnameEndpoint(self._reactor, uri.host.decode("ascii"), uri.port,
-                                        timeout=self._timeout)
-            if uri.scheme == b"https":
-                endpoint = wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), endpoint)
+            tls = self._tls.creatorForNetloc(uri.host, uri.port) if uri.scheme == b"https" else None
+            endpoint = UpstreamEndpoint(HostnameEndpoint(self._reactor, uri.host.decode("ascii"), uri.port,
+                                                         timeout=self._timeout), tls)
             if len(self._cache) >= self._max:
                 self._cache.clear()
             self._cache[key] = endpoint
@@ -167,7 +185,7 @@ class Forwarder:
     ) -> None:
         self._reactor = reactor
         self._timeout = headers_timeout
-        self.pool = QuietPool(reactor, persistent=True)
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = max_idle_per_host
         # Servers such as uvicorn and Node close idle keep-alive connections
         # after 5 s; dropping ours first avoids sending a POST into a socket

@@ -118,16 +118,24 @@ def parse_value(obj: Any) -> Batch | None:
     return None if message is None else Batch((message,))
 
 
+def loads_or_none(text: bytes | str) -> Any:
+    """The JSON value of `text`, or None if it is not JSON (or is too deeply nested to parse).
+
+    A body that is `null` also gives None; no caller needs to tell it apart,
+    since `null` is neither a JSON-RPC message nor anything to rewrite.
+    """
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
 def parse(body: bytes) -> Batch | None:
     """The JSON-RPC messages of a body, or None if it is not JSON-RPC 2.0."""
     start = body[:1] if body[:1] not in b" \t\r\n" else body.lstrip()[:1]
     if start not in (b"{", b"["):
         return None
-    try:
-        obj = json.loads(body)
-    except (ValueError, RecursionError):
-        return None
-    return parse_value(obj)
+    return parse_value(loads_or_none(body))
 
 
 def error_body(batch: Batch | None, code: int, message: str) -> bytes:

@@ -10,28 +10,29 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from typing import Any
+from typing import IO, Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.iweb import IBodyProducer, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from mcpr.common.failures import describe
+from mcpr.common.web import body_length, is_json
 from mcpr.proxy import headers as hdrs
 from mcpr.proxy import jsonrpc
-from mcpr.proxy.answers import AnswerWatcher, is_event_stream
+from mcpr.proxy.answers import AnswerWatcher
 from mcpr.proxy.events import EventLog, RequestRecord
 from mcpr.proxy.forward import BodyPipe, Forwarder, UpstreamError, body_producer
-from mcpr.proxy.rewrite import plan as edge
-from mcpr.proxy.rewrite.csp import CspPolicy, CspRewriter
-from mcpr.proxy.rewrite.oauth import OriginMap
+from mcpr.proxy.rewrite.csp import CspPolicy
+from mcpr.proxy.rewrite.plan import Plan, plan
 from mcpr.proxy.routing import Kind, Route, Upstream, route
 from mcpr.proxy.sessions import Session, SessionTracker
-from mcpr.proxy.widgets import WidgetDevServer, WidgetSource, listing
+from mcpr.proxy.widgets import WidgetDevServer, WidgetFolder, WidgetSource, listing, local_html
 
 log = Logger()
 
@@ -45,7 +46,11 @@ CLASSIFY_LIMIT = 1 << 20
 
 
 class _Exchange:
-    """The cancellable parts of one request in flight."""
+    """The cancellable parts of one request in flight, and whether its client left.
+
+    `gone` is set by the request's `notifyFinish()` errback, registered
+    before anything else runs, so every step reads the client's state here.
+    """
 
     pending: Deferred | None = None
     pipe: BodyPipe | None = None
@@ -92,10 +97,12 @@ class ProxyResource(Resource):
     # -- twisted.web
 
     def render(self, request: Request) -> Any:
+        exchange = _Exchange()
+        request.notifyFinish().addErrback(exchange.client_left)
         if request.path == b"/healthz" and request.method in (b"GET", b"HEAD"):
-            Deferred.fromCoroutine(self._health(request))
-            return NOT_DONE_YET
-        Deferred.fromCoroutine(self._proxy(request))
+            Deferred.fromCoroutine(self._health(request, exchange))
+        else:
+            Deferred.fromCoroutine(self._proxy(request, exchange))
         return NOT_DONE_YET
 
     def origin_for(self, request: Request) -> str | None:
@@ -111,12 +118,10 @@ class ProxyResource(Resource):
 
     # -- proxying
 
-    async def _proxy(self, request: Request) -> None:
+    async def _proxy(self, request: Request, exchange: _Exchange) -> None:
         now = self._reactor.seconds()
         self.in_flight += 1
         self.requests_total += 1
-        exchange = _Exchange()
-        request.notifyFinish().addErrback(exchange.client_left)
         record = RequestRecord(
             request_id=f"{self._id_prefix}-{next(self._ids)}",
             started=now,
@@ -140,70 +145,99 @@ class ProxyResource(Resource):
             self._report(record)
 
     async def _exchange(self, request: Request, record: RequestRecord, exchange: _Exchange) -> None:
+        """Classify, answer here or send upstream, plan the rewrite once, pipe the body, conclude."""
+        classified = self._classify(request, record)
+        if classified is None:
+            await self._serve_widget(request, record, exchange)
+            return
+        rt, body = classified
+        reading = None
+        if self.widgets is not None and rt.rpc is not None:
+            reading = Deferred.fromCoroutine(local_html(rt.rpc, self.widgets))  # read while upstream answers
+        response = await self._send(request, record, exchange, rt, body)
+        if response is None:
+            return
+        htmls = await reading if reading is not None else {}
+        if exchange.gone:
+            response.deliverBody(Protocol())
+            record.outcome = "client-gone"
+            return
+        changes = plan(rt, request, response, origin=self.origin_for(request), htmls=htmls, csp=self.csp,
+                       upstream=self.upstream)
+        answers = await self._pipe(request, record, exchange, rt, response, changes)
+        if answers is not None:
+            self._conclude(rt, record, response, answers)
+
+    def _classify(self, request: Request, record: RequestRecord) -> tuple[Route, IBodyProducer | None] | None:
+        """Where the request goes and its body, with the record filled in from them.
+
+        None for a request the gateway answers itself: a widget asset from the
+        folder, or the `GET /widgets` listing.
+        """
         data, content, record.bytes_in = _read_body(request)
         rt = route(request.method, request.uri, request.requestHeaders, data, self.upstream,
                    widgets=self.widgets is not None)
         if rt.kind is Kind.PASSTHROUGH and data is None and _looks_json(request):
+            # Too large to parse, but JSON: MCP traffic as far as we can tell.
             rt = Route(Kind.MCP_POST, self.upstream.mcp_url(request.uri))
         record.route = rt.kind.value
         self._describe(record, rt)
         if rt.kind is Kind.WIDGET:
             if not isinstance(self.widgets, WidgetDevServer) or request.path == b"/widgets":
-                await self._serve_widget(request, record)
-                return
+                return None
             rt = Route(Kind.WIDGET, self.widgets.url_for(rt.url))
-        local_html = None
-        if self.widgets is not None and rt.rpc is not None:
-            local_html = Deferred.fromCoroutine(edge.local_html(rt.rpc, self.widgets))
         session_id = _header(request, b"mcp-session-id")
         if session_id:
             record.session_id = session_id
             session = self.sessions.touch(session_id)
             if session is not None:
                 record.client_name, record.client_version = session.client_name, session.client_version
+        return rt, body_producer(data, content)
 
-        out_headers = hdrs.upstream_request_headers(
+    async def _send(self, request: Request, record: RequestRecord, exchange: _Exchange, rt: Route,
+                    body: IBodyProducer | None) -> IResponse | None:
+        """The upstream's response, its body still to come.
+
+        None when there is nothing to pipe: the client left first, or the
+        upstream failed and the client got a JSON-RPC (or plain) error for it.
+        """
+        headers = hdrs.upstream_request_headers(
             request.requestHeaders,
             client_ip=_client_ip(request),
             host=request.getHeader(b"host"),
             proto=b"https" if request.isSecure() else b"http",
         )
-        producer = body_producer(data, content)
-        exchange.pending = Deferred.fromCoroutine(
-            self.forwarder.send(request.method, rt.url, out_headers, producer)
-        )
+        exchange.pending = Deferred.fromCoroutine(self.forwarder.send(request.method, rt.url, headers, body))
         try:
             response = await exchange.pending
         except CancelledError:
             record.outcome = "client-gone"
-            return
+            return None
         except UpstreamError as e:
             record.outcome = "upstream-timeout" if e.status == 504 else "upstream-unavailable"
             if not exchange.gone:
                 code = UPSTREAM_TIMEOUT if e.status == 504 else UPSTREAM_UNAVAILABLE
                 self._answer_error(request, record, rt, e.status, code, self._upstream_message(e))
-            return
+            return None
         finally:
             exchange.pending = None
         record.headers_at = self._reactor.seconds()
         record.status = response.code
-
         answer_session = response.headers.getRawHeaders(b"mcp-session-id", [None])[0]
         if answer_session and not record.session_id:
             record.session_id = answer_session.decode("latin-1")
-        htmls = await local_html if local_html is not None else {}
-        if exchange.gone:
-            response.deliverBody(Protocol())
-            record.outcome = "client-gone"
-            return
+        return response
 
+    async def _pipe(self, request: Request, record: RequestRecord, exchange: _Exchange, rt: Route,
+                    response: IResponse, changes: Plan) -> list[jsonrpc.Message] | None:
+        """Stream the response to the client as `changes` says; the JSON-RPC answers read on the way.
+
+        None when the exchange broke off: the upstream mid-body, or the client
+        before it had every answer it asked for.
+        """
         request.setResponseCode(response.code, response.phrase)
         request.responseHeaders = hdrs.downstream_response_headers(response.headers)
-        origin = self.origin_for(request)
-        oauth = None
-        if edge.mentions_origin(rt, request, response):
-            oauth = OriginMap(self.upstream, origin or edge.request_origin(request))
-            oauth.headers(request.responseHeaders)
+        changes.rewrite_headers(request.responseHeaders)
         watcher = self._watcher(rt, response)
         done: Deferred[None] = Deferred()
 
@@ -213,14 +247,8 @@ class ProxyResource(Resource):
                 watcher.feed(chunk)
             request.write(chunk)
 
-        csp = CspRewriter(self.csp, origin, self.upstream.host)
-        rewriter = edge.body_rewriter(rt, request, response, request.responseHeaders, csp=csp, htmls=htmls,
-                                      oauth=oauth, write=write)
-        if rewriter is None and isinstance(response.length, int) and request.method != b"HEAD" \
-                and response.code not in (204, 304):
-            # An unchanged body of known length goes out with it: no chunked framing to add.
-            request.setHeader(b"content-length", b"%d" % response.length)
-        if is_event_stream(response.headers.getRawHeaders(b"content-type", [None])[0]):
+        rewriter = changes.rewriter(write, request.responseHeaders)
+        if changes.event_stream:
             request.write(b"")  # send the headers now: an SSE stream may stay quiet for long
         exchange.pipe = BodyPipe(write if rewriter is None else rewriter.feed,
                                  lambda p: request.registerProducer(p, True), request.unregisterProducer, done)
@@ -232,40 +260,37 @@ class ProxyResource(Resource):
             log.warn("upstream broke off the response to {method} {path}: {why}",
                      method=record.method, path=record.path, why=str(e))
             _abort(request)
-            return
+            return None
         if rewriter is not None:
             rewriter.finish()
         answers = watcher.finish() if watcher is not None else []
-        if exchange.gone:
+        if not exchange.gone:
+            request.finish()
+        elif rt.kind is not Kind.MCP_STREAM and not _answered(rt, answers):
             # An SDK client closes a POST's SSE stream once it has its answer,
             # and a GET stream ends when the client leaves: both are normal.
-            wanted = {jsonrpc.id_key(m.id) for m in rt.rpc.requests} if rt.rpc is not None else {None}
-            if rt.kind is not Kind.MCP_STREAM and not wanted <= {jsonrpc.id_key(a.id) for a in answers}:
-                record.outcome = "client-gone"
-                return
-        else:
-            request.finish()
-        if watcher is not None:
-            self._conclude(rt, record, answers, answer_session)
-        if rt.kind is Kind.SESSION_DELETE and 200 <= response.code < 300 and record.session_id:
-            self.sessions.ended(record.session_id)
+            record.outcome = "client-gone"
+            return None
+        return answers
 
-    async def _serve_widget(self, request: Request, record: RequestRecord) -> None:
+    async def _serve_widget(self, request: Request, record: RequestRecord, exchange: _Exchange) -> None:
         """A widget asset from the folder, or the `GET /widgets` listing: answered here."""
         assert self.widgets is not None
+        served: bytes | int
         if request.path == b"/widgets":
             body = listing(self.widgets)
             request.setHeader(b"content-type", b"application/json")
             request.setHeader(b"content-length", str(len(body)).encode())
             served = body if request.method == b"GET" else b""
         else:
+            assert isinstance(self.widgets, WidgetFolder)  # a dev server's assets go through `_send`
             served = self.widgets.render(request)
         if served is NOT_DONE_YET:
             try:
                 await request.notifyFinish()
             except Exception:
                 record.outcome = "client-gone"
-        elif not request._disconnected:
+        elif not exchange.gone:
             request.write(served)
             request.finish()
         record.status = request.code
@@ -291,13 +316,19 @@ class ProxyResource(Resource):
         if first.kind == jsonrpc.ERROR:
             record.error_code, record.error_message = first.error_code, first.error_message
 
-    def _conclude(self, rt: Route, record: RequestRecord, answers: list[jsonrpc.Message],
-                  session_id: bytes | None) -> None:
-        assert rt.rpc is not None
+    def _conclude(self, rt: Route, record: RequestRecord, response: IResponse,
+                  answers: list[jsonrpc.Message]) -> None:
+        """What the answers tell the record and the session table; a DELETE the upstream took ends its session."""
+        if rt.kind is Kind.SESSION_DELETE and 200 <= response.code < 300 and record.session_id:
+            self.sessions.ended(record.session_id)
+        if not answers:
+            return
+        assert rt.rpc is not None  # answers are only read for JSON-RPC requests
         for answer in answers:
             if answer.kind == jsonrpc.ERROR and record.error_code is None:
                 record.error_code, record.error_message = answer.error_code, answer.error_message
         initialize = next((m for m in rt.rpc.requests if m.method == "initialize"), None)
+        session_id = response.headers.getRawHeaders(b"mcp-session-id", [None])[0]
         if initialize is None or not session_id:
             return
         result = next((a.result for a in answers if a.kind == jsonrpc.RESPONSE and a.id == initialize.id),
@@ -366,7 +397,7 @@ class ProxyResource(Resource):
 
     # -- health
 
-    async def _health(self, request: Request) -> None:
+    async def _health(self, request: Request, exchange: _Exchange) -> None:
         reachable, error, ms = await self.probe_upstream()
         body = json.dumps(
             {
@@ -381,7 +412,7 @@ class ProxyResource(Resource):
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"content-length", str(len(body)).encode())
-        if not request._disconnected:
+        if not exchange.gone:
             request.write(body)
             request.finish()
 
@@ -405,23 +436,25 @@ def _via(request: Request) -> str:
     return getattr(request.channel.site, "via", "direct") if request.channel else "direct"
 
 
-def _read_body(request: Request) -> tuple[bytes | None, Any, int]:
+def _read_body(request: Request) -> tuple[bytes | None, IO[bytes] | None, int]:
     """(bytes, None, size) if small enough to classify, else (None, the spool file to stream, size)."""
     content = request.content
-    if content is None:
-        return b"", None, 0
-    content.seek(0, 2)
-    size = content.tell()
-    content.seek(0)
-    if size <= CLASSIFY_LIMIT:
-        return content.read(), None, size
-    return None, content, size
+    size = body_length(content)
+    if size > CLASSIFY_LIMIT:
+        return None, content, size
+    return (content.read() if content is not None else b""), None, size
 
 
 def _looks_json(request: Request) -> bool:
     return request.method == b"POST" and any(
-        b"json" in t.lower() for t in request.requestHeaders.getRawHeaders(b"content-type", ())
+        is_json(t) for t in request.requestHeaders.getRawHeaders(b"content-type", ())
     )
+
+
+def _answered(rt: Route, answers: list[jsonrpc.Message]) -> bool:
+    """Whether every request of the route's body has its answer among `answers`."""
+    wanted = {jsonrpc.id_key(m.id) for m in rt.rpc.requests} if rt.rpc is not None else {None}
+    return wanted <= {jsonrpc.id_key(a.id) for a in answers}
 
 
 def _header(request: Request, name: bytes) -> str | None:

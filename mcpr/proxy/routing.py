@@ -66,10 +66,6 @@ class Route:
     url: bytes
     rpc: jsonrpc.Batch | None = None
 
-    @property
-    def is_mcp(self) -> bool:
-        return self.kind not in (Kind.PASSTHROUGH, Kind.WIDGET)
-
 
 def _accepts_event_stream(headers: Headers) -> bool:
     return any(b"text/event-stream" in v.lower() for v in headers.getRawHeaders(b"accept", ()))

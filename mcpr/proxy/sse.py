@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# An event ends at a blank line, in any of the three line-ending styles.
+BOUNDARIES = (b"\r\n\r\n", b"\n\n", b"\r\r")
+
 
 @dataclass
 class Event:
@@ -32,7 +35,7 @@ class SSEParser:
         self._buffer += chunk
         events: list[Event] = []
         while True:
-            end, sep = self._boundary()
+            end, sep = event_end(self._buffer)
             if end < 0:
                 break
             block = self._buffer[:end]
@@ -47,18 +50,19 @@ class SSEParser:
             raise EventTooLarge(f"event larger than {self._max} bytes")
         return events
 
-    @property
-    def pending(self) -> bytes:
-        return self._buffer
 
-    def _boundary(self) -> tuple[int, int]:
-        buf = self._buffer
-        best, size = -1, 0
-        for sep in (b"\r\n\r\n", b"\n\n", b"\r\r"):
-            i = buf.find(sep)
-            if i >= 0 and (best < 0 or i < best):
-                best, size = i, len(sep)
-        return best, size
+def event_end(data: bytes, start: int = 0) -> tuple[int, int]:
+    """Where the first event block at or after `start` ends and the length of the blank line
+    that ends it; (-1, 0) while no block is complete.
+
+    The parser and the SSE rewriter both cut streams here, so they agree on every block.
+    """
+    best, size = -1, 0
+    for separator in BOUNDARIES:
+        i = data.find(separator, start)
+        if i >= 0 and (best < 0 or i < best):
+            best, size = i, len(separator)
+    return best, size
 
 
 def _parse_block(block: bytes) -> Event | None:

@@ -26,6 +26,7 @@ from twisted.web.client import readBody
 from twisted.web.http_headers import Headers
 from twisted.web.server import NOT_DONE_YET, Request
 
+from mcpr.proxy import jsonrpc
 from mcpr.proxy.forward import Forwarder, UpstreamError
 
 log = Logger()
@@ -155,11 +156,14 @@ class WidgetFolder:
         if request.method == b"HEAD":
             return b""
         file = found.open("rb")
+        # Fails when the client left; a finished request fires it too, which `finished` checks first.
+        left = request.notifyFinish()
+        left.addErrback(lambda _: None)
         sent = FileSender().beginFileTransfer(file, request)
 
         def finished(_: object) -> None:
             file.close()
-            if not request.finished and not request._disconnected:
+            if not request.finished and not left.called:
                 request.finish()
 
         sent.addBoth(finished)
@@ -236,6 +240,28 @@ def open_source(spec: str, forwarder: Forwarder) -> WidgetSource:
     if spec.startswith(("http://", "https://")):
         return WidgetDevServer(spec, forwarder)
     return WidgetFolder(Path(spec))
+
+
+async def local_html(batch: jsonrpc.Batch, source: WidgetSource) -> dict[Any, tuple[str, str]]:
+    """(widget URI, local HTML) for each `resources/read` of a `ui://widget/<name>.html` in `batch`,
+    by JSON-RPC id.
+
+    Never fails: a widget that cannot be read leaves the upstream's HTML in place.
+    """
+    found: dict[Any, tuple[str, str]] = {}
+    for message in batch.requests:
+        uri = message.target if message.method == "resources/read" else None
+        name = widget_name(uri)
+        if uri is None or name is None:
+            continue
+        try:
+            html = await source.html(name)
+        except Exception:
+            log.failure("reading widget {name} from {source} failed", name=name, source=source.location)
+            continue
+        if html is not None:
+            found[jsonrpc.id_key(message.id)] = (uri, html)
+    return found
 
 
 def listing(source: WidgetSource) -> bytes:

@@ -1,193 +1,204 @@
-"""The proxy core rewriting widget CSP and OAuth URLs, over real loopback connections.
-
-Two listeners serve the same resource: one as direct mode, one marked as the
-tunnel's (`via="tunnel"`), the way the tunnel feeds its streams in.
-"""
+"""What a response needs (OAuth header moves, a body rewriter, Content-Length kept), decided without a connection."""
 
 from __future__ import annotations
 
-import gzip
-import io
 import json
-from pathlib import Path
+from dataclasses import dataclass
 
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.trial.unittest import TestCase
-from twisted.web.client import FileBodyProducer, readBody
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http import HTTPChannel
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
 
-from mcpr.gateway.settings import load_gateway
-from mcpr.gateway.tap import build_resource, build_site
-from tests.support.collect import Collect
-from tests.support.edge_upstream import EdgeUpstream
-from tests.support.loopback import TrackingSite, client_agent, listen, track
+from mcpr.proxy import jsonrpc
+from mcpr.proxy.rewrite.csp import CspPolicy
+from mcpr.proxy.rewrite.plan import Plan, plan
+from mcpr.proxy.rewrite.streaming import EventStreamRewriter, JsonRewriter
+from mcpr.proxy.routing import Kind, Route, Upstream
 
+UPSTREAM = Upstream.parse("http://127.0.0.1:9000/mcp")
 PUBLIC = "https://abc.tunnel.example.com"
+WIDGET = "ui://widget/greeting.html"
+META = {"openai/widgetCSP": {"connect_domains": ["http://localhost:9000"]}}
 
 
-def rpc(method: str, id=1, **params) -> dict:
+@dataclass
+class Head:
+    """The part of an upstream `IResponse` a plan is made from: its head, no body."""
+
+    code: int
+    headers: Headers
+    length: int | object = UNKNOWN_LENGTH
+
+
+def head(code: int = 200, length: int | object = 10, **headers: str) -> Head:
+    return Head(code, Headers({k.replace("_", "-").encode(): [v.encode()] for k, v in headers.items()}), length)
+
+
+def request(method: bytes = b"POST", path: bytes = b"/mcp") -> Request:
+    """A request as twisted.web hands it to the resource, on a channel that is not connected anywhere."""
+    channel = HTTPChannel()
+    channel.site = Site(Resource())
+    channel.timeOut = None  # no idle timer on the global reactor
+    channel.makeConnection(StringTransport())
+    req = Request(channel)
+    req.method, req.uri, req.path = method, path, path
+    req.requestHeaders.setRawHeaders(b"host", [b"gw.example:8080"])
+    return req
+
+
+def mcp(*messages: dict) -> Route:
+    body = json.dumps(messages[0] if len(messages) == 1 else list(messages)).encode()
+    return Route(Kind.MCP_POST, UPSTREAM.mcp_url(b"/mcp"), jsonrpc.parse(body))
+
+
+def call(method: str, id=1, **params) -> dict:
     return {"jsonrpc": "2.0", "id": id, "method": method, "params": params}
 
 
-class EdgeProxyTests(TestCase):
-    timeout = 20
+def decide(rt: Route, response: Head, req: Request | None = None, *, origin: str | None = PUBLIC,
+           htmls=None, csp: CspPolicy | None = None) -> Plan:
+    return plan(rt, req or request(), response, origin=origin, htmls=htmls or {}, csp=csp or CspPolicy(),
+                upstream=UPSTREAM)
 
-    async def start(self, config: str = "", **cli) -> None:
-        self.upstream = EdgeUpstream()
-        self.upstream.port = await listen(self, TrackingSite(self.upstream))
-        cwd = Path(self.mktemp())
-        cwd.mkdir()
-        (cwd / "mcpr.toml").write_text(config)
-        settings = load_gateway({"mcp": f"http://127.0.0.1:{self.upstream.port}/mcp", **cli}, env={}, cwd=cwd)
-        self.resource = build_resource(settings, reactor)
-        self.addCleanup(self.resource.forwarder.close)
-        self.resource.public_origin = PUBLIC  # what the tunnel sets once registered
-        self.direct = await listen(self, track(build_site(self.resource, settings)))
-        self.tunnel = await listen(self, track(build_site(self.resource, settings, via="tunnel")))
-        self.agent = client_agent(self)
 
-    async def request(self, port: int, method: bytes, path: str, body=None, headers: dict | None = None):
-        if isinstance(body, (dict, list)):
-            body = json.dumps(body).encode()
-            headers = {"content-type": "application/json", **(headers or {})}
-        h = Headers({k.encode(): [v.encode()] for k, v in (headers or {}).items()})
-        producer = FileBodyProducer(io.BytesIO(body)) if body is not None else None
-        return await self.agent.request(method, f"http://127.0.0.1:{port}{path}".encode(), h, producer)
+def rewritten(changes: Plan, body: dict) -> tuple[dict, Headers]:
+    """`body` through the plan's rewriter, as JSON, with the headers it set."""
+    out: list[bytes] = []
+    headers = Headers()
+    rewriter = changes.rewriter(out.append, headers)
+    assert rewriter is not None
+    rewriter.feed(json.dumps(body).encode())
+    rewriter.finish()
+    return json.loads(b"".join(out)), headers
 
-    async def call(self, port: int, message, **headers) -> tuple[dict, bytes, object]:
-        response = await self.request(port, b"POST", "/mcp", message, headers)
-        body = await readBody(response)
-        return json.loads(body), body, response
 
-    def test_tools_list_through_the_tunnel_is_rewritten_with_a_new_length(self):
-        async def t():
-            await self.start()
-            answer, body, response = await self.call(self.tunnel, rpc("tools/list"))
-            (tool,) = answer["result"]["tools"]
-            meta = tool["_meta"]
-            self.assertEqual(meta["openai/widgetCSP"]["connect_domains"], [PUBLIC, "https://api.example.com"])
-            self.assertEqual(meta["openai/widgetCSP"]["resource_domains"], [PUBLIC, "https://cdn.example.com"])
-            self.assertEqual(meta["ui"]["csp"]["connectDomains"], [PUBLIC, "https://api.example.com"])
-            self.assertEqual(meta["ui"]["csp"]["frameDomains"], [])
-            self.assertEqual(meta["openai/widgetDomain"], PUBLIC)
-            self.assertEqual(tool["description"], "Points at http://localhost in prose, which stays.")
-            self.assertEqual(response.length, len(body))
-        return Deferred.fromCoroutine(t())
+class PassThroughTests(SynchronousTestCase):
+    def test_an_ordinary_answer_streams_untouched_with_its_length(self) -> None:
+        rt = Route(Kind.PASSTHROUGH, b"http://127.0.0.1:9000/page")
+        changes = decide(rt, head(content_type="application/json"), request(b"GET", b"/page"))
+        self.assertEqual(changes, Plan(content_length=10))
+        self.assertIsNone(changes.rewriter(lambda _: None, Headers()))
+        headers = Headers()
+        changes.rewrite_headers(headers)
+        self.assertEqual(headers.getRawHeaders(b"content-length"), [b"10"])
 
-    def test_direct_mode_without_a_domain_keeps_localhost_and_the_bytes(self):
-        async def t():
-            await self.start()
-            _, body, response = await self.call(self.direct, rpc("tools/list"))
-            expected = json.dumps({"jsonrpc": "2.0", "id": 1,
-                                   "result": self.upstream._result(rpc("tools/list"))}).encode()
-            self.assertEqual(body, expected)
-        return Deferred.fromCoroutine(t())
+    def test_no_length_where_the_body_is_absent_or_unknown(self) -> None:
+        rt = Route(Kind.PASSTHROUGH, b"http://127.0.0.1:9000/page")
+        for method, response in ((b"HEAD", head()), (b"GET", head(204)), (b"GET", head(304)),
+                                 (b"GET", head(length=UNKNOWN_LENGTH))):
+            self.assertIsNone(decide(rt, response, request(method, b"/page")).content_length, (method, response))
 
-    def test_configured_domain_applies_to_direct_requests_and_wins_over_the_tunnel(self):
-        async def t():
-            await self.start('[csp]\ndomain = "https://mcp.example.org"\nmode = "override"\n'
-                             'domains = ["https://fonts.example.org"]\n')
-            for port in (self.direct, self.tunnel):
-                answer, _, _ = await self.call(port, rpc("resources/read", uri="ui://widget/greeting.html"))
-                (content,) = answer["result"]["contents"]
-                csp = content["_meta"]["openai/widgetCSP"]
-                self.assertEqual(csp["connect_domains"], ["https://mcp.example.org", "https://fonts.example.org"])
-                self.assertEqual(content["_meta"]["openai/widgetDomain"], "https://mcp.example.org")
-                self.assertEqual(content["text"], "<p>the upstream's HTML</p>")
-        return Deferred.fromCoroutine(t())
+    def test_oauth_challenge_moves_to_the_public_origin(self) -> None:
+        rt = Route(Kind.PASSTHROUGH, b"http://127.0.0.1:9000/private")
+        response = head(401, www_authenticate='Bearer resource_metadata="http://localhost:9000/.well-known/x"')
+        changes = decide(rt, response, request(b"GET", b"/private"))
+        self.assertIsNotNone(changes.origins)
+        self.assertIsNone(changes.transform)
+        changes.rewrite_headers(response.headers)
+        self.assertEqual(response.headers.getRawHeaders(b"www-authenticate"),
+                         [f'Bearer resource_metadata="{PUBLIC}/.well-known/x"'.encode()])
+        self.assertEqual(response.headers.getRawHeaders(b"content-length"), [b"10"])
 
-    def test_sse_answer_rewritten_event_by_event(self):
-        async def t():
-            await self.start()
-            response = await self.request(self.tunnel, b"POST", "/mcp", rpc("tools/list", id=5),
-                                          {"x-answer": "sse", "accept": "application/json, text/event-stream"})
-            self.assertEqual(response.length, UNKNOWN_LENGTH)
-            collect = Collect()
-            first = collect.next_chunk()
-            response.deliverBody(collect)
-            progress = await first
-            # The notification arrived while the answer is still held upstream: still streamed.
-            self.assertTrue(progress.startswith(b"event: message\r\nid: p-1\r\ndata: "))
-            self.assertIn(b'"http://localhost:', progress)  # not an answer to a widget method: untouched
-            (release,) = self.upstream.held
-            release()
-            await collect.done
-            body = b"".join(collect.chunks)
-            self.assertIn(b": keep-alive\r\n\r\n", body)
-            last = body.rsplit(b"\r\n\r\n", 2)[-2]
-            self.assertTrue(last.startswith(b"event: message\r\nid: a-1\r\ndata: "))
-            answer = json.loads(last.split(b"data: ", 1)[1])
-            self.assertEqual(answer["result"]["tools"][0]["_meta"]["openai/widgetDomain"], PUBLIC)
-        return Deferred.fromCoroutine(t())
+    def test_redirect_moves_to_the_public_origin(self) -> None:
+        rt = Route(Kind.PASSTHROUGH, b"http://127.0.0.1:9000/authorize")
+        response = head(302, location="http://127.0.0.1:9000/login")
+        changes = decide(rt, response, request(b"GET", b"/authorize"))
+        changes.rewrite_headers(response.headers)
+        self.assertEqual(response.headers.getRawHeaders(b"location"), [f"{PUBLIC}/login".encode()])
 
-    def test_batch_answers(self):
-        async def t():
-            await self.start()
-            batch = [rpc("tools/list", id=1), rpc("ping", id=2),
-                     rpc("resources/list", id=3), {"jsonrpc": "2.0", "method": "notifications/initialized"}]
-            answer, _, _ = await self.call(self.tunnel, batch)
-            by_id = {a["id"]: a["result"] for a in answer}
-            self.assertEqual(by_id[2], {})
-            self.assertEqual(by_id[1]["tools"][0]["_meta"]["openai/widgetDomain"], PUBLIC)
-            declared, bare = by_id[3]["resources"]
-            self.assertEqual(declared["_meta"]["ui"]["csp"]["resourceDomains"], [PUBLIC, "https://cdn.example.com"])
-            # A ui:// resource that declared nothing gets the public origin, so its assets load.
-            self.assertEqual(bare["_meta"]["openai/widgetCSP"], {"connect_domains": [PUBLIC],
-                                                                  "resource_domains": [PUBLIC]})
-        return Deferred.fromCoroutine(t())
+    def test_discovery_document_is_rewritten_and_loses_its_length(self) -> None:
+        rt = Route(Kind.PASSTHROUGH, b"http://127.0.0.1:9000/.well-known/oauth-protected-resource")
+        get = request(b"GET", b"/.well-known/oauth-protected-resource")
+        changes = decide(rt, head(content_type="application/json"), get)
+        self.assertIsNone(changes.content_length)
+        doc, headers = rewritten(changes, {"resource": "http://127.0.0.1:9000/mcp"})
+        self.assertEqual(doc, {"resource": f"{PUBLIC}/mcp"})
+        self.assertEqual(headers.getRawHeaders(b"content-length"), [b"%d" % len(json.dumps(doc, separators=(",", ":")))])
 
-    def test_compressed_answers_pass_untouched(self):
-        async def t():
-            await self.start()
-            response = await self.request(self.tunnel, b"POST", "/mcp", rpc("tools/list"),
-                                          {"x-answer": "gzip", "accept-encoding": "gzip"})
-            body = await readBody(response)
-            self.assertEqual(response.headers.getRawHeaders(b"content-encoding"), [b"gzip"])
-            self.assertIn(b"localhost", gzip.decompress(body))
-        return Deferred.fromCoroutine(t())
+    def test_discovery_in_direct_mode_points_at_the_host_the_client_used(self) -> None:
+        rt = Route(Kind.PASSTHROUGH, b"http://127.0.0.1:9000/.well-known/oauth-authorization-server")
+        get = request(b"GET", b"/.well-known/oauth-authorization-server")
+        doc, _ = rewritten(decide(rt, head(content_type="application/json"), get, origin=None),
+                           {"issuer": "http://localhost:9000"})
+        self.assertEqual(doc, {"issuer": "http://gw.example:8080"})
 
-    def test_oauth_discovery_points_at_the_public_origin(self):
-        async def t():
-            await self.start()
-            up = self.upstream.port
-            for path in ("/.well-known/oauth-protected-resource/mcp", "/.well-known/oauth-authorization-server",
-                         "/.well-known/openid-configuration"):
-                response = await self.request(self.tunnel, b"GET", path)
-                body = await readBody(response)
-                self.assertEqual(response.length, len(body))
-                doc = json.loads(body)
-                if "resource" in doc:
-                    self.assertEqual(doc["resource"], f"{PUBLIC}/mcp")
-                    self.assertEqual(doc["authorization_servers"], [PUBLIC, "http://127.0.0.1:9/other-as"])
-                    self.assertEqual(doc["resource_documentation"], f"see http://127.0.0.1:{up}/docs")
-                else:
-                    self.assertEqual(doc["issuer"], PUBLIC)
-                    self.assertEqual(doc["authorization_endpoint"], f"{PUBLIC}/authorize?x=1")
-                    self.assertEqual(doc["token_endpoint"], f"{PUBLIC}/token")
-                    self.assertEqual(doc["registration_endpoint"], f"{PUBLIC}/register")
-                    self.assertEqual(doc["jwks_uri"], "https://keys.example.com/jwks")
-        return Deferred.fromCoroutine(t())
+    def test_discovery_body_is_left_alone_unless_a_plain_json_200_to_a_get(self) -> None:
+        path = b"/.well-known/openid-configuration"
+        rt = Route(Kind.PASSTHROUGH, b"http://127.0.0.1:9000" + path)
+        for method, response in ((b"POST", head(content_type="application/json")),
+                                 (b"GET", head(404, content_type="application/json")),
+                                 (b"GET", head(content_type="text/html")),
+                                 (b"GET", head(content_type="application/json", content_encoding="gzip"))):
+            changes = decide(rt, response, request(method, path))
+            self.assertIsNone(changes.transform, (method, response))
+            self.assertEqual(changes.content_length, 10)
 
-    def test_oauth_in_direct_mode_points_at_the_gateway(self):
-        async def t():
-            await self.start()
-            doc = json.loads(await readBody(await self.request(self.direct, b"GET",
-                                                               "/.well-known/oauth-protected-resource")))
-            self.assertEqual(doc["resource"], f"http://127.0.0.1:{self.direct}/mcp")
-        return Deferred.fromCoroutine(t())
 
-    def test_www_authenticate_and_location_are_rewritten(self):
-        async def t():
-            await self.start()
-            response = await self.request(self.tunnel, b"GET", "/private")
-            await readBody(response)
-            self.assertEqual(response.code, 401)
-            self.assertEqual(response.headers.getRawHeaders(b"www-authenticate"),
-                             [f'Bearer error="invalid_token", resource_metadata="{PUBLIC}'
-                              f'/.well-known/oauth-protected-resource/mcp"'.encode()])
-            response = await self.request(self.tunnel, b"GET", "/authorize")
-            await readBody(response)
-            self.assertEqual(response.headers.getRawHeaders(b"location"), [f"{PUBLIC}/login?next=%2F".encode()])
-        return Deferred.fromCoroutine(t())
+class McpAnswerTests(SynchronousTestCase):
+    def answer(self, result: dict, id=1) -> dict:
+        return {"jsonrpc": "2.0", "id": id, "result": result}
+
+    def test_widget_metadata_through_the_tunnel_is_rewritten_as_json(self) -> None:
+        changes = decide(mcp(call("tools/list")), head(content_type="application/json"))
+        self.assertEqual((changes.event_stream, changes.content_length, changes.origins), (False, None, None))
+        self.assertIsInstance(changes.rewriter(lambda _: None, Headers()), JsonRewriter)
+        answer, _ = rewritten(changes, self.answer({"tools": [{"name": "t", "_meta": dict(META)}]}))
+        csp = answer["result"]["tools"][0]["_meta"]["openai/widgetCSP"]
+        self.assertEqual(csp["connect_domains"], [PUBLIC])
+
+    def test_an_sse_answer_is_rewritten_event_by_event(self) -> None:
+        changes = decide(mcp(call("tools/list")), head(content_type="text/event-stream", length=UNKNOWN_LENGTH))
+        self.assertTrue(changes.event_stream)
+        self.assertIsInstance(changes.rewriter(lambda _: None, Headers()), EventStreamRewriter)
+
+    def test_an_sse_stream_is_flagged_even_when_nothing_is_rewritten(self) -> None:
+        changes = decide(mcp(call("ping")), head(content_type="text/event-stream", length=UNKNOWN_LENGTH))
+        self.assertEqual(changes, Plan(event_stream=True))
+
+    def test_methods_without_widget_metadata_stream_untouched(self) -> None:
+        for method in ("ping", "initialize", "prompts/get"):
+            changes = decide(mcp(call(method)), head(content_type="application/json"))
+            self.assertEqual(changes, Plan(content_length=10), method)
+
+    def test_direct_mode_without_a_csp_setting_has_nothing_to_do(self) -> None:
+        changes = decide(mcp(call("tools/list")), head(content_type="application/json"), origin=None)
+        self.assertEqual(changes, Plan(content_length=10))
+
+    def test_a_csp_setting_applies_in_direct_mode(self) -> None:
+        policy = CspPolicy(domains=("https://fonts.example.org",))
+        changes = decide(mcp(call("tools/list")), head(content_type="application/json"), origin=None, csp=policy)
+        answer, _ = rewritten(changes, self.answer({"tools": [{"name": "t", "_meta": dict(META)}]}))
+        csp = answer["result"]["tools"][0]["_meta"]["openai/widgetCSP"]
+        self.assertIn("https://fonts.example.org", csp["connect_domains"])
+
+    def test_local_html_replaces_the_upstreams_in_direct_mode(self) -> None:
+        changes = decide(mcp(call("resources/read", id=4, uri=WIDGET)), head(content_type="application/json"),
+                         origin=None, htmls={4: (WIDGET, "<p>local</p>")})
+        answer, _ = rewritten(changes, self.answer({"contents": [{"uri": WIDGET, "text": "<p>up</p>"}]}, id=4))
+        self.assertEqual(answer["result"]["contents"][0]["text"], "<p>local</p>")
+
+    def test_only_a_plain_json_or_sse_200_is_rewritten(self) -> None:
+        for response in (head(500, content_type="application/json"), head(content_type="text/plain"),
+                         head(content_type="application/json", content_encoding="br"), head()):
+            changes = decide(mcp(call("tools/list")), response)
+            self.assertIsNone(changes.transform, response)
+            self.assertEqual(changes.content_length, 10)
+
+    def test_a_json_suffix_media_type_counts_as_json(self) -> None:
+        changes = decide(mcp(call("tools/list")), head(content_type="application/vnd.mcp+json; charset=utf-8"))
+        self.assertIsInstance(changes.rewriter(lambda _: None, Headers()), JsonRewriter)
+
+    def test_a_batch_is_rewritten_only_in_its_widget_answers(self) -> None:
+        changes = decide(mcp(call("tools/list", id=1), call("ping", id=2)), head(content_type="application/json"))
+        tools = {"tools": [{"name": "t", "_meta": dict(META)}]}
+        out: list[bytes] = []
+        rewriter = changes.rewriter(out.append, Headers())
+        rewriter.feed(json.dumps([self.answer(tools, 1), self.answer(dict(tools), 2)]).encode())
+        rewriter.finish()
+        first, second = json.loads(b"".join(out))
+        self.assertEqual(first["result"]["tools"][0]["_meta"]["openai/widgetCSP"]["connect_domains"], [PUBLIC])
+        self.assertEqual(second["result"], tools)

@@ -4,7 +4,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from mcpr.proxy.sse import EventTooLarge, SSEParser
+from mcpr.proxy.sse import EventTooLarge, SSEParser, event_end
 
 payload = st.text(alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)),
                   max_size=30)
@@ -37,4 +37,12 @@ class SSEParserTests(SynchronousTestCase):
     def test_cap(self) -> None:
         parser = SSEParser(max_event=10)
         self.assertRaises(EventTooLarge, parser.feed, b"data: " + b"x" * 20)
-        self.assertEqual(parser.pending, b"")
+        # The oversized event is dropped whole: the next one parses alone, with its own bytes.
+        (event,) = parser.feed(b"data: y\n\n")
+        self.assertEqual((event.data, event.raw), ("y", b"data: y\n\n"))
+
+    def test_event_end_finds_the_first_blank_line_of_any_style(self) -> None:
+        self.assertEqual(event_end(b"data: a\r\rdata: b\n\n"), (7, 2))
+        self.assertEqual(event_end(b"data: a\r\n\r\ndata: b\n\n"), (7, 4))
+        self.assertEqual(event_end(b"data: a\n\ndata: b\r\r", 8), (16, 2))
+        self.assertEqual(event_end(b"data: a\r\n"), (-1, 0))

@@ -8,9 +8,13 @@ import os
 from pathlib import Path
 
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
@@ -135,6 +139,7 @@ class WidgetProxyTests(TestCase):
         self.addCleanup(self.resource.forwarder.close)
         self.resource.public_origin = PUBLIC
         self.direct = await listen(self, track(build_site(self.resource, settings)))
+        self.unplugged = build_site(self.resource, settings)  # for connections in memory
         self.tunnel = await listen(self, track(build_site(self.resource, settings, via="tunnel")))
         self.agent = client_agent(self)
 
@@ -157,96 +162,96 @@ class WidgetProxyTests(TestCase):
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.direct), protocol)
         return await protocol.done
 
-    def test_assets_served_with_types_validators_and_cors(self):
-        async def t():
-            await self.start()
-            for path, ctype in (("/greeting.html", b"text/html; charset=utf-8"),
-                                ("/assets/app.js", b"text/javascript; charset=utf-8"),
-                                ("/assets/app.css", b"text/css; charset=utf-8"),
-                                ("/assets/logo.svg", b"image/svg+xml"), ("/assets/font.woff2", b"font/woff2")):
-                response, body = await self.get(path)
-                self.assertEqual(response.code, 200, path)
-                self.assertEqual(response.headers.getRawHeaders(b"content-type"), [ctype], path)
-                self.assertEqual(response.headers.getRawHeaders(b"access-control-allow-origin"), [b"*"])
-                self.assertEqual(body, (self.root / path.lstrip("/")).read_bytes())
-            response, _ = await self.get("/assets/app.js")
-            (etag,) = response.headers.getRawHeaders(b"etag")
-            (modified,) = response.headers.getRawHeaders(b"last-modified")
-            again, body = await self.get("/assets/app.js", if_none_match=etag.decode())
-            self.assertEqual((again.code, body), (304, b""))
-            again, body = await self.get("/assets/app.js", if_modified_since=modified.decode())
-            self.assertEqual((again.code, body), (304, b""))
-            again, body = await self.get("/assets/app.js", if_none_match='"stale"', if_modified_since=modified.decode())
-            self.assertEqual(again.code, 200)
-            head, body = await self.get("/assets/app.js", method=b"HEAD")
-            self.assertEqual((head.code, body, head.length), (200, b"", 0))
-        return Deferred.fromCoroutine(t())
+    def answered_at_once(self, request: bytes) -> bytes:
+        """The gateway's answer to `request` exactly as written, from a connection in memory.
 
-    def test_path_traversal_is_404(self):
-        async def t():
-            await self.start()
-            for path in escapes(self.base):
-                answer = await self.raw(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                self.assertTrue(answer.startswith(b"HTTP/1.1 404"), (path, answer[:40]))
-                self.assertNotIn(b"SECRET", answer)
-            answer = await self.raw(b"GET /greeting.html HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            self.assertTrue(answer.startswith(b"HTTP/1.1 200"))
-        return Deferred.fromCoroutine(t())
+        For answers written in one go (no file sent): they are complete when `dataReceived` returns.
+        """
+        channel = self.unplugged.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(request)
+        channel.connectionLost(Failure(ConnectionDone()))
+        return transport.value()
 
-    def test_one_url_serves_mcp_and_assets(self):
-        async def t():
-            await self.start()
-            content = await self.read_widget(self.tunnel)
-            self.assertEqual(content["text"], LOCAL_HTML)  # the local build, not the upstream's
-            self.assertEqual(content["_meta"]["openai/widgetDescription"], "Says hello.")  # the upstream's meta
-            self.assertEqual(content["_meta"]["openai/widgetCSP"]["resource_domains"],
-                             [PUBLIC, "https://cdn.example.com"])
-            direct = await self.read_widget(self.direct)
-            self.assertEqual(direct["text"], LOCAL_HTML)
-            _, body = await self.get("/authorize", accept="text/html")
-            self.assertEqual(body, b"")  # the upstream's redirect, not the folder
-            response, _ = await self.get("/favicon", accept="image/avif,image/webp,*/*")
-            self.assertEqual(response.code, 404)  # an image request goes to the folder
-            _, body = await self.get("/.well-known/thing.json")
-            self.assertEqual(body, b"passthrough /.well-known/thing.json")
-        return Deferred.fromCoroutine(t())
+    async def test_assets_served_with_types_validators_and_cors(self):
+        await self.start()
+        for path, ctype in (("/greeting.html", b"text/html; charset=utf-8"),
+                            ("/assets/app.js", b"text/javascript; charset=utf-8"),
+                            ("/assets/app.css", b"text/css; charset=utf-8"),
+                            ("/assets/logo.svg", b"image/svg+xml"), ("/assets/font.woff2", b"font/woff2")):
+            response, body = await self.get(path)
+            self.assertEqual(response.code, 200, path)
+            self.assertEqual(response.headers.getRawHeaders(b"content-type"), [ctype], path)
+            self.assertEqual(response.headers.getRawHeaders(b"access-control-allow-origin"), [b"*"])
+            self.assertEqual(body, (self.root / path.lstrip("/")).read_bytes())
+        response, _ = await self.get("/assets/app.js")
+        (etag,) = response.headers.getRawHeaders(b"etag")
+        (modified,) = response.headers.getRawHeaders(b"last-modified")
+        again, body = await self.get("/assets/app.js", if_none_match=etag.decode())
+        self.assertEqual((again.code, body), (304, b""))
+        again, body = await self.get("/assets/app.js", if_modified_since=modified.decode())
+        self.assertEqual((again.code, body), (304, b""))
+        again, body = await self.get("/assets/app.js", if_none_match='"stale"', if_modified_since=modified.decode())
+        self.assertEqual(again.code, 200)
+        head, body = await self.get("/assets/app.js", method=b"HEAD")
+        self.assertEqual((head.code, body, head.length), (200, b"", 0))
 
-    def test_widget_listing(self):
-        async def t():
-            await self.start()
-            response, body = await self.get("/widgets")
-            self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/json"])
-            listing = json.loads(body)
-            self.assertEqual(listing["source"], "folder")
-            self.assertEqual(listing["widgets"], [
-                {"name": "chart", "uri": "ui://widget/chart.html", "path": "/chart/"},
-                {"name": "greeting", "uri": "ui://widget/greeting.html", "path": "/greeting.html"},
-            ])
-        return Deferred.fromCoroutine(t())
+    async def test_path_traversal_is_404(self):
+        await self.start()
+        for path in escapes(self.base):
+            answer = self.answered_at_once(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            self.assertTrue(answer.startswith(b"HTTP/1.1 404"), (path, answer[:40]))
+            self.assertNotIn(b"SECRET", answer)
+        answer = await self.raw(b"GET /greeting.html HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200"))
 
-    def test_dev_server(self):
-        async def t():
-            dev = DevServer()
-            dev_port = await listen(self, TrackingSite(dev))
-            await self.start(f"http://127.0.0.1:{dev_port}/")
-            response, body = await self.get("/src/main.tsx?t=1")
-            self.assertEqual((response.code, body), (200, b"export default 1;"))
-            response, _ = await self.get("/@vite/client")
-            self.assertEqual(response.code, 404)
-            self.assertEqual(dev.seen, [b"/src/main.tsx?t=1", b"/@vite/client"])
-            content = await self.read_widget(self.tunnel)
-            self.assertEqual(content["text"], "<p>from the dev server</p>")
-            self.assertEqual(content["_meta"]["openai/widgetDomain"], PUBLIC)
-            listing = json.loads((await self.get("/widgets"))[1])
-            self.assertEqual((listing["source"], listing["widgets"]), ("dev-server", None))
-        return Deferred.fromCoroutine(t())
+    async def test_one_url_serves_mcp_and_assets(self):
+        await self.start()
+        content = await self.read_widget(self.tunnel)
+        self.assertEqual(content["text"], LOCAL_HTML)  # the local build, not the upstream's
+        self.assertEqual(content["_meta"]["openai/widgetDescription"], "Says hello.")  # the upstream's meta
+        self.assertEqual(content["_meta"]["openai/widgetCSP"]["resource_domains"],
+                         [PUBLIC, "https://cdn.example.com"])
+        direct = await self.read_widget(self.direct)
+        self.assertEqual(direct["text"], LOCAL_HTML)
+        _, body = await self.get("/authorize", accept="text/html")
+        self.assertEqual(body, b"")  # the upstream's redirect, not the folder
+        response, _ = await self.get("/favicon", accept="image/avif,image/webp,*/*")
+        self.assertEqual(response.code, 404)  # an image request goes to the folder
+        _, body = await self.get("/.well-known/thing.json")
+        self.assertEqual(body, b"passthrough /.well-known/thing.json")
 
-    def test_dev_server_down_keeps_the_upstream_html(self):
-        async def t():
-            await self.start("http://127.0.0.1:1")
-            content = await self.read_widget(self.tunnel)
-            self.assertEqual(content["text"], UPSTREAM_HTML)
-            response, body = await self.get("/assets/app.js")
-            self.assertEqual(response.code, 502)
-            self.assertIn(b"127.0.0.1:1", body)
-        return Deferred.fromCoroutine(t())
+    async def test_widget_listing(self):
+        await self.start()
+        response, body = await self.get("/widgets")
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/json"])
+        listing = json.loads(body)
+        self.assertEqual(listing["source"], "folder")
+        self.assertEqual(listing["widgets"], [
+            {"name": "chart", "uri": "ui://widget/chart.html", "path": "/chart/"},
+            {"name": "greeting", "uri": "ui://widget/greeting.html", "path": "/greeting.html"},
+        ])
+
+    async def test_dev_server(self):
+        dev = DevServer()
+        dev_port = await listen(self, TrackingSite(dev))
+        await self.start(f"http://127.0.0.1:{dev_port}/")
+        response, body = await self.get("/src/main.tsx?t=1")
+        self.assertEqual((response.code, body), (200, b"export default 1;"))
+        response, _ = await self.get("/@vite/client")
+        self.assertEqual(response.code, 404)
+        self.assertEqual(dev.seen, [b"/src/main.tsx?t=1", b"/@vite/client"])
+        content = await self.read_widget(self.tunnel)
+        self.assertEqual(content["text"], "<p>from the dev server</p>")
+        self.assertEqual(content["_meta"]["openai/widgetDomain"], PUBLIC)
+        listing = json.loads((await self.get("/widgets"))[1])
+        self.assertEqual((listing["source"], listing["widgets"]), ("dev-server", None))
+
+    async def test_dev_server_down_keeps_the_upstream_html(self):
+        await self.start("http://127.0.0.1:1")
+        content = await self.read_widget(self.tunnel)
+        self.assertEqual(content["text"], UPSTREAM_HTML)
+        response, body = await self.get("/assets/app.js")
+        self.assertEqual(response.code, 502)
+        self.assertIn(b"127.0.0.1:1", body)

@@ -17,7 +17,8 @@ from typing import Any, Callable, Protocol
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
-from mcpr.proxy.sse import SSEParser
+from mcpr.proxy.jsonrpc import loads_or_none
+from mcpr.proxy.sse import BOUNDARIES, SSEParser, event_end
 
 log = Logger()
 
@@ -25,9 +26,6 @@ log = Logger()
 Transform = Callable[[Any], bool]
 
 DEFAULT_CAP = 8 << 20
-
-# An SSE event ends at a blank line, in any of the three line-ending styles.
-_BOUNDARIES = (b"\n\n", b"\r\r", b"\r\n\r\n")
 
 
 class BodyRewriter(Protocol):
@@ -45,10 +43,9 @@ def dumps(value: Any) -> bytes:
 
 
 def rewrite_json(body: bytes | str, transform: Transform) -> bytes | None:
-    """The rewritten body, or None when it is not JSON or the transform changed nothing."""
-    try:
-        value = json.loads(body)
-    except (ValueError, RecursionError):
+    """The rewritten body, or None when it is not JSON (or `null`) or the transform changed nothing."""
+    value = loads_or_none(body)
+    if value is None:
         return None
     try:
         changed = transform(value)
@@ -133,7 +130,7 @@ class EventStreamRewriter:
         # arriving in many chunks must not be copied or rescanned for each.
         seam = self._tail + chunk[:3]
         self._tail = (self._tail + chunk[-3:])[-3:]
-        if any(b in chunk or b in seam for b in _BOUNDARIES):
+        if any(b in chunk or b in seam for b in BOUNDARIES):
             data = b"".join(self._held)
             out, rest = self._blocks(data, max(0, before - 3))
             self._held, self._held_size = ([rest] if rest else []), len(rest)
@@ -155,9 +152,10 @@ class EventStreamRewriter:
         out: list[bytes] = []
         pos = 0
         while True:
-            end = _boundary(data, start)
+            end, separator = event_end(data, start)
             if end < 0:
                 return out, data[pos:]
+            end += separator
             out.append(self._block(data[pos:end]))
             pos = start = end
 
@@ -169,16 +167,6 @@ class EventStreamRewriter:
             return raw
         out = rewrite_json(events[0].data, self._transform)
         return raw if out is None else replace_data(raw, out)
-
-
-def _boundary(data: bytes, start: int) -> int:
-    """The end (separator included) of the first event block at or after `start`, or -1."""
-    best, size = -1, 0
-    for separator in _BOUNDARIES:
-        i = data.find(separator, start)
-        if i >= 0 and (best < 0 or i < best):
-            best, size = i, len(separator)
-    return best + size if best >= 0 else -1
 
 
 def replace_data(raw: bytes, data: bytes) -> bytes:
