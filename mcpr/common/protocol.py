@@ -44,12 +44,12 @@ class CloseCode(enum.IntEnum):
     TOO_MANY = (4008, "too_many", True)
 
 
+_LABELS = {int(code): code.label for code in CloseCode}
+
+
 def label_of(code: int | None) -> str:
     """The metric label of a close code, known or not."""
-    try:
-        return CloseCode(code).label
-    except ValueError:
-        return "other"
+    return _LABELS.get(code, "other") if code is not None else "other"
 
 
 def fit_reason(reason: str) -> str:

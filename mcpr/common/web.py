@@ -14,6 +14,7 @@ import io
 import json
 from typing import IO, Any, Callable
 
+from twisted.web import http
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
@@ -66,13 +67,21 @@ class CappedRequest(Request):
     _too_large = False
     _received = 0
 
+    def _site(self) -> Any:
+        """The CappedSite (or, on a tunnel stream, whatever Site) this request belongs to."""
+        return getattr(self.channel, "site", None)
+
     def _limit(self) -> int:
-        return getattr(self.channel.site, "max_request_body", 0) or 0
+        return getattr(self._site(), "max_request_body", 0) or 0
+
+    def _discard_body(self) -> None:
+        # Twisted declares `content = None` at class level, hence the ignore.
+        self.content = io.BytesIO()  # type: ignore[assignment]
 
     def gotLength(self, length: int | None) -> None:
         limit = self._limit()
         if limit and length is not None and length > limit:
-            self.content = io.BytesIO()
+            self._discard_body()
             self._refuse()
             return
         super().gotLength(length)
@@ -83,7 +92,7 @@ class CappedRequest(Request):
         self._received += len(data)
         limit = self._limit()
         if limit and self._received > limit:
-            self.content = io.BytesIO()
+            self._discard_body()
             self._refuse()
             return
         super().handleContentChunk(data)
@@ -105,7 +114,7 @@ class CappedRequest(Request):
         set_header(b"content-type", content_type)
         set_header(b"content-length", str(len(body)).encode())
         write(body)
-        reporter: TooLargeReporter | None = getattr(self.channel.site, "too_large", None)
+        reporter: TooLargeReporter | None = getattr(self._site(), "too_large", None)
         if reporter is not None:
             method, path = getattr(self, "request_line", None) or (self.method, self.uri)
             reporter(self, method or b"?", path or b"?")
@@ -123,6 +132,7 @@ class CappedRequest(Request):
         self._answer_too_large(lambda k, v: lines.append(k + b": " + v), chunks.append)
         lines.append(b"connection: close")
         transport = self.channel.transport
+        assert transport is not None
         transport.write(b"\r\n".join(lines) + b"\r\n\r\n" + b"".join(chunks))
         transport.loseConnection()
 
@@ -155,7 +165,8 @@ class CappedSite(Site):
     """
 
     requestFactory = CappedRequest
-    protocol = CappedChannel
+    # HTTP/1.1 itself rather than Twisted's negotiating wrapper (see above).
+    protocol = CappedChannel  # type: ignore[assignment]
     noisy = False
 
     def __init__(self, resource: IResource, *, max_request_body: int, via: str = "direct",
@@ -165,5 +176,5 @@ class CappedSite(Site):
         self.via = via
         self.too_large = too_large
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         """Each daemon writes its own line per request; no combined-log line."""

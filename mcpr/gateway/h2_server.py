@@ -8,8 +8,11 @@ whose writes become binary WebSocket messages.
 
 from __future__ import annotations
 
+from typing import Iterable
+
+from autobahn.twisted.websocket import WebSocketClientProtocol
 from h2.settings import SettingCodes, Settings
-from twisted.internet.interfaces import IConsumer, IProducer, IProtocol, IReactorTime, ITransport
+from twisted.internet.interfaces import IAddress, IConsumer, IProducer, IProtocol, IReactorTime, ITransport
 from twisted.web._http2 import H2Connection  # private: see serve_streams
 from twisted.web.server import Site
 from zope.interface import implementer
@@ -29,7 +32,7 @@ class MessageTransport:
 
     disconnecting = False
 
-    def __init__(self, websocket) -> None:
+    def __init__(self, websocket: WebSocketClientProtocol) -> None:
         self._ws = websocket
 
     def write(self, data: bytes) -> None:
@@ -37,7 +40,7 @@ class MessageTransport:
             for part in wire.split(data):
                 self._ws.sendMessage(part, isBinary=True)
 
-    def writeSequence(self, data) -> None:
+    def writeSequence(self, data: Iterable[bytes]) -> None:
         self.write(b"".join(data))
 
     def loseConnection(self) -> None:
@@ -49,10 +52,12 @@ class MessageTransport:
         self.disconnecting = True
         self._ws.dropConnection(abort=True)
 
-    def getPeer(self):
+    def getPeer(self) -> IAddress:
+        assert self._ws.transport is not None
         return self._ws.transport.getPeer()
 
-    def getHost(self):
+    def getHost(self) -> IAddress:
+        assert self._ws.transport is not None
         return self._ws.transport.getHost()
 
     def registerProducer(self, producer: IProducer, streaming: bool) -> None:
@@ -62,7 +67,7 @@ class MessageTransport:
         pass
 
 
-def serve_streams(websocket, site: Site, reactor: IReactorTime) -> IProtocol:
+def serve_streams(websocket: WebSocketClientProtocol, site: Site, reactor: IReactorTime) -> IProtocol:
     """An HTTP/2 server connection for `site`, writing into `websocket`.
 
     Feed it with `dataReceived`; `connectionLost` ends every stream, whose

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 
 from mcpr.common.service import SighupService
@@ -41,7 +42,7 @@ def changed_keys(running: GatewaySettings, new: GatewaySettings) -> list[str]:
 class ReloadService(SighupService):
     """Applies `[csp]` from a fresh read of the settings on SIGHUP."""
 
-    def __init__(self, reactor, resource: ProxyResource, running: GatewaySettings,
+    def __init__(self, reactor: IReactorFromThreads, resource: ProxyResource, running: GatewaySettings,
                  read: Callable[[], GatewaySettings]) -> None:
         super().__init__(reactor, self.reload)
         self._resource = resource

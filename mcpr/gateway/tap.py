@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService, Service
@@ -73,7 +74,7 @@ class _Closer(Service):
         return d
 
 
-def build_resource(settings: GatewaySettings, reactor) -> ProxyResource:
+def build_resource(settings: GatewaySettings, reactor: Any) -> ProxyResource:
     forwarder = Forwarder(reactor, headers_timeout=settings.upstream_timeout)
     widgets = open_source(settings.widgets, forwarder) if settings.widgets else None
     return ProxyResource(reactor, Upstream.parse(settings.mcp), forwarder, EventLog.open(settings.events),
@@ -87,8 +88,9 @@ def build_site(resource: ProxyResource, settings: GatewaySettings, *, via: str =
     return site
 
 
-def tunnel_service(settings: GatewaySettings, resource: ProxyResource, reactor) -> TunnelClient:
+def tunnel_service(settings: GatewaySettings, resource: ProxyResource, reactor: Any) -> TunnelClient:
     """The tunnel client, with the token that keeps this gateway's URL (made and saved on first use)."""
+    assert settings.relay_url is not None, "tunnel_service needs a relay URL"
     try:
         token, saved = ensure_token(settings.tunnel_token, settings.config_path, Path.cwd())
     except ConfigError as e:
@@ -101,13 +103,12 @@ def tunnel_service(settings: GatewaySettings, resource: ProxyResource, reactor) 
         log.info("Tunnel: {url}", url=url)
 
     site = build_site(resource, settings, via="tunnel")
-    site.timeOut = None
     return TunnelClient(reactor, settings.relay_url, token, settings.tunnel_subdomain, site, resource.events,
                         on_url, ping_interval=settings.tunnel_ping_interval,
                         ping_timeout=settings.tunnel_ping_timeout)
 
 
-def makeService(options: usage.Options, reactor=None) -> IService:
+def makeService(options: usage.Options, reactor: Any = None) -> IService:
     if reactor is None:
         from twisted.internet import reactor
     settings: GatewaySettings = options["settings"]

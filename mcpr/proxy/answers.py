@@ -16,7 +16,7 @@ from mcpr.proxy.sse import EventTooLarge, SSEParser
 
 
 def is_event_stream(content_type: bytes | None) -> bool:
-    return bool(content_type) and content_type.split(b";", 1)[0].strip().lower() == b"text/event-stream"
+    return content_type is not None and content_type.split(b";", 1)[0].strip().lower() == b"text/event-stream"
 
 
 class AnswerWatcher:

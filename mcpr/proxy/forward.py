@@ -10,7 +10,7 @@ upstream read instead of filling our memory.
 from __future__ import annotations
 
 import socket
-from typing import IO, Callable
+from typing import IO, Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint
@@ -90,7 +90,7 @@ def body_producer(data: bytes | None, content: IO[bytes] | None) -> IBodyProduce
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
 
-def quick_ack(transport) -> None:
+def quick_ack(transport: Any) -> None:
     """Acknowledge at once (Linux).  An upstream that writes its headers and body
     separately without TCP_NODELAY (uvicorn+h11 does) holds the body until our
     ACK, and on a kept-alive connection the kernel delays that ACK by ~40 ms.
@@ -136,11 +136,12 @@ class UpstreamEndpoint:
         factory = protocolFactory if self._tls is None else TLSMemoryBIOFactory(self._tls, True, protocolFactory)
         return self._tcp.connect(_QuickAckFactory(factory)).addCallback(self._opened)
 
-    def _opened(self, connection: _QuickAck) -> IProtocol:
+    def _opened(self, connection: IProtocol) -> IProtocol:
         # Twisted buffers writes until the reactor's next turn: Nagle is off
         # before the first byte (of the TLS handshake or the request) leaves.
+        assert isinstance(connection, _QuickAck)
         no_delay(connection.transport)
-        protocol = connection.wrappedProtocol
+        protocol: Any = connection.wrappedProtocol
         return protocol if self._tls is None else protocol.wrappedProtocol
 
 
@@ -149,7 +150,7 @@ class _UpstreamEndpoints:
     """Endpoints per upstream origin, built once: Agent's default factory builds a
     HostnameEndpoint (and IDNA-encodes the host) for every request."""
 
-    def __init__(self, reactor, connect_timeout: float, max_origins: int = 64) -> None:
+    def __init__(self, reactor: Any, connect_timeout: float, max_origins: int = 64) -> None:
         self._reactor = reactor
         self._timeout = connect_timeout
         self._tls = BrowserLikePolicyForHTTPS()
@@ -176,7 +177,7 @@ class Forwarder:
 
     def __init__(
         self,
-        reactor,
+        reactor: Any,  # IReactorTCP and IReactorTime (zope interfaces cannot be intersected in a type)
         *,
         headers_timeout: float,
         connect_timeout: float = 10.0,
@@ -190,7 +191,7 @@ class Forwarder:
         # Servers such as uvicorn and Node close idle keep-alive connections
         # after 5 s; dropping ours first avoids sending a POST into a socket
         # that is being closed (a POST is not retried automatically).
-        self.pool.cachedConnectionTimeout = idle_timeout
+        self.pool.cachedConnectionTimeout = idle_timeout  # type: ignore[assignment]  # seconds; Twisted's stub says int
         self._agent = Agent.usingEndpointFactory(reactor, _UpstreamEndpoints(reactor, connect_timeout), self.pool)
 
     async def send(
@@ -237,7 +238,8 @@ class BodyPipe(Protocol):
         self._stopped = False
 
     def connectionMade(self) -> None:
-        self._register(self.transport)
+        # deliverBody's transport is the upstream connection's: it is an IPushProducer.
+        self._register(self.transport)  # type: ignore[arg-type]
 
     def dataReceived(self, data: bytes) -> None:
         if not self._stopped:
@@ -247,7 +249,7 @@ class BodyPipe(Protocol):
         """The downstream client left: drop the upstream connection."""
         self._stopped = True
         if self.transport is not None:
-            self.transport.stopProducing()
+            self.transport.stopProducing()  # type: ignore[attr-defined]  # a producer, as above
 
     def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
         if not self._stopped:

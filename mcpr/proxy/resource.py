@@ -69,7 +69,7 @@ class ProxyResource(Resource):
 
     def __init__(
         self,
-        reactor,
+        reactor: Any,  # IReactorTCP and IReactorTime
         upstream: Upstream,
         forwarder: Forwarder,
         events: EventLog,
@@ -296,7 +296,7 @@ class ProxyResource(Resource):
         record.status = request.code
         record.bytes_out = request.sentLength
 
-    def _watcher(self, rt: Route, response) -> AnswerWatcher | None:
+    def _watcher(self, rt: Route, response: IResponse) -> AnswerWatcher | None:
         if rt.kind is not Kind.MCP_POST or rt.rpc is None or not rt.rpc.requests:
             return None
         keep = [m.id for m in rt.rpc.requests if m.method == "initialize"]
@@ -424,7 +424,7 @@ class ProxyResource(Resource):
             proto = await endpoint.connect(_PROBE)
         except Exception as e:
             return False, describe(e), None
-        proto.transport.loseConnection()
+        proto.transport.loseConnection()  # type: ignore[attr-defined]  # a connected Protocol has one
         return True, None, round((self._reactor.seconds() - start) * 1000, 3)
 
 
@@ -433,7 +433,7 @@ _PROBE.noisy = False
 
 
 def _via(request: Request) -> str:
-    return getattr(request.channel.site, "via", "direct") if request.channel else "direct"
+    return getattr(getattr(request.channel, "site", None), "via", "direct")
 
 
 def _read_body(request: Request) -> tuple[bytes | None, IO[bytes] | None, int]:

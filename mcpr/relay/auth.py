@@ -231,7 +231,7 @@ class Authenticator:
         raise self._unavailable(hint, f"HTTP {status}")
 
     async def _exchange(self, url: str, token: str, subdomain: str | None) -> tuple[int, bytes]:
-        headers = {"X-Relay-Secret": self._secret} if self._secret else {}
+        headers: dict[bytes | str, bytes | str] = {"X-Relay-Secret": self._secret} if self._secret else {}
         # No redirects: following one would send the relay secret wherever
         # the provider (or someone in its path) points.
         response = await self._client.post(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.application import strports
@@ -61,7 +62,7 @@ class Options(usage.Options):
         self["reload"] = args
 
 
-def makeService(options: usage.Options, reactor=None) -> IService:
+def makeService(options: usage.Options, reactor: Any = None) -> IService:
     """The relay's tree: a `RelayService` (reload, drain) over its listeners, certificate
     watchers, the metrics listener and SIGHUP; the parts below it share one registry."""
     if reactor is None:

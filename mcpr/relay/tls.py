@@ -55,7 +55,7 @@ from typing import Any, Callable, Hashable
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
     PublicFormat,
@@ -101,6 +101,12 @@ _ALPN = [b"http/1.1"]
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----", re.DOTALL)
 
 _SelectContext = Callable[[Connection], None]
+
+# The private keys OpenSSL can sign a TLS handshake with (through pyOpenSSL).
+TLSKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey \
+    | dsa.DSAPrivateKey
+_TLS_KEYS = (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey,
+             dsa.DSAPrivateKey)
 
 
 class CertificateDirectoryError(Exception):
@@ -159,6 +165,7 @@ class CertificateStore:
         if reactor is None:
             from twisted.internet import reactor as globalReactor
             reactor = globalReactor  # type: ignore[assignment]
+        assert reactor is not None
         self.directory = Path(directory)
         self._reactor = reactor
         self._lock = DeferredLock()
@@ -192,7 +199,9 @@ class CertificateStore:
 
     def serverConnectionForTLS(self, protocol: object) -> Connection:
         """Start every connection on the default context; the SNI callback may switch it."""
-        return Connection(self._active.default, None)
+        default = self._active.default
+        assert default is not None  # a snapshot without one is never installed
+        return Connection(default, None)
 
     def reload(self) -> Deferred[bool]:
         """Re-read the directory off the reactor thread and serve what it holds from now on.
@@ -367,7 +376,7 @@ def _load(directory: Path, select: _SelectContext) -> _Snapshot:
     except OSError as e:
         return _Snapshot(fingerprint, {}, None, (), ((str(directory), e.strerror or str(e)),))
 
-    keys: dict[bytes, tuple[str, CertificateIssuerPrivateKeyTypes]] = {}
+    keys: dict[bytes, tuple[str, TLSKey]] = {}
     certificates: dict[x509.Certificate, str] = {}  # the first file each one is in, in file order
     for path in paths:
         try:
@@ -382,7 +391,7 @@ def _load(directory: Path, select: _SelectContext) -> _Snapshot:
 
     # Only now that every file is read: a key, its certificate and the intermediates may be
     # spread over several files, in any order.
-    pending: list[tuple[str, x509.Certificate, CertificateIssuerPrivateKeyTypes]] = []
+    pending: list[tuple[str, x509.Certificate, TLSKey]] = []
     intermediates: dict[x509.Name, list[x509.Certificate]] = {}
     for certificate, file in certificates.items():
         spki = _spki(certificate.public_key())
@@ -423,10 +432,10 @@ def _load(directory: Path, select: _SelectContext) -> _Snapshot:
     )
 
 
-def _read_pem(path: Path) -> tuple[list[CertificateIssuerPrivateKeyTypes], list[x509.Certificate]]:
+def _read_pem(path: Path) -> tuple[list[TLSKey], list[x509.Certificate]]:
     """Every key and certificate of one file; any unreadable part rejects the whole file, which
     is most likely being rewritten (the next poll sees it again)."""
-    keys: list[CertificateIssuerPrivateKeyTypes] = []
+    keys: list[TLSKey] = []
     certificates: list[x509.Certificate] = []
     for block in _PEM_BLOCK.finditer(path.read_bytes()):
         label = block[1]
@@ -438,7 +447,7 @@ def _read_pem(path: Path) -> tuple[list[CertificateIssuerPrivateKeyTypes], list[
             raise ValueError("encrypted private keys are not supported")
         elif label.endswith(b"PRIVATE KEY"):
             key = load_pem_private_key(block[0], password=None)
-            if not isinstance(key, CertificateIssuerPrivateKeyTypes):
+            if not isinstance(key, _TLS_KEYS):
                 raise ValueError(f"a {type(key).__name__} cannot sign TLS handshakes")
             keys.append(key)
     if not keys and not certificates:
@@ -498,7 +507,7 @@ def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
     return True
 
 
-def _server_context(certificate: x509.Certificate, key: CertificateIssuerPrivateKeyTypes,
+def _server_context(certificate: x509.Certificate, key: TLSKey,
                     chain: list[x509.Certificate], select: _SelectContext) -> Context:
     """Twisted's server defaults (TLS 1.2+, its cipher list, ECDH, no session cache) with our key
     material added as `cryptography` objects, since pyOpenSSL 26 deprecates the X509/PKey ones

@@ -203,8 +203,9 @@ class CspRewriter:
         has_csp = openai is not _MISSING or claude is not _MISSING
         if not (has_csp or widget or OPENAI_DOMAIN in meta):
             return None
-        openai = openai if openai is not _MISSING else {}
-        claude = claude if claude is not _MISSING else {}
+        # Past the shape check, each is a dict or missing.
+        openai = openai if isinstance(openai, dict) else {}
+        claude = claude if isinstance(claude, dict) else {}
         directives = self._directives(openai, claude, uri)
         out = dict(meta)
         if has_csp or directives:
@@ -215,7 +216,7 @@ class CspRewriter:
                     new_openai[openai_key] = directives[name]
                     new_claude[claude_key] = list(directives[name])
             out[OPENAI_CSP] = new_openai
-            out["ui"] = {**(ui if ui is not _MISSING else {}), "csp": new_claude}
+            out["ui"] = {**(ui if isinstance(ui, dict) else {}), "csp": new_claude}
         if self.origin is not None:
             out[OPENAI_DOMAIN] = self.origin
         return None if out == meta else out

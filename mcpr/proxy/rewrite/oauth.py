@@ -68,13 +68,14 @@ class OriginMap:
     def document(self, value: Any) -> bool:
         """Rewrite, in place, every string of a JSON document that is a URL on the upstream origin."""
         changed = False
+        items: list[tuple[Any, Any]]
         if isinstance(value, dict):
-            items = value.items()
+            items = list(value.items())
         elif isinstance(value, list):
-            items = enumerate(value)
+            items = list(enumerate(value))
         else:
             return False
-        for key, item in list(items):
+        for key, item in items:
             if isinstance(item, str):
                 moved = self.url(item)
                 if moved is not None and moved != item:

@@ -18,6 +18,7 @@ from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
+    Event,
     ResponseReceived,
     StreamEnded,
     StreamReset,
@@ -201,7 +202,7 @@ class H2Tunnel(SocketTunnel):
             self._handle(event)
         self._flush()
 
-    def _handle(self, event) -> None:
+    def _handle(self, event: Event) -> None:
         if isinstance(event, WindowUpdated):
             targets = list(self._blocked.values()) if event.stream_id == 0 else (
                 [self._blocked[event.stream_id]] if event.stream_id in self._blocked else [])
