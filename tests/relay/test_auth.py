@@ -251,74 +251,60 @@ class ProviderTests(TestCase):
         self.assertTrue(warnings, texts)
         return warnings
 
-    def test_allowed(self):
-        async def t():
-            logs = capture_logs(self)
-            auth, stub = await self.provider(reply(200, {"subdomains": ["alice", "Alice", "a**", "alice-*"]}))
-            grant = await auth.authenticate(TOKEN, "alice")
-            self.assertEqual(grant, Grant(owner_id(TOKEN), ("alice", "alice-*"), "provider"))
-            [seen] = stub.seen
-            self.assertEqual(seen.path, b"/api/verify")
-            self.assertEqual(seen.secret, SECRET.encode())
-            self.assertTrue(seen.content_type.startswith(b"application/json"), seen.content_type)
-            self.assertEqual(seen.body, {"token": TOKEN, "subdomain": "alice"})
-            warnings = self.assertQuietAboutSecrets(logs)
-            self.assertEqual(len(warnings), 2)
-            self.assertIn("'Alice'", warnings[0])
-        return Deferred.fromCoroutine(t())
+    async def test_allowed(self) -> None:
+        logs = capture_logs(self)
+        auth, stub = await self.provider(reply(200, {"subdomains": ["alice", "Alice", "a**", "alice-*"]}))
+        grant = await auth.authenticate(TOKEN, "alice")
+        self.assertEqual(grant, Grant(owner_id(TOKEN), ("alice", "alice-*"), "provider"))
+        [seen] = stub.seen
+        self.assertEqual(seen.path, b"/api/verify")
+        self.assertEqual(seen.secret, SECRET.encode())
+        self.assertTrue(seen.content_type.startswith(b"application/json"), seen.content_type)
+        self.assertEqual(seen.body, {"token": TOKEN, "subdomain": "alice"})
+        warnings = self.assertQuietAboutSecrets(logs)
+        self.assertEqual(len(warnings), 2)
+        self.assertIn("'Alice'", warnings[0])
 
-    def test_no_subdomain_requested_and_no_secret(self):
-        async def t():
-            auth, stub = await self.provider(reply(200, {"subdomains": ["*"]}), secret=None)
-            self.assertEqual((await auth.authenticate(TOKEN)).patterns, ("*",))
-            # An invalid label is not passed on; authorize() rejects it with 4004.
-            await auth.authenticate(TOKEN, "Not A Label")
-            self.assertEqual([s.secret for s in stub.seen], [None, None])
-            self.assertEqual([s.body for s in stub.seen], [{"token": TOKEN, "subdomain": None}] * 2)
-        return Deferred.fromCoroutine(t())
+    async def test_no_subdomain_requested_and_no_secret(self) -> None:
+        auth, stub = await self.provider(reply(200, {"subdomains": ["*"]}), secret=None)
+        self.assertEqual((await auth.authenticate(TOKEN)).patterns, ("*",))
+        # An invalid label is not passed on; authorize() rejects it with 4004.
+        await auth.authenticate(TOKEN, "Not A Label")
+        self.assertEqual([s.secret for s in stub.seen], [None, None])
+        self.assertEqual([s.body for s in stub.seen], [{"token": TOKEN, "subdomain": None}] * 2)
 
-    def test_path_prefix_and_trailing_slash(self):
-        async def t():
-            for path in ["/", "/relay", "/relay/"]:
-                auth, stub = await self.provider(reply(200, {"subdomains": []}), path=path)
-                await auth.authenticate(TOKEN)
-                self.assertEqual(stub.seen[0].path, path.rstrip("/").encode() + b"/api/verify")
-        return Deferred.fromCoroutine(t())
+    async def test_path_prefix_and_trailing_slash(self) -> None:
+        for path in ["/", "/relay", "/relay/"]:
+            auth, stub = await self.provider(reply(200, {"subdomains": []}), path=path)
+            await auth.authenticate(TOKEN)
+            self.assertEqual(stub.seen[0].path, path.rstrip("/").encode() + b"/api/verify")
 
-    def test_connection_reused_and_no_cookies_replayed(self):
+    async def test_connection_reused_and_no_cookies_replayed(self) -> None:
         def answer(request: Request) -> bytes:
             request.addCookie(b"session", b"for-the-first-token", path=b"/")
             return b'{"subdomains": ["*"]}'
 
-        async def t():
-            auth, stub = await self.provider(answer)
-            await auth.authenticate("first")
-            await auth.authenticate("second")
-            self.assertEqual([s.cookie for s in stub.seen], [None, None])
-            # Our own persistent pool: both calls went over one connection.
-            self.assertIs(stub.seen[0].channel, stub.seen[1].channel)
-        return Deferred.fromCoroutine(t())
+        auth, stub = await self.provider(answer)
+        await auth.authenticate("first")
+        await auth.authenticate("second")
+        self.assertEqual([s.cookie for s in stub.seen], [None, None])
+        # Our own persistent pool: both calls went over one connection.
+        self.assertIs(stub.seen[0].channel, stub.seen[1].channel)
 
-    def test_401_with_the_providers_error(self):
-        async def t():
-            auth, _ = await self.provider(reply(401, {"error": "token expired"}))
-            self.assertEqual(await self.refused(auth), "token expired")
-        return Deferred.fromCoroutine(t())
+    async def test_401_with_the_providers_error(self) -> None:
+        auth, _ = await self.provider(reply(401, {"error": "token expired"}))
+        self.assertEqual(await self.refused(auth), "token expired")
 
-    def test_403_without_a_body(self):
-        async def t():
-            auth, _ = await self.provider(reply(403, b"", raw=True))
-            self.assertEqual(await self.refused(auth), "invalid token")
-        return Deferred.fromCoroutine(t())
+    async def test_403_without_a_body(self) -> None:
+        auth, _ = await self.provider(reply(403, b"", raw=True))
+        self.assertEqual(await self.refused(auth), "invalid token")
 
-    def test_long_provider_error_is_cut(self):
-        async def t():
-            auth, _ = await self.provider(reply(403, {"error": "ü" * 300}))
-            reason = await self.refused(auth)
-            self.assertEqual(reason, "ü" * 60)
-        return Deferred.fromCoroutine(t())
+    async def test_long_provider_error_is_cut(self) -> None:
+        auth, _ = await self.provider(reply(403, {"error": "ü" * 300}))
+        reason = await self.refused(auth)
+        self.assertEqual(reason, "ü" * 60)
 
-    def test_unavailable(self):
+    async def test_unavailable(self) -> None:
         cases = {
             "500": reply(500, {"error": "boom"}),
             "malformed": reply(200, b'{"subdomains": [', raw=True),
@@ -331,70 +317,60 @@ class ProviderTests(TestCase):
             "redirect": reply(307, b"", raw=True),
         }
 
-        async def t():
-            logs = capture_logs(self)
-            for name, answer in cases.items():
-                auth, stub = await self.provider(answer)
-                self.assertEqual(await self.refused(auth), "auth provider unavailable", name)
-                self.assertEqual(len(stub.seen), 1, name)
-            warnings = self.assertQuietAboutSecrets(logs)
-            self.assertEqual(len(warnings), len(cases))
-            self.assertIn("HTTP 500", warnings[0])
-            self.assertIn("HTTP 307", warnings[-1])
-            self.assertIn("larger than 65536 bytes", warnings[-2])
-        return Deferred.fromCoroutine(t())
+        logs = capture_logs(self)
+        for name, answer in cases.items():
+            auth, stub = await self.provider(answer)
+            self.assertEqual(await self.refused(auth), "auth provider unavailable", name)
+            self.assertEqual(len(stub.seen), 1, name)
+        warnings = self.assertQuietAboutSecrets(logs)
+        self.assertEqual(len(warnings), len(cases))
+        self.assertIn("HTTP 500", warnings[0])
+        self.assertIn("HTTP 307", warnings[-1])
+        self.assertIn("larger than 65536 bytes", warnings[-2])
 
-    def test_no_answer_times_out_and_drops_the_connection(self):
-        async def t():
-            for answer in [never, stall_mid_body]:
-                logs = capture_logs(self)
-                auth, stub = await self.provider(answer)
-                started = reactor.seconds()
-                self.assertEqual(await self.refused(auth), "auth provider unavailable")
-                self.assertLess(reactor.seconds() - started, 2)
-                await stub.gone
-                [warning] = self.assertQuietAboutSecrets(logs)
-                self.assertIn("no answer within 0.3 s", warning)
-        return Deferred.fromCoroutine(t())
-
-    def test_caller_cancelling_is_not_an_outage(self):
-        async def t():
+    async def test_no_answer_times_out_and_drops_the_connection(self) -> None:
+        for answer in [never, stall_mid_body]:
             logs = capture_logs(self)
-            for answer in [never, stall_mid_body]:
-                auth, stub = await self.provider(answer)
-                d = authenticate(auth, TOKEN)
-                while not stub.seen:
-                    await deferLater(reactor, 0.01)
-                await deferLater(reactor, 0.05)  # for stall_mid_body: into the body
-                d.cancel()
-                self.failureResultOf(d, CancelledError)
-                await stub.gone
-            self.assertEqual([e for e in logs if e.get("log_level") == LogLevel.warn], [])
-        return Deferred.fromCoroutine(t())
-
-    def test_connection_refused(self):
-        async def t():
-            logs = capture_logs(self)
-            # HostnameEndpoint reports a refusal only at its next 0.3 s attempt tick.
-            auth = Authenticator(reactor, provider=f"http://127.0.0.1:{free_port()}", timeout=2)
-            self.addCleanup(auth.close)
+            auth, stub = await self.provider(answer)
+            started = reactor.seconds()
             self.assertEqual(await self.refused(auth), "auth provider unavailable")
+            self.assertLess(reactor.seconds() - started, 2)
+            await stub.gone
             [warning] = self.assertQuietAboutSecrets(logs)
-            self.assertIn("refused", warning)
-        return Deferred.fromCoroutine(t())
+            self.assertIn("no answer within 0.3 s", warning)
 
-    def test_static_tokens_win_over_the_provider(self):
-        async def t():
-            auth, stub = await self.provider(reply(200, {"subdomains": ["*"]}),
-                                             static=(StaticToken(TOKEN, ("alice",)),))
-            self.assertEqual((await auth.authenticate(TOKEN)).source, "static")
-            self.assertEqual(await self.refused(auth, "other"), "invalid token")
-            self.assertEqual(stub.seen, [])
-            # Once the static tokens are gone, the provider decides.
-            auth.reload_static([])
-            self.assertEqual((await auth.authenticate(TOKEN)).source, "provider")
-            self.assertEqual(len(stub.seen), 1)
-        return Deferred.fromCoroutine(t())
+    async def test_caller_cancelling_is_not_an_outage(self) -> None:
+        logs = capture_logs(self)
+        for answer in [never, stall_mid_body]:
+            auth, stub = await self.provider(answer)
+            d = authenticate(auth, TOKEN)
+            while not stub.seen:
+                await deferLater(reactor, 0.01)
+            await deferLater(reactor, 0.05)  # for stall_mid_body: into the body
+            d.cancel()
+            self.failureResultOf(d, CancelledError)
+            await stub.gone
+        self.assertEqual([e for e in logs if e.get("log_level") == LogLevel.warn], [])
+
+    async def test_connection_refused(self) -> None:
+        logs = capture_logs(self)
+        # HostnameEndpoint reports a refusal only at its next 0.3 s attempt tick.
+        auth = Authenticator(reactor, provider=f"http://127.0.0.1:{free_port()}", timeout=2)
+        self.addCleanup(auth.close)
+        self.assertEqual(await self.refused(auth), "auth provider unavailable")
+        [warning] = self.assertQuietAboutSecrets(logs)
+        self.assertIn("refused", warning)
+
+    async def test_static_tokens_win_over_the_provider(self) -> None:
+        auth, stub = await self.provider(reply(200, {"subdomains": ["*"]}),
+                                         static=(StaticToken(TOKEN, ("alice",)),))
+        self.assertEqual((await auth.authenticate(TOKEN)).source, "static")
+        self.assertEqual(await self.refused(auth, "other"), "invalid token")
+        self.assertEqual(stub.seen, [])
+        # Once the static tokens are gone, the provider decides.
+        auth.reload_static([])
+        self.assertEqual((await auth.authenticate(TOKEN)).source, "provider")
+        self.assertEqual(len(stub.seen), 1)
 
     def test_provider_url_must_be_http(self):
         for url in ["ftp://example.com", "example.com", "http://"]:
