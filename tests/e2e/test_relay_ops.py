@@ -1,8 +1,8 @@
 """The relay process in operation: TLS with SNI, metrics, draining on SIGTERM, reloading on SIGHUP.
 
 The relay's log is a file, so the only signal of a reload it gives is a line
-there: `logged` waits for it (a bounded poll).  Everything else is awaited on
-the sockets, or on the process's exit.
+there: `Process.line` waits for it.  Everything else is awaited on the sockets,
+or on the process's exit.
 """
 
 from __future__ import annotations
@@ -46,15 +46,6 @@ class _ToLoopback:
 
 def port_after(process: Process, needle: str) -> int:
     return int(re.search(r"127\.0\.0\.1:(\d+)", process.wait_for(needle)).group(1))
-
-
-async def logged(process: Process, needle: str, timeout: float = 10.0) -> None:
-    """Wait until `needle` is in the process's log, without blocking the reactor."""
-    for _ in range(int(timeout / 0.05)):
-        if needle in process.output():
-            return
-        await sleep(0.05)
-    raise AssertionError(f"{needle!r} not logged within {timeout} s:\n{process.output()}")
 
 
 def relay_toml(*tokens: str) -> str:
@@ -108,7 +99,7 @@ class RelayOperationsTests(TestCase):
         renewed = leaf(f"*.{DOMAIN}", days=90)
         write(certs, "wildcard.pem", full_chain(renewed))
         relay.popen.send_signal(signal.SIGHUP)
-        await logged(relay, f"serial {renewed[1].serial_number:x}")
+        await relay.line(f"serial {renewed[1].serial_number:x}", 10)
         serial = await self._peer_serial(tls_port, f"x.{DOMAIN}")
         self.assertEqual(serial, renewed[1].serial_number)
         self.assertIsNone(relay.popen.poll(), "SIGHUP must not kill the relay")
@@ -199,8 +190,8 @@ class RelayOperationsTests(TestCase):
         request = await gw.requests.get()
 
         relay.popen.send_signal(signal.SIGTERM)
-        await logged(relay, "draining: 1 request(s) in flight")
-        await sleep(0.5)
+        await relay.line("draining: 1 request(s) in flight", 10)
+        await sleep(0.5)  # the thing under test: the relay does not exit, nor close the tunnel, meanwhile
         self.assertIsNone(relay.popen.poll(), "the relay waits for in-flight requests")
         self.assertFalse(gw.closed.called)
         gw.respond(request, 200, b"finished during drain")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.protocol import Protocol
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 from twisted.web.client import FileBodyProducer, ResponseDone, readBody
 from twisted.web.http_headers import Headers
@@ -254,7 +255,7 @@ class TunnelStreamingTests(TunnelTestBase):
         response.deliverBody(stalled)
         await stalled.first
         stalled.transport.pauseProducing()  # this public client stops reading
-        await sleep(0.5)
+        await sleep(0.5)  # part of what is tested: the stall lasts, the relay must not buffer meanwhile
         started = time.monotonic()
         for _ in range(20):
             response = await self.public(relay_port, url, "/status")
@@ -303,16 +304,13 @@ class TunnelStreamingTests(TunnelTestBase):
         status = await self._status(bulk)
         self.assertEqual(status, {"sse_open": 1, "sse_closed": 0})
         drain.transport.stopProducing()
-        for _ in range(100):
-            status = await self._status(bulk)
-            if status["sse_closed"]:
-                break
-            await sleep(0.05)
+        status = await self._status(bulk, closed=1)
         self.assertEqual(status, {"sse_open": 0, "sse_closed": 1})
 
-    async def _status(self, port: int) -> dict:
+    async def _status(self, port: int, closed: int = 0) -> dict:
+        """The upstream's SSE counts, once at least `closed` of its streams have closed."""
         agent = client_agent(self)
-        response = await agent.request(b"GET", f"http://127.0.0.1:{port}/status".encode())
+        response = await agent.request(b"GET", f"http://127.0.0.1:{port}/status?closed={closed}".encode())
         return json.loads(await readBody(response))
 
 
@@ -327,16 +325,14 @@ class TunnelResilienceTests(TunnelTestBase):
         self.assertEqual(response.code, 200)
         await readBody(response)
         relay.popen.send_signal(signal.SIGKILL)
-        relay.popen.wait()
+        await deferToThread(relay.popen.wait)
         relay, _ = self.start_relay(relay_port)
         restarted = time.monotonic()
-        while True:
-            response = await self.public(relay_port, url, "/status")
-            await readBody(response)
-            if response.code == 200:
-                break
-            self.assertLess(time.monotonic() - restarted, 5.0, "the URL did not come back within 5 s")
-            await sleep(0.1)
+        await relay.line(" registered (token ", 10)
+        response = await self.public(relay_port, url, "/status")
+        await readBody(response)
+        self.assertEqual(response.code, 200)
+        self.assertLess(time.monotonic() - restarted, 5.0, "the URL did not come back within 5 s")
         print(f"\nURL back {time.monotonic() - restarted:.2f} s after the relay restarted")
         self.assertIn("reconnecting", gateway.output())
 
@@ -351,10 +347,9 @@ class TunnelResilienceTests(TunnelTestBase):
         relay.popen.send_signal(signal.SIGSTOP)
         self.addCleanup(lambda: relay.popen.poll() is None and relay.popen.send_signal(signal.SIGCONT))
         frozen = time.monotonic()
-        while "connection to the relay lost" not in gateway.output():
-            # interval + timeout, plus Autobahn's 1-second timer granularity
-            self.assertLess(time.monotonic() - frozen, 3.5, "the dead relay was not noticed in time")
-            await sleep(0.05)
+        await gateway.line("connection to the relay lost", 10)
+        # interval + timeout, plus Autobahn's 1-second timer granularity
+        self.assertLess(time.monotonic() - frozen, 3.5, "the dead relay was not noticed in time")
         print(f"\ndead relay noticed after {time.monotonic() - frozen:.2f} s (ping 1 s + timeout 1 s)")
         relay.popen.send_signal(signal.SIGCONT)
 
@@ -365,9 +360,8 @@ class TunnelResilienceTests(TunnelTestBase):
         gateway.popen.send_signal(signal.SIGSTOP)
         self.addCleanup(lambda: gateway.popen.poll() is None and gateway.popen.send_signal(signal.SIGCONT))
         frozen = time.monotonic()
-        while "tunnel ice disconnected" not in relay.output():
-            self.assertLess(time.monotonic() - frozen, 3.5, "the relay kept a dead tunnel")
-            await sleep(0.05)
+        await relay.line("tunnel ice disconnected", 10)
+        self.assertLess(time.monotonic() - frozen, 3.5, "the relay kept a dead tunnel")
         response = await self.public(relay_port, url, "/status")
         self.assertEqual((response.code, await readBody(response)), (502, b"tunnel not found\n"))
         gateway.popen.send_signal(signal.SIGCONT)
@@ -380,12 +374,12 @@ class TunnelResilienceTests(TunnelTestBase):
         second, url2, _ = self.start_gateway(mcp, relay_port, "--subdomain", "shared",
                                              env={"MCPR_TUNNEL_TOKEN": "t1"})
         self.assertEqual(url, url2)
-        first.wait_for("tunnel stopped", 10)
+        await first.line("tunnel stopped", 10)
         self.assertIn("another gateway registered with the same token", first.output())
         third = Process(self, twist("mcpr", "--mcp", mcp, "--listen", "tcp:0:interface=127.0.0.1",
                                     "--relay-url", f"http://127.0.0.1:{relay_port}", "--subdomain", "shared"),
                         name="third", env={"MCPR_TUNNEL_TOKEN": "t2"})
-        third.wait_for("tunnel stopped", 10)
+        await third.line("tunnel stopped", 10)
         self.assertIn("belongs to another token", third.output())
         self.assertIsNone(third.popen.poll(), "the gateway keeps serving locally")
         response = await self.public(relay_port, url, "/status")

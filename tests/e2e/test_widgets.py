@@ -15,7 +15,7 @@ from twisted.web.client import FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
 from mcpr.proxy.sse import SSEParser
-from tests.support.loopback import client_agent, sleep
+from tests.support.loopback import client_agent
 from tests.support.processes import Process, free_port, start_gateway, start_upstream, twist
 
 WIDGET_URI = "ui://widget/greeting.html"
@@ -129,10 +129,7 @@ class WidgetEndToEndTests(TestCase):
         config.write_text('upstream_timeout = 12\n[csp]\ndomain = "https://demo.example.com"\nmode = "override"\n'
                           'domains = ["https://cdn.example.net"]\n')
         gateway.popen.send_signal(signal.SIGHUP)
-        for _ in range(100):
-            if "reload: [csp] applied" in gateway.output():
-                break
-            await sleep(0.05)
+        await gateway.line("reload: [csp] applied", 10)
         _, contents = await client.widget()
         self.assertEqual(csp(contents["_meta"]), {
             "connect": ["https://demo.example.com", "https://cdn.example.net"],

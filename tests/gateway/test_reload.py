@@ -6,19 +6,37 @@ import os
 import signal
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any, Callable
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import TestCase
 
 from mcpr.gateway.reload import ReloadService, changed_keys
 from mcpr.gateway.settings import load_gateway
-from tests.support.loopback import sleep
 
 BASE = 'mcp = "http://localhost:9000/mcp"\n'
 
 
+class HandOver:
+    """The reactor as the service's signal handler sees it: `ran` fires once the work the
+    handler handed over (the whole reload) has run."""
+
+    def __init__(self) -> None:
+        self.ran: Deferred[None] = Deferred()
+
+    def callFromThread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        def run() -> None:
+            f(*args, **kwargs)
+            self.ran.callback(None)
+
+        reactor.callFromThread(run)
+
+
 class ReloadTests(TestCase):
+    """The gateway's ReloadService: which settings a SIGHUP applies, and what it leaves to a restart."""
+
     timeout = 10
 
     def setUp(self) -> None:
@@ -29,7 +47,8 @@ class ReloadTests(TestCase):
         self.running = self.read()
         self.original = self.running.csp
         self.resource = SimpleNamespace(csp=self.original)
-        self.service = ReloadService(reactor, self.resource, self.running, self.read)
+        self.reactor = HandOver()
+        self.service = ReloadService(self.reactor, self.resource, self.running, self.read)
 
     def read(self):
         return load_gateway({"csp_mode": None}, env={}, cwd=self.dir)
@@ -47,10 +66,7 @@ class ReloadTests(TestCase):
                              '[[csp.widget]]\nmatch = "*"\nframe_domains = ["https://f.example.com"]\n')
         with capturedLogs() as events:
             os.kill(os.getpid(), signal.SIGHUP)
-            for _ in range(100):
-                if self.resource.csp is not self.original:
-                    break
-                await sleep(0.01)
+            await self.reactor.ran
         csp = self.resource.csp
         self.assertEqual((csp.mode, csp.domain, csp.domains), ("override", "https://new.example.com", ()))
         self.assertEqual(csp.widgets[0].frame, ("https://f.example.com",))

@@ -322,7 +322,7 @@ class ReconnectTests(TestCase):
                               backoff=Backoff(initial=0.05, factor=2, cap=10, jitter=0))
         client.startService()
         self.addCleanup(client.stopService)
-        await sleep(1.2)
+        await sleep(1.2)  # the thing under test: how many attempts fit in this window, and their spacing
         gaps = [b - a for a, b in zip(site.attempts, site.attempts[1:])]
         self.assertGreaterEqual(len(site.attempts), 3)
         self.assertLessEqual(len(site.attempts), 6, site.attempts)
@@ -378,16 +378,16 @@ class RegistrationOutcomeTests(TestCase):
     async def test_bad_token_stops_the_loop_and_keeps_serving_locally(self) -> None:
         port = self.start("--static-token", "good:team-*")
         gateway = self.gateway(port, "--subdomain", "team-a", token="bad")
-        gateway.wait_for("tunnel stopped")
+        await gateway.line("tunnel stopped")
         self.assertIn("the relay refused the tunnel token (4001 invalid token)", gateway.output())
-        await sleep(1.0)
+        await sleep(1.0)  # the thing under test: no second attempt follows
         self.assertEqual(gateway.output().count("connecting to"), 1)
         self.assertIsNone(gateway.popen.poll())
 
     async def test_single_concrete_pattern_is_taken(self) -> None:
         port = self.start("--static-token", "solo-token:solo")
         gateway = self.gateway(port, token="solo-token")
-        line = gateway.wait_for("Tunnel: ")
+        line = await gateway.line("Tunnel: ")
         self.assertRegex(line, r"Tunnel: https://solo\.localhost$")
 
     async def test_several_patterns_on_a_terminal_are_asked_for(self) -> None:
@@ -412,6 +412,6 @@ class RegistrationOutcomeTests(TestCase):
     async def test_several_patterns_without_a_terminal_say_how_to_choose(self) -> None:
         port = self.start("--static-token", "many-token:alpha-*,beta")
         gateway = self.gateway(port, token="many-token")
-        gateway.wait_for("tunnel stopped")
+        await gateway.line("tunnel stopped")
         self.assertTrue(re.search(r"offers the subdomains alpha-\*, beta; choose one with --subdomain NAME",
                                   gateway.output()), gateway.output())
