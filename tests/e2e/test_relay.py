@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import signal
 
 from twisted.internet import reactor
@@ -20,16 +19,9 @@ from mcpr.relay.identity import open_subdomain
 from tests.support.collect import Collect
 from tests.support.legacy_gateway import Closed, LegacyGateway, body_of
 from tests.support.loopback import client_agent
-from tests.support.processes import Process, twist
+from tests.support.processes import start_relay
 
 DOMAIN = "tunnel.test"
-
-
-def start_relay(testcase, *args: str, env: dict | None = None) -> tuple[Process, int]:
-    relay = Process(testcase, twist("mcpr-relay", "--domain", DOMAIN, "--listen", "tcp:0:interface=127.0.0.1",
-                                    *args), name="relay", env=env)
-    line = relay.wait_for("listening on 127.0.0.1:")
-    return relay, int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))
 
 
 class RelayTestBase(TestCase):
@@ -37,7 +29,7 @@ class RelayTestBase(TestCase):
     relay_args: tuple[str, ...] = ()
 
     def setUp(self) -> None:
-        self.relay, self.port = start_relay(self, *self.relay_args)
+        self.relay, self.port = start_relay(self, DOMAIN, *self.relay_args)
         self.agent = client_agent(self)
 
     async def gateway(self, token: str | None = "tok-a", subdomain: str | None = None, **kw) -> LegacyGateway:
@@ -286,7 +278,7 @@ class ProviderModeTests(TestCase):
         site.noisy = False
         port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
         self.addCleanup(port.stopListening)
-        relay, relay_port = start_relay(self, "--auth-provider", f"http://127.0.0.1:{port.getHost().port}",
+        relay, relay_port = start_relay(self, DOMAIN, "--auth-provider", f"http://127.0.0.1:{port.getHost().port}",
                                         env={"MCPR_AUTH_PROVIDER_SECRET": "s3"})
         gw = LegacyGateway(relay_port, "good", "team-x")
         self.addCleanup(lambda: Deferred.fromCoroutine(gw.close()))

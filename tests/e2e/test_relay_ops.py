@@ -27,7 +27,7 @@ from zope.interface import implementer
 from tests.support.certificates import TRUST, escape, full_chain, leaf, write
 from tests.support.legacy_gateway import Closed, LegacyGateway
 from tests.support.loopback import client_agent, sleep
-from tests.support.processes import Process, twist
+from tests.support.processes import Process, start_relay, twist
 
 DOMAIN = "tunnel.example.test"
 
@@ -135,8 +135,8 @@ class RelayOperationsTests(TestCase):
         config = folder / "relay.toml"
         config.write_text(relay_toml(*tokens))
         extra = ("--metrics", "tcp:0:interface=127.0.0.1") if metrics else ()
-        relay = self.start("--config", str(config), "--listen", "tcp:0:interface=127.0.0.1", *extra)
-        return relay, config, port_after(relay, "listening on")
+        relay, port = start_relay(self, DOMAIN, "--config", str(config), *extra)
+        return relay, config, port
 
     async def gateway(self, port: int, token: str) -> LegacyGateway:
         gw = LegacyGateway(port, token, token[0])

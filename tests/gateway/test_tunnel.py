@@ -25,7 +25,7 @@ from mcpr.common.protocol import CloseCode
 from mcpr.gateway.tunnel import Backoff, NoChoice, TunnelClient, websocket_url
 from mcpr.proxy.events import EventLog
 from tests.support.loopback import TrackingSite, listen, sleep
-from tests.support.processes import Process, free_port, twist
+from tests.support.processes import Process, start_relay, twist
 
 
 class BackoffTests(SynchronousTestCase):
@@ -362,10 +362,7 @@ class RegistrationOutcomeTests(TestCase):
     timeout = 60
 
     def start(self, *relay_args: str) -> int:
-        port = free_port()
-        relay = Process(self, twist("mcpr-relay", "--domain", "localhost", "--listen",
-                                    f"tcp:{port}:interface=127.0.0.1", *relay_args), name="relay")
-        relay.wait_for("listening on")
+        _, port = start_relay(self, "localhost", *relay_args)
         return port
 
     def gateway_args(self, port: int, *args: str) -> list[str]:

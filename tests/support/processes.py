@@ -119,6 +119,14 @@ def start_upstream(testcase) -> tuple[Process, str]:
     return server, url
 
 
+def start_relay(testcase, domain: str, *args: str, env: dict[str, str] | None = None) -> tuple[Process, int]:
+    """`twist mcpr-relay` for `domain` on a free loopback port: the process and the port it took."""
+    relay = Process(testcase, twist("mcpr-relay", "--domain", domain, "--listen", "tcp:0:interface=127.0.0.1",
+                                    *args), name="relay", env=env)
+    line = relay.wait_for("listening on 127.0.0.1:")
+    return relay, int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))
+
+
 def start_gateway(testcase, mcp: str, *extra: str, cwd: Path | None = None) -> tuple[Process, str]:
     if cwd is None:
         cwd = Path(testcase.mktemp())
