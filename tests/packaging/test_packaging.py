@@ -44,8 +44,8 @@ from packaging.utils import canonicalize_name
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from mcpr.relay.settings import RELAY_SETTINGS, load_relay
+from tests.support.processes import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 RELAY_UNIT = ROOT / "systemd" / "mcpr-relay.service"
 GATEWAY_UNIT = ROOT / "systemd" / "mcpr@.service"
 CONFFILE = ROOT / "etc" / "mcpr" / "relay.toml"
