@@ -19,6 +19,8 @@ from tests.support.processes import run_session, start_gateway, start_upstream
 
 
 class GatewayEndToEndTests(TestCase):
+    """`twist mcpr` between the SDK client and server: a whole session, its events, and start-up failures."""
+
     timeout = 120
 
     async def test_full_sdk_session_through_gateway(self) -> None:

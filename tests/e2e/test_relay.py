@@ -25,6 +25,8 @@ DOMAIN = "tunnel.test"
 
 
 class RelayTestBase(TestCase):
+    """A relay process per test, legacy gateways registered on it, and public requests to it."""
+
     timeout = 60
     relay_args: tuple[str, ...] = ()
 
@@ -57,6 +59,8 @@ class RelayTestBase(TestCase):
 
 
 class OpenModeTests(RelayTestBase):
+    """A relay in open mode with tight limits: routing, streaming, limits, eviction and misbehaving tunnels."""
+
     relay_args = ("--headers-timeout", "1", "--max-request-body", "1KiB", "--max-in-flight", "2",
                   "--max-tunnels-per-token", "2", "--registration-timeout", "1", "--max-message-size", "64KiB")
 
@@ -84,6 +88,7 @@ class OpenModeTests(RelayTestBase):
         self.assertEqual(gw.ack["subdomain"], open_subdomain("tok-b"))
 
     async def test_hosts(self) -> None:
+        """Unknown tunnels are 502, other hosts 404; the bare domain and an IP serve the relay's pages."""
         response = await self.get(f"nothere.{DOMAIN}")
         self.assertEqual((response.code, await readBody(response)), (502, b"tunnel not found\n"))
         response = await self.get("other.example")
@@ -139,6 +144,7 @@ class OpenModeTests(RelayTestBase):
         self.assertEqual(type(chunks.reason.value).__name__, "ResponseFailed")
 
     async def test_limits(self) -> None:
+        """504 without a response head in time, 413 over the body cap, 503 past max-in-flight."""
         gw = await self.gateway("tok-a", "lim")
         # 504: no response head in time
         response = await self.get(f"lim.{DOMAIN}", "/slow")
@@ -237,9 +243,12 @@ async def gw_cancel(gw: LegacyGateway, pending: Deferred) -> None:
 
 
 class StaticModeTests(RelayTestBase):
+    """A relay with static tokens: who may register which subdomain, and the offer/pick exchange."""
+
     relay_args = ("--static-token", "secret-1:alice,alice-*", "--static-token", "secret-2:bob")
 
     async def test_static_tokens(self) -> None:
+        """Wrong tokens and names are refused, an allowed name is taken, a pick is offered; no token is logged."""
         e = await self.refused("wrong", "alice")
         self.assertEqual((e.code, e.reason), (4001, "invalid token"))
         e = await self.refused("secret-1", "bob")
@@ -253,9 +262,12 @@ class StaticModeTests(RelayTestBase):
 
 
 class ProviderModeTests(TestCase):
+    """A relay that asks an auth provider on loopback about each token."""
+
     timeout = 60
 
     async def test_auth_provider(self) -> None:
+        """The provider is asked with the shared secret; its grant and its refusal reach the gateway."""
         calls = []
 
         class Verify(Resource):

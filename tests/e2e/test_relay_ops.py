@@ -55,6 +55,8 @@ def relay_toml(*tokens: str) -> str:
 
 
 class RelayOperationsTests(TestCase):
+    """The relay process under operation: TLS with SNI, SIGHUP, metrics, SIGTERM."""
+
     timeout = 60
 
     def start(self, *args: str, cwd: str | None = None) -> Process:
@@ -160,6 +162,7 @@ class RelayOperationsTests(TestCase):
         self.assertEqual(await readBody(await pending), b"still here")
 
     async def test_metrics(self) -> None:
+        """After one registration, one refusal and one request, the counters say so."""
         relay, _, port = self.static_relay("akeep", metrics=True)
         metrics_port = port_after(relay, "metrics on")
         gw = await self.gateway(port, "akeep")

@@ -75,6 +75,8 @@ class _Zeros(io.RawIOBase):
 
 
 class TunnelTestBase(TestCase):
+    """Starts the relay, gateway and upstream processes of a tunnel test, and makes public requests."""
+
     timeout = 120
     relay_args: tuple[str, ...] = ()
 
@@ -114,6 +116,8 @@ class TunnelTestBase(TestCase):
 
 
 class TunnelSessionTests(TunnelTestBase):
+    """MCP sessions through a tunnel: the SDK client, the token file, legacy beside h2, concurrency."""
+
     async def test_full_sdk_session_and_token_file(self) -> None:
         relay, relay_port = self.start_relay()
         _, upstream = start_upstream(self)
@@ -213,6 +217,8 @@ class TunnelSessionTests(TunnelTestBase):
 
 
 class TunnelStreamingTests(TunnelTestBase):
+    """Bodies through a tunnel: bulk transfers in bounded memory, stalls, aborts, caps, SSE disconnects."""
+
     relay_args = ("--max-request-body", "200MiB")
 
     async def test_bulk_download_and_upload_keep_memory_bounded(self) -> None:
@@ -315,6 +321,8 @@ class TunnelStreamingTests(TunnelTestBase):
 
 
 class TunnelResilienceTests(TunnelTestBase):
+    """A tunnel whose relay or gateway dies, freezes or is replaced."""
+
     relay_args = ("--ping-interval", "1", "--ping-timeout", "1")
 
     async def test_relay_restart_same_url_within_5_seconds(self) -> None:

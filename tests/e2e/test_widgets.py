@@ -92,6 +92,8 @@ def csp(meta: dict) -> dict:
 
 
 class WidgetEndToEndTests(TestCase):
+    """A local widget build served by `twist mcpr` directly, with `[csp].domain`, and through a tunnel."""
+
     timeout = 120
 
     def setUp(self) -> None:

@@ -29,6 +29,8 @@ from tests.support.processes import Process, start_relay, twist
 
 
 class BackoffTests(SynchronousTestCase):
+    """The reconnect delays: growth, cap and jitter."""
+
     def test_grows_and_caps(self) -> None:
         backoff = Backoff(initial=0.25, factor=2, cap=4, jitter=0)
         self.assertEqual([backoff.delay(n) for n in range(1, 8)], [0.25, 0.5, 1, 2, 4, 4, 4])
@@ -40,7 +42,10 @@ class BackoffTests(SynchronousTestCase):
 
 
 class WebSocketURLTests(SynchronousTestCase):
+    """The registration URL derived from --relay-url."""
+
     def test_urls(self) -> None:
+        """Scheme, host, default port and a base path of the relay URL."""
         self.assertEqual(websocket_url("https://tunnel.example.com"),
                          ("wss://tunnel.example.com/_tunnel/register", "tunnel.example.com", 443, True))
         self.assertEqual(websocket_url("http://127.0.0.1:8080/"),
@@ -310,6 +315,8 @@ class _RefusesUpgrades(TrackingSite):
 
 
 class ReconnectTests(TestCase):
+    """The tunnel client against a real socket that refuses every upgrade."""
+
     timeout = 30
 
     async def test_refused_upgrades_back_off_instead_of_hammering(self) -> None:
@@ -359,6 +366,8 @@ class Terminal(ProcessProtocol):
 
 
 class RegistrationOutcomeTests(TestCase):
+    """How a real gateway process ends a registration: refused, one name taken, a choice asked or explained."""
+
     timeout = 60
 
     def start(self, *relay_args: str) -> int:

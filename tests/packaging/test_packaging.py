@@ -120,6 +120,8 @@ def uncommented_example(text: str) -> str:
 
 
 class ReleaseTests(SynchronousTestCase):
+    """The release metadata agree: changelog, setup.cfg and the lock file."""
+
     def test_changelog_version_is_setup_cfg_version(self) -> None:
         top = (ROOT / "debian" / "changelog").read_text().splitlines()[0]
         match = re.match(r"mcpr \(([^)]+)\) ", top)
@@ -160,6 +162,8 @@ class ReleaseTests(SynchronousTestCase):
 
 
 class ConffileTests(SynchronousTestCase):
+    """The shipped /etc/mcpr/relay.toml: valid, and only examples beside `mode`."""
+
     def test_only_mode_is_set(self) -> None:
         self.assertEqual(tomllib.loads(CONFFILE.read_text()), {"mode": "relay", "relay": {}})
 
@@ -199,6 +203,8 @@ class ConffileTests(SynchronousTestCase):
 
 
 class UnitTests(SynchronousTestCase):
+    """The systemd units: command lines, lifecycle, capabilities and hardening."""
+
     def test_relay_command_line(self) -> None:
         settings = unit_settings(RELAY_UNIT)
         self.assertEqual(one(settings, "ExecStart"), RELAY_COMMAND)
@@ -271,6 +277,8 @@ class UnitTests(SynchronousTestCase):
 
 
 class DockerfileTests(SynchronousTestCase):
+    """The Dockerfile: entrypoint, runtime user, copied files and the mounted config."""
+
     def setUp(self) -> None:
         self.text = (ROOT / "Dockerfile").read_text()
 

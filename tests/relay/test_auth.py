@@ -55,6 +55,8 @@ def authenticate(auth: Authenticator, token: Any, subdomain: str | None = None) 
 
 
 class StaticTokenTests(SynchronousTestCase):
+    """Static token specs (`token:pattern,...`): parsing, checks, and never repeating the token."""
+
     def test_parse(self) -> None:
         self.assertEqual(parse_static_token("abc:alice,alice-*"), StaticToken("abc", ("alice", "alice-*")))
         self.assertEqual(parse_static_token("abc: alice , bob ,"), StaticToken("abc", ("alice", "bob")))
@@ -78,6 +80,8 @@ class StaticTokenTests(SynchronousTestCase):
 
 
 class AuthFailedTests(SynchronousTestCase):
+    """AuthFailed's close reason: fits a close frame, whatever the text."""
+
     def test_reason_fits_a_close_frame(self) -> None:
         reason = AuthFailed("é" * 200).reason
         self.assertLessEqual(len(reason.encode()), 120)
@@ -137,6 +141,8 @@ class LocalModeTests(SynchronousTestCase):
 
 
 class AuthorizeTests(SynchronousTestCase):
+    """authorize(): the subdomain a grant registers, or the patterns it offers."""
+
     grant = Grant(owner_id(TOKEN), ("alice", "alice-*"), "static")
     open_grant = Grant(owner_id(TOKEN), None, "open")
 
