@@ -70,8 +70,8 @@ class Process:
 
         For a test that waits on the process while the reactor runs.  The
         output is a file, which says nothing when it grows, so this looks at it
-        every 50 ms: the one polling loop of the tests, kept here.  Fails when
-        the process exits first or `timeout` passes; cancelling stops the loop.
+        every 50 ms: the one place the tests poll while the reactor runs.  Fails
+        when the process exits first or `timeout` passes; cancelling stops it.
         """
         deadline = reactor.seconds() + timeout
         found: list[str] = []
