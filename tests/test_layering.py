@@ -69,6 +69,8 @@ def violations() -> list[str]:
 
 
 class LayeringTests(SynchronousTestCase):
+    """The import walker, and that mcpr's imports go one way."""
+
     def test_imports_go_one_way(self) -> None:
         self.assertEqual(violations(), [])
 

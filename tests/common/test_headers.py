@@ -14,6 +14,8 @@ def headers(*pairs: tuple[bytes, bytes]) -> Headers:
 
 
 class RequestHeaderTests(SynchronousTestCase):
+    """Request headers towards the upstream: end-to-end ones kept, hop-by-hop ones dropped, forwarding added."""
+
     def test_end_to_end_headers_pass_hop_by_hop_do_not(self) -> None:
         source = headers((b"Authorization", b"Bearer t"), (b"Mcp-Session-Id", b"s"), (b"Cookie", b"a=1"),
                          (b"Cookie", b"b=2"), (b"Connection", b"keep-alive, X-Secret"), (b"X-Secret", b"1"),
@@ -41,6 +43,8 @@ class RequestHeaderTests(SynchronousTestCase):
 
 
 class ResponseHeaderTests(SynchronousTestCase):
+    """Response headers back to the client: repeated ones kept whole, hop-by-hop ones dropped."""
+
     def test_repeated_headers_survive_hop_by_hop_dropped(self) -> None:
         source = headers((b"Set-Cookie", b"a=1"), (b"Set-Cookie", b"b=2"),
                          (b"WWW-Authenticate", b'Bearer resource_metadata="x"'), (b"Transfer-Encoding", b"chunked"),

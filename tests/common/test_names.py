@@ -28,7 +28,10 @@ def is_valid_pattern(text: str) -> bool:
 
 
 class LabelTests(SynchronousTestCase):
+    """valid_label: what one DNS label of a tunnel's subdomain may be."""
+
     def test_edges(self) -> None:
+        """Lengths, hyphens, case, and values that are not strings."""
         for good in ["a", "0", "a" * 63, "a-b", "a--b", "xn--bcher-kva", "9lives"]:
             self.assertTrue(valid_label(good), good)
         for bad in ["", "a" * 64, "-a", "a-", "-", "A", "aBc", "a.b", "a_b", "a b", "é",
@@ -42,6 +45,8 @@ class LabelTests(SynchronousTestCase):
 
 
 class MatchTests(SynchronousTestCase):
+    """matches: a subdomain pattern with at most one `*`, against fnmatch and hand-picked cases."""
+
     @given(raw_patterns, st.text(alphabet=LABEL_CHARS, max_size=20))
     def test_agrees_with_fnmatch(self, pattern: str, subdomain: str) -> None:
         self.assertEqual(matches(pattern, subdomain), fnmatchcase(subdomain, pattern))
@@ -87,6 +92,8 @@ class MatchTests(SynchronousTestCase):
 
 
 class ParsePatternTests(SynchronousTestCase):
+    """parse_pattern: which patterns a token may carry, and the messages for those it may not."""
+
     def test_accepts(self) -> None:
         for good in ["*", "alice", "alice-*", "*-prod", "a*z", "a" * 63, "a" * 30 + "*" + "b" * 33]:
             self.assertEqual(parse_pattern(good), good)
@@ -118,7 +125,10 @@ class ParsePatternTests(SynchronousTestCase):
 
 
 class TokenIdentityTests(SynchronousTestCase):
+    """The names derived from a token: owner id, open-mode subdomain and log hint."""
+
     def test_known_vector(self) -> None:
+        """The derived names on sha256("abc"), a published test vector."""
         digest = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"  # sha256("abc")
         self.assertEqual(owner_id("abc"), digest)
         self.assertEqual(open_subdomain("abc"), digest[:12])
@@ -126,6 +136,7 @@ class TokenIdentityTests(SynchronousTestCase):
 
     @given(st.text(min_size=1))
     def test_derived_names(self, token: str) -> None:
+        """Every token gives a valid 12-character subdomain that starts with its hint."""
         digest = hashlib.sha256(token.encode()).hexdigest()
         self.assertEqual(owner_id(token), digest)
         self.assertTrue(valid_label(open_subdomain(token)))

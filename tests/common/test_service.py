@@ -16,6 +16,8 @@ from mcpr.common.service import SighupService, address_of, listener
 
 
 class ListenerTests(TestCase):
+    """listener(): a real port that announces where it is bound, or fails at start."""
+
     async def test_announces_the_bound_port(self) -> None:
         announced: Deferred = Deferred()
         service = listener("tcp:0:interface=127.0.0.1", Factory.forProtocol(Protocol), announced.callback, reactor)
@@ -37,6 +39,8 @@ class ListenerTests(TestCase):
 
 
 class SighupTests(SynchronousTestCase):
+    """SighupService: the handler it installs, runs and restores, and its failures."""
+
     def setUp(self) -> None:
         self.calls: list[str] = []
         self.before = signal.getsignal(signal.SIGHUP)

@@ -50,6 +50,8 @@ def parsed(*args: str) -> Options:
 
 
 class ParserTests(SynchronousTestCase):
+    """The value parsers of the settings engine: sizes, ports, booleans, seconds, lists."""
+
     def test_sizes(self) -> None:
         self.assertEqual(parse_size("16MiB"), 16 << 20)
         self.assertEqual(parse_size("512k"), 512 << 10)
@@ -83,6 +85,8 @@ class ParserTests(SynchronousTestCase):
 
 
 class MergeTests(SynchronousTestCase):
+    """Merging command line, environment, file and defaults, and the errors that name where a value came from."""
+
     def setUp(self) -> None:
         self.dir = Path(self.mktemp())
         self.dir.mkdir()
@@ -147,6 +151,8 @@ class MergeTests(SynchronousTestCase):
 
 
 class FindConfigTests(SynchronousTestCase):
+    """Where the config file is found: --config, else the nearest mcpr.toml up from the working directory."""
+
     def setUp(self) -> None:
         self.dir = Path(self.mktemp())
         self.dir.mkdir()
@@ -167,12 +173,16 @@ class FindConfigTests(SynchronousTestCase):
 
 
 class TableTests(SynchronousTestCase):
+    """A settings table's own rules: what a Setting must declare, its spelling, --port against --listen."""
+
     def test_cli_details_need_help(self) -> None:
+        """Option names, flags and repetition are refused on a setting that has no help text."""
         self.assertRaises(ValueError, Setting, "x", parse_text, option="y")
         self.assertRaises(ValueError, Setting, "x", parse_bool, flag=True)
         self.assertRaises(ValueError, Setting, "x", parse_bool, help="X.", flag=True, repeatable=True)
 
     def test_spelling(self) -> None:
+        """A setting's option spelling: its name with dashes, unless it gives its own."""
         self.assertEqual(Setting("max_in_flight", parse_port).spelling, "max-in-flight")
         self.assertEqual(TABLE[1].spelling, "called")
 
@@ -190,6 +200,8 @@ class TableTests(SynchronousTestCase):
 
 
 class GeneratedOptionsTests(SynchronousTestCase):
+    """The usage.Options generated from a table: every option, its help, its values and their priority."""
+
     def test_every_cli_setting_is_an_option(self) -> None:
         usage_text = " ".join(str(Options()).split())
         for s in TABLE:

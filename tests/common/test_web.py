@@ -16,6 +16,8 @@ class Echo(Resource):
 
 
 class CapTests(SynchronousTestCase):
+    """CappedSite's body cap, over an in-memory connection."""
+
     def setUp(self) -> None:
         self.refused: list = []
         # A Clock of its own: the channels' idle timeouts must not land on the global reactor,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import signal
 
 from twisted.internet import reactor
@@ -20,24 +19,19 @@ from mcpr.relay.identity import open_subdomain
 from tests.support.collect import Collect
 from tests.support.legacy_gateway import Closed, LegacyGateway, body_of
 from tests.support.loopback import client_agent
-from tests.support.processes import Process, twist
+from tests.support.processes import start_relay
 
 DOMAIN = "tunnel.test"
 
 
-def start_relay(testcase, *args: str, env: dict | None = None) -> tuple[Process, int]:
-    relay = Process(testcase, twist("mcpr-relay", "--domain", DOMAIN, "--listen", "tcp:0:interface=127.0.0.1",
-                                    *args), name="relay", env=env)
-    line = relay.wait_for("listening on 127.0.0.1:")
-    return relay, int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))
-
-
 class RelayTestBase(TestCase):
+    """A relay process per test, legacy gateways registered on it, and public requests to it."""
+
     timeout = 60
     relay_args: tuple[str, ...] = ()
 
     def setUp(self) -> None:
-        self.relay, self.port = start_relay(self, *self.relay_args)
+        self.relay, self.port = start_relay(self, DOMAIN, *self.relay_args)
         self.agent = client_agent(self)
 
     async def gateway(self, token: str | None = "tok-a", subdomain: str | None = None, **kw) -> LegacyGateway:
@@ -65,6 +59,8 @@ class RelayTestBase(TestCase):
 
 
 class OpenModeTests(RelayTestBase):
+    """A relay in open mode with tight limits: routing, streaming, limits, eviction and misbehaving tunnels."""
+
     relay_args = ("--headers-timeout", "1", "--max-request-body", "1KiB", "--max-in-flight", "2",
                   "--max-tunnels-per-token", "2", "--registration-timeout", "1", "--max-message-size", "64KiB")
 
@@ -92,6 +88,7 @@ class OpenModeTests(RelayTestBase):
         self.assertEqual(gw.ack["subdomain"], open_subdomain("tok-b"))
 
     async def test_hosts(self) -> None:
+        """Unknown tunnels are 502, other hosts 404; the bare domain and an IP serve the relay's pages."""
         response = await self.get(f"nothere.{DOMAIN}")
         self.assertEqual((response.code, await readBody(response)), (502, b"tunnel not found\n"))
         response = await self.get("other.example")
@@ -147,6 +144,7 @@ class OpenModeTests(RelayTestBase):
         self.assertEqual(type(chunks.reason.value).__name__, "ResponseFailed")
 
     async def test_limits(self) -> None:
+        """504 without a response head in time, 413 over the body cap, 503 past max-in-flight."""
         gw = await self.gateway("tok-a", "lim")
         # 504: no response head in time
         response = await self.get(f"lim.{DOMAIN}", "/slow")
@@ -245,9 +243,12 @@ async def gw_cancel(gw: LegacyGateway, pending: Deferred) -> None:
 
 
 class StaticModeTests(RelayTestBase):
+    """A relay with static tokens: who may register which subdomain, and the offer/pick exchange."""
+
     relay_args = ("--static-token", "secret-1:alice,alice-*", "--static-token", "secret-2:bob")
 
     async def test_static_tokens(self) -> None:
+        """Wrong tokens and names are refused, an allowed name is taken, a pick is offered; no token is logged."""
         e = await self.refused("wrong", "alice")
         self.assertEqual((e.code, e.reason), (4001, "invalid token"))
         e = await self.refused("secret-1", "bob")
@@ -261,9 +262,12 @@ class StaticModeTests(RelayTestBase):
 
 
 class ProviderModeTests(TestCase):
+    """A relay that asks an auth provider on loopback about each token."""
+
     timeout = 60
 
     async def test_auth_provider(self) -> None:
+        """The provider is asked with the shared secret; its grant and its refusal reach the gateway."""
         calls = []
 
         class Verify(Resource):
@@ -286,7 +290,7 @@ class ProviderModeTests(TestCase):
         site.noisy = False
         port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
         self.addCleanup(port.stopListening)
-        relay, relay_port = start_relay(self, "--auth-provider", f"http://127.0.0.1:{port.getHost().port}",
+        relay, relay_port = start_relay(self, DOMAIN, "--auth-provider", f"http://127.0.0.1:{port.getHost().port}",
                                         env={"MCPR_AUTH_PROVIDER_SECRET": "s3"})
         gw = LegacyGateway(relay_port, "good", "team-x")
         self.addCleanup(lambda: Deferred.fromCoroutine(gw.close()))

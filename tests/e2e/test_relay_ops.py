@@ -1,8 +1,8 @@
 """The relay process in operation: TLS with SNI, metrics, draining on SIGTERM, reloading on SIGHUP.
 
 The relay's log is a file, so the only signal of a reload it gives is a line
-there: `logged` waits for it (a bounded poll).  Everything else is awaited on
-the sockets, or on the process's exit.
+there: `Process.line` waits for it.  Everything else is awaited on the sockets,
+or on the process's exit.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from zope.interface import implementer
 from tests.support.certificates import TRUST, escape, full_chain, leaf, write
 from tests.support.legacy_gateway import Closed, LegacyGateway
 from tests.support.loopback import client_agent, sleep
-from tests.support.processes import Process, twist
+from tests.support.processes import Process, start_relay, twist
 
 DOMAIN = "tunnel.example.test"
 
@@ -48,15 +48,6 @@ def port_after(process: Process, needle: str) -> int:
     return int(re.search(r"127\.0\.0\.1:(\d+)", process.wait_for(needle)).group(1))
 
 
-async def logged(process: Process, needle: str, timeout: float = 10.0) -> None:
-    """Wait until `needle` is in the process's log, without blocking the reactor."""
-    for _ in range(int(timeout / 0.05)):
-        if needle in process.output():
-            return
-        await sleep(0.05)
-    raise AssertionError(f"{needle!r} not logged within {timeout} s:\n{process.output()}")
-
-
 def relay_toml(*tokens: str) -> str:
     """A relay config file with one static token `t` for subdomain `t[0]` per token."""
     text = f'mode = "relay"\n[relay]\ndomain = "{DOMAIN}"\ndrain_timeout = 10\n'
@@ -64,6 +55,8 @@ def relay_toml(*tokens: str) -> str:
 
 
 class RelayOperationsTests(TestCase):
+    """The relay process under operation: TLS with SNI, SIGHUP, metrics, SIGTERM."""
+
     timeout = 60
 
     def start(self, *args: str, cwd: str | None = None) -> Process:
@@ -108,7 +101,7 @@ class RelayOperationsTests(TestCase):
         renewed = leaf(f"*.{DOMAIN}", days=90)
         write(certs, "wildcard.pem", full_chain(renewed))
         relay.popen.send_signal(signal.SIGHUP)
-        await logged(relay, f"serial {renewed[1].serial_number:x}")
+        await relay.line(f"serial {renewed[1].serial_number:x}", 10)
         serial = await self._peer_serial(tls_port, f"x.{DOMAIN}")
         self.assertEqual(serial, renewed[1].serial_number)
         self.assertIsNone(relay.popen.poll(), "SIGHUP must not kill the relay")
@@ -144,8 +137,8 @@ class RelayOperationsTests(TestCase):
         config = folder / "relay.toml"
         config.write_text(relay_toml(*tokens))
         extra = ("--metrics", "tcp:0:interface=127.0.0.1") if metrics else ()
-        relay = self.start("--config", str(config), "--listen", "tcp:0:interface=127.0.0.1", *extra)
-        return relay, config, port_after(relay, "listening on")
+        relay, port = start_relay(self, DOMAIN, "--config", str(config), *extra)
+        return relay, config, port
 
     async def gateway(self, port: int, token: str) -> LegacyGateway:
         gw = LegacyGateway(port, token, token[0])
@@ -169,6 +162,7 @@ class RelayOperationsTests(TestCase):
         self.assertEqual(await readBody(await pending), b"still here")
 
     async def test_metrics(self) -> None:
+        """After one registration, one refusal and one request, the counters say so."""
         relay, _, port = self.static_relay("akeep", metrics=True)
         metrics_port = port_after(relay, "metrics on")
         gw = await self.gateway(port, "akeep")
@@ -199,8 +193,8 @@ class RelayOperationsTests(TestCase):
         request = await gw.requests.get()
 
         relay.popen.send_signal(signal.SIGTERM)
-        await logged(relay, "draining: 1 request(s) in flight")
-        await sleep(0.5)
+        await relay.line("draining: 1 request(s) in flight", 10)
+        await sleep(0.5)  # the thing under test: the relay does not exit, nor close the tunnel, meanwhile
         self.assertIsNone(relay.popen.poll(), "the relay waits for in-flight requests")
         self.assertFalse(gw.closed.called)
         gw.respond(request, 200, b"finished during drain")

@@ -10,13 +10,12 @@ import re
 import signal
 from pathlib import Path
 
-from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 from twisted.web.client import FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
 from mcpr.proxy.sse import SSEParser
-from tests.support.loopback import client_agent, sleep
+from tests.support.loopback import client_agent
 from tests.support.processes import Process, free_port, start_gateway, start_upstream, twist
 
 WIDGET_URI = "ui://widget/greeting.html"
@@ -93,84 +92,77 @@ def csp(meta: dict) -> dict:
 
 
 class WidgetEndToEndTests(TestCase):
+    """A local widget build served by `twist mcpr` directly, with `[csp].domain`, and through a tunnel."""
+
     timeout = 120
 
     def setUp(self) -> None:
         self.base = Path(self.mktemp()).resolve()
         self.folder = build_folder(self.base)
 
-    def test_direct_mode_without_a_domain_keeps_localhost(self):
-        async def t():
-            _, upstream = start_upstream(self)
-            _, base = start_gateway(self, upstream, "--widgets", str(self.folder))
-            client = McpClient(self, base)
-            await client.start()
-            tool_meta, contents = await client.widget()
-            self.assertEqual(tool_meta, {"openai/outputTemplate": WIDGET_URI, "ui": {"resourceUri": WIDGET_URI}})
-            self.assertEqual(csp(contents["_meta"]), {
-                "connect": ["http://localhost:9000", "https://api.open-meteo.com"],
-                "resource": ["http://localhost:5173", "https://fonts.gstatic.com"]})
-            self.assertNotIn("openai/widgetDomain", contents["_meta"])
-            self.assertEqual(contents["text"], LOCAL_HTML)  # the local build answers resources/read
-            self.assertEqual(await client.get("/greeting.js"), (200, (self.folder / "greeting.js").read_bytes()))
-        return Deferred.fromCoroutine(t())
+    async def test_direct_mode_without_a_domain_keeps_localhost(self) -> None:
+        _, upstream = start_upstream(self)
+        _, base = start_gateway(self, upstream, "--widgets", str(self.folder))
+        client = McpClient(self, base)
+        await client.start()
+        tool_meta, contents = await client.widget()
+        self.assertEqual(tool_meta, {"openai/outputTemplate": WIDGET_URI, "ui": {"resourceUri": WIDGET_URI}})
+        self.assertEqual(csp(contents["_meta"]), {
+            "connect": ["http://localhost:9000", "https://api.open-meteo.com"],
+            "resource": ["http://localhost:5173", "https://fonts.gstatic.com"]})
+        self.assertNotIn("openai/widgetDomain", contents["_meta"])
+        self.assertEqual(contents["text"], LOCAL_HTML)  # the local build answers resources/read
+        self.assertEqual(await client.get("/greeting.js"), (200, (self.folder / "greeting.js").read_bytes()))
 
-    def test_configured_domain_and_reload_on_sighup(self):
-        async def t():
-            _, upstream = start_upstream(self)
-            config = self.base / "mcpr.toml"
-            config.write_text('[csp]\ndomain = "https://demo.example.com"\n')
-            gateway, base = start_gateway(self, upstream, "--widgets", str(self.folder), "--config", str(config))
-            client = McpClient(self, base)
-            await client.start()
-            _, contents = await client.widget()
-            self.assertEqual(csp(contents["_meta"]), {
-                "connect": ["https://demo.example.com", "https://api.open-meteo.com"],
-                "resource": ["https://demo.example.com", "https://fonts.gstatic.com"]})
-            self.assertEqual(contents["_meta"]["openai/widgetDomain"], "https://demo.example.com")
-            self.assertEqual(contents["_meta"]["openai/widgetDescription"], "A card that greets someone.")
+    async def test_configured_domain_and_reload_on_sighup(self) -> None:
+        _, upstream = start_upstream(self)
+        config = self.base / "mcpr.toml"
+        config.write_text('[csp]\ndomain = "https://demo.example.com"\n')
+        gateway, base = start_gateway(self, upstream, "--widgets", str(self.folder), "--config", str(config))
+        client = McpClient(self, base)
+        await client.start()
+        _, contents = await client.widget()
+        self.assertEqual(csp(contents["_meta"]), {
+            "connect": ["https://demo.example.com", "https://api.open-meteo.com"],
+            "resource": ["https://demo.example.com", "https://fonts.gstatic.com"]})
+        self.assertEqual(contents["_meta"]["openai/widgetDomain"], "https://demo.example.com")
+        self.assertEqual(contents["_meta"]["openai/widgetDescription"], "A card that greets someone.")
 
-            config.write_text('upstream_timeout = 12\n[csp]\ndomain = "https://demo.example.com"\nmode = "override"\n'
-                              'domains = ["https://cdn.example.net"]\n')
-            gateway.popen.send_signal(signal.SIGHUP)
-            for _ in range(100):
-                if "reload: [csp] applied" in gateway.output():
-                    break
-                await sleep(0.05)
-            _, contents = await client.widget()
-            self.assertEqual(csp(contents["_meta"]), {
-                "connect": ["https://demo.example.com", "https://cdn.example.net"],
-                "resource": ["https://demo.example.com", "https://cdn.example.net"]})
-            self.assertIn("changed setting(s) upstream_timeout need a restart", gateway.output())
-            self.assertIsNone(gateway.popen.poll())
-        return Deferred.fromCoroutine(t())
+        config.write_text('upstream_timeout = 12\n[csp]\ndomain = "https://demo.example.com"\nmode = "override"\n'
+                          'domains = ["https://cdn.example.net"]\n')
+        gateway.popen.send_signal(signal.SIGHUP)
+        await gateway.line("reload: [csp] applied", 10)
+        _, contents = await client.widget()
+        self.assertEqual(csp(contents["_meta"]), {
+            "connect": ["https://demo.example.com", "https://cdn.example.net"],
+            "resource": ["https://demo.example.com", "https://cdn.example.net"]})
+        self.assertIn("changed setting(s) upstream_timeout need a restart", gateway.output())
+        self.assertIsNone(gateway.popen.poll())
 
-    def test_through_the_tunnel_url(self):
-        async def t():
-            _, upstream = start_upstream(self)
-            relay_port = free_port()
-            relay = Process(self, twist("mcpr-relay", "--domain", RELAY_DOMAIN,
-                                        "--listen", f"tcp:{relay_port}:interface=127.0.0.1",
-                                        "--public-url", f"http://*.{RELAY_DOMAIN}:{relay_port}"), name="relay")
-            relay.wait_for("listening on")
-            cwd = self.base / "gateway"
-            cwd.mkdir()
-            gateway = Process(self, twist("mcpr", "--mcp", upstream, "--listen", "tcp:0:interface=127.0.0.1",
-                                          "--relay-url", f"http://127.0.0.1:{relay_port}", "--subdomain", "demo",
-                                          "--widgets", str(self.folder)), name="gateway", cwd=str(cwd))
-            public = re.search(r"Tunnel: (\S+)", gateway.wait_for("Tunnel: ")).group(1)
-            self.assertEqual(public, f"http://demo.{RELAY_DOMAIN}:{relay_port}")
-            client = McpClient(self, f"http://127.0.0.1:{relay_port}", host=public.split("://", 1)[1])
-            await client.start()
-            tool_meta, contents = await client.widget()
-            self.assertEqual(tool_meta, {"openai/outputTemplate": WIDGET_URI, "ui": {"resourceUri": WIDGET_URI}})
-            self.assertEqual(csp(contents["_meta"]), {
-                "connect": [public, "https://api.open-meteo.com"],
-                "resource": [public, "https://fonts.gstatic.com"]})
-            self.assertEqual(contents["_meta"]["openai/widgetDomain"], public)
-            self.assertEqual(contents["text"], LOCAL_HTML)
-            # The widget's assets come from the same public URL as the MCP endpoint.
-            self.assertEqual(await client.get("/greeting.js"), (200, (self.folder / "greeting.js").read_bytes()))
-            self.assertEqual(json.loads((await client.get("/widgets"))[1])["widgets"],
-                             [{"name": "greeting", "uri": WIDGET_URI, "path": "/greeting.html"}])
-        return Deferred.fromCoroutine(t())
+    async def test_through_the_tunnel_url(self) -> None:
+        _, upstream = start_upstream(self)
+        relay_port = free_port()
+        relay = Process(self, twist("mcpr-relay", "--domain", RELAY_DOMAIN,
+                                    "--listen", f"tcp:{relay_port}:interface=127.0.0.1",
+                                    "--public-url", f"http://*.{RELAY_DOMAIN}:{relay_port}"), name="relay")
+        relay.wait_for("listening on")
+        cwd = self.base / "gateway"
+        cwd.mkdir()
+        gateway = Process(self, twist("mcpr", "--mcp", upstream, "--listen", "tcp:0:interface=127.0.0.1",
+                                      "--relay-url", f"http://127.0.0.1:{relay_port}", "--subdomain", "demo",
+                                      "--widgets", str(self.folder)), name="gateway", cwd=str(cwd))
+        public = re.search(r"Tunnel: (\S+)", gateway.wait_for("Tunnel: ")).group(1)
+        self.assertEqual(public, f"http://demo.{RELAY_DOMAIN}:{relay_port}")
+        client = McpClient(self, f"http://127.0.0.1:{relay_port}", host=public.split("://", 1)[1])
+        await client.start()
+        tool_meta, contents = await client.widget()
+        self.assertEqual(tool_meta, {"openai/outputTemplate": WIDGET_URI, "ui": {"resourceUri": WIDGET_URI}})
+        self.assertEqual(csp(contents["_meta"]), {
+            "connect": [public, "https://api.open-meteo.com"],
+            "resource": [public, "https://fonts.gstatic.com"]})
+        self.assertEqual(contents["_meta"]["openai/widgetDomain"], public)
+        self.assertEqual(contents["text"], LOCAL_HTML)
+        # The widget's assets come from the same public URL as the MCP endpoint.
+        self.assertEqual(await client.get("/greeting.js"), (200, (self.folder / "greeting.js").read_bytes()))
+        self.assertEqual(json.loads((await client.get("/widgets"))[1])["widgets"],
+                         [{"name": "greeting", "uri": WIDGET_URI, "path": "/greeting.html"}])

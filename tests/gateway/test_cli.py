@@ -8,11 +8,15 @@ from mcpr.cli import twist_argv
 
 
 class CliTests(SynchronousTestCase):
+    """The `mcpr` console script's argument mapping onto `twist`, and the plugins it relies on."""
+
     def test_gateway(self) -> None:
+        """Without --relay the arguments go to the gateway's plugin."""
         self.assertEqual(twist_argv(["--mcp", "http://localhost:9000"]),
                          ["twist", "--log-format=text", "mcpr", "--mcp", "http://localhost:9000"])
 
     def test_relay(self) -> None:
+        """--relay selects the relay's plugin and is not passed on."""
         self.assertEqual(twist_argv(["--relay", "--relay-domain", "d.example", "--port", "8080"]),
                          ["twist", "--log-format=text", "mcpr-relay", "--relay-domain", "d.example",
                           "--port", "8080"])

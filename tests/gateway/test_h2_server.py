@@ -46,6 +46,8 @@ class Hello(Resource):
 
 
 class ServeStreamsTests(SynchronousTestCase):
+    """serve_streams: the gateway's HTTP/2 settings, a request served by its Site, no idle timeout."""
+
     def setUp(self) -> None:
         self.clock = MemoryReactorClock()
         self.websocket = FakeWebSocket()

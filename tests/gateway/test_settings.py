@@ -13,6 +13,8 @@ from tests.support.settings import assert_options_cover
 
 
 class GatewaySettingsTests(SynchronousTestCase):
+    """load_gateway: defaults, the priority of sources, legacy keys and the error messages."""
+
     def setUp(self) -> None:
         self.dir = Path(self.mktemp())
         self.dir.mkdir()
@@ -89,6 +91,8 @@ class GatewaySettingsTests(SynchronousTestCase):
 
 
 class OptionsTests(SynchronousTestCase):
+    """`twist mcpr`'s usage.Options, generated from the gateway's settings table."""
+
     def test_cli_options(self) -> None:
         cwd = Path(self.mktemp())
         cwd.mkdir()

@@ -10,6 +10,8 @@ from mcpr.proxy.rewrite.csp import CspPolicy, WidgetRule
 
 
 class CspSettingsTests(SynchronousTestCase):
+    """The `[csp]` and widgets settings, from the file and the command line."""
+
     def setUp(self) -> None:
         self.dir = Path(self.mktemp()).resolve()
         self.dir.mkdir()

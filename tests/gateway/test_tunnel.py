@@ -25,10 +25,12 @@ from mcpr.common.protocol import CloseCode
 from mcpr.gateway.tunnel import Backoff, NoChoice, TunnelClient, websocket_url
 from mcpr.proxy.events import EventLog
 from tests.support.loopback import TrackingSite, listen, sleep
-from tests.support.processes import Process, free_port, twist
+from tests.support.processes import Process, start_relay, twist
 
 
 class BackoffTests(SynchronousTestCase):
+    """The reconnect delays: growth, cap and jitter."""
+
     def test_grows_and_caps(self) -> None:
         backoff = Backoff(initial=0.25, factor=2, cap=4, jitter=0)
         self.assertEqual([backoff.delay(n) for n in range(1, 8)], [0.25, 0.5, 1, 2, 4, 4, 4])
@@ -40,7 +42,10 @@ class BackoffTests(SynchronousTestCase):
 
 
 class WebSocketURLTests(SynchronousTestCase):
+    """The registration URL derived from --relay-url."""
+
     def test_urls(self) -> None:
+        """Scheme, host, default port and a base path of the relay URL."""
         self.assertEqual(websocket_url("https://tunnel.example.com"),
                          ("wss://tunnel.example.com/_tunnel/register", "tunnel.example.com", 443, True))
         self.assertEqual(websocket_url("http://127.0.0.1:8080/"),
@@ -310,6 +315,8 @@ class _RefusesUpgrades(TrackingSite):
 
 
 class ReconnectTests(TestCase):
+    """The tunnel client against a real socket that refuses every upgrade."""
+
     timeout = 30
 
     async def test_refused_upgrades_back_off_instead_of_hammering(self) -> None:
@@ -322,7 +329,7 @@ class ReconnectTests(TestCase):
                               backoff=Backoff(initial=0.05, factor=2, cap=10, jitter=0))
         client.startService()
         self.addCleanup(client.stopService)
-        await sleep(1.2)
+        await sleep(1.2)  # the thing under test: how many attempts fit in this window, and their spacing
         gaps = [b - a for a, b in zip(site.attempts, site.attempts[1:])]
         self.assertGreaterEqual(len(site.attempts), 3)
         self.assertLessEqual(len(site.attempts), 6, site.attempts)
@@ -359,13 +366,12 @@ class Terminal(ProcessProtocol):
 
 
 class RegistrationOutcomeTests(TestCase):
+    """How a real gateway process ends a registration: refused, one name taken, a choice asked or explained."""
+
     timeout = 60
 
     def start(self, *relay_args: str) -> int:
-        port = free_port()
-        relay = Process(self, twist("mcpr-relay", "--domain", "localhost", "--listen",
-                                    f"tcp:{port}:interface=127.0.0.1", *relay_args), name="relay")
-        relay.wait_for("listening on")
+        _, port = start_relay(self, "localhost", *relay_args)
         return port
 
     def gateway_args(self, port: int, *args: str) -> list[str]:
@@ -378,16 +384,16 @@ class RegistrationOutcomeTests(TestCase):
     async def test_bad_token_stops_the_loop_and_keeps_serving_locally(self) -> None:
         port = self.start("--static-token", "good:team-*")
         gateway = self.gateway(port, "--subdomain", "team-a", token="bad")
-        gateway.wait_for("tunnel stopped")
+        await gateway.line("tunnel stopped")
         self.assertIn("the relay refused the tunnel token (4001 invalid token)", gateway.output())
-        await sleep(1.0)
+        await sleep(1.0)  # the thing under test: no second attempt follows
         self.assertEqual(gateway.output().count("connecting to"), 1)
         self.assertIsNone(gateway.popen.poll())
 
     async def test_single_concrete_pattern_is_taken(self) -> None:
         port = self.start("--static-token", "solo-token:solo")
         gateway = self.gateway(port, token="solo-token")
-        line = gateway.wait_for("Tunnel: ")
+        line = await gateway.line("Tunnel: ")
         self.assertRegex(line, r"Tunnel: https://solo\.localhost$")
 
     async def test_several_patterns_on_a_terminal_are_asked_for(self) -> None:
@@ -412,6 +418,6 @@ class RegistrationOutcomeTests(TestCase):
     async def test_several_patterns_without_a_terminal_say_how_to_choose(self) -> None:
         port = self.start("--static-token", "many-token:alpha-*,beta")
         gateway = self.gateway(port, token="many-token")
-        gateway.wait_for("tunnel stopped")
+        await gateway.line("tunnel stopped")
         self.assertTrue(re.search(r"offers the subdomains alpha-\*, beta; choose one with --subdomain NAME",
                                   gateway.output()), gateway.output())

@@ -44,8 +44,8 @@ from packaging.utils import canonicalize_name
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from mcpr.relay.settings import RELAY_SETTINGS, load_relay
+from tests.support.processes import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 RELAY_UNIT = ROOT / "systemd" / "mcpr-relay.service"
 GATEWAY_UNIT = ROOT / "systemd" / "mcpr@.service"
 CONFFILE = ROOT / "etc" / "mcpr" / "relay.toml"
@@ -120,6 +120,8 @@ def uncommented_example(text: str) -> str:
 
 
 class ReleaseTests(SynchronousTestCase):
+    """The release metadata agree: changelog, setup.cfg and the lock file."""
+
     def test_changelog_version_is_setup_cfg_version(self) -> None:
         top = (ROOT / "debian" / "changelog").read_text().splitlines()[0]
         match = re.match(r"mcpr \(([^)]+)\) ", top)
@@ -160,6 +162,8 @@ class ReleaseTests(SynchronousTestCase):
 
 
 class ConffileTests(SynchronousTestCase):
+    """The shipped /etc/mcpr/relay.toml: valid, and only examples beside `mode`."""
+
     def test_only_mode_is_set(self) -> None:
         self.assertEqual(tomllib.loads(CONFFILE.read_text()), {"mode": "relay", "relay": {}})
 
@@ -199,6 +203,8 @@ class ConffileTests(SynchronousTestCase):
 
 
 class UnitTests(SynchronousTestCase):
+    """The systemd units: command lines, lifecycle, capabilities and hardening."""
+
     def test_relay_command_line(self) -> None:
         settings = unit_settings(RELAY_UNIT)
         self.assertEqual(one(settings, "ExecStart"), RELAY_COMMAND)
@@ -271,6 +277,8 @@ class UnitTests(SynchronousTestCase):
 
 
 class DockerfileTests(SynchronousTestCase):
+    """The Dockerfile: entrypoint, runtime user, copied files and the mounted config."""
+
     def setUp(self) -> None:
         self.text = (ROOT / "Dockerfile").read_text()
 

@@ -148,6 +148,8 @@ class MetaTableTests(SynchronousTestCase):
 
 
 class WidgetRuleTests(SynchronousTestCase):
+    """Which `[[csp.widget]]` rule applies to a widget, by its resource or its tool."""
+
     rules = (
         WidgetRule("ui://widget/map*", connect=("https://tiles.example.com",), resource=("https://tiles.example.com",),
                    frame=("https://player.example.com",)),
@@ -183,6 +185,8 @@ def rpc_result(id, result) -> dict:
 
 
 class ResultTests(SynchronousTestCase):
+    """rewrite_result on whole MCP answers: resources, tools, batches and SSE-wrapped answers."""
+
     def test_resources_read_rewrites_meta_and_never_the_html(self) -> None:
         result = {"contents": [{"uri": "ui://widget/pizza-map.html", "mimeType": "text/html+skybridge",
                                 "text": HTML, "_meta": copy.deepcopy(OPENAI_META)}]}
@@ -269,6 +273,8 @@ class ResultTests(SynchronousTestCase):
 
 
 class HostTests(SynchronousTestCase):
+    """source_host and is_local_host: what a CSP source names, and whether it is local."""
+
     def test_source_host(self) -> None:
         for entry, host in (("https://a.example.com", "a.example.com"), ("http://localhost:5173/x", "localhost"),
                             ("localhost:5173", "localhost"), ("ws://[::1]:8000", "::1"), ("data:", None),
@@ -328,6 +334,8 @@ _POLICIES = st.builds(
 
 
 class PropertyTests(SynchronousTestCase):
+    """The rewriter on arbitrary JSON: it never raises, and a second pass changes nothing."""
+
     @given(_RESULTS | _JSON, _POLICIES, st.sampled_from([PUBLIC, None, "http://127.0.0.1:3000"]),
            st.sampled_from(sorted(REWRITTEN_METHODS)))
     def test_never_raises_and_is_idempotent(self, value, policy, origin, method) -> None:

@@ -10,7 +10,10 @@ from mcpr.proxy.events import EventLog, RequestRecord, human_bytes
 
 
 class EventTests(SynchronousTestCase):
+    """EventLog's JSON lines and RequestRecord's console line."""
+
     def test_json_lines(self) -> None:
+        """One JSON object per line, with its type and a UTC millisecond timestamp."""
         out = io.StringIO()
         log = EventLog(out)
         log.emit("request", 0.0, request_id="r", tool="add")
@@ -41,6 +44,7 @@ class EventTests(SynchronousTestCase):
         self.assertFalse(out.closed, "a sink the log did not open stays open")
 
     def test_console_line(self) -> None:
+        """The console line's method, status, size and timings, and the same timings in the event."""
         r = RequestRecord("r", 100.0, "direct", "POST", "/mcp", "mcp", status=200, mcp_method="tools/call",
                           tool="add", headers_at=100.008, finished=100.0085, bytes_out=147)
         line = r.console_line()

@@ -64,6 +64,8 @@ class MemoryEndpoint:
 
 
 class UpstreamEndpointTests(SynchronousTestCase):
+    """UpstreamEndpoint in memory: the socket options it sets, over TCP and TLS."""
+
     def connect(self, tls=None) -> tuple[MemoryEndpoint, Factory, Received]:
         tcp = MemoryEndpoint()
         factory = Factory.forProtocol(Received)
@@ -94,6 +96,8 @@ class UpstreamEndpointTests(SynchronousTestCase):
 
 
 class RealSocketTests(TestCase):
+    """UpstreamEndpoint on a real loopback socket, as the kernel sees it."""
+
     async def test_the_kernel_socket_has_nagle_off(self) -> None:
         port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(Protocol))
         self.addCleanup(port.stopListening)

@@ -10,6 +10,8 @@ from mcpr.proxy import jsonrpc
 
 
 class ParseTests(SynchronousTestCase):
+    """jsonrpc.parse and error_body: message kinds, targets, batches, and bodies that are not JSON-RPC."""
+
     def test_request_with_targets(self) -> None:
         cases = {
             "tools/call": ({"name": "add"}, "add"),

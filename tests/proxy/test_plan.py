@@ -77,6 +77,8 @@ def rewritten(changes: Plan, body: dict) -> tuple[dict, Headers]:
 
 
 class PassThroughTests(SynchronousTestCase):
+    """The plan for non-MCP answers: what streams untouched, and the OAuth rewrites."""
+
     def test_an_ordinary_answer_streams_untouched_with_its_length(self) -> None:
         rt = Route(Kind.PASSTHROUGH, b"http://127.0.0.1:9000/page")
         changes = decide(rt, head(content_type="application/json"), request(b"GET", b"/page"))
@@ -139,6 +141,8 @@ class PassThroughTests(SynchronousTestCase):
 
 
 class McpAnswerTests(SynchronousTestCase):
+    """The plan for MCP answers: when widget metadata is rewritten, as JSON or event by event."""
+
     def answer(self, result: dict, id=1) -> dict:
         return {"jsonrpc": "2.0", "id": id, "result": result}
 

@@ -150,6 +150,8 @@ class EventSink:
 
 
 class ProxyTests(TestCase):
+    """ProxyResource forwarding, streaming, failures, limits and sessions, on loopback."""
+
     timeout = 20
 
     async def start(self, mcp: str | None = None, **cli) -> None:

@@ -31,6 +31,8 @@ def rpc(method: str, id=1, **params) -> dict:
 
 
 class ResourceRewritingTests(TestCase):
+    """ProxyResource rewriting widget metadata and OAuth URLs for the public origin, on loopback."""
+
     timeout = 20
 
     async def start(self, config: str = "", **cli) -> None:

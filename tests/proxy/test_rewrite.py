@@ -25,6 +25,8 @@ def answer(id, **result) -> bytes:
 
 
 class JsonRewriterTests(SynchronousTestCase):
+    """The buffered JSON body rewriter: written once with its new length, else the bytes untouched."""
+
     def run_body(self, chunks, cap=1 << 20):
         out: list[bytes] = []
         headers = Headers()
@@ -79,6 +81,8 @@ def event(data: bytes, *, id: str | None = None, name: str | None = "message", e
 
 
 class EventStreamRewriterTests(SynchronousTestCase):
+    """The SSE rewriter: each event rewritten as it completes, everything else passed on."""
+
     def feed_all(self, chunks, cap=1 << 20) -> list[bytes]:
         out: list[bytes] = []
         rewriter = EventStreamRewriter(mark, out.append, cap)

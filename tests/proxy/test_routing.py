@@ -9,6 +9,8 @@ RPC = b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add"}}'
 
 
 class RoutingTests(SynchronousTestCase):
+    """route(): the kind of each request and the upstream URL it goes to."""
+
     up = Upstream.parse("http://localhost:9000/mcp")
 
     def r(self, method, uri, body=None, **headers):

@@ -7,6 +7,8 @@ from mcpr.proxy.sessions import SessionTracker
 
 
 class SessionTests(SynchronousTestCase):
+    """SessionTracker, on a Clock so that idle expiry needs no waiting."""
+
     def setUp(self) -> None:
         self.clock = Clock()
         self.changes: list = []
@@ -14,6 +16,7 @@ class SessionTests(SynchronousTestCase):
                                       max_sessions=2, idle_timeout=60)
 
     def test_lifecycle(self) -> None:
+        """A session's client and server info from initialize, its activity, its end."""
         s = self.tracker.started("a", {"clientInfo": {"name": "c", "version": "1"}},
                                  {"serverInfo": {"name": "s", "version": "2"}, "protocolVersion": "p"})
         self.assertEqual((s.client_name, s.client_version, s.server_name, s.protocol_version), ("c", "1", "s", "p"))

@@ -15,6 +15,8 @@ def frame(data: str, event_id: int, newline: bytes) -> bytes:
 
 
 class SSEParserTests(SynchronousTestCase):
+    """SSEParser: fields, comments, the size cap and event boundaries, however the stream is cut."""
+
     @given(st.lists(payload, min_size=1, max_size=8), st.sampled_from([b"\n", b"\r\n"]), st.data())
     def test_chunking_does_not_matter(self, payloads, newline, data) -> None:
         stream = b"".join(frame(p, i, newline) for i, p in enumerate(payloads))
@@ -28,6 +30,7 @@ class SSEParserTests(SynchronousTestCase):
         self.assertEqual(b"".join(e.raw for e in events), stream)
 
     def test_fields(self) -> None:
+        """event, multi-line data and id are read; comments are skipped."""
         (event,) = SSEParser().feed(b": comment\nevent: message\ndata: a\ndata: b\nid: 7\n\n")
         self.assertEqual((event.event, event.data, event.id), ("message", "a\nb", "7"))
 
@@ -35,6 +38,7 @@ class SSEParserTests(SynchronousTestCase):
         self.assertEqual(SSEParser().feed(b": ping\n\n"), [])
 
     def test_cap(self) -> None:
+        """An event over max_event raises, and is dropped whole."""
         parser = SSEParser(max_event=10)
         self.assertRaises(EventTooLarge, parser.feed, b"data: " + b"x" * 20)
         # The oversized event is dropped whole: the next one parses alone, with its own bytes.

@@ -68,6 +68,8 @@ def make_folder(base: Path) -> Path:
 
 
 class FolderTests(SynchronousTestCase):
+    """WidgetFolder and substitute_html: the files served, the widget names, no path out, metadata kept."""
+
     def setUp(self) -> None:
         self.base = Path(self.mktemp())
         self.base.mkdir()
@@ -125,6 +127,8 @@ class _Raw(Protocol):
 
 
 class WidgetProxyTests(TestCase):
+    """Widget assets and HTML served beside MCP on one URL, from a folder or a dev server, on loopback."""
+
     timeout = 20
 
     async def start(self, widgets: str | None = None) -> None:
@@ -234,6 +238,7 @@ class WidgetProxyTests(TestCase):
         ])
 
     async def test_dev_server(self):
+        """Assets are proxied to the dev server, and its HTML answers resources/read."""
         dev = DevServer()
         dev_port = await listen(self, TrackingSite(dev))
         await self.start(f"http://127.0.0.1:{dev_port}/")

@@ -8,13 +8,17 @@ from typing import Any, Callable
 
 from hypothesis import given
 from hypothesis import strategies as st
+from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IAgent, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
 
 from mcpr.common.names import LABEL, matches
 from mcpr.common.protocol import Refused
@@ -51,6 +55,8 @@ def authenticate(auth: Authenticator, token: Any, subdomain: str | None = None) 
 
 
 class StaticTokenTests(SynchronousTestCase):
+    """Static token specs (`token:pattern,...`): parsing, checks, and never repeating the token."""
+
     def test_parse(self) -> None:
         self.assertEqual(parse_static_token("abc:alice,alice-*"), StaticToken("abc", ("alice", "alice-*")))
         self.assertEqual(parse_static_token("abc: alice , bob ,"), StaticToken("abc", ("alice", "bob")))
@@ -74,6 +80,8 @@ class StaticTokenTests(SynchronousTestCase):
 
 
 class AuthFailedTests(SynchronousTestCase):
+    """AuthFailed's close reason: fits a close frame, whatever the text."""
+
     def test_reason_fits_a_close_frame(self) -> None:
         reason = AuthFailed("é" * 200).reason
         self.assertLessEqual(len(reason.encode()), 120)
@@ -133,6 +141,8 @@ class LocalModeTests(SynchronousTestCase):
 
 
 class AuthorizeTests(SynchronousTestCase):
+    """authorize(): the subdomain a grant registers, or the patterns it offers."""
+
     grant = Grant(owner_id(TOKEN), ("alice", "alice-*"), "static")
     open_grant = Grant(owner_id(TOKEN), None, "open")
 
@@ -195,13 +205,34 @@ class FakeProvider(Resource):
         self.answer = answer
         self.seen: list[Seen] = []
         self.gone: Deferred[None] = Deferred()
+        self.asked: Deferred[None] = Deferred()
 
     def render_POST(self, request: Request) -> bytes | int:
         self.seen.append(Seen(request.path, request.getHeader(b"x-relay-secret"),
                               request.getHeader(b"cookie"), request.getHeader(b"content-type"),
                               json.loads(request.content.read()), request.channel))
         request.notifyFinish().addErrback(lambda _: self.gone.callback(None))
+        if not self.asked.called:
+            self.asked.callback(None)
         return self.answer(request)
+
+
+@implementer(IAgent)
+class Answered:
+    """An agent that says when a response's head has arrived, i.e. its caller is reading the body
+    (the Authenticator's own client does not say)."""
+
+    def __init__(self, agent: IAgent) -> None:
+        self._agent = agent
+        self.answered: Deferred[None] = Deferred()
+
+    def request(self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None) -> Deferred:
+        def arrived(response: IResponse) -> IResponse:
+            # Next turn: by then the caller has taken the response and started reading its body.
+            reactor.callLater(0, self.answered.callback, None)
+            return response
+
+        return self._agent.request(method, uri, headers, bodyProducer).addCallback(arrived)
 
 
 def reply(status: int, body: Any, raw: bool = False) -> Callable[[Request], bytes]:
@@ -227,10 +258,11 @@ class ProviderTests(TestCase):
 
     async def provider(self, answer: Callable[[Request], bytes | int], *, path: str = "",
                        secret: str | None = SECRET,
-                       static: tuple[StaticToken, ...] = ()) -> tuple[Authenticator, FakeProvider]:
+                       static: tuple[StaticToken, ...] = (),
+                       client: HTTPClient | None = None) -> tuple[Authenticator, FakeProvider]:
         stub = FakeProvider(answer)
         port = await listen(self, TrackingSite(stub))
-        auth = Authenticator(reactor, static, f"http://127.0.0.1:{port}{path}", secret, timeout=0.3)
+        auth = Authenticator(reactor, static, f"http://127.0.0.1:{port}{path}", secret, timeout=0.3, client=client)
         self.addCleanup(auth.close)
         return auth, stub
 
@@ -251,74 +283,60 @@ class ProviderTests(TestCase):
         self.assertTrue(warnings, texts)
         return warnings
 
-    def test_allowed(self):
-        async def t():
-            logs = capture_logs(self)
-            auth, stub = await self.provider(reply(200, {"subdomains": ["alice", "Alice", "a**", "alice-*"]}))
-            grant = await auth.authenticate(TOKEN, "alice")
-            self.assertEqual(grant, Grant(owner_id(TOKEN), ("alice", "alice-*"), "provider"))
-            [seen] = stub.seen
-            self.assertEqual(seen.path, b"/api/verify")
-            self.assertEqual(seen.secret, SECRET.encode())
-            self.assertTrue(seen.content_type.startswith(b"application/json"), seen.content_type)
-            self.assertEqual(seen.body, {"token": TOKEN, "subdomain": "alice"})
-            warnings = self.assertQuietAboutSecrets(logs)
-            self.assertEqual(len(warnings), 2)
-            self.assertIn("'Alice'", warnings[0])
-        return Deferred.fromCoroutine(t())
+    async def test_allowed(self) -> None:
+        logs = capture_logs(self)
+        auth, stub = await self.provider(reply(200, {"subdomains": ["alice", "Alice", "a**", "alice-*"]}))
+        grant = await auth.authenticate(TOKEN, "alice")
+        self.assertEqual(grant, Grant(owner_id(TOKEN), ("alice", "alice-*"), "provider"))
+        [seen] = stub.seen
+        self.assertEqual(seen.path, b"/api/verify")
+        self.assertEqual(seen.secret, SECRET.encode())
+        self.assertTrue(seen.content_type.startswith(b"application/json"), seen.content_type)
+        self.assertEqual(seen.body, {"token": TOKEN, "subdomain": "alice"})
+        warnings = self.assertQuietAboutSecrets(logs)
+        self.assertEqual(len(warnings), 2)
+        self.assertIn("'Alice'", warnings[0])
 
-    def test_no_subdomain_requested_and_no_secret(self):
-        async def t():
-            auth, stub = await self.provider(reply(200, {"subdomains": ["*"]}), secret=None)
-            self.assertEqual((await auth.authenticate(TOKEN)).patterns, ("*",))
-            # An invalid label is not passed on; authorize() rejects it with 4004.
-            await auth.authenticate(TOKEN, "Not A Label")
-            self.assertEqual([s.secret for s in stub.seen], [None, None])
-            self.assertEqual([s.body for s in stub.seen], [{"token": TOKEN, "subdomain": None}] * 2)
-        return Deferred.fromCoroutine(t())
+    async def test_no_subdomain_requested_and_no_secret(self) -> None:
+        auth, stub = await self.provider(reply(200, {"subdomains": ["*"]}), secret=None)
+        self.assertEqual((await auth.authenticate(TOKEN)).patterns, ("*",))
+        # An invalid label is not passed on; authorize() rejects it with 4004.
+        await auth.authenticate(TOKEN, "Not A Label")
+        self.assertEqual([s.secret for s in stub.seen], [None, None])
+        self.assertEqual([s.body for s in stub.seen], [{"token": TOKEN, "subdomain": None}] * 2)
 
-    def test_path_prefix_and_trailing_slash(self):
-        async def t():
-            for path in ["/", "/relay", "/relay/"]:
-                auth, stub = await self.provider(reply(200, {"subdomains": []}), path=path)
-                await auth.authenticate(TOKEN)
-                self.assertEqual(stub.seen[0].path, path.rstrip("/").encode() + b"/api/verify")
-        return Deferred.fromCoroutine(t())
+    async def test_path_prefix_and_trailing_slash(self) -> None:
+        for path in ["/", "/relay", "/relay/"]:
+            auth, stub = await self.provider(reply(200, {"subdomains": []}), path=path)
+            await auth.authenticate(TOKEN)
+            self.assertEqual(stub.seen[0].path, path.rstrip("/").encode() + b"/api/verify")
 
-    def test_connection_reused_and_no_cookies_replayed(self):
+    async def test_connection_reused_and_no_cookies_replayed(self) -> None:
         def answer(request: Request) -> bytes:
             request.addCookie(b"session", b"for-the-first-token", path=b"/")
             return b'{"subdomains": ["*"]}'
 
-        async def t():
-            auth, stub = await self.provider(answer)
-            await auth.authenticate("first")
-            await auth.authenticate("second")
-            self.assertEqual([s.cookie for s in stub.seen], [None, None])
-            # Our own persistent pool: both calls went over one connection.
-            self.assertIs(stub.seen[0].channel, stub.seen[1].channel)
-        return Deferred.fromCoroutine(t())
+        auth, stub = await self.provider(answer)
+        await auth.authenticate("first")
+        await auth.authenticate("second")
+        self.assertEqual([s.cookie for s in stub.seen], [None, None])
+        # Our own persistent pool: both calls went over one connection.
+        self.assertIs(stub.seen[0].channel, stub.seen[1].channel)
 
-    def test_401_with_the_providers_error(self):
-        async def t():
-            auth, _ = await self.provider(reply(401, {"error": "token expired"}))
-            self.assertEqual(await self.refused(auth), "token expired")
-        return Deferred.fromCoroutine(t())
+    async def test_401_with_the_providers_error(self) -> None:
+        auth, _ = await self.provider(reply(401, {"error": "token expired"}))
+        self.assertEqual(await self.refused(auth), "token expired")
 
-    def test_403_without_a_body(self):
-        async def t():
-            auth, _ = await self.provider(reply(403, b"", raw=True))
-            self.assertEqual(await self.refused(auth), "invalid token")
-        return Deferred.fromCoroutine(t())
+    async def test_403_without_a_body(self) -> None:
+        auth, _ = await self.provider(reply(403, b"", raw=True))
+        self.assertEqual(await self.refused(auth), "invalid token")
 
-    def test_long_provider_error_is_cut(self):
-        async def t():
-            auth, _ = await self.provider(reply(403, {"error": "ü" * 300}))
-            reason = await self.refused(auth)
-            self.assertEqual(reason, "ü" * 60)
-        return Deferred.fromCoroutine(t())
+    async def test_long_provider_error_is_cut(self) -> None:
+        auth, _ = await self.provider(reply(403, {"error": "ü" * 300}))
+        reason = await self.refused(auth)
+        self.assertEqual(reason, "ü" * 60)
 
-    def test_unavailable(self):
+    async def test_unavailable(self) -> None:
         cases = {
             "500": reply(500, {"error": "boom"}),
             "malformed": reply(200, b'{"subdomains": [', raw=True),
@@ -331,70 +349,69 @@ class ProviderTests(TestCase):
             "redirect": reply(307, b"", raw=True),
         }
 
-        async def t():
-            logs = capture_logs(self)
-            for name, answer in cases.items():
-                auth, stub = await self.provider(answer)
-                self.assertEqual(await self.refused(auth), "auth provider unavailable", name)
-                self.assertEqual(len(stub.seen), 1, name)
-            warnings = self.assertQuietAboutSecrets(logs)
-            self.assertEqual(len(warnings), len(cases))
-            self.assertIn("HTTP 500", warnings[0])
-            self.assertIn("HTTP 307", warnings[-1])
-            self.assertIn("larger than 65536 bytes", warnings[-2])
-        return Deferred.fromCoroutine(t())
+        logs = capture_logs(self)
+        for name, answer in cases.items():
+            auth, stub = await self.provider(answer)
+            self.assertEqual(await self.refused(auth), "auth provider unavailable", name)
+            self.assertEqual(len(stub.seen), 1, name)
+        warnings = self.assertQuietAboutSecrets(logs)
+        self.assertEqual(len(warnings), len(cases))
+        self.assertIn("HTTP 500", warnings[0])
+        self.assertIn("HTTP 307", warnings[-1])
+        self.assertIn("larger than 65536 bytes", warnings[-2])
 
-    def test_no_answer_times_out_and_drops_the_connection(self):
-        async def t():
-            for answer in [never, stall_mid_body]:
-                logs = capture_logs(self)
-                auth, stub = await self.provider(answer)
-                started = reactor.seconds()
-                self.assertEqual(await self.refused(auth), "auth provider unavailable")
-                self.assertLess(reactor.seconds() - started, 2)
-                await stub.gone
-                [warning] = self.assertQuietAboutSecrets(logs)
-                self.assertIn("no answer within 0.3 s", warning)
-        return Deferred.fromCoroutine(t())
-
-    def test_caller_cancelling_is_not_an_outage(self):
-        async def t():
+    async def test_no_answer_times_out_and_drops_the_connection(self) -> None:
+        for answer in [never, stall_mid_body]:
             logs = capture_logs(self)
-            for answer in [never, stall_mid_body]:
-                auth, stub = await self.provider(answer)
-                d = authenticate(auth, TOKEN)
-                while not stub.seen:
-                    await deferLater(reactor, 0.01)
-                await deferLater(reactor, 0.05)  # for stall_mid_body: into the body
-                d.cancel()
-                self.failureResultOf(d, CancelledError)
-                await stub.gone
-            self.assertEqual([e for e in logs if e.get("log_level") == LogLevel.warn], [])
-        return Deferred.fromCoroutine(t())
-
-    def test_connection_refused(self):
-        async def t():
-            logs = capture_logs(self)
-            # HostnameEndpoint reports a refusal only at its next 0.3 s attempt tick.
-            auth = Authenticator(reactor, provider=f"http://127.0.0.1:{free_port()}", timeout=2)
-            self.addCleanup(auth.close)
+            auth, stub = await self.provider(answer)
+            started = reactor.seconds()
             self.assertEqual(await self.refused(auth), "auth provider unavailable")
+            self.assertLess(reactor.seconds() - started, 2)
+            await stub.gone
             [warning] = self.assertQuietAboutSecrets(logs)
-            self.assertIn("refused", warning)
-        return Deferred.fromCoroutine(t())
+            self.assertIn("no answer within 0.3 s", warning)
 
-    def test_static_tokens_win_over_the_provider(self):
-        async def t():
-            auth, stub = await self.provider(reply(200, {"subdomains": ["*"]}),
-                                             static=(StaticToken(TOKEN, ("alice",)),))
-            self.assertEqual((await auth.authenticate(TOKEN)).source, "static")
-            self.assertEqual(await self.refused(auth, "other"), "invalid token")
-            self.assertEqual(stub.seen, [])
-            # Once the static tokens are gone, the provider decides.
-            auth.reload_static([])
-            self.assertEqual((await auth.authenticate(TOKEN)).source, "provider")
-            self.assertEqual(len(stub.seen), 1)
-        return Deferred.fromCoroutine(t())
+    async def test_caller_cancelling_is_not_an_outage(self) -> None:
+        """Cancelled before the provider answers, then while it sends the body: the request is
+        dropped, and no outage is logged."""
+        logs = capture_logs(self)
+        auth, stub = await self.provider(never)
+        d = authenticate(auth, TOKEN)
+        await stub.asked
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        await stub.gone
+
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(pool.closeCachedConnections)
+        agent = Answered(Agent(reactor, pool=pool))
+        auth, stub = await self.provider(stall_mid_body, client=HTTPClient(agent))
+        d = authenticate(auth, TOKEN)
+        await agent.answered
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        await stub.gone
+        self.assertEqual([e for e in logs if e.get("log_level") == LogLevel.warn], [])
+
+    async def test_connection_refused(self) -> None:
+        logs = capture_logs(self)
+        # HostnameEndpoint reports a refusal only at its next 0.3 s attempt tick.
+        auth = Authenticator(reactor, provider=f"http://127.0.0.1:{free_port()}", timeout=2)
+        self.addCleanup(auth.close)
+        self.assertEqual(await self.refused(auth), "auth provider unavailable")
+        [warning] = self.assertQuietAboutSecrets(logs)
+        self.assertIn("refused", warning)
+
+    async def test_static_tokens_win_over_the_provider(self) -> None:
+        auth, stub = await self.provider(reply(200, {"subdomains": ["*"]}),
+                                         static=(StaticToken(TOKEN, ("alice",)),))
+        self.assertEqual((await auth.authenticate(TOKEN)).source, "static")
+        self.assertEqual(await self.refused(auth, "other"), "invalid token")
+        self.assertEqual(stub.seen, [])
+        # Once the static tokens are gone, the provider decides.
+        auth.reload_static([])
+        self.assertEqual((await auth.authenticate(TOKEN)).source, "provider")
+        self.assertEqual(len(stub.seen), 1)
 
     def test_provider_url_must_be_http(self):
         for url in ["ftp://example.com", "example.com", "http://"]:

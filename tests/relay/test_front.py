@@ -17,7 +17,10 @@ DOMAIN = "tunnel.example.com"
 
 
 class HostTests(SynchronousTestCase):
+    """split_host: which Host headers name a tunnel, the relay itself, or neither."""
+
     def test_cases(self) -> None:
+        """Case, ports and a trailing dot are ignored; nested, invalid and foreign names route nowhere."""
         cases = {
             b"abc.tunnel.example.com": ("tunnel", "abc"),
             b"ABC.Tunnel.Example.COM:443": ("tunnel", "abc"),
@@ -46,6 +49,8 @@ class HostTests(SynchronousTestCase):
 
 
 class ForwardingTests(SynchronousTestCase):
+    """The relay's front in memory: forwarding into a tunnel, its own answers, and its access log."""
+
     def setUp(self) -> None:
         self.relay = MemoryRelay(relay_settings(self, max_in_flight="1", headers_timeout="5"))
         self.tunnel = self.relay.tunnel("a")
@@ -79,6 +84,7 @@ class ForwardingTests(SynchronousTestCase):
         self.assertEqual(self.access_log(), ["a GET / - 0B 0ms (client-gone)"])
 
     def test_relay_answers(self) -> None:
+        """502 for an unknown tunnel, 503 past max-in-flight, 504 on a headers timeout, each logged once."""
         missing = self.relay.request("b.tunnel.test")
         self.assertIn(b"502 Bad Gateway", missing.value())
         self.assertTrue(missing.value().endswith(b"tunnel not found\n"))
@@ -92,6 +98,7 @@ class ForwardingTests(SynchronousTestCase):
         self.assertEqual(self.access_log(), ["b GET / 502 17B 0ms", "a GET /2 503 18B 0ms", "a GET /1 504 23B 5000ms"])
 
     def test_health(self) -> None:
+        """/healthz reports status, domain, tunnels and requests in flight."""
         client = self.relay.request("127.0.0.1", "/healthz")
         body = client.value().split(b"\r\n\r\n", 1)[1]
         health = json.loads(body)

@@ -19,6 +19,8 @@ class _Tunnel:
 
 
 class RegistryTests(SynchronousTestCase):
+    """Registry: one live owner per subdomain, takeovers, and the per-owner tunnel limit."""
+
     def test_same_owner_takes_over_and_old_cleanup_is_harmless(self) -> None:
         registry = Registry(max_per_owner=8)
         old, new = _Tunnel("a", "alice"), _Tunnel("a", "alice")

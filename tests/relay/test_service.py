@@ -17,6 +17,8 @@ GOING_AWAY = (1001, "relay shutting down")
 
 
 class DrainTests(SynchronousTestCase):
+    """RelayService.stopService: in-flight requests drain, then the tunnels close."""
+
     def setUp(self) -> None:
         self.relay = MemoryRelay(relay_settings(self, drain_timeout="10"))
         self.relay.service.startService()
@@ -73,6 +75,8 @@ class DrainTests(SynchronousTestCase):
 
 
 class ReloadTests(SynchronousTestCase):
+    """RelayService.reload: revoked static tokens lose their tunnels; a broken file changes nothing."""
+
     def test_revoked_tokens_close_their_tunnels(self) -> None:
         running = relay_settings(self, "keep:a", "drop:b")
         fresh = relay_settings(self, "keep:a")

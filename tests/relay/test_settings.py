@@ -16,6 +16,8 @@ from tests.support.settings import assert_options_cover
 
 
 class RelaySettingsTests(SynchronousTestCase):
+    """load_relay: defaults, legacy keys, static tokens and the error messages."""
+
     def setUp(self) -> None:
         self.dir = Path(self.mktemp())
         self.dir.mkdir()
@@ -87,6 +89,8 @@ class RelaySettingsTests(SynchronousTestCase):
 
 
 class OptionsTests(SynchronousTestCase):
+    """`twist mcpr-relay`'s usage.Options, generated from the relay's settings table."""
+
     def setUp(self) -> None:
         self.config = Path(self.mktemp())
         self.config.write_text('mode = "relay"\n')

@@ -4,7 +4,7 @@ SSE stream whose client disconnect is observable.
     GET  /bulk?size=N   N bytes, streamed with backpressure
     PUT  /sink          reads the body, answers its size and sha256
     GET  /mcp           (Accept: text/event-stream) an event every 50 ms until the client leaves
-    GET  /status        {"sse_open": n, "sse_closed": n}
+    GET  /status        {"sse_open": n, "sse_closed": n}; with ?closed=N, once N streams have closed
     GET  /broken        some bytes, then the connection is cut
     GET  /cookies       two Set-Cookie headers, and the request's hop-by-hop headers echoed
 
@@ -21,7 +21,7 @@ from twisted.internet import reactor
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import LoopingCall
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
 CHUNK = b"x" * 65536
@@ -63,6 +63,7 @@ class Upstream(Resource):
         super().__init__()
         self.sse_open = 0
         self.sse_closed = 0
+        self.waiting: list[tuple[int, Request]] = []  # /status?closed=N requests, until N streams closed
 
     def render_GET(self, request):
         if request.path == b"/bulk":
@@ -83,8 +84,13 @@ class Upstream(Resource):
             request.setHeader(b"x-echo-custom", b",".join(request.requestHeaders.getRawHeaders(b"x-custom", [])))
             return b"ok"
         if request.path == b"/status":
-            request.setHeader(b"content-type", b"application/json")
-            return json.dumps({"sse_open": self.sse_open, "sse_closed": self.sse_closed}).encode()
+            closed = int(request.args.get(b"closed", [b"0"])[0])
+            if self.sse_closed >= closed:
+                return self.status(request)
+            entry = (closed, request)
+            self.waiting.append(entry)
+            request.notifyFinish().addErrback(lambda _: entry in self.waiting and self.waiting.remove(entry))
+            return NOT_DONE_YET
         if request.path == b"/mcp":
             request.setHeader(b"content-type", b"text/event-stream")
             self.sse_open += 1
@@ -96,11 +102,20 @@ class Upstream(Resource):
                 beat.stop()
                 self.sse_open -= 1
                 self.sse_closed += 1
+                ready = [r for closed, r in self.waiting if self.sse_closed >= closed]
+                self.waiting = [(closed, r) for closed, r in self.waiting if self.sse_closed < closed]
+                for waiting in ready:
+                    waiting.write(self.status(waiting))
+                    waiting.finish()
 
             request.notifyFinish().addBoth(gone)
             return NOT_DONE_YET
         request.setResponseCode(404)
         return b"not found"
+
+    def status(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps({"sse_open": self.sse_open, "sse_closed": self.sse_closed}).encode()
 
     def render_PUT(self, request):
         digest = hashlib.sha256()

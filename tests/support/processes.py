@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
 from twisted.internet.utils import getProcessOutputAndValue
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,18 +42,57 @@ class Process:
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def _line_with(self, needle: str) -> str | None:
+        for line in self.output().splitlines():
+            if needle in line:
+                return line
+        return None
+
+    def _exited(self) -> AssertionError | None:
+        if self.popen.poll() is None:
+            return None
+        return AssertionError(f"process exited ({self.popen.returncode}):\n{self.output()}")
+
     def wait_for(self, needle: str, timeout: float = 20.0) -> str:
         """Block until `needle` appears in the output (start-up only; the reactor is not running
         anything of ours yet); returns the line that holds it."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for line in self.output().splitlines():
-                if needle in line:
-                    return line
-            if self.popen.poll() is not None:
-                raise AssertionError(f"process exited ({self.popen.returncode}):\n{self.output()}")
+            if (line := self._line_with(needle)) is not None:
+                return line
+            if (exited := self._exited()) is not None:
+                raise exited
             time.sleep(0.05)
         raise AssertionError(f"{needle!r} not seen within {timeout} s:\n{self.output()}")
+
+    def line(self, needle: str, timeout: float = 20.0) -> Deferred[str]:
+        """The first line of the output that holds `needle`, once there is one.
+
+        For a test that waits on the process while the reactor runs.  The
+        output is a file, which says nothing when it grows, so this looks at it
+        every 50 ms: the one place the tests poll while the reactor runs.  Fails
+        when the process exits first or `timeout` passes; cancelling stops it.
+        """
+        deadline = reactor.seconds() + timeout
+        found: list[str] = []
+
+        def look() -> None:
+            if (line := self._line_with(needle)) is not None:
+                found.append(line)
+                loop.stop()
+            elif (exited := self._exited()) is not None:
+                raise exited
+            elif reactor.seconds() > deadline:
+                raise AssertionError(f"{needle!r} not seen within {timeout} s:\n{self.output()}")
+
+        def stopped(_: object) -> None:
+            if found:  # else a cancel stopped the loop, and fails `seen` itself
+                seen.callback(found[0])
+
+        loop = LoopingCall(look)
+        seen: Deferred[str] = Deferred(lambda _: loop.stop() if loop.running else None)
+        loop.start(0.05).addCallbacks(stopped, seen.errback)
+        return seen
 
     def stop(self) -> None:
         if self.popen.poll() is None:
@@ -76,6 +117,14 @@ def start_upstream(testcase) -> tuple[Process, str]:
     server = Process(testcase, python(str(ROOT / "examples" / "demo_server.py"), "--port", "0"), name="server")
     url = server.wait_for("LISTENING").split()[-1]
     return server, url
+
+
+def start_relay(testcase, domain: str, *args: str, env: dict[str, str] | None = None) -> tuple[Process, int]:
+    """`twist mcpr-relay` for `domain` on a free loopback port: the process and the port it took."""
+    relay = Process(testcase, twist("mcpr-relay", "--domain", domain, "--listen", "tcp:0:interface=127.0.0.1",
+                                    *args), name="relay", env=env)
+    line = relay.wait_for("listening on 127.0.0.1:")
+    return relay, int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))
 
 
 def start_gateway(testcase, mcp: str, *extra: str, cwd: Path | None = None) -> tuple[Process, str]:
