@@ -7,9 +7,8 @@ document and test.  Logs are text unless `--log-format` says otherwise.
 
 from __future__ import annotations
 
+import runpy
 import sys
-
-from twisted.application.twist._twist import Twist
 
 # `twist` options that may precede the plugin's, in either spelling.
 _TWIST_OPTIONS = ("--log-format", "--log-level", "--log-file", "--reactor")
@@ -34,4 +33,6 @@ def twist_argv(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
-    Twist.main(twist_argv(sys.argv[1:]))
+    """Run `python -m twisted` (the documented way to run `twist`) on the translated command line."""
+    sys.argv[:] = twist_argv(sys.argv[1:])
+    runpy.run_module("twisted", run_name="__main__", alter_sys=True)

@@ -1,9 +1,14 @@
 """The `mcpr` console script maps the original spelling onto the twist plugins."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from mcpr import __version__
 from mcpr.cli import twist_argv
 
 
@@ -29,3 +34,17 @@ class CliTests(SynchronousTestCase):
         names = {p.tapname for p in getPlugins(IServiceMaker)}
         for tapname in ("mcpr", "mcpr-relay"):
             self.assertIn(tapname, names)
+
+    def test_console_script_runs_the_plugins(self) -> None:
+        """The installed `mcpr` script really starts `twist`: the gateway's and the relay's option
+        parsers answer (a wrong option is their one-line usage error, not a traceback)."""
+        script = Path(sys.executable).parent / "mcpr"
+        if not script.exists():
+            raise SkipTest(f"no installed console script at {script}")
+        version = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60)
+        self.assertEqual((version.returncode, version.stdout.strip()), (0, f"mcpr {__version__}"))
+        relay = subprocess.run([str(script), "--relay", "--no-such-option"], capture_output=True, text=True,
+                               timeout=60)
+        self.assertNotEqual(relay.returncode, 0)
+        self.assertIn("no-such-option", relay.stdout + relay.stderr)
+        self.assertNotIn("Traceback", relay.stdout + relay.stderr)
