@@ -218,6 +218,8 @@ class Session:
         self.procs: dict[str, subprocess.Popen] = {}
         self.upstream = "nginx"
 
+    py_spy_bin = "py-spy"
+
     def want(self, path: str) -> bool:
         return path in self.args.paths
 
@@ -441,9 +443,15 @@ class Session:
         a = self.args
         if a.warmup > 0:
             self.wrk(path, concurrency, a.warmup)
+        spies = self.py_spy(path, concurrency, round_no)
         before = self.snapshot()
         w, client_cpu = self.wrk(path, concurrency, a.duration)
         after = self.snapshot()
+        for spy in spies:
+            try:
+                spy.wait(STARTUP_TIMEOUT)
+            finally:
+                self.children.stop(spy)
         wall = after["_wall"] - before["_wall"]  # type: ignore[operator]
         n = w["requests"]
         cpu = {g: (round(after[g] - before[g], 3) if after.get(g) is not None and before.get(g) is not None
@@ -465,6 +473,24 @@ class Session:
             "other_share": round(max(0.0, machine - ours) / wall, 3) if machine is not None and wall > 0 else None,
         }
 
+    def py_spy(self, path: str, concurrency: int, round_no: int) -> list[subprocess.Popen]:
+        """With --py-spy DIR: py-spy record on each mcpr process of the path for the measured cell."""
+        a = self.args
+        if not a.py_spy or path not in MCPR_PATHS:
+            return []
+        out = Path(a.py_spy)
+        out.mkdir(parents=True, exist_ok=True)
+        ext = {"flamegraph": "svg", "speedscope": "json", "raw": "txt"}[a.py_spy_format]
+        spies = []
+        for proc in PROCESSES[path]:
+            target = out / f"{path}-c{concurrency}-r{round_no + 1}-{proc}.{ext}"
+            cmd = [self.py_spy_bin, "record", "--pid", str(self.groups[proc][0]), "--duration", str(a.duration),
+                   "--rate", str(a.py_spy_rate), "--format", a.py_spy_format, "--output", str(target)]
+            with open(self.workdir / "py-spy.log", "ab") as log:
+                spies.append(self.children.start("py-spy", cmd, stdout=log, stderr=subprocess.STDOUT))
+        time.sleep(0.3)  # attached before the load starts
+        return spies
+
     def sse_run(self, path: str, round_no: int) -> dict:
         a = self.args
         result = self.run_json("sse", self.client("sse", path, "--warmup", str(a.sse_warmup), "--duration",
@@ -485,8 +511,23 @@ class Session:
                      and wall > 0 else None) for g in self.groups}  # type: ignore[operator]
         return {"round": round_no, "path": path} | result | {"rss": memory, "cpu_share": share}
 
+    def ready(self, path: str, timeout: float = STARTUP_TIMEOUT) -> bool:
+        """Whether `path` answers a tools/call again (a tunnel that a burst broke reconnects on its own)."""
+        port, host = self.paths[path]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if one_post(port, host, timeout=5)[0] == 200:
+                    return True
+            except OSError:
+                pass
+            time.sleep(0.2)
+        return False
+
     def burst_run(self, path: str, round_no: int) -> dict:
         a = self.args
+        if not self.ready(path):
+            self.say(f"burst: {path} does not answer a tools/call; measuring it anyway")
         result = self.run_json("burst", self.client("burst", path, "--count", str(a.burst), "--sleep",
                                                        str(a.burst_sleep), "--timeout", str(a.burst_timeout)),
                                   a.burst_timeout + STARTUP_TIMEOUT)
@@ -987,6 +1028,12 @@ def main() -> int:
                         help="registrations under way at once (50: within the relay's listen backlog)")
     parser.add_argument("--idle-timeout", type=float, default=300.0, help="seconds for all registrations (300)")
     parser.add_argument("--idle-settle", type=float, help="seconds at rest after the registrations (3; --quick 0.3)")
+    parser.add_argument("--py-spy", metavar="DIR",
+                        help="profile relay and gateway with py-spy record during every measured small-request "
+                             "cell of their paths, one file per cell and process into DIR (figures then perturbed)")
+    parser.add_argument("--py-spy-format", choices=("flamegraph", "speedscope", "raw"), default="flamegraph",
+                        help="py-spy's output format (flamegraph: an SVG; raw: collapsed stacks, for grep and sort)")
+    parser.add_argument("--py-spy-rate", type=int, default=250, help="py-spy samples per second (250)")
     parser.add_argument("--peers", default=str(DEFAULT_PEERS), help="where make bench-peers installed the npm peers")
     parser.add_argument("--keep", action="store_true", help="keep the working directory (logs, configurations)")
     parser.add_argument("--json", action="store_true", help="all figures as JSON on stdout, the report on stderr")
@@ -1000,6 +1047,11 @@ def main() -> int:
             setattr(args, name, quick if args.quick else full)
     if min(args.rounds, args.duration, args.bulk_size, args.burst, args.idle, args.idle_window) < 1 or args.warmup < 0:
         parser.error("counts and durations must be positive (--warmup may be 0)")
+    if args.py_spy:
+        found = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+        if found is None:
+            parser.error("--py-spy: py-spy is not installed (make bench-peers, or .venv/bin/pip install py-spy)")
+        Session.py_spy_bin = found
     return run_guarded(run, args)
 
 
