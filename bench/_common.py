@@ -370,6 +370,19 @@ def machine_busy_seconds() -> float | None:
     return (user + nice + system + irq + softirq + steal) / CLK_TCK
 
 
+def listen_drops() -> int | None:
+    """The machine's TcpExt ListenDrops so far: SYNs and handshakes dropped by full listen queues."""
+    try:
+        lines = Path("/proc/net/netstat").read_text().splitlines()
+    except OSError:
+        return None
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split(), values.split()))
+            return int(table["ListenDrops"]) if "ListenDrops" in table else None
+    return None
+
+
 def loadavg() -> list[str] | None:
     try:
         return Path("/proc/loadavg").read_text().split()[:3]
@@ -456,4 +469,5 @@ def col(value: float | None, spec: str) -> str:
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or not b else round(a / b, 3)
+    """a / b; None without both, or when b <= 0 (an added latency that noise made negative has no ratio)."""
+    return None if a is None or b is None or b <= 0 or a in (float("inf"), float("-inf")) else round(a / b, 3)

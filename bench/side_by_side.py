@@ -59,6 +59,7 @@ from _common import (
     descendants,
     fmt,
     free_port,
+    listen_drops,
     loadavg,
     log_summary,
     machine_busy_seconds,
@@ -528,9 +529,12 @@ class Session:
         a = self.args
         if not self.ready(path):
             self.say(f"burst: {path} does not answer a tools/call; measuring it anyway")
+        drops = listen_drops()
         result = self.run_json("burst", self.client("burst", path, "--count", str(a.burst), "--sleep",
                                                        str(a.burst_sleep), "--timeout", str(a.burst_timeout)),
                                   a.burst_timeout + STARTUP_TIMEOUT)
+        after = listen_drops()
+        result["listen_drops"] = after - drops if after is not None and drops is not None else None
         return {"round": round_no, "path": path} | result
 
     def idle_run(self) -> dict:
@@ -635,7 +639,7 @@ def phase_burst(s: Session) -> list[dict]:
             run = s.burst_run(path, r)
             s.say(f"[burst {r + 1}/{s.args.rounds}] {path:<12} {run['ok']}/{run['requests']} ok, all answered after "
                   f"{fmt(run['last_answer_s'], '.2f')} s, statuses {run['by_status']}, errors {run['errors'] or '{}'}, "
-                  f"{run['slow_connects']} connects >= 200 ms")
+                  f"{run['slow_connects']} connects >= 1 s, {fmt(run['listen_drops'], 'd')} listen drops")
             runs.append(run)
             time.sleep(s.args.burst_settle)  # let the closes settle before the next path
     return runs
@@ -708,7 +712,8 @@ def summarize(small: list[dict], sse: list[dict], bulk: list[dict], burst: list[
                                                                                      for r in runs) else None,
                               "last_answer_s": median(r["last_answer_s"] for r in runs),
                               "ok": [r["ok"] for r in runs], "by_status": [r["by_status"] for r in runs],
-                              "errors": [r["errors"] for r in runs], "slow_connects": [r["slow_connects"] for r in runs]}
+                              "errors": [r["errors"] for r in runs], "slow_connects": [r["slow_connects"] for r in runs],
+                              "listen_drops": [r["listen_drops"] for r in runs]}
     return out
 
 
@@ -816,6 +821,12 @@ def report(s: Session, summary: dict, rows: list[dict], fl: list[dict], idle: di
            f"  load average {' '.join(meta['loadavg_start'] or [])} at the start, "
            f"{' '.join(meta['loadavg_end'] or [])} at the end; seconds: "
            + ", ".join(f"{k} {v:g}" for k, v in meta.get("seconds", {}).items())]
+    others = sorted(c["other_share"] for c in small_cells if c["other_share"] is not None)
+    if others:
+        out.append(f"  the rest of the machine (other) during the small-request cells: median {median(others):.2f}, "
+                   f"max {others[-1]:.2f} of {meta['cpus']} cores" + ("  -- a busy machine: trust ratios of "
+                                                                        "medians only, and p99s least"
+                                                                        if median(others) > 0.25 else ""))
     for what, why in s.skipped.items():
         out.append(f"  skipped {what}: {why}")
 
@@ -878,13 +889,16 @@ def report(s: Session, summary: dict, rows: list[dict], fl: list[dict], idle: di
     burst = summary["burst"]
     if burst:
         out += ["", f"Burst: {a.burst} simultaneous POSTs, each answered after {a.burst_sleep:g} s upstream "
-                    f"(relay --max-in-flight {a.max_in_flight}); per round"]
+                    f"(relay --max-in-flight {a.max_in_flight}); per round. Listen drops: the kernel's "
+                    f"TcpExt ListenDrops during the burst (a full accept queue; the client retries its SYN "
+                    f"after 1, 3, 7, 15 s), machine-wide"]
         for p in BURST_PATHS:
             f = burst.get(p)
             if f:
                 out.append(f"  {p:<12} all 200: {'yes' if f['all_ok'] else 'NO '}  ok {f['ok']}  last answer after "
                            f"{fmt(f['last_answer_s'], '.2f')} s (median)  statuses {f['by_status']}  "
-                           f"errors {f['errors']}  connects >= 200 ms {f['slow_connects']}")
+                           f"errors {f['errors']}  connects >= 1 s {f['slow_connects']}  listen drops "
+                           f"{f['listen_drops']}")
 
     if idle is not None:
         out += ["", f"Idle tunnels: {idle['registered']} of {idle['requested']} registered on a fresh relay in "
