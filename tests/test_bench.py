@@ -26,8 +26,9 @@ class QuickBenchTests(SynchronousTestCase):
         if shutil.which("wrk") is None:
             raise SkipTest("wrk is not installed (apt-get install wrk, or make bench-peers): "
                            "the benchmark's smoke test needs it")
+        # 40 at once stays under Twisted's listen backlog (50): no SYN retries, which would cost seconds.
         cmd = [sys.executable, str(SCRIPT), "--quick", "--paths", "direct,gateway,tunnel", "--concurrency", "16",
-               "--json"]
+               "--burst", "40", "--idle", "40", "--json"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
         self.assertEqual(done.returncode, 0, f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}")
         data = json.loads(done.stdout)
@@ -42,7 +43,7 @@ class QuickBenchTests(SynchronousTestCase):
             for op in ("down", "up"):
                 self.assertFalse(summary["bulk"][f"{op}:{path}"]["errors"], (op, path))
                 self.assertGreater(summary["bulk"][f"{op}:{path}"]["mbps"], 0, (op, path))
-            self.assertEqual(summary["burst"][path]["requests"], 100, path)
+            self.assertEqual(summary["burst"][path]["requests"], 40, path)
         # CPU is charged to each process of a path, and relay + gateway to the tunnel.
         tunnel = summary["small"]["tunnel@16"]
         self.assertGreater(tunnel["cpu_us_per_request"]["relay"], 0)
