@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test bench clean venv
+.PHONY: demo test bench bench-quick bench-peers clean venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,10 +25,27 @@ test: $(STAMP)
 	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q tests
 
+# mcpr side by side with its peers (nginx, localtunnel), one interleaved session, then the CSP rewrite;
+# a peer that is not installed is skipped, saying how to install it. See bench/README.md.
 bench: $(STAMP)
-	$(BIN)/python bench/proxy_overhead.py
-	$(BIN)/python bench/tunnel.py
+	$(BIN)/python bench/side_by_side.py
 	$(BIN)/python bench/csp_rewrite.py
+
+bench-quick: $(STAMP)
+	$(BIN)/python bench/side_by_side.py --quick
+
+# The peers and tools of `make bench`: nginx and wrk (Debian packages; needs root), node, the npm
+# peers into bench/peers/ (git-ignored; versions pinned by bench/peers.package-lock.json, install
+# scripts off), and py-spy into the venv for profiling.
+PEERS := bench/peers
+bench-peers: $(STAMP)
+	command -v nginx >/dev/null && command -v wrk >/dev/null && command -v npm >/dev/null || \
+		{ apt-get update && apt-get install -y nginx wrk nodejs npm; }
+	mkdir -p $(PEERS)
+	cp bench/peers.package.json $(PEERS)/package.json
+	cp bench/peers.package-lock.json $(PEERS)/package-lock.json
+	cd $(PEERS) && npm ci --ignore-scripts --no-audit --no-fund
+	$(BIN)/python -m pip install --quiet py-spy
 
 clean:
 	rm -rf $(VENV) build *.egg-info _trial_temp .pytest_cache .hypothesis

@@ -1,45 +1,46 @@
-"""What the benchmarks in bench/ share: HTTP/1.1 framing, a fast upstream, the load generator, child processes.
+"""What bench/side_by_side.py and its child-process roles (bench/_roles.py) share.
 
-Imported by bench/proxy_overhead.py and bench/tunnel.py (each runs as a
-script, so this file's folder is on sys.path).  The load generator and the
-upstream run in their own processes: each script starts itself again with
-`--role load` or `--role upstream` and calls `generate_load()` or
-`serve_upstream()` from here.
+HTTP/1.1 framing (just enough: keep-alive, Content-Length, chunked), child
+processes that are stopped whatever happens, and what /proc says about a
+process (CPU time, resident memory, its children).  Both scripts run as
+scripts, so this file's folder is on sys.path.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import collections
 import contextlib
-import gc
-import itertools
-import json
 import math
 import os
 import re
 import select
 import signal
+import socket
+import statistics
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 HOST = "127.0.0.1"
 MCP_PATH = "/mcp"
-REQUEST_BODY = b'{"jsonrpc":"2.0","id":%d,"method":"tools/call","params":{"name":"add","arguments":{"a":1,"b":2}}}'
-RESULT_BODY = '{"jsonrpc":"2.0","id":%s,"result":{"content":[{"type":"text","text":"3"}],"isError":false}}'
+
+# The small request every load cell sends (wrk sends the same bytes each time), and the answer
+# every upstream gives to it: a ~200-byte JSON-RPC result, as in issue 11's table.
+REQUEST_BODY = (b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add",'
+                b'"arguments":{"a":1,"b":2}}}')
+RESULT_BODY = (b'{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"1 + 2 = 3"}],'
+               b'"structuredContent":{"sum":3,"a":1,"b":2},"isError":false,'
+               b'"_meta":{"server":"bench-upstream","took_ms":0,"note":"a small tools/call answer"}}}')
 
 STARTUP_TIMEOUT = 20.0
-DRAIN_TIMEOUT = 5.0  # after the window, for answers still in flight
 
 
 # ---------------------------------------------------------------------------
-# HTTP/1.1 message framing shared by the upstream and the client (just enough:
-# keep-alive, Content-Length, chunked answers for the client's sake).
+# HTTP/1.1 message framing.
 
 
 @dataclass
@@ -48,6 +49,14 @@ class Head:
     length: int | None = None
     chunked: bool = False
     close: bool = False
+
+    @property
+    def status(self) -> int:
+        """A response's status code (0 if the line is not a status line)."""
+        try:
+            return int(self.start_line[9:12])
+        except ValueError:
+            return 0
 
 
 def parse_head(head: bytes) -> Head:
@@ -67,267 +76,128 @@ def parse_head(head: bytes) -> Head:
     return parsed
 
 
-def dechunk(buf: bytes, pos: int) -> tuple[bytes, int] | None:
-    """A chunked body starting at `pos`: (body, end offset), or None if incomplete."""
-    parts = []
+class BodyReader:
+    """Counts (and, if asked, keeps) a body fed in pieces; `feed` returns what lies past its end."""
+
+    def __init__(self, head: Head, keep: bool = False, request: bool = False) -> None:
+        self.length = head.length if head.length is not None or head.chunked or not request else 0
+        self.chunked = head.chunked
+        self.keep = keep
+        self.received = 0
+        self.done = not self.chunked and self.length == 0
+        self.pieces: list[bytes] = []
+        self._pending = b""
+        self._left = 0  # of the current chunk
+        self._skip = 0  # CRLF after a chunk
+        self._trailers = False
+
+    def take(self) -> bytes:
+        data, self.pieces = b"".join(self.pieces), []
+        return data
+
+    def _got(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.keep:
+            self.pieces.append(data)
+
+    def feed(self, data: bytes) -> bytes:
+        if self.done:
+            return data
+        if not self.chunked:
+            if self.length is None:  # up to the close
+                self._got(data)
+                return b""
+            need = self.length - self.received
+            self._got(data[:need] if len(data) > need else data)
+            self.done = self.received >= self.length
+            return data[need:] if len(data) > need else b""
+        buf = self._pending + data if self._pending else data
+        self._pending = b""
+        pos = 0
+        while pos < len(buf):
+            if self._left:
+                piece = buf[pos:pos + self._left]
+                self._got(piece)
+                self._left -= len(piece)
+                pos += len(piece)
+                if not self._left:
+                    self._skip = 2
+                continue
+            if self._skip:
+                n = min(self._skip, len(buf) - pos)
+                self._skip -= n
+                pos += n
+                continue
+            eol = buf.find(b"\r\n", pos)
+            if eol < 0:
+                self._pending = buf[pos:]
+                return b""
+            line, pos = buf[pos:eol], eol + 2
+            if self._trailers:
+                if not line:
+                    self.done = True
+                    return buf[pos:]
+                continue
+            size = int(line.split(b";", 1)[0], 16)
+            if size:
+                self._left = size
+            else:
+                self._trailers = True
+        return b""
+
+
+def read_head(sock: socket.socket) -> tuple[Head, bytes]:
+    """A response head from a blocking socket, and the bytes read past it."""
+    buf = b""
     while True:
-        eol = buf.find(b"\r\n", pos)
-        if eol < 0:
-            return None
-        size = int(buf[pos:eol].split(b";", 1)[0], 16)
-        pos = eol + 2
-        if size == 0:
-            end = buf.find(b"\r\n\r\n", pos - 2)  # no trailers: the CRLF right after "0\r\n"
-            return None if end < 0 else (b"".join(parts), end + 4)
-        if len(buf) < pos + size + 2:
-            return None
-        parts.append(buf[pos:pos + size])
-        pos += size + 2
+        end = buf.find(b"\r\n\r\n")
+        if end >= 0:
+            return parse_head(buf[:end]), buf[end + 4:]
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("closed before the response head")
+        buf += data
 
 
-# ---------------------------------------------------------------------------
-# The upstream: `--role upstream` prints its port, then serves until killed.
-
-
-def answer(body: bytes) -> bytes:
-    try:
-        rid = json.dumps(json.loads(body)["id"], separators=(",", ":"))
-    except (ValueError, KeyError, TypeError):
-        rid = "null"
-    payload = (RESULT_BODY % rid).encode()
-    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
-        len(payload), payload)
-
-
-class UpstreamProtocol(asyncio.Protocol):
-    """HTTP/1.1 keep-alive framing for the benchmarks' upstreams; `respond` says what each request gets.
-
-    A subclass answers more paths by overriding `respond`, and may take over a request whose body
-    it wants to stream (`takes_body`) or the whole connection (`respond` returning False).
-    """
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.buf = b""
-
-    def data_received(self, data: bytes) -> None:
-        buf = self.buf + data if self.buf else data
-        while True:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
+def read_body(sock: socket.socket, head: Head, rest: bytes, keep: bool) -> BodyReader:
+    """The rest of a response body from a blocking socket, counted (and kept if asked)."""
+    body = BodyReader(head, keep=keep)
+    body.feed(rest)
+    if not body.chunked and not keep:  # the fast path: count into one buffer
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
+        while not body.done:
+            want = len(buf) if body.length is None else min(len(buf), body.length - body.received)
+            n = sock.recv_into(view, want)
+            if not n:
                 break
-            head = parse_head(buf[:end])
-            if self.takes_body(head):
-                self.buf = b""
-                self.data_received(buf[end + 4:])
-                return
-            if head.chunked:
-                self.transport.write(b"HTTP/1.1 411 Length Required\r\nContent-Length: 0\r\n"
-                                     b"Connection: close\r\n\r\n")
-                self.transport.close()
-                return
-            start = end + 4
-            stop = start + (head.length or 0)
-            if len(buf) < stop:
-                break
-            body, buf = buf[start:stop], buf[stop:]
-            if not self.respond(head, body):
-                return  # the connection is the response's now (a stream)
-            if head.close:
-                self.transport.close()
-                return
-        self.buf = buf
-
-    def takes_body(self, head: "Head") -> bool:
-        """Whether this request's body is read by the subclass itself, as it arrives."""
-        return False
-
-    def respond(self, head: "Head", body: bytes) -> bool:
-        if head.start_line.startswith(b"POST "):
-            self.transport.write(answer(body))
-        else:
-            self.transport.write(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
-        return True
+            body.received += n
+            body.done = body.length is not None and body.received >= body.length
+        return body
+    while not body.done:
+        data = sock.recv(1 << 20)
+        if not data:
+            break
+        body.feed(data)
+    return body
 
 
-def serve_upstream() -> None:
-    loop = asyncio.new_event_loop()
-    server = loop.run_until_complete(loop.create_server(UpstreamProtocol, HOST, 0, backlog=1024))
-    print(server.sockets[0].getsockname()[1], flush=True)
-    loop.run_forever()
+def post_request(host: str, path: str = MCP_PATH, body: bytes = REQUEST_BODY) -> bytes:
+    return (b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+            b"Accept: application/json, text/event-stream\r\nContent-Length: %d\r\n\r\n%s"
+            % (path.encode(), host.encode(), len(body), body))
+
+
+def one_post(port: int, host: str | None, timeout: float = STARTUP_TIMEOUT) -> tuple[int, bytes]:
+    """One small tools/call POST on a fresh connection: (status, body)."""
+    with socket.create_connection((HOST, port), timeout=timeout) as sock:
+        sock.sendall(post_request(host or f"{HOST}:{port}"))
+        head, rest = read_head(sock)
+        return head.status, read_body(sock, head, rest, keep=True).take()
 
 
 # ---------------------------------------------------------------------------
-# The load generator: `--role load` prints "window-start", "window-end", then
-# one JSON line with its figures.
-
-
-class Load:
-    def __init__(self, port: int, path: str, concurrency: int, host: str | None = None) -> None:
-        host = host or f"{HOST}:{port}"
-        self.head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                     f"Accept: application/json, text/event-stream\r\nContent-Length: ").encode()
-        self.ids = itertools.count(1)
-        self.latencies: list[float] = []
-        self.errors: collections.Counter[str] = collections.Counter()
-        self.measure_from = math.inf
-        self.stop_at = math.inf
-        self.connections: set[LoadConnection] = set()
-
-    def request(self, rid: int) -> bytes:
-        body = REQUEST_BODY % rid
-        return b"%s%d\r\n\r\n%s" % (self.head, len(body), body)
-
-    def completed(self, started: float, now: float, error: str | None) -> None:
-        if error is not None:
-            self.errors[error] += 1
-        elif self.measure_from <= now < self.stop_at:
-            self.latencies.append(now - started)
-
-
-class LoadConnection(asyncio.Protocol):
-    """One keep-alive connection sending the next request as soon as the answer is whole."""
-
-    def __init__(self, load: Load, finished: asyncio.Future) -> None:
-        self.load = load
-        self.finished = finished
-        self.buf = b""
-        self.in_flight = False
-        self.started = 0.0
-        self.expect = b""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.load.connections.add(self)
-        self._send()
-
-    def _send(self) -> None:
-        now = time.perf_counter()
-        if now >= self.load.stop_at:
-            self.transport.close()
-            return
-        rid = next(self.load.ids)
-        self.expect = b'"id":%d' % rid
-        self.buf = b""
-        self.in_flight = True
-        self.started = now
-        self.transport.write(self.load.request(rid))
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        end = self.buf.find(b"\r\n\r\n")
-        if end < 0:
-            return
-        head = parse_head(self.buf[:end])
-        if head.chunked:
-            got = dechunk(self.buf, end + 4)
-            if got is None:
-                return
-            body, stop = got
-        elif head.length is not None:
-            stop = end + 4 + head.length
-            if len(self.buf) < stop:
-                return
-            body = self.buf[end + 4:stop]
-        else:  # a body delimited by closing the connection: not what we test
-            self.load.completed(self.started, time.perf_counter(), "no-length")
-            self.in_flight = False
-            self.transport.close()
-            return
-        now = time.perf_counter()
-        self.in_flight = False
-        status = head.start_line[9:12]
-        error = None
-        if status != b"200":
-            error = f"status-{status.decode('latin-1')}"
-        elif self.expect not in body:
-            error = "wrong-body"
-        elif stop != len(self.buf):
-            error = "extra-bytes"
-        self.load.completed(self.started, now, error)
-        if head.close or error == "extra-bytes":
-            self.transport.close()
-        else:
-            self._send()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.load.connections.discard(self)
-        if self.in_flight:
-            self.load.completed(self.started, time.perf_counter(), "disconnected")
-            self.in_flight = False
-        if not self.finished.done():
-            self.finished.set_result(None)
-
-
-async def _slot(load: Load, port: int) -> None:
-    """Keeps one connection going until the end, reconnecting if the server closes it."""
-    loop = asyncio.get_running_loop()
-    while time.perf_counter() < load.stop_at:
-        finished = loop.create_future()
-        try:
-            await loop.create_connection(lambda: LoadConnection(load, finished), HOST, port)
-        except OSError:
-            load.errors["connect"] += 1
-            await asyncio.sleep(0.05)
-            continue
-        await finished
-
-
-async def _generate(port: int, path: str, concurrency: int, warmup: float, duration: float,
-                    host: str | None = None) -> dict:
-    load = Load(port, path, concurrency, host)
-    t0 = time.perf_counter()
-    load.measure_from = t0 + warmup
-    load.stop_at = load.measure_from + duration
-    slots = [asyncio.ensure_future(_slot(load, port)) for _ in range(concurrency)]
-    await asyncio.sleep(max(0.0, load.measure_from - time.perf_counter()))
-    print("window-start", flush=True)
-    cpu0 = time.process_time()
-    await asyncio.sleep(max(0.0, load.stop_at - time.perf_counter()))
-    cpu1 = time.process_time()
-    print("window-end", flush=True)
-    _, pending = await asyncio.wait(slots, timeout=DRAIN_TIMEOUT)
-    for conn in list(load.connections):
-        if conn.in_flight:
-            load.errors["timeout"] += 1
-            conn.in_flight = False
-        conn.transport.abort()
-    for task in pending:
-        task.cancel()
-    return summarize(load.latencies, duration) | {
-        "errors": dict(load.errors),
-        "client_cpu_s": round(cpu1 - cpu0, 4),
-    }
-
-
-def summarize(latencies: list[float], duration: float) -> dict:
-    """Figures from latencies in seconds: req/s over `duration`, percentiles in ms."""
-    ordered = sorted(latencies)
-    n = len(ordered)
-
-    def pct(p: float) -> float | None:
-        return round(ordered[min(n - 1, max(0, math.ceil(p / 100 * n) - 1))] * 1000, 4) if n else None
-
-    return {
-        "requests": n,
-        "rps": round(n / duration, 1),
-        "p50_ms": pct(50),
-        "p90_ms": pct(90),
-        "p99_ms": pct(99),
-        "max_ms": round(ordered[-1] * 1000, 4) if n else None,
-        "mean_ms": round(sum(ordered) / n * 1000, 4) if n else None,
-    }
-
-
-def generate_load(port: int, path: str, concurrency: int, warmup: float, duration: float,
-                  host: str | None = None) -> None:
-    gc.disable()  # a bounded run; no collector pauses in the client's own latency
-    result = asyncio.run(_generate(port, path, concurrency, warmup, duration, host))
-    print(json.dumps(result), flush=True)
-
-
-# ---------------------------------------------------------------------------
-# Child processes, for the orchestrators.
+# Child processes.
 
 
 def die_with_parent() -> None:
@@ -363,24 +233,15 @@ class Children:
         for name, p in self.procs:
             if p is proc:
                 self.exit_codes[name] = proc.returncode
+        self.procs = [(n, p) for n, p in self.procs if p is not proc]
         return proc.returncode
 
     def close(self) -> None:
-        for _, proc in reversed(self.procs):
+        for _, proc in reversed(list(self.procs)):
             self.stop(proc)
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process so far, from /proc (None elsewhere)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def readline(stream, deadline: float) -> str:
+def readline(stream: Any, deadline: float) -> str:
     """One line from a child's unbuffered stdout pipe, or TimeoutError at `deadline`.
 
     Unbuffered (bufsize=0) so that no line waits in a Python buffer where
@@ -412,64 +273,21 @@ def wait_for_log(proc: subprocess.Popen, log_path: Path, pattern: re.Pattern[str
     raise RuntimeError(f"{what} did not start (exit code {proc.poll()}):\n{tail}")
 
 
-# ---------------------------------------------------------------------------
-# Reading logs, formatting figures.
+def wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout: float = STARTUP_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited at start (exit code {proc.returncode})")
+        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} is not listening on {HOST}:{port}")
 
 
-def log_summary(path: Path, line_re: re.Pattern[str]) -> dict:
-    """Request lines (`line_re`: status, optional outcome) by status and outcome, and the warnings,
-    errors and tracebacks, in a log file."""
-    statuses: collections.Counter[str] = collections.Counter()
-    outcomes: collections.Counter[str] = collections.Counter()
-    problems: list[str] = []
-    for line in path.read_text(errors="replace").splitlines():
-        m = line_re.search(line)
-        if m:
-            statuses[m.group(1)] += 1
-            outcomes[m.group(2) or "ok"] += 1
-        elif re.search(r"#(warn|error|critical)\]|Traceback|Unhandled", line):
-            problems.append(line)
-    return {"request_lines": sum(statuses.values()), "by_status": dict(statuses), "by_outcome": dict(outcomes),
-            "problems": len(problems), "first_problems": problems[:5]}
-
-
-GATEWAY_REQUEST_LINE = re.compile(r"\[mcpr#info\] \d\d:\d\d:\d\d \S+ (\S+) .*?(?: \(([\w-]+)\))?$")
-
-
-def gateway_log_summary(path: Path) -> dict:
-    """Request lines by status and outcome, and the warnings, errors and tracebacks, in the gateway's log."""
-    return log_summary(path, GATEWAY_REQUEST_LINE)
-
-
-def fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def share(value: float | None) -> str:
-    return "-" if value is None else f"{value * 100:.0f}%"
-
-
-@dataclass
-class Cell:
-    """One load cell: a path ("via") at a concurrency, with its latencies and CPU shares."""
-
-    concurrency: int
-    via: str
-    client: str = "python"
-    requests: int = 0
-    rps: float = 0.0
-    p50_ms: float | None = None
-    p90_ms: float | None = None
-    p99_ms: float | None = None
-    max_ms: float | None = None
-    mean_ms: float | None = None
-    errors: dict[str, int] = field(default_factory=dict)
-    window_s: float = 0.0
-    cpu: dict[str, float | None] = field(default_factory=dict)  # share of one core, per process
-
-    @property
-    def error_count(self) -> int:
-        return sum(self.errors.values())
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
 
 
 def run_guarded(run: Callable[[Any], int], args: Any) -> int:
@@ -485,9 +303,171 @@ def run_guarded(run: Callable[[Any], int], args: Any) -> int:
         return 1
 
 
-def concurrencies(text: str) -> list[int]:
-    """argparse type: a comma-separated list of positive integers."""
-    values = [int(v) for v in text.split(",") if v.strip()]
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError("a comma-separated list of positive integers")
-    return values
+# ---------------------------------------------------------------------------
+# What /proc says (Linux).
+
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (all its threads) so far, or None if it is gone."""
+    fields = _stat_fields(pid)
+    return None if fields is None else (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def cpu_of(pids: Iterable[int]) -> float | None:
+    """CPU seconds of a group of processes (an nginx master and its workers), None if none is there."""
+    values = [v for v in (cpu_seconds(p) for p in pids) if v is not None]
+    return sum(values) if values else None
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process below it, from the parent ids in /proc."""
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields is not None:
+                children[int(fields[1])].append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def rss_kib(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def rss_of(pids: Iterable[int]) -> int | None:
+    values = [v for v in (rss_kib(p) for p in pids) if v is not None]
+    return sum(values) if values else None
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU seconds spent by the whole machine so far, all cores."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def listen_drops() -> int | None:
+    """The machine's TcpExt ListenDrops so far: SYNs and handshakes dropped by full listen queues."""
+    try:
+        lines = Path("/proc/net/netstat").read_text().splitlines()
+    except OSError:
+        return None
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split(), values.split()))
+            return int(table["ListenDrops"]) if "ListenDrops" in table else None
+    return None
+
+
+def loadavg() -> list[str] | None:
+    try:
+        return Path("/proc/loadavg").read_text().split()[:3]
+    except OSError:
+        return None
+
+
+class PeakRSS:
+    """Samples the VmRSS of groups of processes every `interval` s in a thread, until stopped."""
+
+    def __init__(self, groups: dict[str, list[int]], interval: float = 0.01) -> None:
+        self.groups = groups
+        self.start = {name: rss_of(pids) for name, pids in groups.items()}
+        self.peak = dict(self.start)
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.samples += 1
+            for name, pids in self.groups.items():
+                kib = rss_of(pids)
+                if kib is not None and (self.peak[name] is None or kib > self.peak[name]):
+                    self.peak[name] = kib
+
+    def stop(self) -> dict[str, dict]:
+        self._stop.set()
+        self._thread.join()
+        return {name: {"before_mib": mib(self.start[name]), "peak_mib": mib(self.peak[name]),
+                       "growth_mib": mib(self.peak[name] - self.start[name])  # type: ignore[operator]
+                       if None not in (self.peak[name], self.start[name]) else None}
+                for name in self.groups}
+
+
+def mib(kib: int | None) -> float | None:
+    return None if kib is None else round(kib / 1024, 2)
+
+
+# ---------------------------------------------------------------------------
+# Logs, figures.
+
+
+def log_summary(path: Path, line_re: re.Pattern[str]) -> dict:
+    """Request lines (`line_re`: status, optional outcome) by status and outcome, and the warnings,
+    errors and tracebacks, in a log file."""
+    statuses: collections.Counter[str] = collections.Counter()
+    outcomes: collections.Counter[str] = collections.Counter()
+    problems: list[str] = []
+    kinds: collections.Counter[str] = collections.Counter()
+    for line in path.read_text(errors="replace").splitlines():
+        m = line_re.search(line)
+        if m:
+            statuses[m.group(1)] += 1
+            outcomes[m.group(2) or "ok"] += 1
+        elif re.search(r"#(warn|error|critical)\]|Traceback|Unhandled", line):
+            problems.append(line)
+            kinds[re.sub(r"\d+", "N", line.split("] ", 1)[-1])[:100]] += 1
+    return {"request_lines": sum(statuses.values()), "by_status": dict(statuses), "by_outcome": dict(outcomes),
+            "problems": len(problems), "first_problems": problems[:5],
+            "problem_kinds": dict(kinds.most_common(5))}
+
+
+def percentile(ordered: list[float], p: float) -> float | None:
+    n = len(ordered)
+    return ordered[min(n - 1, max(0, math.ceil(p / 100 * n) - 1))] if n else None
+
+
+def median(values: Iterable[float | None]) -> float | None:
+    got = [v for v in values if v is not None]
+    return statistics.median(got) if got else None
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def col(value: float | None, spec: str) -> str:
+    """`fmt`, with "-" padded to the width that `spec` starts with."""
+    m = re.match(r"\d*", spec)
+    width = m.group() if m else ""
+    return fmt(value, spec).rjust(int(width) if width else 0)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b; None without both, or when b <= 0 (an added latency that noise made negative has no ratio)."""
+    return None if a is None or b is None or b <= 0 or a in (float("inf"), float("-inf")) else round(a / b, 3)

@@ -1,0 +1,62 @@
+"""The benchmark harness still runs: `bench/side_by_side.py --quick` on the mcpr paths, no peers needed.
+
+A smoke check of the measuring instrument, not a measurement: it asserts that
+every phase ran and produced figures of the right shape, never how fast
+anything was (speed is measured by `make bench`, side by side, never by a
+test).  It needs wrk (apt-get install wrk) and uses nginx as the upstream when
+it is installed, bench/_roles.py's asyncio origin otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "side_by_side.py"
+
+
+class QuickBenchTests(SynchronousTestCase):
+    def test_quick_session_on_the_mcpr_paths(self) -> None:
+        if shutil.which("wrk") is None:
+            raise SkipTest("wrk is not installed (apt-get install wrk, or make bench-peers): "
+                           "the benchmark's smoke test needs it")
+        # 40 at once stays under Twisted's listen backlog (50): no SYN retries, which would cost seconds.
+        cmd = [sys.executable, str(SCRIPT), "--quick", "--paths", "direct,gateway,tunnel", "--concurrency", "16",
+               "--burst", "40", "--idle", "40", "--json"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        self.assertEqual(done.returncode, 0, f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}")
+        data = json.loads(done.stdout)
+        summary = data["summary"]
+
+        for path in ("direct", "gateway", "tunnel"):
+            cell = summary["small"][f"{path}@16"]
+            self.assertGreater(cell["rps"], 0, path)
+            self.assertEqual(cell["errors"], 0, f"wrk errors via {path}: {data['runs']['small']}")
+            self.assertGreater(summary["sse"][path]["events"], 0, path)
+            self.assertFalse(summary["sse"][path]["errors"], path)
+            for op in ("down", "up"):
+                self.assertFalse(summary["bulk"][f"{op}:{path}"]["errors"], (op, path))
+                self.assertGreater(summary["bulk"][f"{op}:{path}"]["mbps"], 0, (op, path))
+            self.assertEqual(summary["burst"][path]["requests"], 40, path)
+        # CPU is charged to each process of a path, and relay + gateway to the tunnel.
+        tunnel = summary["small"]["tunnel@16"]
+        self.assertGreater(tunnel["cpu_us_per_request"]["relay"], 0)
+        self.assertGreater(tunnel["cpu_us_per_request"]["gateway"], 0)
+        self.assertEqual(set(summary["bulk"]["down:tunnel"]["rss_growth_mib"]), {"relay", "gateway"})
+        self.assertEqual(data["idle"]["registered"], data["idle"]["requested"], data["idle"])
+        self.assertIsNotNone(data["idle"]["relay_cpu_ms_per_registration"])
+        # The peers were not asked for: their floors are n/a, the others have a verdict.
+        verdicts = {f["floor"]: f["ok"] for f in data["floors"]}
+        self.assertIsNone(verdicts["tunnel req/s c16 vs localtunnel"])
+        self.assertIsNotNone(verdicts["tunnel SSE added p99"])
+        self.assertIn("Floors (issue 11)", done.stderr)
+        # Every row of the figures table has a value for each path measured.
+        for row in data["figures"]:
+            if row["figure"].startswith(("req/s", "p50", "bulk down MB/s")):
+                self.assertIsNotNone(row["values"]["tunnel"], row)
