@@ -32,7 +32,10 @@ class Process:
         self.log_path = Path(testcase.mktemp() + f"-{name}.log")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("wb")
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # Each relay keeps its name reservations apart (in ~/.local/state they would carry over
+        # from one test to the next); a test's own env or --state-dir still wins.
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "MCPR_STATE_DIR": f"{self.log_path}.state",
+                    **(env or {})}
         self.popen = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, cwd=cwd,
                                       env=full_env, stdin=subprocess.DEVNULL)
         testcase.addCleanup(self.stop)
