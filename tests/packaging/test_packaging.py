@@ -175,7 +175,8 @@ class ConffileTests(SynchronousTestCase):
         expected = {"port", "domain", "listen", "public_url", "auth_provider", "auth_provider_secret", "metrics",
                     "max_request_body", "max_in_flight", "max_tunnels_per_token", "max_message_size",
                     "registration_timeout", "headers_timeout", "drain_timeout", "ping_interval", "ping_timeout",
-                    "token", "subdomains"}
+                    "max_tunnels", "max_tunnels_per_ip", "registration_rate", "registration_burst",
+                    "reservation_grace", "max_reservations", "state_dir", "token", "subdomains"}
         self.assertEqual(expected - seen, set(), "settings without an example in relay.toml")
 
     def test_examples_together_make_a_valid_relay(self) -> None:

@@ -17,8 +17,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mcpr.relay.registry import Registry
 from mcpr.relay.reservations import FILE_NAME, RETRY_DELAY, ReservationStore
-from mcpr.relay.service import RelayService
-from tests.support.memory_relay import MemoryRelay, relay_settings
+from mcpr.relay.service import CLOSE_GRACE, RelayService
+from tests.support.memory_relay import FakeTunnel, MemoryRelay, relay_settings
 
 GRACE = 600.0
 NOW = 1_000_000.0
@@ -190,6 +190,26 @@ class RelayStartTests(SynchronousTestCase):
         self.assertTrue(registry.restored)
         self.assertIsNotNone(registry.reservation("alice"))
         self.assertIsNone(registry.reservation("bob"))
+
+    def test_a_drain_leaves_the_names_held_for_the_next_start(self) -> None:
+        """The relay closes every tunnel when it stops: that is not their owners leaving, so the
+        names stay "held" and get the whole grace period from the next start."""
+        path = Path(self.mktemp()) / FILE_NAME
+        relay = MemoryRelay(relay_settings(self))
+        relay.clock.advance(NOW)
+        store = ReservationStore(str(path), relay.clock, sync)
+        registry = Registry.for_settings(relay.clock, relay.settings, store)
+        service = RelayService(relay.clock, relay.settings, auth=relay.auth, registry=registry,
+                               forwarder=relay.forwarder, stats=relay.stats, store=store)
+        service.startService()
+        tunnel = FakeTunnel("mine", "alice")
+        tunnel.close = lambda code, reason: registry.release(tunnel)  # type: ignore[method-assign]
+        registry.claim(tunnel, peer="192.0.2.1")
+        stopping = service.stopService()
+        relay.clock.advance(CLOSE_GRACE)
+        self.successResultOf(stopping)
+        self.assertIsNone(registry.get("mine"))
+        self.assertEqual(rows(path), [("mine", "alice", None)])
 
     def test_an_unusable_file_is_logged_and_the_relay_runs_on(self) -> None:
         logs = capture_logs(self)
