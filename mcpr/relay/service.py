@@ -71,7 +71,8 @@ class RelayService(MultiService):
         for warning in self._settings.warnings:
             log.warn("{warning}", warning=warning)
         if self._store is not None:
-            Deferred.fromCoroutine(self._restore(self._store))
+            Deferred.fromCoroutine(self._restore(self._store)).addErrback(
+                lambda failure: log.failure("restoring the reservations failed", failure))
 
     async def _restore(self, store: ReservationStore) -> None:
         """Give the registry the reservations of the previous run (none if the file cannot be
