@@ -90,7 +90,7 @@ class HangUpTests(SynchronousTestCase):
         auth = _SlowAuth()
         factory = RegistrationFactory(
             clock, Registry(clock, max_per_owner=8, max_per_peer=8, max_tunnels=8, grace=60, max_reservations=8),
-            auth, SimpleNamespace(), rate=RegistrationRate(clock, per_minute=60, burst=3),  # type: ignore[arg-type]
+            auth, SimpleNamespace(), rate=RegistrationRate(clock, per_minute=60, burst=3),
             public_url="https://*.tunnel.test", registration_timeout=10, max_message_size=1 << 20,
             ping_interval=20, ping_timeout=10)
         protocol: RegistrationProtocol = factory.buildProtocol(None)

@@ -36,14 +36,14 @@ def registry(clock: Clock | None = None, *, per_owner: int = 8, per_peer: int = 
 
 def refusal(r: Registry, tunnel: _Tunnel, peer: str = PEER, **kw: Any) -> Refused:
     try:
-        r.claim(tunnel, peer=peer, **kw)  # type: ignore[arg-type]
+        r.claim(tunnel, peer=peer, **kw)
     except Refused as e:
         return e
     raise AssertionError(f"{tunnel.subdomain} was given to {tunnel.owner}")
 
 
 def claim(r: Registry, tunnel: _Tunnel, peer: str = PEER, **kw: Any) -> _Tunnel:
-    r.claim(tunnel, peer=peer, **kw)  # type: ignore[arg-type]
+    r.claim(tunnel, peer=peer, **kw)
     return tunnel
 
 
@@ -52,9 +52,9 @@ class RegistryTests(SynchronousTestCase):
         r = registry()
         old, new = claim(r, _Tunnel("a", "alice")), claim(r, _Tunnel("a", "alice"))
         self.assertTrue(old.evicted)
-        self.assertFalse(r.release(old), "a stale socket's cleanup removed the newer registration")  # type: ignore[arg-type]
+        self.assertFalse(r.release(old), "a stale socket's cleanup removed the newer registration")
         self.assertIs(r.get("a"), new)
-        self.assertTrue(r.release(new))  # type: ignore[arg-type]
+        self.assertTrue(r.release(new))
         self.assertIsNone(r.get("a"))
 
     def test_other_owner_refused(self) -> None:
@@ -89,7 +89,7 @@ class RegistryTests(SynchronousTestCase):
         self.assertTrue(a.evicted)
         # The tunnel moved to .3, so .1 has room again, but the relay is still full.
         self.assertEqual(refusal(r, _Tunnel("e", "o5"), "192.0.2.1").reason, "relay full: too many tunnels")
-        r.release(moved)  # type: ignore[arg-type]
+        r.release(moved)
         claim(r, _Tunnel("e", "o5"), "192.0.2.1")
 
     @given(st.lists(st.tuples(st.sampled_from(["claim", "release", "wait"]), st.sampled_from("xyz"),
@@ -119,7 +119,7 @@ class RegistryTests(SynchronousTestCase):
                         self.assertLess(clock.seconds(), when + GRACE)
                     continue
                 live[name] = tunnel
-            elif r.release(tunnel):  # type: ignore[arg-type]
+            elif r.release(tunnel):
                 self.assertIs(live.pop(name), tunnel)
                 dropped[name] = (owner, clock.seconds())
             for key, held in live.items():
@@ -134,7 +134,7 @@ class ReservationTests(SynchronousTestCase):
 
     def test_a_dropped_name_stays_its_owners_for_the_grace_period(self) -> None:
         owner = claim(self.r, _Tunnel("mine", "alice"))
-        self.r.release(owner)  # type: ignore[arg-type]
+        self.r.release(owner)
         self.clock.advance(60)
         e = refusal(self.r, _Tunnel("mine", "mallory"))
         self.assertEqual((e.code, e.reason), (CloseCode.IN_USE, "subdomain reserved for another token for 540 s"))
@@ -144,7 +144,7 @@ class ReservationTests(SynchronousTestCase):
         self.assertIsNone(self.r.reservation("mine"), "a live name needs no reservation")
 
     def test_the_reservation_ends(self) -> None:
-        self.r.release(claim(self.r, _Tunnel("mine", "alice")))  # type: ignore[arg-type]
+        self.r.release(claim(self.r, _Tunnel("mine", "alice")))
         self.clock.advance(GRACE - 1)
         refusal(self.r, _Tunnel("mine", "bob"))
         self.clock.advance(1)
@@ -152,19 +152,19 @@ class ReservationTests(SynchronousTestCase):
 
     def test_an_explicit_assignment_beats_a_reservation(self) -> None:
         """Static tokens or the provider gave this exact name to the newcomer (e.g. a rotated token)."""
-        self.r.release(claim(self.r, _Tunnel("alice", "old-token")))  # type: ignore[arg-type]
+        self.r.release(claim(self.r, _Tunnel("alice", "old-token")))
         claim(self.r, _Tunnel("alice", "new-token"), assigned=True)
 
     def test_caps_apply_to_a_reserved_name_taken_back(self) -> None:
         r = registry(self.clock, per_owner=1)
-        r.release(claim(r, _Tunnel("a", "alice")))  # type: ignore[arg-type]
+        r.release(claim(r, _Tunnel("a", "alice")))
         claim(r, _Tunnel("b", "alice"))
         self.assertEqual(refusal(r, _Tunnel("a", "alice")).code, CloseCode.TOO_MANY)
 
     def test_at_most_max_reservations_the_oldest_give_way(self) -> None:
         r = registry(self.clock, reservations=2)
         for name in "abc":
-            r.release(claim(r, _Tunnel(name, "alice")))  # type: ignore[arg-type]
+            r.release(claim(r, _Tunnel(name, "alice")))
             self.clock.advance(1)
         self.assertIsNone(r.reservation("a"))
         self.assertEqual([r.reservation(n) is not None for n in "bc"], [True, True])
@@ -173,10 +173,10 @@ class ReservationTests(SynchronousTestCase):
     def test_revocation_forgets_tunnels_and_reservations(self) -> None:
         kept = claim(self.r, _Tunnel("k", "keep"))
         gone = claim(self.r, _Tunnel("g", "revoked"))
-        self.r.release(claim(self.r, _Tunnel("old", "revoked")))  # type: ignore[arg-type]
+        self.r.release(claim(self.r, _Tunnel("old", "revoked")))
         self.assertEqual(self.r.revoke_all_but({"keep"}), [gone])
         self.assertIsNone(self.r.get("g"))
-        self.assertFalse(self.r.release(gone), "a revoked tunnel leaves no reservation")  # type: ignore[arg-type]
+        self.assertFalse(self.r.release(gone), "a revoked tunnel leaves no reservation")
         self.assertIs(self.r.get("k"), kept)
         claim(self.r, _Tunnel("g", "other"))
         claim(self.r, _Tunnel("old", "other"))

@@ -15,6 +15,7 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
+from mcpr.relay.identity import owner_id
 from mcpr.relay.registry import Registry
 from mcpr.relay.reservations import FILE_NAME, RETRY_DELAY, ReservationStore
 from mcpr.relay.service import CLOSE_GRACE, RelayService
@@ -177,19 +178,18 @@ class RelayStartTests(SynchronousTestCase):
         return registry
 
     def test_reservations_come_back_and_unlisted_tokens_lose_theirs(self) -> None:
-        from mcpr.relay.identity import owner_id
-        store = ReservationStore(":memory:", Clock(), sync)
-        store.startService()
-        self.successResultOf(store.load(NOW, GRACE))
-        store.held("alice", owner_id("tok-alice"))
-        store.held("bob", owner_id("tok-bob"))
-        # The same database (in memory) read by a relay whose static tokens no longer list tok-bob.
-        store.load = lambda now, grace: succeed(  # type: ignore[method-assign]
-            [("alice", owner_id("tok-alice"), now + grace), ("bob", owner_id("tok-bob"), now + grace)])
-        registry = self.start(store, "tok-alice:*")
+        path = Path(self.mktemp()) / FILE_NAME
+        before = ReservationStore(str(path), Clock(), sync)
+        self.successResultOf(before.load(NOW, GRACE))
+        before.held("alice", owner_id("tok-alice"))
+        before.held("bob", owner_id("tok-bob"))
+        self.successResultOf(before.stopService())
+        # The relay starts again, and its static tokens no longer list tok-bob.
+        registry = self.start(ReservationStore(str(path), Clock(), sync), "tok-alice:*")
         self.assertTrue(registry.restored)
-        self.assertIsNotNone(registry.reservation("alice"))
+        self.assertEqual(registry.reservation("alice"), (owner_id("tok-alice"), NOW + GRACE))
         self.assertIsNone(registry.reservation("bob"))
+        self.assertEqual(rows(path), [("alice", owner_id("tok-alice"), NOW + GRACE)])
 
     def test_a_drain_leaves_the_names_held_for_the_next_start(self) -> None:
         """The relay closes every tunnel when it stops: that is not their owners leaving, so the
@@ -203,7 +203,7 @@ class RelayStartTests(SynchronousTestCase):
                                forwarder=relay.forwarder, stats=relay.stats, store=store)
         service.startService()
         tunnel = FakeTunnel("mine", "alice")
-        tunnel.close = lambda code, reason: registry.release(tunnel)  # type: ignore[method-assign]
+        tunnel.close = lambda code, reason: registry.release(tunnel)
         registry.claim(tunnel, peer="192.0.2.1")
         stopping = service.stopService()
         relay.clock.advance(CLOSE_GRACE)
