@@ -52,8 +52,8 @@ class ReservationStore(Service):
     """The reservations table of one relay, in `<state_dir>/reservations.sqlite3`.
 
     `run` executes a function on the store's thread and returns a Deferred of
-    its result; `in_thread` builds the real one.  Tests pass a synchronous
-    runner and the path `:memory:`.
+    its result; `in_thread` builds the real one (tests pass runners of their
+    own, which run calls at once or when the test says).
     """
 
     def __init__(self, path: str, clock: IReactorTime, run: Runner[Any], pool: ThreadPool | None = None) -> None:
