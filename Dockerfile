@@ -35,12 +35,17 @@ COPY --from=build /opt/mcpr /opt/mcpr
 # site-packages, and would otherwise rescan (and warn) on every start.
 # /srv/mcpr/mcpr.toml points at /etc/mcpr/relay.toml, which the relay then
 # finds (as ./mcpr.toml) whenever a config file is mounted there.
+# /var/lib/mcpr holds the name reservations (MCPR_STATE_DIR), a volume so that
+# they outlive the container: `-v mcpr-state:/var/lib/mcpr`.
 RUN /opt/mcpr/bin/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))" \
  && /opt/mcpr/bin/python -m compileall -q /opt/mcpr/lib \
  && mkdir -p /etc/mcpr/certs /srv/mcpr \
- && ln -s /etc/mcpr/relay.toml /srv/mcpr/mcpr.toml
+ && ln -s /etc/mcpr/relay.toml /srv/mcpr/mcpr.toml \
+ && install -d -m 0700 -o 10001 -g 10001 /var/lib/mcpr
 RUN useradd --system --uid 10001 --user-group --no-create-home --home-dir /srv/mcpr --shell /usr/sbin/nologin mcpr
-ENV PATH=/opt/mcpr/bin:$PATH PYTHONUNBUFFERED=1 MCPR_HEALTHCHECK_URL=http://127.0.0.1:8080/healthz
+ENV PATH=/opt/mcpr/bin:$PATH PYTHONUNBUFFERED=1 MCPR_HEALTHCHECK_URL=http://127.0.0.1:8080/healthz \
+    MCPR_STATE_DIR=/var/lib/mcpr
+VOLUME ["/var/lib/mcpr"]
 WORKDIR /srv/mcpr
 USER 10001:10001
 EXPOSE 8080

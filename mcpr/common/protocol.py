@@ -19,7 +19,9 @@ class CloseCode(enum.IntEnum):
     """Every close code a tunnel socket may end with (docs/protocol.md, "Close codes").
 
     `final` says whether a gateway should stop retrying (the user must change
-    something first); `label` names the code in metrics.
+    something first); `label` names the code in metrics.  4003 and 4008 are
+    not final: a name taken or reserved by another token may come free, and a
+    cap may have room again later, so the gateway retries with backoff.
     """
 
     final: bool
@@ -39,9 +41,9 @@ class CloseCode(enum.IntEnum):
     INTERNAL_ERROR = (1011, "internal_error")
     AUTH_FAILED = (4001, "auth_failed", True)
     EVICTED = (4002, "evicted", True)
-    IN_USE = (4003, "in_use", True)
+    IN_USE = (4003, "in_use")
     INVALID_SUBDOMAIN = (4004, "invalid_subdomain", True)
-    TOO_MANY = (4008, "too_many", True)
+    TOO_MANY = (4008, "too_many")
 
 
 _LABELS = {int(code): code.label for code in CloseCode}

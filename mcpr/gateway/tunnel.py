@@ -12,9 +12,12 @@ Twisted's `ClientService` keeps the connection up; three things are ours:
   state, and the service never retries again (Twisted 26.10, checked).  So
   the retry policy ignores ClientService's count and uses ours, which only a
   registration resets.
-- Some refusals (`CloseCode.final`: bad token, evicted, name taken, ...; or no
-  way to choose a subdomain) stop the service instead of retrying: the user
-  must change something first (docs/protocol.md, "Liveness and reconnection").
+- Some refusals (`CloseCode.final`: bad token, evicted, ...; or no way to
+  choose a subdomain) stop the service instead of retrying: the user must
+  change something first (docs/protocol.md, "Liveness and reconnection").
+  A name held or reserved by another token (4003) and a full relay (4008)
+  may clear up by themselves: the service keeps retrying with its backoff and
+  says what is going on once, not at every retry.
 - Stopping says goodbye (a WebSocket close) before ClientService lets go of
   the socket, which it would otherwise just close.
 
@@ -58,9 +61,16 @@ log = Logger()
 WHY_FINAL: dict[int | None, str] = {
     CloseCode.AUTH_FAILED: "the relay refused the tunnel token",
     CloseCode.EVICTED: "another gateway registered with the same token and subdomain; this one stops its tunnel",
-    CloseCode.IN_USE: "the subdomain belongs to another token on this relay",
     CloseCode.INVALID_SUBDOMAIN: "the subdomain is not a valid DNS label",
-    CloseCode.TOO_MANY: "this token already holds as many tunnels as the relay allows",
+}
+
+# What to tell the user, once, when a refusal that may clear up by itself keeps the tunnel down.
+WHY_WAITING: dict[int, str] = {
+    CloseCode.IN_USE: "tunnel: the subdomain {name} is taken on this relay: {reason}. Retrying until it is "
+                      "free (every {cap:.0f} s at most); to use another name now, restart with "
+                      "--subdomain OTHER (or [tunnel] subdomain in mcpr.toml)",
+    CloseCode.TOO_MANY: "tunnel: the relay takes no more tunnels now: {reason}. Retrying (every {cap:.0f} s "
+                        "at most); close other tunnels of this token or ask the relay's operator",
 }
 
 
@@ -298,6 +308,7 @@ class TunnelClient(ClientService):
         self._backoff = backoff or Backoff()
         self._attempts = 0
         self._failures = 0  # failed attempts since the last completed registration
+        self._told: int | None = None  # the WHY_WAITING refusal the user was told of, until it changes
         self._current: TunnelProtocol | None = None
         self._goodbye: Deferred[None] | None = None
         url, host, port, secure = websocket_url(relay_url)
@@ -334,7 +345,8 @@ class TunnelClient(ClientService):
         self._failures += 1
         delay = self._backoff.delay(self._failures)
         self._event("reconnecting", delay_s=round(delay, 3))
-        log.info("tunnel: reconnecting in {delay:.2f} s", delay=delay)
+        if self._told is None:  # while waiting for a name, the message said it all
+            log.info("tunnel: reconnecting in {delay:.2f} s", delay=delay)
         return delay
 
     def tunnel_made(self, tunnel: TunnelProtocol) -> None:
@@ -342,6 +354,7 @@ class TunnelClient(ClientService):
 
     def tunnel_registered(self, url: str) -> None:
         self._failures = 0
+        self._told = None
         self.url = url
         self._event("connected", url=url, subdomain=self._factory.subdomain)
         self._on_url(url)
@@ -358,10 +371,17 @@ class TunnelClient(ClientService):
         elif final:
             self._give_up(code, reason)
             super().stopService()
-        elif registered:
-            log.warn("tunnel: connection to the relay lost ({code} {reason})", code=code, reason=reason)
+        elif not registered and code in WHY_WAITING:
+            if self._told != code:
+                self._told = code
+                name = repr(self._factory.subdomain) if self._factory.subdomain else "asked for"
+                log.warn(WHY_WAITING[code], name=name, reason=reason, cap=self._backoff.cap)
         else:
-            log.warn("tunnel: registration failed ({code} {reason})", code=code, reason=reason)
+            self._told = None
+            if registered:
+                log.warn("tunnel: connection to the relay lost ({code} {reason})", code=code, reason=reason)
+            else:
+                log.warn("tunnel: registration failed ({code} {reason})", code=code, reason=reason)
 
     def _give_up(self, code: int | None, reason: str) -> None:
         why = WHY_FINAL.get(code, "the tunnel cannot be registered")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 from dataclasses import dataclass, field
 from http.cookiejar import DefaultCookiePolicy
 from typing import Any, Iterable
@@ -47,6 +48,9 @@ log = Logger()
 
 INVALID_TOKEN = "invalid token"
 PROVIDER_UNAVAILABLE = "auth provider unavailable"
+
+# The shape of `open_subdomain`: open mode grants such a name only to the token it comes from.
+_DERIVED = re.compile(r"[0-9a-f]{12}")
 
 # An answer to /api/verify is a few hundred bytes; more is a broken provider,
 # and reading it whole would let one make the relay buffer without bound.
@@ -259,7 +263,10 @@ def authorize(grant: Grant, requested: str | None, token: str) -> str | list[str
 
     - A requested name must be a valid label (else `Refused` 4004)
       and match one of the grant's patterns (else `AuthFailed` 4001); in open
-      mode any valid label is allowed.  It is returned as is.
+      mode any valid label is allowed, except one shaped like a token-derived
+      name (12 hex digits) of another token: those URLs are public, and
+      their owners must get them even before they first connect (4001, as
+      retrying never helps).  It is returned as is.
     - Without one, open mode gives `open_subdomain(token)`; otherwise the
       grant's patterns are returned as a list, for the relay to send as
       `{"subdomains": [...]}`.  The client's pick comes back through
@@ -269,7 +276,11 @@ def authorize(grant: Grant, requested: str | None, token: str) -> str | list[str
     if requested is not None:
         if not valid_label(requested):
             raise Refused(CloseCode.INVALID_SUBDOMAIN, "invalid subdomain")
-        if grant.patterns is None or any(matches(p, requested) for p in grant.patterns):
+        if grant.patterns is None:
+            if _DERIVED.fullmatch(requested) and requested != open_subdomain(token):
+                raise AuthFailed(f"subdomain '{requested}' is reserved for the token it is derived from")
+            return requested
+        if any(matches(p, requested) for p in grant.patterns):
             return requested
         raise AuthFailed(f"subdomain '{requested}' not authorized for this token")
     if grant.patterns is None:

@@ -2,20 +2,24 @@
 
 The token travels in the first message, never in the URL (URLs end up in
 access logs).  Until a registration completes the socket may only carry the
-registration exchange, and only for `registration_timeout` seconds.  The
-protocol gets what it needs from its own factory: the registry, the
-authenticator, an observer of outcomes and a handful of settings.
+registration exchange, and only for `registration_timeout` seconds.  Each
+address may start `registration_rate` registrations per minute after a burst
+(`RegistrationRate`): a stranger cannot churn through names, reservations or
+auth-provider calls.  The protocol gets what it needs from its own factory:
+the registry, the authenticator, the rate limit, an observer of outcomes and
+a handful of settings.
 """
 
 from __future__ import annotations
 
 import enum
+import ipaddress
 import json
 from typing import Any, Protocol, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -40,6 +44,96 @@ class RegistrationObserver(Protocol):
         """The socket of a registered tunnel closed; `released`: it still held its subdomain."""
 
 
+RATE_LIMITED = "too many registrations from this address, retry later"
+
+# The rate limit remembers this many addresses at most; beyond, the least recently seen is
+# forgotten (it starts again with a full burst).  Bounds the relay's memory whatever the number
+# of addresses a flood comes from.
+MAX_RATE_ADDRESSES = 65536
+
+
+def address_key(address: object) -> str:
+    """What a registration's limits count against: its IPv4 address, or its IPv6 /64 (a single
+    host usually has the whole /64, so counting addresses would let it through); "local" for a
+    socket without an IP address."""
+    host = getattr(address, "host", None)
+    if not isinstance(host, str):
+        return "local"
+    try:
+        ip = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+class Admission(enum.Enum):
+    OK = enum.auto()
+    REFUSED = enum.auto()        # the first refusal since this address was last admitted
+    REFUSED_AGAIN = enum.auto()  # refused again: not worth another log line
+
+
+class _Bucket:
+    __slots__ = ("tokens", "at", "refusing")
+
+    def __init__(self, tokens: float, at: float) -> None:
+        self.tokens = tokens
+        self.at = at
+        self.refusing = False
+
+
+class RegistrationRate:
+    """A token bucket per address: `burst` registrations at once, then `per_minute`.
+
+    Buckets are kept least recently used first, so the ones that have filled up
+    again (and mean nothing any more) are dropped from the front as new ones
+    come, and at most `max_addresses` are kept.
+    """
+
+    def __init__(self, clock: IReactorTime, *, per_minute: int, burst: int,
+                 max_addresses: int = MAX_RATE_ADDRESSES) -> None:
+        self._clock = clock
+        self._rate = per_minute / 60
+        self._burst = float(burst)
+        self._max = max_addresses
+        self._buckets: dict[str, _Bucket] = {}
+
+    def admit(self, key: str) -> Admission:
+        now = self._clock.seconds()
+        bucket = self._buckets.pop(key, None)
+        if bucket is None:
+            bucket = _Bucket(self._burst, now)
+        else:
+            bucket.tokens = self._level(bucket, now)
+            bucket.at = now
+        self._buckets[key] = bucket
+        self._trim(now)
+        if bucket.tokens >= 1:
+            bucket.tokens -= 1
+            bucket.refusing = False
+            return Admission.OK
+        if bucket.refusing:
+            return Admission.REFUSED_AGAIN
+        bucket.refusing = True
+        return Admission.REFUSED
+
+    def _level(self, bucket: _Bucket, now: float) -> float:
+        return min(self._burst, bucket.tokens + (now - bucket.at) * self._rate)
+
+    def _trim(self, now: float) -> None:
+        while len(self._buckets) > 1:
+            key, oldest = next(iter(self._buckets.items()))
+            if len(self._buckets) <= self._max and self._level(oldest, now) < self._burst:
+                return
+            del self._buckets[key]
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
 class _State(enum.Enum):
     CONNECTING = enum.auto()      # the WebSocket handshake
     HELLO = enum.auto()           # waiting for the first message: token, maybe a subdomain
@@ -62,20 +156,32 @@ class RegistrationProtocol(WebSocketServerProtocol):
         self._state = _State.CONNECTING
         self._timer: IDelayedCall | None = None
         self._peer: str | None = None
+        self._address = "local"
         self._token: str | None = None
         self._grant: Grant | None = None
+        self._hello_done: Deferred[None] | None = None
 
     # -- autobahn callbacks
 
     def onConnect(self, request: Any) -> str | None:
         """Gateways that offer `mcpr-tunnel.h2` get HTTP/2 streams; others the legacy JSON protocol."""
         self._peer = request.peer
+        assert self.transport is not None
+        self._address = address_key(self.transport.getPeer())
         if wire.SUBPROTOCOL in request.protocols:
             self._h2 = True
             return wire.SUBPROTOCOL
         return None
 
     def onOpen(self) -> None:
+        admission = self.factory.rate.admit(self._address)
+        if admission is Admission.REFUSED_AGAIN:
+            self._state = _State.REFUSED
+            self.close_with(CloseCode.TOO_MANY, RATE_LIMITED)
+            return
+        if admission is Admission.REFUSED:
+            self._refuse(CloseCode.TOO_MANY, RATE_LIMITED)
+            return
         self._state = _State.HELLO
         self._timer = self.factory.reactor.callLater(self.factory.registration_timeout, self._registration_timeout)
 
@@ -100,13 +206,17 @@ class RegistrationProtocol(WebSocketServerProtocol):
         if self._state is _State.HELLO:
             token = message.get("token")
             self._state = _State.AUTHENTICATING
-            Deferred.fromCoroutine(self._hello(token if isinstance(token, str) else "", subdomain)).addErrback(
-                self._crashed)
+            self._hello_done = Deferred.fromCoroutine(self._hello(token if isinstance(token, str) else "", subdomain))
+            self._hello_done.addErrback(self._crashed)
         else:
             self._state = _State.CLAIMING
             self._decide(subdomain, offer_allowed=False)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self._hello_done is not None and not self._hello_done.called:
+            # Gone (or timed out) before the token was checked: drop the auth provider's request
+            # now (D11) rather than let a hang-up cost a whole provider call.
+            self._hello_done.cancel()
         self._state = _State.CLOSED
         self._cancel_timer()
         tunnel, self.tunnel = self.tunnel, None
@@ -119,11 +229,15 @@ class RegistrationProtocol(WebSocketServerProtocol):
     async def _hello(self, token: str, subdomain: str | None) -> None:
         try:
             grant = await self.factory.auth.authenticate(token, subdomain)
+            if not self.factory.registry.restored:
+                await self.factory.registry.when_restored()  # the relay just started
         except Refused as e:
             self._refuse(e.code, e.reason, token)
             return
+        except CancelledError:
+            return  # the socket closed meanwhile
         if self._state is not _State.AUTHENTICATING:
-            return  # the socket closed while the provider answered
+            return  # the socket closed meanwhile
         self._token, self._grant = token, grant
         self._state = _State.CLAIMING
         self._decide(subdomain, offer_allowed=True)
@@ -152,8 +266,9 @@ class RegistrationProtocol(WebSocketServerProtocol):
             socket = cast(IPushProducer, self.transport)  # no flow control in the protocol: pause the socket
             tunnel = LegacyTunnel(subdomain, self._grant.owner, self._send_text, self._close,
                                   socket.pauseProducing, socket.resumeProducing)
+        assigned = subdomain in (self._grant.patterns or ())  # a concrete pattern: assigned by name
         try:
-            self.factory.registry.claim(tunnel)
+            self.factory.registry.claim(tunnel, peer=self._address, assigned=assigned)
         except Refused as e:
             self._refuse(e.code, e.reason, self._token)
             return
@@ -217,12 +332,13 @@ class RegistrationFactory(WebSocketServerFactory):
     protocol = RegistrationProtocol  # type: ignore[assignment]  # Factory's hint wants a protocol factory
 
     def __init__(self, reactor: Any, registry: Registry, auth: Authenticator, observer: RegistrationObserver, *,
-                 public_url: str, registration_timeout: float, max_message_size: int, ping_interval: float,
-                 ping_timeout: float) -> None:
+                 rate: RegistrationRate, public_url: str, registration_timeout: float, max_message_size: int,
+                 ping_interval: float, ping_timeout: float) -> None:
         super().__init__(None, reactor=reactor)
         self.registry = registry
         self.auth = auth
         self.observer = observer
+        self.rate = rate
         self.registration_timeout = registration_timeout
         self._public_url = public_url
         self.setProtocolOptions(

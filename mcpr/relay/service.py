@@ -4,7 +4,10 @@
 listeners, certificate watchers, the metrics listener and the SIGHUP service.
 Stopping drains: stop accepting, let in-flight requests finish for up to
 `drain_timeout`, then close tunnels with 1001.  A reload re-reads the static
-tokens (closing tunnels whose token was revoked) and the certificates.
+tokens (closing tunnels whose token was revoked, and forgetting the names
+reserved for it) and the certificates.  At start, the reservations of the
+previous run are loaded from the `ReservationStore` (registrations wait for
+them); at stop it is the last to go, after the tunnels.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from mcpr.relay.auth import Authenticator
 from mcpr.relay.forwarding import TunnelForwarder
 from mcpr.relay.metrics import RequestStats
 from mcpr.relay.registry import Registry
+from mcpr.relay.reservations import ReservationStore, Row
 from mcpr.relay.settings import RelaySettings
 from mcpr.relay.tls import CertificateStore
 
@@ -39,8 +43,9 @@ class RelayService(MultiService):
 
     def __init__(self, clock: IReactorTime, settings: RelaySettings, *, auth: Authenticator, registry: Registry,
                  forwarder: TunnelForwarder, stats: RequestStats,
-                 read: Callable[[], RelaySettings] | None = None) -> None:
-        """`read` gives fresh settings for a reload (None: only certificates are reloaded)."""
+                 read: Callable[[], RelaySettings] | None = None, store: ReservationStore | None = None) -> None:
+        """`read` gives fresh settings for a reload (None: only certificates are reloaded); `store`
+        keeps the registry's reservations across restarts (None: in memory only)."""
         super().__init__()
         self._clock = clock
         self._settings = settings
@@ -51,6 +56,9 @@ class RelayService(MultiService):
         self._read = read
         self._listeners: list[StreamServerEndpointService] = []
         self.certificates: list[CertificateStore] = []
+        self._store = store
+        if store is not None:
+            store.setServiceParent(self)  # the first child: stopped last, once the tunnels are closed
 
     def add_listener(self, listener: StreamServerEndpointService) -> None:
         """A public listener: the drain stops these first, and the rest of the tree last."""
@@ -62,6 +70,21 @@ class RelayService(MultiService):
         log.info("auth mode: {mode}", mode=self._settings.auth_mode)
         for warning in self._settings.warnings:
             log.warn("{warning}", warning=warning)
+        if self._store is not None:
+            Deferred.fromCoroutine(self._restore(self._store)).addErrback(
+                lambda failure: log.failure("restoring the reservations failed", failure))
+
+    async def _restore(self, store: ReservationStore) -> None:
+        """Give the registry the reservations of the previous run (none if the file cannot be
+        used: the relay runs on, without them); in static mode, only those of listed tokens."""
+        rows: list[Row] = []
+        try:
+            rows = await store.load(self._clock.seconds(), self._settings.reservation_grace)
+        except Exception as e:
+            log.error("reservations: cannot use {path} ({why}); names are reserved in memory only until "
+                      "the relay stops", path=store.path, why=str(e))
+        owners = self._auth.static_owners()
+        self._registry.restore(rows, (lambda owner: owner in owners) if owners else (lambda owner: True))
 
     async def reload(self) -> None:
         """Re-read static tokens (closing tunnels whose token was revoked) and certificates."""
@@ -79,11 +102,9 @@ class RelayService(MultiService):
     def _apply_tokens(self, fresh: RelaySettings) -> None:
         self._auth.reload_static(fresh.tokens)
         if fresh.tokens or self._settings.tokens:
-            valid = self._auth.static_owners()
-            for tunnel in list(self._registry):
-                if tunnel.owner not in valid:
-                    log.info("tunnel {subdomain}: token revoked", subdomain=tunnel.subdomain)
-                    tunnel.close(CloseCode.AUTH_FAILED, "token revoked")
+            for tunnel in self._registry.revoke_all_but(self._auth.static_owners()):
+                log.info("tunnel {subdomain}: token revoked", subdomain=tunnel.subdomain)
+                tunnel.close(CloseCode.AUTH_FAILED, "token revoked")
 
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._drain())
@@ -99,6 +120,10 @@ class RelayService(MultiService):
             await idle
         except defer.TimeoutError:
             log.warn("drain timeout: {n} request(s) still in flight", n=self._stats.in_flight)
+        # The relay closes these tunnels, not their gateways: their names stay "held" in the store,
+        # so their owners get the whole grace period after the next start, however long the relay
+        # is down.
+        self._registry.stop_recording()
         for tunnel in list(self._registry):
             tunnel.close(CloseCode.GOING_AWAY, "relay shutting down")
         await deferLater(self._clock, CLOSE_GRACE, lambda: None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,25 @@ RELAY_SETTINGS: tuple[Setting, ...] = (
             help="Concurrent requests per tunnel (default 256; 503 above)."),
     Setting("max_tunnels_per_token", parse_count, 8, ("relay", "max_tunnels_per_token"),
             help="Tunnels one token may hold (default 8; close 4008 above)."),
+    # Who may hold which name, and how many registrations a stranger can make (docs/protocol.md,
+    # "Names and ownership").
+    Setting("max_tunnels_per_ip", parse_count, 32, ("relay", "max_tunnels_per_ip"),
+            help="Tunnels registered from one IPv4 address or IPv6 /64 (default 32; close 4008 above)."),
+    Setting("max_tunnels", parse_count, 10_000, ("relay", "max_tunnels"),
+            help="Tunnels the relay holds in all (default 10000; close 4008 above)."),
+    Setting("registration_rate", parse_count, 30, ("relay", "registration_rate"),
+            help="Registrations per minute one address may start once its burst is used "
+                 "(default 30; close 4008 above)."),
+    Setting("registration_burst", parse_count, 30, ("relay", "registration_burst"),
+            help="Registrations one address may start at once (default 30)."),
+    Setting("reservation_grace", parse_seconds, 600.0, ("relay", "reservation_grace"),
+            help="Seconds a subdomain stays reserved for its last owner after its tunnel drops "
+                 "(default 600; others get 4003)."),
+    Setting("max_reservations", parse_count, 50_000, ("relay", "max_reservations"),
+            help="Reservations kept at most (default 50000; beyond, the one closest to its end ends early)."),
+    Setting("state_dir", parse_text, None, ("relay", "state_dir"), env="MCPR_STATE_DIR",
+            help="Directory for the reservations file (env MCPR_STATE_DIR; default $STATE_DIRECTORY as set "
+                 "by systemd, else $XDG_STATE_HOME/mcpr-relay, i.e. ~/.local/state/mcpr-relay)."),
     Setting("max_message_size", parse_size, 4 << 20, ("relay", "max_message_size"),
             help="Largest WebSocket message from a gateway (default 4MiB)."),
     Setting("registration_timeout", parse_seconds, 10.0, ("relay", "registration_timeout"),
@@ -103,6 +123,13 @@ class RelaySettings:
     max_request_body: int
     max_in_flight: int
     max_tunnels_per_token: int
+    max_tunnels_per_ip: int
+    max_tunnels: int
+    registration_rate: int
+    registration_burst: int
+    reservation_grace: float
+    max_reservations: int
+    state_dir: Path
     max_message_size: int
     registration_timeout: float
     headers_timeout: float
@@ -118,6 +145,18 @@ class RelaySettings:
         if self.tokens:
             return "static"
         return "provider" if self.auth_provider else "open"
+
+
+def default_state_dir(env: Mapping[str, str]) -> Path:
+    """systemd's `StateDirectory=` (the first, if several), else the XDG state directory: a
+    relay run by hand keeps its reservations per user, outside any source tree."""
+    systemd = env.get("STATE_DIRECTORY", "").split(":")[0]
+    if systemd:
+        return Path(systemd)
+    xdg = env.get("XDG_STATE_HOME", "")
+    if not os.path.isabs(xdg):  # the XDG spec: a relative path is invalid and ignored
+        xdg = os.path.join(env.get("HOME") or str(Path.home()), ".local", "state")
+    return Path(xdg) / "mcpr-relay"
 
 
 def _file_tokens(document: Mapping[str, Any], source: str) -> list[StaticToken]:
@@ -146,6 +185,7 @@ def load_relay(
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
 ) -> RelaySettings:
+    env = os.environ if env is None else env
     loaded = load(RELAY_SETTINGS, cli, config=config, env=env, cwd=cwd, known=RELAY_SHARED_KEYS)
     v = dict(loaded.values)
     source = str(loaded.path) if loaded.path else CONFIG_NAME
@@ -163,6 +203,7 @@ def load_relay(
         raise ConfigError("--auth-provider-secret is set but --auth-provider is not")
     v["listen"] = listen_endpoints(v, cli, "tcp:{port}", refuse_port_with_listen=True)
     del v["port"]
+    v["state_dir"] = Path(v["state_dir"]).expanduser() if v["state_dir"] else default_state_dir(env)
     warnings = list(loaded.warnings)
     if tokens and v["auth_provider"]:
         warnings.append("static tokens are configured, so --auth-provider is not consulted")

@@ -21,8 +21,9 @@ from mcpr.relay.auth import Authenticator
 from mcpr.relay.forwarding import TunnelForwarder
 from mcpr.relay.front import RelayFront
 from mcpr.relay.metrics import RegistrationStats, RelayMetrics, RequestStats
-from mcpr.relay.registration import RegistrationFactory
+from mcpr.relay.registration import RegistrationFactory, RegistrationRate
 from mcpr.relay.registry import Registry
+from mcpr.relay.reservations import ReservationStore
 from mcpr.relay.service import RelayService
 from mcpr.relay.settings import RELAY_SETTINGS, RelaySettings, load_relay
 from mcpr.relay.tls import CertificateWatcher, SNIServerEndpoint, listen_description
@@ -63,27 +64,31 @@ class Options(usage.Options):
 
 
 def makeService(options: usage.Options, reactor: Any = None) -> IService:
-    """The relay's tree: a `RelayService` (reload, drain) over its listeners, certificate
-    watchers, the metrics listener and SIGHUP; the parts below it share one registry."""
+    """The relay's tree: a `RelayService` (reload, drain) over the reservations store, its
+    listeners, certificate watchers, the metrics listener and SIGHUP; the parts below it share
+    one registry."""
     if reactor is None:
         from twisted.internet import reactor
     settings: RelaySettings = options["settings"]
     reload_args = options["reload"]
     metrics = RelayMetrics()
-    registry = Registry(settings.max_tunnels_per_token)
+    store = ReservationStore.in_thread(settings.state_dir, reactor)
+    registry = Registry.for_settings(reactor, settings, store)
     auth = Authenticator(reactor, settings.tokens, settings.auth_provider, settings.auth_provider_secret)
     stats = RequestStats(metrics, reactor)
     forwarder = TunnelForwarder(reactor, registry, stats, max_in_flight=settings.max_in_flight,
                                 headers_timeout=settings.headers_timeout)
     registration = RegistrationFactory(
-        reactor, registry, auth, RegistrationStats(metrics, registry), public_url=settings.public_url,
+        reactor, registry, auth, RegistrationStats(metrics, registry),
+        rate=RegistrationRate(reactor, per_minute=settings.registration_rate, burst=settings.registration_burst),
+        public_url=settings.public_url,
         registration_timeout=settings.registration_timeout, max_message_size=settings.max_message_size,
         ping_interval=settings.ping_interval, ping_timeout=settings.ping_timeout)
     front = RelayFront(reactor, settings.domain, registry, forwarder, stats, WebSocketResource(registration))
     site = CappedSite(front, max_request_body=settings.max_request_body, via="relay", too_large=front.too_large)
     site.displayTracebacks = False
     relay = RelayService(reactor, settings, auth=auth, registry=registry, forwarder=forwarder, stats=stats,
-                         read=lambda: load_relay(**reload_args))
+                         read=lambda: load_relay(**reload_args), store=store)
 
     def announce(port: IListeningPort) -> None:
         log.info("mcpr relay {version} for {domain}: listening on {address}", version=__version__,

@@ -171,7 +171,7 @@ class OpenModeTests(RelayTestBase):
         code, reason = await old.closed
         self.assertEqual((code, reason), (4002, "evicted: another client registered with the same tunnel"))
         e = await self.refused("tok-other", "same")
-        self.assertEqual((e.code, e.reason), (4003, "subdomain in use"))
+        self.assertEqual((e.code, e.reason), (4003, "subdomain in use by another token"))
         self.assertFalse(new.closed.called)
         pending = Deferred.fromCoroutine(self.get(f"same.{DOMAIN}"))
         new.respond(await new.requests.get(), 200, b"new")
@@ -180,7 +180,7 @@ class OpenModeTests(RelayTestBase):
         self.assertEqual(e.code, 4004)
         await self.gateway("tok-a", "second")
         e = await self.refused("tok-a", "third")
-        self.assertEqual((e.code, e.reason), (4008, "too many tunnels"))
+        self.assertEqual((e.code, e.reason), (4008, "too many tunnels for this token"))
 
     async def test_registration_timeout_and_garbage(self) -> None:
         silent = LegacyGateway(self.port, None, hello=False)

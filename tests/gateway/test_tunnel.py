@@ -14,6 +14,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.test.iosim import ConnectionCompleter, IOPump
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -206,6 +207,34 @@ class ReconnectPolicyTests(SynchronousTestCase):
         self.clock.advance(3600)
         self.assertEqual(self.clock.tcpClients, [])
         self.successResultOf(client.stopService())
+
+    def test_a_name_held_by_another_token_is_retried_and_said_once(self) -> None:
+        """4003 (and 4008) may clear up by themselves (S4): the gateway keeps trying with its backoff,
+        warns once with what to do, and gets its name once it is free."""
+        logs: list[dict] = []
+        globalLogPublisher.addObserver(logs.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logs.append)
+        self.relay.answer = refuse(CloseCode.IN_USE, "subdomain reserved for another token for 540 s")
+        client = self.start()
+        for delay in (1, 2, 4, 8, 8):
+            self.accept_tcp()
+            self.assertTrue(client.running)
+            self.clock.advance(delay)
+        self.relay.answer = refuse(CloseCode.TOO_MANY, "relay full: too many tunnels")
+        self.accept_tcp()
+        self.clock.advance(8)
+        self.relay.answer = register
+        self.accept_tcp()
+        self.assertEqual(self.events.of("reconnecting", "delay_s"), [1, 2, 4, 8, 8, 8])
+        self.assertEqual((client.state, client.url), ("connected", URL))
+        said = [formatEvent(e) for e in logs if e.get("log_namespace") == "mcpr.gateway.tunnel"
+                and e["log_level"] >= LogLevel.info]
+        taken = [line for line in said if "is taken" in line]
+        self.assertEqual(len(taken), 1, said)
+        self.assertIn("reserved for another token", taken[0])
+        self.assertIn("--subdomain OTHER", taken[0])
+        self.assertEqual(len([line for line in said if "takes no more tunnels" in line]), 1, said)
+        self.assertFalse([line for line in said if "reconnecting in" in line], said)
 
     def test_eviction_after_registration_stops_the_service(self) -> None:
         client = self.start()

@@ -179,7 +179,8 @@ class ConffileTests(SynchronousTestCase):
         expected = {"port", "domain", "listen", "public_url", "auth_provider", "auth_provider_secret", "metrics",
                     "max_request_body", "max_in_flight", "max_tunnels_per_token", "max_message_size",
                     "registration_timeout", "headers_timeout", "drain_timeout", "ping_interval", "ping_timeout",
-                    "token", "subdomains"}
+                    "max_tunnels", "max_tunnels_per_ip", "registration_rate", "registration_burst",
+                    "reservation_grace", "max_reservations", "state_dir", "token", "subdomains"}
         self.assertEqual(expected - seen, set(), "settings without an example in relay.toml")
 
     def test_examples_together_make_a_valid_relay(self) -> None:
@@ -437,7 +438,8 @@ class DebianPackageTests(SynchronousTestCase):
 
     def run_relay(self, http_port: int, tls_port: int) -> None:
         """The installed unit's ExecStart, as its User with its AmbientCapabilities, from /, with
-        systemd's small environment; /healthz over HTTP and TLS, then SIGHUP, then SIGTERM."""
+        systemd's small environment and its StateDirectory; /healthz over HTTP and TLS, then SIGHUP,
+        then SIGTERM."""
         unit = unit_settings(Path("/lib/systemd/system/mcpr-relay.service"))
         command = shlex.split(one(unit, "ExecStart"))
         self.assertEqual(" ".join(command), RELAY_COMMAND)
@@ -445,11 +447,16 @@ class DebianPackageTests(SynchronousTestCase):
         caps = one(unit, "AmbientCapabilities").lower().replace("cap_", "+")
         wrapper = ["setpriv", f"--reuid={user}", f"--regid={one(unit, 'Group')}", "--init-groups",
                    f"--inh-caps={caps}", f"--ambient-caps={caps}", "--no-new-privs", "--"]
+        # What systemd makes before ExecStart for StateDirectory=, and tells the service in $STATE_DIRECTORY.
+        state = Path("/var/lib") / one(unit, "StateDirectory")
+        state.mkdir(mode=int(one(unit, "StateDirectoryMode"), 8), exist_ok=True)
+        shutil.chown(state, user, one(unit, "Group"))
         log = Path(tempfile.mkstemp(prefix="mcpr-relay-", suffix=".log")[1])
         self.addCleanup(log.unlink)
         with log.open("wb") as out:
             process = subprocess.Popen(wrapper + command, cwd="/", stdout=out, stderr=subprocess.STDOUT,
-                                       env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"})
+                                       env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
+                                            "STATE_DIRECTORY": str(state)})
         try:
             health = self.wait_healthy(process, log, f"http://127.0.0.1:{http_port}/healthz")
             self.assertEqual((health["status"], health["domain"]), ("ok", "tunnel.test"))
@@ -480,6 +487,8 @@ class DebianPackageTests(SynchronousTestCase):
         self.assertIn(process.returncode, (0, -signal.SIGTERM, 128 + signal.SIGTERM), text)
         self.assertIn("draining", text)
         self.assertNotIn("Unable to write to plugin cache", text)
+        self.assertNotIn("reservations: cannot", text)
+        self.assertTrue((state / "reservations.sqlite3").is_file(), "no reservations file in the StateDirectory")
         self.assertRegex(text.splitlines()[0], r"^\d{4}-\d\d-\d\dT")   # text, not JSON
         self.assertIn("auth mode: static", text)
 

@@ -38,6 +38,35 @@ class RelaySettingsTests(SynchronousTestCase):
         self.assertEqual((s.max_in_flight, s.max_tunnels_per_token, s.drain_timeout), (256, 8, 30.0))
         self.assertEqual((s.tokens, s.auth_mode, s.warnings), ((), "open", ()))
 
+    def test_names_and_registrations_defaults(self) -> None:
+        s = self.load({"domain": "t.example"}, {"HOME": "/home/u"})
+        self.assertEqual((s.max_tunnels_per_ip, s.max_tunnels, s.registration_rate, s.registration_burst),
+                         (32, 10_000, 30, 30))
+        self.assertEqual((s.reservation_grace, s.max_reservations), (600.0, 50_000))
+        self.assertEqual(s.state_dir, Path("/home/u/.local/state/mcpr-relay"))
+
+    def test_state_dir(self) -> None:
+        def state_dir(cli: dict, env: dict) -> Path:
+            return self.load({"domain": "t.example", **cli}, {"HOME": "/home/u", **env}).state_dir
+
+        self.assertEqual(state_dir({}, {"STATE_DIRECTORY": "/var/lib/mcpr"}), Path("/var/lib/mcpr"))
+        self.assertEqual(state_dir({}, {"STATE_DIRECTORY": "/var/lib/a:/var/lib/b"}), Path("/var/lib/a"))
+        self.assertEqual(state_dir({}, {"XDG_STATE_HOME": "/x"}), Path("/x/mcpr-relay"))
+        self.assertEqual(state_dir({}, {"XDG_STATE_HOME": "relative"}), Path("/home/u/.local/state/mcpr-relay"))
+        self.assertEqual(state_dir({}, {"MCPR_STATE_DIR": "/srv/state", "STATE_DIRECTORY": "/var/lib/mcpr"}),
+                         Path("/srv/state"))
+        self.assertEqual(state_dir({"state_dir": "/cli"}, {"MCPR_STATE_DIR": "/srv/state"}), Path("/cli"))
+        # The file's key beats systemd's default: STATE_DIRECTORY is where systemd made room, not an order.
+        self.write('[relay]\nstate_dir = "/from/file"\n')
+        self.assertEqual(state_dir({}, {"STATE_DIRECTORY": "/var/lib/mcpr"}), Path("/from/file"))
+
+    def test_bad_limits_name_their_key(self) -> None:
+        for key, value, message in [("max_tunnels_per_ip", "0", "expected a positive integer"),
+                                    ("registration_rate", "-1", "expected a positive integer"),
+                                    ("reservation_grace", "0", "expected a number of seconds between 0 and 86400")]:
+            e = self.assertRaises(ConfigError, self.load, {"domain": "t.example", key: value})
+            self.assertEqual(str(e), f"option --{key.replace('_', '-')}: {message}, got \"{value}\"")
+
     def test_legacy_domain_key(self) -> None:
         self.write('relay_domain = "old.example"\n')
         self.assertEqual(self.load().domain, "old.example")

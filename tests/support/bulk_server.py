@@ -6,6 +6,7 @@ SSE stream whose client disconnect is observable.
     GET  /mcp           (Accept: text/event-stream) an event every 50 ms until the client leaves
     GET  /status        {"sse_open": n, "sse_closed": n}; with ?closed=N, once N streams have closed
     GET  /broken        some bytes, then the connection is cut
+    GET  /slow?ms=N     "slow" after N milliseconds
     GET  /cookies       two Set-Cookie headers, and the request's hop-by-hop headers echoed
 
 Run: python tests/support/bulk_server.py  -> prints "LISTENING <port>".
@@ -71,6 +72,11 @@ class Upstream(Resource):
             request.setHeader(b"content-type", b"application/octet-stream")
             request.setHeader(b"content-length", str(size).encode())
             _Bulk(request, size)
+            return NOT_DONE_YET
+        if request.path == b"/slow":
+            call = reactor.callLater(int(request.args[b"ms"][0]) / 1000, lambda: (request.write(b"slow"),
+                                                                                 request.finish()))
+            request.notifyFinish().addErrback(lambda _: call.active() and call.cancel())
             return NOT_DONE_YET
         if request.path == b"/broken":
             request.setHeader(b"content-type", b"text/plain")

@@ -35,8 +35,10 @@ class _Protocol(WebSocketClientProtocol):
 
 class LegacyGateway:
     def __init__(self, port: int, token: str | None, subdomain: str | None = None, *, pick: str | None = None,
-                 hello: dict | None = None) -> None:
+                 hello: dict | None = None, source: str = "127.0.0.1") -> None:
+        """`source`: the loopback address to connect from (the relay counts registrations per address)."""
         self.port = port
+        self.source = source
         self.hello = hello if hello is not None else {"token": token, "subdomain": subdomain}
         self.pick = pick
         self.requests: DeferredQueue = DeferredQueue()
@@ -53,7 +55,7 @@ class LegacyGateway:
         factory = WebSocketClientFactory(f"ws://127.0.0.1:{self.port}/_tunnel/register", reactor=reactor)
         factory.protocol = _Protocol
         factory.client = self
-        await TCP4ClientEndpoint(reactor, "127.0.0.1", self.port).connect(factory)
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", self.port, bindAddress=(self.source, 0)).connect(factory)
         return await self._registered
 
     def _opened(self, proto: _Protocol) -> None:

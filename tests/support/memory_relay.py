@@ -106,7 +106,7 @@ class MemoryRelay:
         self.clock = Clock()
         self.settings = settings
         self.metrics = RelayMetrics()
-        self.registry = Registry(settings.max_tunnels_per_token)
+        self.registry = Registry.for_settings(self.clock, settings)
         self.stats = RequestStats(self.metrics, self.clock)
         self.forwarder = TunnelForwarder(self.clock, self.registry, self.stats,
                                          max_in_flight=settings.max_in_flight,
@@ -121,7 +121,7 @@ class MemoryRelay:
 
     def tunnel(self, subdomain: str, owner: str = "owner") -> FakeTunnel:
         tunnel = FakeTunnel(subdomain, owner)
-        self.registry.claim(tunnel)
+        self.registry.claim(tunnel, peer="127.0.0.1")
         return tunnel
 
     def request(self, host: str, path: str = "/") -> Client:

@@ -34,7 +34,10 @@ class Process:
         self.log_path = Path(testcase.mktemp() + f"-{name}.log")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("wb")
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # Each relay keeps its name reservations apart (in ~/.local/state they would carry over
+        # from one test to the next); a test's own env or --state-dir still wins.
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "MCPR_STATE_DIR": f"{self.log_path}.state",
+                    **(env or {})}
         self.popen = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, cwd=cwd,
                                       env=full_env, stdin=subprocess.DEVNULL)
         testcase.addCleanup(self.stop)
@@ -172,3 +175,11 @@ class PeakRSS:
             self._call.cancel()
         return (self.peak - self.start) // 1024
 
+
+
+def start_relay(testcase, domain: str, *args: str, env: dict | None = None) -> tuple[Process, int]:
+    """`twist mcpr-relay` on a free loopback port; returns the process and the port."""
+    relay = Process(testcase, twist("mcpr-relay", "--domain", domain, "--listen", "tcp:0:interface=127.0.0.1",
+                                    *args), name="relay", env=env)
+    line = relay.wait_for("listening on 127.0.0.1:")
+    return relay, int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))
