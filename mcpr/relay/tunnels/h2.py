@@ -228,7 +228,7 @@ class H2Tunnel(SocketTunnel):
         if stream.body is not None:
             # With a length, the gateway keeps a small body in memory instead of a spool file.
             raw.append((b"content-length", b"%d" % request.body_length))
-        headers = list(validate_outbound_headers(normalize_outbound_headers(raw, _REQUEST), _REQUEST))
+        headers = list(normalize_outbound_headers(raw, _REQUEST))
         size = 0
         for name, value in headers:
             if not (name[:1] == b":" or _NAME.fullmatch(name)):
@@ -239,7 +239,12 @@ class H2Tunnel(SocketTunnel):
         cap = self.conn.remote_settings.max_header_list_size
         if cap is not None and size > cap:
             raise _Unforwardable(f"headers of {size} bytes, the gateway takes {cap}")
-        return headers
+        try:
+            return list(validate_outbound_headers(headers, _REQUEST))
+        except ProtocolError:
+            raise
+        except Exception as e:  # h2's checks assume what ours ensured; any slip is still this request's
+            raise _Unforwardable(f"h2 refused the headers ({type(e).__name__})") from e
 
     def _send_body(self, stream: _RelayStream) -> None:
         """Send as much of the body as the gateway's windows and the socket allow; a
