@@ -31,7 +31,7 @@ from tests.support.public import raw
 DOMAIN = "tunnel.test"
 MiB = 1 << 20
 # Relay memory growth allowed while an offender is dealt with: its flood is far larger.
-MEMORY_BOUND_MIB = 24
+MEMORY_BOUND_MIB = 16
 
 
 def within(d: Deferred, seconds: float = 10) -> Deferred:

@@ -7,6 +7,7 @@ bystander (an open stream of another user) and checks it is untouched.
 
 from __future__ import annotations
 
+from h2.errors import ErrorCodes
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList
 from twisted.trial.unittest import TestCase
@@ -164,4 +165,51 @@ class BadStatusTests(H2TunnelTestBase):
         self.assertTrue(response.startswith(b"HTTP/1.1 200"), response[:100])
         self.assertNotIn(b"103", response.split(b"\r\n", 1)[0])
         self.assertTrue(response.endswith(b"final"))
+        await other.unaffected()
+
+
+class RefusingGatewayTests(H2TunnelTestBase):
+    """S6 (the relay's side): a gateway that holds fewer streams than the relay wants to open, or
+    refuses some (REFUSED_STREAM), gets them queued and sent again; one that refuses a request
+    again and again gets it answered 503; the tunnel never fails."""
+
+    async def setUp(self) -> None:
+        self.relay, self.port = start_relay(self, DOMAIN)
+        self.gateway = H2Gateway(self.port, "tok-hostile", "victim", max_streams=2)
+        self.addCleanup(self.gateway.close)
+        await self.gateway.connect()
+        self.host = f"victim.{DOMAIN}"
+
+    async def test_refused_streams_are_sent_again(self) -> None:
+        other = await Bystander(self.port, DOMAIN).start(self)
+        clients = [await raw(self.port, head("GET", f"/r{i}", self.host)) for i in range(6)]
+        first = await self.gateway.requests.get()
+        second = await self.gateway.requests.get()
+        self.assertEqual(self.gateway.requests.pending, [], "more streams than the gateway holds")
+        self.gateway.conn.reset_stream(second.id, ErrorCodes.REFUSED_STREAM)
+        self.gateway.flush()
+        self.gateway.respond(first, 200, b"ok", headers=[(b"content-length", b"2")])
+        paths = [first.path]
+        while len(paths) < 6:
+            stream = await self.gateway.requests.get()
+            paths.append(stream.path)
+            self.gateway.respond(stream, 200, b"ok", headers=[(b"content-length", b"2")])
+        self.assertEqual(sorted(paths), sorted(f"/r{i}".encode() for i in range(6)))
+        answers = [await c.closed for c in clients]
+        self.assertTrue(all(a.startswith(b"HTTP/1.1 200") and a.endswith(b"ok") for a in answers))
+        self.assertIsNone(self.gateway.close_code)
+        await other.unaffected()
+
+    async def test_refused_again_and_again_is_a_503(self) -> None:
+        other = await Bystander(self.port, DOMAIN).start(self)
+        client = await raw(self.port, head("GET", "/never", self.host))
+        for _ in range(4):  # the request, and three more tries
+            stream = await self.gateway.requests.get()
+            self.assertEqual(stream.path, b"/never")
+            self.gateway.conn.reset_stream(stream.id, ErrorCodes.REFUSED_STREAM)
+            self.gateway.flush()
+        response = await client.closed
+        self.assertTrue(response.startswith(b"HTTP/1.1 503"), response[:200])
+        self.assertIsNone(self.gateway.close_code)
+        self.assertEqual(len(await self.normal_request()), 64 * 1024)
         await other.unaffected()
