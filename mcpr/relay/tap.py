@@ -25,8 +25,8 @@ from mcpr.relay.registration import RegistrationFactory
 from mcpr.relay.registry import Registry
 from mcpr.relay.service import RelayService
 from mcpr.relay.settings import RELAY_SETTINGS, RelaySettings, load_relay
-from mcpr.relay.tunnels.guard import TunnelLimits
 from mcpr.relay.tls import CertificateWatcher, SNIServerEndpoint, listen_description
+from mcpr.relay.tunnels.guard import TunnelLimits
 
 log = Logger()
 

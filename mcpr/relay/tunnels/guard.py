@@ -78,10 +78,6 @@ class Outbound:
         self.backlog += size
         return self.backlog <= self.limit
 
-    @property
-    def overflowing(self) -> bool:
-        return self.backlog > self.limit
-
     # IPushProducer, driven by the socket's transport
     def pauseProducing(self) -> None:
         self.full = True

@@ -194,6 +194,8 @@ class H2Tunnel(SocketTunnel):
         try:
             stream.id = self.conn.get_next_available_stream_id()
         except H2Error:
+            log.info("tunnel {subdomain}: HTTP/2 stream ids exhausted; closing it for a fresh connection",
+                     subdomain=self.subdomain)
             stream.done = True
             stream.sink.fail("tunnel closed")
             self._end(CloseCode.GOING_AWAY, "HTTP/2 stream ids exhausted", ErrorCodes.NO_ERROR)
@@ -335,6 +337,8 @@ class H2Tunnel(SocketTunnel):
             return
         glitches = self._control_frames(payload)
         if glitches and not self._budget.spend(glitches):
+            log.warn("tunnel {subdomain}: flood of HTTP/2 control frames; closing it (GOAWAY ENHANCE_YOUR_CALM)",
+                     subdomain=self.subdomain)
             self._end(CloseCode.POLICY, "flood of HTTP/2 control frames", ErrorCodes.ENHANCE_YOUR_CALM)
             return
         try:
@@ -501,8 +505,6 @@ class H2Tunnel(SocketTunnel):
     def _end(self, code: CloseCode, reason: str, error: ErrorCodes) -> None:
         """Close this tunnel: a GOAWAY with `error` (the gateway learns why), then the socket;
         the streams fail when the socket is gone (`closed`)."""
-        if error == ErrorCodes.ENHANCE_YOUR_CALM:
-            log.warn("tunnel {subdomain}: {why}; closing it", subdomain=self.subdomain, why=reason)
         self._dead = True
         try:
             self.conn.close_connection(error, additional_data=reason.encode())
