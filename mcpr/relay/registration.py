@@ -85,7 +85,7 @@ class RegistrationProtocol(WebSocketServerProtocol):
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.tunnel is not None:
-            self.tunnel.message(payload, isBinary)
+            self._tunnel_message(payload, isBinary)
             return
         if self._state not in (_State.HELLO, _State.PICK) or isBinary:
             self._refuse(CloseCode.POLICY, "unexpected message during registration")
@@ -185,6 +185,17 @@ class RegistrationProtocol(WebSocketServerProtocol):
         socket = cast(IPushProducer, self.transport)  # no flow control in the protocol: pause the socket
         return LegacyTunnel(subdomain, owner, self._send_text, self._close, socket.pauseProducing,
                             socket.resumeProducing, budget=self._budget, outbound=self._outbound)
+
+    def _tunnel_message(self, payload: bytes, binary: bool) -> None:
+        """The tunnels fail single streams themselves; a bug that still escapes closes this tunnel
+        (1011, the gateway reconnects) instead of leaving Autobahn to drop the socket unexplained."""
+        assert self.tunnel is not None
+        try:
+            self.tunnel.message(payload, binary)
+        except Exception:
+            self._log.failure("tunnel {subdomain}: handling a gateway message failed; closing it",
+                              subdomain=self.tunnel.subdomain)
+            self._close(CloseCode.INTERNAL_ERROR, "internal error")
 
     def _guard_socket(self) -> None:
         """Give this socket its control budget, and learn when its write buffer is full.
