@@ -19,7 +19,7 @@ from typing import Any, Protocol, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -29,6 +29,7 @@ from mcpr.relay.auth import Authenticator, Grant, authorize
 from mcpr.relay.identity import token_hint
 from mcpr.relay.registry import Registry
 from mcpr.relay.tunnels.contract import Tunnel
+from mcpr.relay.tunnels.guard import ControlBudget, Outbound, TunnelLimits
 from mcpr.relay.tunnels.h2 import H2Tunnel
 from mcpr.relay.tunnels.legacy import LegacyTunnel
 
@@ -160,6 +161,8 @@ class RegistrationProtocol(WebSocketServerProtocol):
         self._token: str | None = None
         self._grant: Grant | None = None
         self._hello_done: Deferred[None] | None = None
+        self._budget: ControlBudget | None = None  # set when the socket opens (_guard_socket)
+        self._outbound: Outbound | None = None
 
     # -- autobahn callbacks
 
@@ -182,12 +185,13 @@ class RegistrationProtocol(WebSocketServerProtocol):
         if admission is Admission.REFUSED:
             self._refuse(CloseCode.TOO_MANY, RATE_LIMITED)
             return
+        self._guard_socket()
         self._state = _State.HELLO
         self._timer = self.factory.reactor.callLater(self.factory.registration_timeout, self._registration_timeout)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.tunnel is not None:
-            self.tunnel.message(payload, isBinary)
+            self._tunnel_message(payload, isBinary)
             return
         if self._state not in (_State.HELLO, _State.PICK) or isBinary:
             self._refuse(CloseCode.POLICY, "unexpected message during registration")
@@ -211,6 +215,16 @@ class RegistrationProtocol(WebSocketServerProtocol):
         else:
             self._state = _State.CLAIMING
             self._decide(subdomain, offer_allowed=False)
+
+    def onPing(self, payload: bytes) -> None:
+        """Autobahn answers every ping with a pong: pings draw on the socket's control budget like
+        HTTP/2 control frames, and a gateway that is not reading gets no pong to pile up."""
+        if self._budget is not None and not self._budget.spend():
+            self._log.warn("closing a gateway socket from {peer}: WebSocket ping flood", peer=self._peer)
+            self._close(CloseCode.POLICY, "ping flood")
+            return
+        if self._outbound is None or not self._outbound.full:
+            super().onPing(payload)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self._hello_done is not None and not self._hello_done.called:
@@ -259,13 +273,7 @@ class RegistrationProtocol(WebSocketServerProtocol):
 
     def _claim(self, subdomain: str) -> None:
         assert self._grant is not None and self._token is not None
-        tunnel: LegacyTunnel | H2Tunnel
-        if self._h2:
-            tunnel = H2Tunnel(subdomain, self._grant.owner, self._send_binary, self._close)
-        else:
-            socket = cast(IPushProducer, self.transport)  # no flow control in the protocol: pause the socket
-            tunnel = LegacyTunnel(subdomain, self._grant.owner, self._send_text, self._close,
-                                  socket.pauseProducing, socket.resumeProducing)
+        tunnel = self._new_tunnel(subdomain, self._grant.owner)
         assigned = subdomain in (self._grant.patterns or ())  # a concrete pattern: assigned by name
         try:
             self.factory.registry.claim(tunnel, peer=self._address, assigned=assigned)
@@ -281,6 +289,55 @@ class RegistrationProtocol(WebSocketServerProtocol):
             tunnel.start()
         self.factory.observer.registered(tunnel, token_hint(self._token), self._peer, url)
 
+    # -- the tunnel on this socket
+
+    def _new_tunnel(self, subdomain: str, owner: str) -> LegacyTunnel | H2Tunnel:
+        """The tunnel for this socket's wire protocol, sharing the socket's guards."""
+        assert self._budget is not None and self._outbound is not None
+        if self._h2:
+            return H2Tunnel(subdomain, owner, self._send_binary, self._close, budget=self._budget,
+                            outbound=self._outbound)
+        socket = cast(IPushProducer, self.transport)  # no flow control in the protocol: pause the socket
+        return LegacyTunnel(subdomain, owner, self._send_text, self._close, socket.pauseProducing,
+                            socket.resumeProducing, budget=self._budget, outbound=self._outbound)
+
+    def _tunnel_message(self, payload: bytes, binary: bool) -> None:
+        """The tunnels fail single streams themselves; a bug that still escapes closes this tunnel
+        (1011, the gateway reconnects) instead of leaving Autobahn to drop the socket unexplained."""
+        assert self.tunnel is not None
+        try:
+            self.tunnel.message(payload, binary)
+        except Exception:
+            self._log.failure("tunnel {subdomain}: handling a gateway message failed; closing it",
+                              subdomain=self.tunnel.subdomain)
+            self._close(CloseCode.INTERNAL_ERROR, "internal error")
+
+    def _guard_socket(self) -> None:
+        """Give this socket its control budget, and learn when its write buffer is full.
+
+        twisted.web registered its HTTP channel as the transport's producer; the WebSocket has
+        taken the transport over, so that registration is stale and `Outbound` replaces it.
+        """
+        limits = self.factory.limits
+        self._budget = ControlBudget(limits.control_rate, self.factory.reactor)
+        self._outbound = Outbound(limits.backlog)
+        transport = cast(IConsumer, self.transport)
+        transport.unregisterProducer()
+        transport.registerProducer(self._outbound, True)
+
+    def _write(self, payload: bytes, binary: bool) -> None:
+        """A tunnel's message, unless the socket is closing (Autobahn would raise); a gateway that
+        lets too much pile up unread is dropped instead."""
+        if self.state != self.STATE_OPEN:
+            return
+        assert self._outbound is not None
+        if not self._outbound.wrote(len(payload)):
+            self._log.warn("tunnel {subdomain}: the gateway does not read ({size} bytes waiting); dropping it",
+                           subdomain=getattr(self.tunnel, "subdomain", "?"), size=self._outbound.backlog)
+            self.dropConnection(abort=True)
+            return
+        self.sendMessage(payload, isBinary=binary)
+
     # -- helpers
 
     def _send_json(self, message: dict[str, Any]) -> None:
@@ -288,15 +345,18 @@ class RegistrationProtocol(WebSocketServerProtocol):
 
     def _send_text(self, payload: bytes) -> None:
         if self._state is _State.REGISTERED:
-            self.sendMessage(payload, isBinary=False)
+            self._write(payload, False)
 
     def _send_binary(self, payload: bytes) -> None:
         if self._state is _State.REGISTERED:
-            self.sendMessage(payload, isBinary=True)
+            self._write(payload, True)
 
     def _close(self, code: int, reason: str) -> None:
         if self._state is not _State.CLOSED:
             self.close_with(code, reason)
+            if self._outbound is not None and self._outbound.full:
+                # It is not reading: the close frame would only wait in memory for the handshake timeout.
+                self.dropConnection(abort=True)
 
     def close_with(self, code: int, reason: str) -> None:
         """Close with any RFC 6455 code: Autobahn's sendClose only lets applications
@@ -333,8 +393,9 @@ class RegistrationFactory(WebSocketServerFactory):
 
     def __init__(self, reactor: Any, registry: Registry, auth: Authenticator, observer: RegistrationObserver, *,
                  rate: RegistrationRate, public_url: str, registration_timeout: float, max_message_size: int,
-                 ping_interval: float, ping_timeout: float) -> None:
+                 ping_interval: float, ping_timeout: float, limits: TunnelLimits = TunnelLimits()) -> None:
         super().__init__(None, reactor=reactor)
+        self.limits = limits
         self.registry = registry
         self.auth = auth
         self.observer = observer

@@ -100,6 +100,14 @@ RELAY_SETTINGS: tuple[Setting, ...] = (
             help="Seconds to wait for a pong before dropping a tunnel (default 10)."),
     Setting("public_url", parse_text, None, ("relay", "public_url"),
             help="Public URL template of tunnels (default https://*.<domain>)."),
+    # What one gateway's socket may cost the relay (mcpr/relay/tunnels/guard.py).
+    Setting("control_frame_rate", parse_count, 1000, ("relay", "control_frame_rate"),
+            help="Control frames a gateway may send per second, with a burst of as many: HTTP/2 PING, "
+                 "SETTINGS, WINDOW_UPDATE, PRIORITY, RST_STREAM, empty DATA..., legacy messages without "
+                 "data, WebSocket pings (default 1000; GOAWAY ENHANCE_YOUR_CALM and close 1008 above)."),
+    Setting("gateway_backlog", parse_size, 1 << 20, ("relay", "gateway_backlog"),
+            help="Bytes the relay may queue for a gateway that does not read, beyond its socket buffer "
+                 "(default 1MiB; the socket is dropped above). Request bodies and new requests wait instead."),
 )
 
 RELAY_SHARED_KEYS: tuple[tuple[str, ...], ...] = (
@@ -137,6 +145,8 @@ class RelaySettings:
     ping_interval: float
     ping_timeout: float
     public_url: str
+    control_frame_rate: int
+    gateway_backlog: int
     config_path: Path | None
     warnings: tuple[str, ...] = ()
 

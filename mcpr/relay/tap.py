@@ -27,6 +27,7 @@ from mcpr.relay.reservations import ReservationStore
 from mcpr.relay.service import RelayService
 from mcpr.relay.settings import RELAY_SETTINGS, RelaySettings, load_relay
 from mcpr.relay.tls import CertificateWatcher, SNIServerEndpoint, listen_description
+from mcpr.relay.tunnels.guard import TunnelLimits
 
 log = Logger()
 
@@ -83,7 +84,8 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
         rate=RegistrationRate(reactor, per_minute=settings.registration_rate, burst=settings.registration_burst),
         public_url=settings.public_url,
         registration_timeout=settings.registration_timeout, max_message_size=settings.max_message_size,
-        ping_interval=settings.ping_interval, ping_timeout=settings.ping_timeout)
+        ping_interval=settings.ping_interval, ping_timeout=settings.ping_timeout,
+        limits=TunnelLimits(control_rate=settings.control_frame_rate, backlog=settings.gateway_backlog))
     front = RelayFront(reactor, settings.domain, registry, forwarder, stats, WebSocketResource(registration))
     site = CappedSite(front, max_request_body=settings.max_request_body, via="relay", too_large=front.too_large)
     site.displayTracebacks = False

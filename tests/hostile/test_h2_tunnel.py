@@ -7,10 +7,12 @@ bystander (an open stream of another user) and checks it is untouched.
 
 from __future__ import annotations
 
+from h2.errors import ErrorCodes
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList
 from twisted.trial.unittest import TestCase
 
+from tests.support.bystander import Bystander
 from tests.support.h2_gateway import H2Gateway
 from tests.support.loopback import sleep
 from tests.support.processes import start_relay
@@ -66,10 +68,15 @@ class H2TunnelTestBase(TestCase):
 class AbandonedDownloadTests(H2TunnelTestBase):
     async def test_abandoned_downloads_give_their_window_back(self) -> None:
         """S1: clients that stop reading a large download and leave must not keep the tunnel's
-        connection window: after 50 of them, the window is whole again and a normal request
-        gets its whole body."""
+        connection window: after 50 of them (each held up to a stream window, 1 MiB, so 50 MiB
+        would have leaked), the window is whole again and a normal request gets its whole body.
+
+        h2 sends a connection WINDOW_UPDATE once half the window was acknowledged, so "whole"
+        is seen from the gateway as more than half; the exact accounting is in
+        tests/relay/test_h2_tunnel.py."""
+        other = await Bystander(self.port, DOMAIN).start(self)
         bystander, bystander_stream = await self.bystander()
-        await self.gateway.window_at_least(CONNECTION_WINDOW)
+        await self.gateway.window_at_least(CONNECTION_WINDOW // 2)
         for batch in range(10):
             sockets, streams = [], []
             for _ in range(5):
@@ -88,12 +95,13 @@ class AbandonedDownloadTests(H2TunnelTestBase):
             for sock in sockets:
                 sock.close()
             await DeferredList([s.reset for s in streams])
-        restored = self.gateway.window_at_least(CONNECTION_WINDOW)
+        restored = self.gateway.window_at_least(CONNECTION_WINDOW // 2 + 1)
         restored.addTimeout(5, reactor)
         await restored.addErrback(lambda _: None)
-        self.assertEqual(self.gateway.conn.outbound_flow_control_window, CONNECTION_WINDOW)
-        self.assertEqual(len(await self.normal_request(2 * MiB)), 2 * MiB)
+        self.assertGreater(self.gateway.conn.outbound_flow_control_window, CONNECTION_WINDOW // 2)
+        self.assertEqual(len(await self.normal_request(2 * CONNECTION_WINDOW)), 2 * CONNECTION_WINDOW)
         await self.bystander_still_served(bystander, bystander_stream)
+        await other.unaffected()
 
 
 class UnforwardableRequestTests(H2TunnelTestBase):
@@ -131,6 +139,7 @@ class UnforwardableRequestTests(H2TunnelTestBase):
 class BadStatusTests(H2TunnelTestBase):
     async def test_a_gateway_status_outside_http_is_a_502_for_that_request_only(self) -> None:
         """D6: `:status` values that are not a final HTTP status never reach the public client."""
+        other = await Bystander(self.port, DOMAIN).start(self)
         bystander, bystander_stream = await self.bystander()
         for status in (b"0", b"999", b"-1", b"abc", b"20", b"2000", b""):
             client = await raw(self.port, head("GET", "/s", self.host, "Connection: close\r\n"))
@@ -142,3 +151,65 @@ class BadStatusTests(H2TunnelTestBase):
         self.assertEqual(self.gateway.close_code, None)
         self.assertEqual(len(await self.normal_request()), 64 * 1024)
         await self.bystander_still_served(bystander, bystander_stream)
+        await other.unaffected()
+
+    async def test_informational_heads_are_skipped(self) -> None:
+        """D6: 1xx heads are informational in HTTP/2: skipped, and the final head that follows is
+        the response."""
+        other = await Bystander(self.port, DOMAIN).start(self)
+        client = await raw(self.port, head("GET", "/early", self.host))
+        stream = await self.gateway.requests.get()
+        self.gateway.conn.send_headers(stream.id, [(b":status", b"103"), (b"link", b"</a.css>; rel=preload")])
+        self.gateway.respond(stream, 200, b"final", headers=[(b"content-length", b"5")])
+        response = await client.closed
+        self.assertTrue(response.startswith(b"HTTP/1.1 200"), response[:100])
+        self.assertNotIn(b"103", response.split(b"\r\n", 1)[0])
+        self.assertTrue(response.endswith(b"final"))
+        await other.unaffected()
+
+
+class RefusingGatewayTests(H2TunnelTestBase):
+    """S6 (the relay's side): a gateway that holds fewer streams than the relay wants to open, or
+    refuses some (REFUSED_STREAM), gets them queued and sent again; one that refuses a request
+    again and again gets it answered 503; the tunnel never fails."""
+
+    async def setUp(self) -> None:
+        self.relay, self.port = start_relay(self, DOMAIN)
+        self.gateway = H2Gateway(self.port, "tok-hostile", "victim", max_streams=2)
+        self.addCleanup(self.gateway.close)
+        await self.gateway.connect()
+        self.host = f"victim.{DOMAIN}"
+
+    async def test_refused_streams_are_sent_again(self) -> None:
+        other = await Bystander(self.port, DOMAIN).start(self)
+        clients = [await raw(self.port, head("GET", f"/r{i}", self.host)) for i in range(6)]
+        first = await self.gateway.requests.get()
+        second = await self.gateway.requests.get()
+        self.assertEqual(self.gateway.requests.pending, [], "more streams than the gateway holds")
+        self.gateway.conn.reset_stream(second.id, ErrorCodes.REFUSED_STREAM)
+        self.gateway.flush()
+        self.gateway.respond(first, 200, b"ok", headers=[(b"content-length", b"2")])
+        paths = [first.path]
+        while len(paths) < 6:
+            stream = await self.gateway.requests.get()
+            paths.append(stream.path)
+            self.gateway.respond(stream, 200, b"ok", headers=[(b"content-length", b"2")])
+        self.assertEqual(sorted(paths), sorted(f"/r{i}".encode() for i in range(6)))
+        answers = [await c.closed for c in clients]
+        self.assertTrue(all(a.startswith(b"HTTP/1.1 200") and a.endswith(b"ok") for a in answers))
+        self.assertIsNone(self.gateway.close_code)
+        await other.unaffected()
+
+    async def test_refused_again_and_again_is_a_503(self) -> None:
+        other = await Bystander(self.port, DOMAIN).start(self)
+        client = await raw(self.port, head("GET", "/never", self.host))
+        for _ in range(4):  # the request, and three more tries
+            stream = await self.gateway.requests.get()
+            self.assertEqual(stream.path, b"/never")
+            self.gateway.conn.reset_stream(stream.id, ErrorCodes.REFUSED_STREAM)
+            self.gateway.flush()
+        response = await client.closed
+        self.assertTrue(response.startswith(b"HTTP/1.1 503"), response[:200])
+        self.assertIsNone(self.gateway.close_code)
+        self.assertEqual(len(await self.normal_request()), 64 * 1024)
+        await other.unaffected()

@@ -5,6 +5,14 @@ out as one JSON text message each (body base64), responses come back either
 whole (v0.1, untagged) or as a head and chunks (v0.2).  The protocol has no
 per-stream flow control, so a slow public client pauses reading the whole
 socket; a peer that breaks the protocol is disconnected, alone.
+
+What the gateway sends fails at most the request it is about: a status that
+is not a final HTTP status (200-599; the protocol has no informational
+responses) is a 502 for that request, and a bug while handling a message
+fails its request only.  Messages that carry no data (empty chunks, messages
+for finished requests) draw on the socket's control budget; while the socket
+towards the gateway is backed up, requests wait in order instead of piling
+up in memory (`guard.Outbound`).
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import binascii
 import itertools
 import json
 import os
+from collections import deque
 from typing import Any, Callable
 
 from twisted.internet.interfaces import IPushProducer
@@ -22,6 +31,7 @@ from zope.interface import implementer
 
 from mcpr.common.protocol import CloseCode, fit_reason
 from mcpr.relay.tunnels.contract import ResponseSink, SocketTunnel, TunnelRequest
+from mcpr.relay.tunnels.guard import ControlBudget, Outbound
 
 log = Logger()
 
@@ -95,9 +105,10 @@ class _SocketPause:
 
 
 class _LegacyStream:
-    def __init__(self, tunnel: "LegacyTunnel", stream_id: str, sink: ResponseSink) -> None:
+    def __init__(self, tunnel: "LegacyTunnel", stream_id: str, request: TunnelRequest, sink: ResponseSink) -> None:
         self.tunnel = tunnel
         self.id = stream_id
+        self.request: TunnelRequest | None = request  # until it is sent
         self.sink = sink
         self.started = False
         self.pause = _SocketPause(tunnel)
@@ -105,7 +116,8 @@ class _LegacyStream:
     def cancel(self) -> None:
         if self.tunnel.forget(self.id):
             self.pause.stopProducing()
-            self.tunnel.send({"kind": "cancel", "id": self.id})
+            if self.request is None:  # the gateway has it: tell it to stop
+                self.tunnel.send({"kind": "cancel", "id": self.id})
 
 
 class LegacyTunnel(SocketTunnel):
@@ -113,9 +125,13 @@ class LegacyTunnel(SocketTunnel):
 
     def __init__(self, subdomain: str, owner: str, send_text: Callable[[bytes], None],
                  close: Callable[[int, str], None], transport_pause: Callable[[], None],
-                 transport_resume: Callable[[], None]) -> None:
+                 transport_resume: Callable[[], None], *, budget: ControlBudget, outbound: Outbound) -> None:
         super().__init__(subdomain, owner, close)
         self._send_text = send_text
+        self._budget = budget
+        self._outbound = outbound
+        outbound.drained = self._drained
+        self._queue: deque[_LegacyStream] = deque()  # requests waiting for the socket to drain
         self._pause_transport = transport_pause
         self._resume_transport = transport_resume
         self._streams: dict[str, _LegacyStream] = {}
@@ -136,18 +152,34 @@ class LegacyTunnel(SocketTunnel):
         number = next(self._ids)
         self._issued = number
         stream_id = f"{self._prefix}-{number}"
-        stream = _LegacyStream(self, stream_id, sink)
+        stream = _LegacyStream(self, stream_id, request, sink)
         self._streams[stream_id] = stream
+        if self._queue or self._outbound.full:
+            self._queue.append(stream)
+        else:
+            self._send_request(stream)
+        return stream
+
+    def _send_request(self, stream: _LegacyStream) -> None:
+        """The whole request in one message (the body is in it, base64)."""
+        request, stream.request = stream.request, None
+        assert request is not None
         body = request.body.read() if request.body is not None and request.body_length else None
         self.send({
             "kind": "request",
-            "id": stream_id,
+            "id": stream.id,
             "method": request.method.decode("latin-1"),
             "path": request.path.decode("latin-1"),
             "headers": _headers_out(request.headers),
             "body": base64.b64encode(body).decode("ascii") if body else None,
         })
-        return stream
+
+    def _drained(self) -> None:
+        """The socket has written out a full buffer: send what waited, until it is full again."""
+        while self._queue and not self._outbound.full:
+            stream = self._queue.popleft()
+            if stream.id in self._streams:  # not cancelled while it waited
+                self._send_request(stream)
 
     def forget(self, stream_id: str) -> bool:
         return self._streams.pop(stream_id, None) is not None
@@ -180,9 +212,18 @@ class LegacyTunnel(SocketTunnel):
         if not isinstance(message, dict) or "id" not in message:
             raise ProtocolViolation("message has no id")
         stream = self._stream_for(message["id"])
-        kind = message.get("kind")
         if stream is None:
             return
+        try:
+            self._apply(stream, message)
+        except ProtocolViolation:
+            raise
+        except Exception:
+            log.failure("tunnel {subdomain}: handling a gateway message failed", subdomain=self.subdomain)
+            self._fail(stream, "tunnel error")
+
+    def _apply(self, stream: _LegacyStream, message: dict) -> None:
+        kind = message.get("kind")
         sink = stream.sink
         if kind == "response_head":
             self._head(stream, message)
@@ -190,22 +231,32 @@ class LegacyTunnel(SocketTunnel):
             if not stream.started:
                 raise ProtocolViolation("chunk before head")
             data = _decode(message.get("data"))
+            last = message.get("last")
             if data:
                 sink.data(data)
-            if message.get("last"):
+            elif not last:
+                self._idle()
+            if last:
                 self._end(stream)
         elif kind == "response_error":
             self.forget(stream.id)
+            stream.pause.stopProducing()
             text = message.get("message")
             sink.fail(text[:200] if isinstance(text, str) else "gateway error")
         elif kind is None and "status" in message:
-            self._head(stream, message)
+            if not self._head(stream, message):
+                return
             body = _decode(message.get("body"))
             if body:
                 sink.data(body)
             self._end(stream)
         else:
             raise ProtocolViolation(f"unknown message kind {kind!r}"[:80])
+
+    def _idle(self) -> None:
+        """A message that carried nothing: the socket's control budget pays for it."""
+        if not self._budget.spend():
+            raise ProtocolViolation("flood of messages without data")
 
     def _stream_for(self, raw_id: Any) -> _LegacyStream | None:
         """The stream a message is for; None for one we cancelled; a violation for ids never issued."""
@@ -220,18 +271,28 @@ class LegacyTunnel(SocketTunnel):
             self._stale += 1
             if self._stale > STALE_LIMIT:
                 raise ProtocolViolation("flood of messages for finished requests")
+            self._idle()
             return None
         raise ProtocolViolation("response to an unknown request id")
 
-    def _head(self, stream: _LegacyStream, message: dict) -> None:
+    def _head(self, stream: _LegacyStream, message: dict) -> bool:
+        """Deliver a response head; False if its status failed the request instead."""
         if stream.started:
             raise ProtocolViolation("second response head")
         status = message.get("status")
-        if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
-            raise ProtocolViolation("status must be an HTTP status code")
+        if not isinstance(status, int) or isinstance(status, bool) or not 200 <= status <= 599:
+            self._fail(stream, "the gateway sent an invalid status")
+            return False
+        headers = _headers_in(message.get("headers"))
         stream.started = True
-        stream.sink.head(status, _headers_in(message.get("headers")))
+        stream.sink.head(status, headers)
         stream.sink.register(stream.pause)
+        return True
+
+    def _fail(self, stream: _LegacyStream, reason: str) -> None:
+        """Fail one request: the gateway is told to stop, the public client gets `fail` (502)."""
+        stream.cancel()
+        stream.sink.fail(reason)
 
     def _end(self, stream: _LegacyStream) -> None:
         self.forget(stream.id)
@@ -241,6 +302,8 @@ class LegacyTunnel(SocketTunnel):
     def closed(self) -> None:
         """The socket is gone: every open stream fails (aborted, or 502 if it had no head yet)."""
         streams, self._streams = self._streams, {}
+        self._queue.clear()
+        self._outbound.drained = None
         for stream in streams.values():
             stream.pause.stopProducing()
             stream.sink.fail("tunnel closed")
