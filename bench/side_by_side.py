@@ -540,7 +540,10 @@ class Session:
     def idle_run(self) -> dict:
         """N idle tunnels on a relay of their own: its RSS and CPU, before and after."""
         a = self.args
-        relay, port, log_path = self.start_relay("idle-relay")
+        # One client registers every tunnel from one address: lift the per-address caps and rate.
+        many = str(max(a.idle * 2, 100))
+        relay, port, log_path = self.start_relay("idle-relay", "--max-tunnels", many, "--max-tunnels-per-ip", many,
+                                                 "--registration-rate", str(a.idle * 60), "--registration-burst", many)
         self.logs["idle-relay"] = log_path
         try:
             time.sleep(0.5)

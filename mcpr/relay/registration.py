@@ -322,7 +322,8 @@ class RegistrationProtocol(WebSocketServerProtocol):
         self._budget = ControlBudget(limits.control_rate, self.factory.reactor)
         self._outbound = Outbound(limits.backlog)
         transport = cast(IConsumer, self.transport)
-        transport.unregisterProducer()
+        if getattr(transport, "producer", None) is not None:
+            transport.unregisterProducer()
         transport.registerProducer(self._outbound, True)
 
     def _write(self, payload: bytes, binary: bool) -> None:
