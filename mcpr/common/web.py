@@ -133,10 +133,12 @@ def request_target(method: bytes, target: bytes) -> tuple[bytes, bytes | None]:
     name something a proxy can forward: authority form belongs to CONNECT
     and asterisk form to server-wide OPTIONS, neither of which either daemon
     serves (CONNECT and TRACE get 405; TRACE would echo credentials back to a
-    page's script, "cross-site tracing").  `OPTIONS *` gets 501, not 400: it
-    is well-formed (RFC 9112 §3.2.4) and asks about the server as a whole,
-    which the relay does not implement and a tunnel's upstream cannot be
-    asked about (its paths are mapped under the gateway's upstream URL).
+    page's script, "cross-site tracing").  `OPTIONS *` gets 400 like the other
+    targets that cannot be forwarded (as nginx answers it), not 501: 501 says
+    a method is supported for no resource (RFC 9110 §15.6.2), yet OPTIONS is
+    forwarded for every path; and the server as a whole cannot be asked, since
+    a gateway maps request paths under its upstream URL, where `*` would turn
+    into a bogus path, and the relay has no capabilities of its own to list.
     """
     if target.translate(None, _VISIBLE):
         raise Refusal(400, "the request target holds bytes outside visible ASCII")
@@ -145,9 +147,7 @@ def request_target(method: bytes, target: bytes) -> tuple[bytes, bytes | None]:
     if target[:1] == b"/":
         return target, None
     if target == b"*":
-        if method == b"OPTIONS":
-            raise Refusal(501, "OPTIONS * (the server as a whole) is not implemented")
-        raise Refusal(400, "the asterisk target is for OPTIONS only")
+        raise Refusal(400, "the asterisk target (the server as a whole) cannot be forwarded")
     match = _ABSOLUTE.match(target)
     if match is None:
         raise Refusal(400, "the request target must be a path or an absolute http(s) URI")

@@ -145,7 +145,7 @@ class HeadRuleTests(ChannelTestBase):
         response = self.assert_refused(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", 405)
         self.assertIn(b"\r\nAllow: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS\r\n", response)
         self.assert_refused(b"TRACE / HTTP/1.1\r\nHost: x\r\n\r\n", 405)
-        self.assert_refused(b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n", 501)
+        self.assert_refused(b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n", 400)
         self.assert_refused(b"GET * HTTP/1.1\r\nHost: x\r\n\r\n", 400)
         self.assert_refused(b"GET foo HTTP/1.1\r\nHost: x\r\n\r\n", 400)
         self.assert_refused(b"GET example.com:80 HTTP/1.1\r\nHost: x\r\n\r\n", 400)

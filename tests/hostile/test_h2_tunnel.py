@@ -107,8 +107,8 @@ class UnforwardableRequestTests(H2TunnelTestBase):
             (head("CONNECT", "example.com:443", self.host), b"405"),
             (head("CONNECT", self.host + ":443", self.host), b"405"),
             (head("TRACE", "/", self.host), b"405"),
-            # Well-formed, about the server as a whole: not implemented (see mcpr.common.web.request_target).
-            (head("OPTIONS", "*", self.host), b"501"),
+            # Well-formed, but about the server as a whole: not forwardable (mcpr.common.web.request_target).
+            (head("OPTIONS", "*", self.host), b"400"),
             (head("GET", "*", self.host), b"400"),
             (head("GET", "foo", self.host), b"400"),
             (head("GET", "example.com:80", self.host), b"400"),

@@ -125,6 +125,10 @@ class MemoryRelay:
 
     def request(self, host: str, path: str = "/") -> Client:
         """Send a GET on a connection of its own."""
+        return self.request_bytes(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+
+    def request_bytes(self, data: bytes) -> Client:
+        """Send `data` as it is on a connection of its own."""
         client = Client(self.site.buildProtocol(None))
-        client.channel.dataReceived(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        client.channel.dataReceived(data)
         return client
