@@ -196,6 +196,11 @@ class HeadRuleTests(ChannelTestBase):
         self.send(b"GET HTTP://Other.Example:8080?q=1 HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertIn(b"GET /?q=1 host=Other.Example:8080 got 0", self.transport.value())
 
+    def test_close_among_other_connection_tokens(self) -> None:
+        self.send(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: te, close\r\n\r\n")
+        self.assertIn(b"\r\nConnection: close\r\n", self.transport.value())
+        self.assertTrue(self.transport.disconnecting)
+
     def test_valid_requests_pass(self) -> None:
         for request in (b"PROPFIND /a%20b?x=1&y=%7F HTTP/1.1\r\nHost: [::1]:80\r\nX-A: caf\xc3\xa9\tok\r\n\r\n",
                         b"GET / HTTP/1.0\r\n\r\n",
