@@ -48,6 +48,7 @@ from twisted.web.http import RESPONSES, HTTPChannel, datetimeToString
 from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
+from zope.interface import directlyProvides, providedBy
 
 from mcpr.common.headers import connection_tokens
 
@@ -269,6 +270,22 @@ class _Counted(ProtocolWrapper):
         super().__init__(limits, wrapped)  # type: ignore[arg-type]
         self.key = key
 
+    def makeConnection(self, transport: ITransport) -> None:
+        """As ProtocolWrapper's, but this wrapper does not claim ISSLTransport: Autobahn, taking it
+        over for a WebSocket, reads TLS details from any ISSLTransport and insists that it be
+        Twisted's TLS protocol itself.  `is_secure` looks through the wrapper instead."""
+        directlyProvides(self, providedBy(transport) - ISSLTransport)
+        Protocol.makeConnection(self, transport)
+        self.factory.registerProtocol(self)
+        self.wrappedProtocol.makeConnection(self)  # type: ignore[arg-type]  # a transport by delegation
+
+
+def is_secure(transport: ITransport | None) -> bool:
+    """Whether a channel's transport is TLS, through the connection-counting wrapper."""
+    if isinstance(transport, _Counted):
+        transport = transport.transport
+    return ISSLTransport.providedBy(transport)
+
 
 class ConnectionLimits:
     """Caps on a site's connections: `per_peer` from one address (an IPv6 /64), `total` in all
@@ -469,8 +486,8 @@ class CappedChannel(HTTPChannel):
         if timeout is not None:
             self._stop_deadline()
             self._deadline = self.callLater(timeout, self._head_overdue)
-        if self.site.connections is not None:
-            self.site.connections.idle(self)
+        if self.site.limits is not None:
+            self.site.limits.idle(self)
 
     def dataReceived(self, data: bytes) -> None:
         if self._refused:
@@ -537,8 +554,8 @@ class CappedChannel(HTTPChannel):
         if self._refused:
             return
         self._stop_deadline()
-        if self.site.connections is not None:
-            self.site.connections.busy(self)
+        if self.site.limits is not None:
+            self.site.limits.busy(self)
         if self.length != 0:
             self._phase = _BODY
             timeout = self.site.timeouts.body
@@ -574,6 +591,9 @@ class CappedChannel(HTTPChannel):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stop_deadline()
         super().connectionLost(reason)
+
+    def isSecure(self) -> bool:
+        return is_secure(self.transport)
 
     # -- deadlines
 
@@ -638,14 +658,14 @@ class CappedChannel(HTTPChannel):
             method, target = (request.request_line or (b"-", b"-")) if request is not None else (b"-", b"-")
             host = request.requestHeaders.getRawHeaders(b"host", [None])[0] if request is not None else None
             self.site.refused(status, method, target, host, message)
-        if not ISSLTransport.providedBy(transport):
+        if not is_secure(transport):
             # FIN after the answer: a client still writing sees the end of our side, not a reset.
             # (TLS has no half-close: there the answer's framing and Connection: close tell.)
             lose_write = getattr(transport, "loseWriteConnection", None)
             if lose_write is not None:
                 lose_write()
-        if self.site.connections is not None:
-            self.site.connections.idle(self)
+        if self.site.limits is not None:
+            self.site.limits.idle(self)
         self._deadline = self.callLater(self.site.timeouts.lingering_time, self._linger_over)
 
     def _drop(self, size: int) -> None:
@@ -674,7 +694,7 @@ class CappedSite(Site):
 
     def __init__(self, resource: IResource, *, max_request_body: int, via: str = "direct",
                  too_large: TooLargeReporter | None = None, refused: RefusalReporter | None = None,
-                 timeouts: ChannelTimeouts = ChannelTimeouts(), connections: ConnectionLimits | None = None,
+                 timeouts: ChannelTimeouts = ChannelTimeouts(), limits: ConnectionLimits | None = None,
                  trusted: TrustedProxies | None = None, **kwargs: Any) -> None:
         if timeouts.header is not None:
             kwargs.setdefault("timeout", None)  # the channel's own deadlines replace the idle timeout
@@ -684,13 +704,13 @@ class CappedSite(Site):
         self.too_large = too_large
         self.refused = refused
         self.timeouts = timeouts
-        self.connections = connections
+        self.limits = limits
         self.trusted = trusted or TrustedProxies()
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:  # type: ignore[override]
         host = _peer_host(addr)
         trusted = host is not None and bool(self.trusted) and host in self.trusted
-        limits = self.connections
+        limits = self.limits
         key = None if host is None or trusted else peer_key(host)
         if limits is not None and not limits.admit(key):
             return _Refused()

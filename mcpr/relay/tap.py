@@ -139,7 +139,7 @@ def public_site(front: RelayFront, settings: RelaySettings, reactor: Any, max_co
                                lingering_size=settings.lingering_size)
     site = CappedSite(front, max_request_body=settings.max_request_body, via="relay", too_large=front.too_large,
                       refused=front.refused, timeouts=timeouts, trusted=TrustedProxies(settings.trusted_proxies),
-                      connections=ConnectionLimits(total=max_connections, per_peer=settings.max_connections_per_ip),
+                      limits=ConnectionLimits(total=max_connections, per_peer=settings.max_connections_per_ip),
                       reactor=reactor)
     site.displayTracebacks = False
     return site

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
+from zope.interface import directlyProvides
 
 from twisted.web.http_headers import Headers
 
@@ -46,7 +48,7 @@ class HalfClosing(StringTransport):
 
 class ChannelTestBase(SynchronousTestCase):
     timeouts = ChannelTimeouts()
-    connections: ConnectionLimits | None = None
+    limits: ConnectionLimits | None = None
 
     def setUp(self) -> None:
         self.refused: list = []
@@ -55,7 +57,7 @@ class ChannelTestBase(SynchronousTestCase):
         # where the next trial TestCase would find them and fail as dirty.
         self.clock = Clock()
         self.site = CappedSite(Echo(), max_request_body=100, reactor=self.clock, timeouts=self.timeouts,
-                               connections=self.connections,
+                               limits=self.limits,
                                too_large=lambda request, method, path: self.refused.append((method, path)),
                                refused=lambda *report: self.reported.append(report))
         self.transport, self.channel = self.connect()
@@ -295,7 +297,7 @@ class ConnectionCapTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.limits = ConnectionLimits(total=4, per_peer=2)
-        self.site = CappedSite(Echo(), max_request_body=100, reactor=self.clock, connections=self.limits,
+        self.site = CappedSite(Echo(), max_request_body=100, reactor=self.clock, limits=self.limits,
                                trusted=TrustedProxies(["10.9.0.0/16"]), timeouts=ChannelTimeouts(header=30))
 
     def connect(self, host: str) -> StringTransport:
@@ -338,6 +340,14 @@ class ConnectionCapTests(SynchronousTestCase):
         for i in range(4):
             self.site_request(self.connect(f"10.0.0.{i}"))
         self.assertTrue(self.connect("10.0.0.9").disconnected)
+
+    def test_tls_is_seen_through_the_counting_wrapper_but_not_claimed_by_it(self) -> None:
+        transport = StringTransport()
+        directlyProvides(transport, ISSLTransport)
+        wrapper = self.site.buildProtocol(IPv4Address("TCP", "10.0.0.1", 1))
+        wrapper.makeConnection(transport)
+        self.assertTrue(wrapper.wrappedProtocol.isSecure())
+        self.assertFalse(ISSLTransport.providedBy(wrapper))  # Autobahn would want Twisted's TLS protocol
 
     def test_closed_connections_free_their_place(self) -> None:
         transports = [self.connect("10.0.0.1") for _ in range(2)]
