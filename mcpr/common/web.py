@@ -461,12 +461,11 @@ class CappedChannel(HTTPChannel):
     """Whether the peer is one of the site's trusted proxies (set when the connection opens)."""
 
     _phase = _IDLE
-    _head_bytes = 0
-    _head_fields = 0
-    _version = b"HTTP/1.1"
+    _request_version = b"HTTP/1.1"
     _refused = False
     _dropped = 0
-    _deadline: IDelayedCall | None = None
+    _head_timer: IDelayedCall | None = None
+    _timer: IDelayedCall | None = None  # the body's deadline, or the end of lingering
     _body_started = 0.0
     _body_bytes = 0
     _body_seen = 0
@@ -481,11 +480,13 @@ class CappedChannel(HTTPChannel):
 
     def _await_request(self) -> None:
         self._phase = _IDLE
-        self._head_bytes = self._head_fields = 0
         timeout = self.site.timeouts.header
         if timeout is not None:
-            self._stop_deadline()
-            self._deadline = self.callLater(timeout, self._head_overdue)
+            timer = self._head_timer
+            if timer is not None and timer.active():
+                timer.reset(timeout)
+            else:
+                self._head_timer = self.callLater(timeout, self._head_overdue)
         if self.site.limits is not None:
             self.site.limits.idle(self)
 
@@ -500,20 +501,14 @@ class CappedChannel(HTTPChannel):
         super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
-        if self._refused:
-            return
-        self._head_bytes += len(line)
-        if self._head_bytes > self.totalHeadersSize:
-            self.refuse(431, f"request head larger than {self.totalHeadersSize} bytes")
-            return
         if self._phase != _LINE:
-            super().lineReceived(line)
+            super().lineReceived(line)  # a header line: twisted.web counts its bytes and the fields
             return
         before = len(self.requests)
         super().lineReceived(line)
         if len(self.requests) > before and not self._refused:
             # twisted.web parsed and checked it: exactly method SP target SP version.
-            method, target, self._version = line.split(b" ")
+            method, target, self._request_version = line.split(b" ")
             self.requests[-1].request_line = (method, target)
             self._phase = _HEADERS
 
@@ -524,11 +519,7 @@ class CappedChannel(HTTPChannel):
             self.refuse(431, f"header line longer than {self.MAX_LENGTH} bytes")
 
     def headerReceived(self, line: bytes) -> bool:
-        self._head_fields += 1
-        if self._head_fields > self.maxHeaders:
-            self.refuse(431, f"more than {self.maxHeaders} header fields")
-            return False
-        if _FIELD_CTL.search(line):
+        if _FIELD_CTL.search(line) is not None:
             self.refuse(400, "a header field holds a control character")
             return False
         return bool(super().headerReceived(line))
@@ -536,16 +527,14 @@ class CappedChannel(HTTPChannel):
     def allHeadersReceived(self) -> None:
         request: CappedRequest = self.requests[-1]
         method, target = request.request_line or (b"", b"")
-        headers = request.requestHeaders
         try:
             request.target = request_target(method, target)
-            check_framing(self._version, headers)
+            check_framing(self._request_version, request.requestHeaders)
         except Refusal as refusal:
             self.refuse(refusal.status, refusal.message, refusal.headers)
             return
-        lengths = headers.getRawHeaders(b"content-length")
         limit = self.site.max_request_body
-        if limit and lengths and int(lengths[0]) > limit:
+        if limit and self.length is not None and self.length > limit:
             # Refused here, not in gotLength: twisted.web would still send 100 Continue after it.
             request._discard_body()
             request._refuse()
@@ -553,7 +542,8 @@ class CappedChannel(HTTPChannel):
         super().allHeadersReceived()
         if self._refused:
             return
-        self._stop_deadline()
+        # The head's timer runs on: it finds the channel busy if it fires, and is moved on for the
+        # next request (cheaper than a new one per request).
         if self.site.limits is not None:
             self.site.limits.busy(self)
         if self.length != 0:
@@ -562,14 +552,16 @@ class CappedChannel(HTTPChannel):
             if timeout is not None:
                 self._body_started = self._body_last = self.site.reactor.seconds()
                 self._body_bytes = self._body_seen = 0
-                self._deadline = self.callLater(timeout, self._body_check)
+                self._timer = self.callLater(timeout, self._body_check)
         else:
             self._phase = _BUSY
 
     def allContentReceived(self) -> None:
         if self._refused:
             return
-        self._stop_deadline()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
         self._phase = _BUSY
         super().allContentReceived()
 
@@ -578,7 +570,8 @@ class CappedChannel(HTTPChannel):
         reads only the first Connection line and splits it on spaces, missing `close, te`."""
         if version != b"HTTP/1.1":
             return False
-        if b"close" in connection_tokens(request.requestHeaders):
+        headers = request.requestHeaders
+        if headers.hasHeader(b"connection") and b"close" in connection_tokens(headers):
             request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
             return False
         return True
@@ -598,12 +591,15 @@ class CappedChannel(HTTPChannel):
     # -- deadlines
 
     def _stop_deadline(self) -> None:
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
+        for timer in (self._head_timer, self._timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._head_timer = self._timer = None
 
     def _head_overdue(self) -> None:
-        self._deadline = None
+        self._head_timer = None
+        if self._phase >= _BODY:
+            return  # the head came in time; the next request gets a timer of its own
         if self._phase == _IDLE:
             self.loseConnection()  # nothing asked, nothing to answer (an idle keep-alive connection)
         else:
@@ -611,7 +607,7 @@ class CappedChannel(HTTPChannel):
 
     def _body_check(self) -> None:
         """The body's deadline, checked when it may have passed rather than moved on every read."""
-        self._deadline = None
+        self._timer = None
         timeouts = self.site.timeouts
         assert timeouts.body is not None
         now = self.site.reactor.seconds()
@@ -623,7 +619,7 @@ class CappedChannel(HTTPChannel):
         if now >= deadline:
             self.refuse(408, "request body too slow")
         else:
-            self._deadline = self.callLater(deadline - now, self._body_check)
+            self._timer = self.callLater(deadline - now, self._body_check)
 
     def evict(self) -> None:
         """Make room at the connection cap: this idle connection goes at once."""
@@ -634,10 +630,16 @@ class CappedChannel(HTTPChannel):
 
     # -- refusals
 
-    # twisted.web's own 400 (a malformed request line, header or chunk) closes without framing or
-    # lingering; this private hook is overridden so that every refusal is the same.
+    # twisted.web's own 400 (a malformed request line, header or chunk, or a head over its size or
+    # field count) closes without framing or lingering; this private hook is overridden, and reads
+    # twisted.web's private counters to tell 431 from 400, so that every refusal is the same.
     def _respondToBadRequestAndDisconnect(self) -> None:
-        self.refuse(400, "malformed request")
+        if self._receivedHeaderSize > self.totalHeadersSize:
+            self.refuse(431, f"request head larger than {self.totalHeadersSize} bytes")
+        elif self._receivedHeaderCount > self.maxHeaders:
+            self.refuse(431, f"more than {self.maxHeaders} header fields")
+        else:
+            self.refuse(400, "malformed request")
 
     def refuse(self, status: int, message: str, headers: Iterable[tuple[bytes, bytes]] = (), *,
                report: bool = True) -> None:
@@ -666,7 +668,7 @@ class CappedChannel(HTTPChannel):
                 lose_write()
         if self.site.limits is not None:
             self.site.limits.idle(self)
-        self._deadline = self.callLater(self.site.timeouts.lingering_time, self._linger_over)
+        self._timer = self.callLater(self.site.timeouts.lingering_time, self._linger_over)
 
     def _drop(self, size: int) -> None:
         self._dropped += size
