@@ -321,11 +321,11 @@ class ConnectionLimits:
                 self._full = True
                 log.warn("{cap} connections open (max_connections): new ones replace the oldest idle one",
                          cap=self.total)
-            for oldest in self._idle:
-                del self._idle[oldest]
-                oldest.evict()
-                return True
-            return False
+            oldest = next(iter(self._idle), None)
+            if oldest is None:
+                return False
+            del self._idle[oldest]
+            oldest.evict()  # gone at the next turn of the reactor: the reserve covers the overlap
         return True
 
     def idle(self, channel: CappedChannel) -> None:

@@ -94,7 +94,7 @@ class BadHead(Exception):
     """A tunnel's response head that cannot be passed to the public client."""
 
 
-def declared_length(values: list[bytes]) -> int | None:
+def declared_length(values: list[bytes]) -> int:
     """The one length a response's `Content-Length` field lines declare (RFC 9110 §8.6: a list
     of equal values is that value), or BadHead."""
     lengths = {part.strip() for value in values for part in value.split(b",")}
