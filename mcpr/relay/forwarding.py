@@ -3,14 +3,26 @@
 One `TunnelForwarder` serves the whole relay; each request gets a
 `PublicResponse`, the tunnel's `ResponseSink` for it, which reports to the
 `RequestStats` once the request ends, however it ends.
+
+What enters a tunnel is always something an HTTP/2 request can carry: the
+front (`mcpr.common.web.CappedChannel`) has refused every method, target and
+field that HTTP/2 would refuse (h2's `validate_outbound_headers`, and the
+character rules its peer checks), and `tunnel_request` builds the rest: an
+origin-form path, one Host (the routing authority), no hop-by-hop or
+connection-specific field, lower-case names.  What comes back is checked
+before a byte of it reaches the public connection, whose framing is the
+relay's own: a status outside 200-599 or a contradictory `Content-Length` is
+a 502, and a declared length is held to (`PublicResponse`).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.python.failure import Failure
+from twisted.web.http import NO_BODY_CODES
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -20,8 +32,13 @@ from mcpr.relay.metrics import RequestStats
 from mcpr.relay.registry import Registry
 from mcpr.relay.tunnels.contract import Stream, TunnelRequest
 
-# Recomputed for the tunnel: its framing carries the body's length itself.
-_REQUEST_DROPPED = frozenset({b"content-length", b"expect"})
+# Recomputed for the tunnel: its framing carries the body's length itself; Host is the routing
+# authority, set again below (a `Connection: host` must not strip it).
+_REQUEST_DROPPED = frozenset({b"content-length", b"expect", b"host"})
+# Claims about the client that only the edge (or a trusted proxy in front of it) may make.
+_CLIENT_CLAIMS = frozenset({b"forwarded", b"x-real-ip"})
+_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+\Z")
+_VALUE_FORBIDDEN = re.compile(rb"[\x00\r\n]")
 
 
 def _text(request: Request, status: int, message: str) -> bytes:
@@ -31,11 +48,62 @@ def _text(request: Request, status: int, message: str) -> bytes:
     return (message + "\n").encode()
 
 
-def _tunnel_headers(request: Request) -> list[tuple[bytes, bytes]]:
+def _forwarded_for(ip: str) -> bytes:
+    """A `Forwarded` element naming `ip` (RFC 7239 §4: IPv6 quoted and bracketed)."""
+    return (f'for="[{ip}]"' if ":" in ip else f"for={ip}").encode()
+
+
+def tunnel_headers(request: Request) -> list[tuple[bytes, bytes]]:
+    """The request's headers as they go into a tunnel: end-to-end ones, lower-cased, with
+    the relay's own X-Forwarded-For/-Host/-Proto.
+
+    The relay is the edge: a public client's `X-Forwarded-*`, `Forwarded` and
+    `X-Real-IP` are dropped and the trio is set from what the relay saw.  From
+    a trusted proxy (`trusted_proxies`) they are kept and extended: its
+    address is appended to `X-Forwarded-For` (and to `Forwarded`, if sent),
+    and its `X-Forwarded-Host/-Proto` stay, since it saw the public side.  The
+    gateway keeps the relay's Host and Proto in turn and appends the relay to
+    `X-Forwarded-For` (mcpr/proxy/headers.py).
+    """
     out = end_to_end(request.requestHeaders, _REQUEST_DROPPED)
-    add_forwarded(out, client_ip=getattr(request.getClientAddress(), "host", None),
-                  host=request.getHeader(b"host"), proto=b"https" if request.isSecure() else b"http")
-    return [(name.lower(), value) for name, values in out.getAllRawHeaders() for value in values]
+    peer = getattr(request.getClientAddress(), "host", None)
+    if getattr(request.channel, "peer_trusted", False):
+        if peer and out.hasHeader(b"forwarded"):
+            prior = out.getRawHeaders(b"forwarded", [])
+            out.setRawHeaders(b"forwarded", [b", ".join([*prior, _forwarded_for(peer)])])
+    else:
+        for name, _ in list(out.getAllRawHeaders()):
+            lower = name.lower()
+            if lower in _CLIENT_CLAIMS or lower.startswith(b"x-forwarded-"):
+                out.removeHeader(name)
+    host = request.getHeader(b"host")
+    add_forwarded(out, client_ip=peer, host=host, proto=b"https" if request.isSecure() else b"http")
+    headers = [(name.lower(), value) for name, values in out.getAllRawHeaders() for value in values]
+    if host is not None:
+        headers.insert(0, (b"host", host))
+    return headers
+
+
+def tunnel_request(request: Request) -> TunnelRequest:
+    """The public request as it enters a tunnel (see the module docstring for what it guarantees)."""
+    content = request.content
+    return TunnelRequest(request.method, request.uri, tunnel_headers(request), content, body_length(content))
+
+
+class BadHead(Exception):
+    """A tunnel's response head that cannot be passed to the public client."""
+
+
+def declared_length(values: list[bytes]) -> int:
+    """The one length a response's `Content-Length` field lines declare (RFC 9110 §8.6: a list
+    of equal values is that value), or BadHead."""
+    lengths = {part.strip() for value in values for part in value.split(b",")}
+    if len(lengths) != 1:
+        raise BadHead("contradictory content-length")
+    (length,) = lengths
+    if not length.isdigit() or len(length) > 18:
+        raise BadHead("invalid content-length")
+    return int(length)
 
 
 class PublicResponse:
@@ -55,6 +123,7 @@ class PublicResponse:
         self._client_gone = False
         self._producer = False
         self._timer: IDelayedCall | None = None
+        self._left: int | None = None  # body bytes the head declared and the tunnel has yet to send
 
     def start(self, headers_timeout: float, body_length: int) -> None:
         """The request goes into a tunnel: it is in flight, and has `headers_timeout` seconds to get a head."""
@@ -84,27 +153,117 @@ class PublicResponse:
         if self.done:
             return
         self._stop_timer()
+        try:
+            passed, length = self._checked_head(status, headers)
+        except BadHead as e:
+            if self.stream is not None:
+                self.stream.cancel()
+            self.answer(502, f"tunnel error: {e}")
+            return
         self.status = status
         request = self.request
         request.setResponseCode(status)
-        for name, value in headers:
-            if name.lower() not in HOP_BY_HOP:
-                request.responseHeaders.addRawHeader(name, value)
+        own = request.responseHeaders
+        for name in {b"date", b"server"}.intersection(name for name, _ in passed):
+            own.removeHeader(name)  # the upstream's Date and Server, not a second pair of the relay's
+        for name, value in passed:
+            own.addRawHeader(name, value)
+        if length is not None:
+            own.setRawHeaders(b"content-length", [b"%d" % length])
+            if request.method != b"HEAD" and status != 304:
+                self._left = length
         request.write(b"")  # headers now: the body may take its time (SSE, long tool calls)
+
+    def _checked_head(self, status: int, headers: list[tuple[bytes, bytes]]
+                      ) -> tuple[list[tuple[bytes, bytes]], int | None]:
+        """The head's end-to-end fields (names lower-cased) and its declared length, or BadHead.
+
+        The public connection's framing is the relay's: a tunnel's
+        `Transfer-Encoding` and other hop-by-hop fields never pass, its
+        `Content-Length` is one agreed number or the response is a 502, and
+        only a final status (200-599) is a response at all (a legacy gateway
+        can send a 1xx "response" with a body).  No body for 204 (nor a
+        length), 304 or HEAD: twisted.web drops what is written for them.
+        """
+        if not isinstance(status, int) or isinstance(status, bool) or not 200 <= status <= 599:
+            raise BadHead(f"status {status!r} is not a final HTTP status"[:80])
+        dropped = HOP_BY_HOP
+        lengths: list[bytes] = []
+        passed = []
+        for name, value in headers:
+            if not _TOKEN.match(name) or _VALUE_FORBIDDEN.search(value):
+                raise BadHead("malformed header field")
+            name = name.lower()
+            if name == b"connection":
+                dropped = dropped | {t.strip().lower() for t in value.split(b",")}
+            elif name == b"content-length":
+                lengths.append(value)
+            else:
+                passed.append((name, value))
+        passed = [(name, value) for name, value in passed if name not in dropped]
+        length = declared_length(lengths) if lengths else None
+        if status in NO_BODY_CODES and status != 304:
+            length = None
+        return passed, length
 
     def data(self, chunk: bytes) -> None:
         if self.done:
             return
+        left = self._left
+        if left is not None:
+            if len(chunk) > left:
+                self._overlong(chunk[:left])
+                return
+            self._left = left - len(chunk)
+        self._write(chunk)
+
+    def _write(self, chunk: bytes) -> None:
         self.bytes += len(chunk)
         self._stats.bytes_out(len(chunk))
         self.request.write(chunk)
 
+    def _overlong(self, rest: bytes) -> None:
+        """More body than the head declared: the declared bytes go out, the rest never does, and
+        the connection closes after this response, so no later request can read the excess."""
+        if rest:
+            self._write(rest)
+        self._left = 0
+        if self.stream is not None:
+            self.stream.cancel()
+        channel = self.request.channel
+        if channel is not None:
+            channel.persistent = False
+        self._complete("tunnel sent more than its content-length")
+
     def end(self) -> None:
         if self.done:
             return
-        self._finish("ok")
+        if self._left:
+            self._cut_short()
+            return
+        self._complete("ok")
+
+    def _complete(self, outcome: str) -> None:
+        self._finish(outcome)
         if not self._client_gone:
             self.request.finish()
+
+    def _cut_short(self) -> None:
+        """The tunnel ended before the declared length: the connection closes with the response
+        incomplete, which its Content-Length makes plain to the client (RFC 9112 §8).  Closed, not
+        reset: a reset would also drop the head and the bytes still in the send buffer."""
+        self._finish("tunnel ended before its content-length")
+        channel = self.request.channel
+        if channel is not None and getattr(channel, "transport", None) is not None:
+            channel.loseConnection()
+
+    def _abort(self, outcome: str) -> None:
+        """End a started response so that the public client sees it broke off, not a clean end."""
+        self._finish(outcome)
+        channel = self.request.channel
+        transport = getattr(channel, "transport", None) if channel is not None else None
+        if transport is not None:
+            transport.abortConnection()
 
     def fail(self, reason: str) -> None:
         if self.done:
@@ -113,11 +272,7 @@ class PublicResponse:
         if self.status is None:
             self.answer(502, f"tunnel error: {reason}")
             return
-        self._finish("aborted")
-        channel = self.request.channel
-        transport = getattr(channel, "transport", None) if channel is not None else None
-        if transport is not None:
-            transport.abortConnection()
+        self._abort("aborted")
 
     def register(self, producer: IPushProducer) -> None:
         if not self.done and not self._client_gone:
@@ -196,9 +351,7 @@ class TunnelForwarder:
             return NOT_DONE_YET
         if self.draining:
             request.setHeader(b"connection", b"close")
-        content = request.content
-        length = body_length(content)
-        response.start(self._headers_timeout, length)
-        response.stream = tunnel.open_stream(
-            TunnelRequest(request.method, request.uri, _tunnel_headers(request), content, length), response)
+        forwarded = tunnel_request(request)
+        response.start(self._headers_timeout, forwarded.body_length)
+        response.stream = tunnel.open_stream(forwarded, response)
         return NOT_DONE_YET

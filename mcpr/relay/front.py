@@ -103,6 +103,11 @@ class RelayFront(Resource):
         kind, label = split_host(request.getHeader(b"host"), self.domain)
         self._stats.too_large(label, method, path)
 
+    def refused(self, status: int, method: bytes, target: bytes, host: bytes | None, why: str) -> None:
+        """The front refused a request before routing it (CappedSite's report): counted and logged."""
+        kind, label = split_host(host, self.domain)
+        self._stats.refused(label, status, method, target, why)
+
     def _health_json(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")

@@ -103,6 +103,13 @@ class RequestStats:
         log.info("{subdomain} {method} {path} 413 0B 0ms (body too large)", subdomain=subdomain or "-",
                  method=method.decode("latin-1"), path=path.split(b"?")[0].decode("latin-1"))
 
+    def refused(self, subdomain: str | None, status: int, method: bytes, path: bytes, why: str) -> None:
+        """A request the front answered itself before any resource saw it (malformed, too slow)."""
+        self._metrics.request(status)
+        log.info("{subdomain} {method} {path} {status} 0B 0ms ({why})", subdomain=subdomain or "-",
+                 method=method.decode("latin-1"), path=path.split(b"?")[0].decode("latin-1"), status=status,
+                 why=why)
+
     def when_idle(self) -> Deferred[None]:
         """Fires once no request is in flight (now, if none is); cancellable, e.g. by a timeout."""
         if not self.in_flight:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass
@@ -36,6 +37,14 @@ def parse_domain(value: Any) -> str:
     if not _DOMAIN.match(text):
         raise ValueError("expected a DNS name such as tunnel.example.com")
     return text
+
+
+def parse_network(value: Any) -> str:
+    """An IP address or CIDR network (host bits allowed: 10.0.0.1/8 is 10.0.0.0/8)."""
+    try:
+        return str(ipaddress.ip_network(parse_text(value), strict=False))
+    except ValueError:
+        raise ValueError("expected an IP address or network, e.g. 10.0.0.0/8 or 2001:db8::/32") from None
 
 
 def _parse_static_tokens(specs: Any) -> tuple[StaticToken, ...]:
@@ -90,8 +99,9 @@ RELAY_SETTINGS: tuple[Setting, ...] = (
             help="Largest WebSocket message from a gateway (default 4MiB)."),
     Setting("registration_timeout", parse_seconds, 10.0, ("relay", "registration_timeout"),
             help="Seconds a new socket has to register (default 10)."),
-    Setting("headers_timeout", parse_seconds, 30.0, ("relay", "headers_timeout"),
-            help="Seconds to wait for a tunnel's response headers (default 30; 504)."),
+    Setting("headers_timeout", parse_seconds, 60.0, ("relay", "headers_timeout"),
+            help="Seconds to wait for a tunnel's response headers (default 60; 504). Keep it above the "
+                 "gateways' upstream_timeout (30), so that a slow upstream gets their JSON-RPC error."),
     Setting("drain_timeout", parse_seconds, 30.0, ("relay", "drain_timeout"),
             help="Seconds to let in-flight requests finish on stop (default 30)."),
     Setting("ping_interval", parse_ping_seconds, 20.0, ("relay", "ping_interval"),
@@ -108,6 +118,32 @@ RELAY_SETTINGS: tuple[Setting, ...] = (
     Setting("gateway_backlog", parse_size, 1 << 20, ("relay", "gateway_backlog"),
             help="Bytes the relay may queue for a gateway that does not read, beyond its socket buffer "
                  "(default 1MiB; the socket is dropped above). Request bodies and new requests wait instead."),
+    # The public front's defences against slow and greedy clients, and whom it believes
+    # (mcpr/common/web.py, mcpr/relay/forwarding.py; docs/limits.md).
+    Setting("header_timeout", parse_seconds, 30.0, ("relay", "header_timeout"),
+            help="Seconds a public connection has to send a request's head, from when it is ready for one "
+                 "(default 30; 408, or a silent close if it sent nothing)."),
+    Setting("body_timeout", parse_seconds, 30.0, ("relay", "body_timeout"),
+            help="Longest pause in a public request body, and the grace before --min-body-rate applies "
+                 "(default 30; 408)."),
+    Setting("min_body_rate", parse_size, 1024, ("relay", "min_body_rate"),
+            help="Bytes per second a public request body must average once --body-timeout has passed "
+                 "(default 1KiB; 408)."),
+    Setting("max_connections_per_ip", parse_count, 256, ("relay", "max_connections_per_ip"),
+            help="Public connections one IP address (an IPv6 /64) may hold; trusted proxies are exempt "
+                 "(default 256; more are closed at once)."),
+    Setting("max_connections", parse_count, None, ("relay", "max_connections"),
+            help="Public connections in all (default: the limit on open files, less a reserve); at the cap the "
+                 "oldest idle one is closed to make room, else the new one."),
+    Setting("trusted_proxies", parse_list(parse_network), (), ("relay", "trusted_proxies"), repeatable=True,
+            option="trusted-proxy",
+            help="Address or CIDR of a front proxy whose X-Forwarded-*/Forwarded headers are kept and "
+                 "extended, and which --max-connections-per-ip does not cap (repeatable)."),
+    Setting("lingering_time", parse_seconds, 5.0, ("relay", "lingering_time"),
+            help="Seconds a refused request's remaining bytes are read and dropped before its connection "
+                 "closes, so the client reads the answer (default 5)."),
+    Setting("lingering_size", parse_size, 64 << 20, ("relay", "lingering_size"),
+            help="Bytes read and dropped that way at most (default 64MiB)."),
 )
 
 RELAY_SHARED_KEYS: tuple[tuple[str, ...], ...] = (
@@ -147,6 +183,14 @@ class RelaySettings:
     public_url: str
     control_frame_rate: int
     gateway_backlog: int
+    header_timeout: float
+    body_timeout: float
+    min_body_rate: int
+    max_connections_per_ip: int
+    max_connections: int | None
+    trusted_proxies: tuple[str, ...]
+    lingering_time: float
+    lingering_size: int
     config_path: Path | None
     warnings: tuple[str, ...] = ()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import sys
 from typing import Any
 
@@ -16,7 +17,7 @@ from twisted.web.server import Site
 from mcpr import __version__
 from mcpr.common.service import SighupService, address_of, announced, listener
 from mcpr.common.settings import ConfigError, cli_values, options_from
-from mcpr.common.web import CappedSite
+from mcpr.common.web import CappedSite, ChannelTimeouts, ConnectionLimits, TrustedProxies
 from mcpr.relay.auth import Authenticator
 from mcpr.relay.forwarding import TunnelForwarder
 from mcpr.relay.front import RelayFront
@@ -87,8 +88,7 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
         ping_interval=settings.ping_interval, ping_timeout=settings.ping_timeout,
         limits=TunnelLimits(control_rate=settings.control_frame_rate, backlog=settings.gateway_backlog))
     front = RelayFront(reactor, settings.domain, registry, forwarder, stats, WebSocketResource(registration))
-    site = CappedSite(front, max_request_body=settings.max_request_body, via="relay", too_large=front.too_large)
-    site.displayTracebacks = False
+    site = public_site(front, settings, reactor, connection_budget(settings.max_connections))
     relay = RelayService(reactor, settings, auth=auth, registry=registry, forwarder=forwarder, stats=stats,
                          read=lambda: load_relay(**reload_args), store=store)
 
@@ -108,6 +108,48 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
         listener(settings.metrics, metrics_site, _announce_metrics, reactor).setServiceParent(relay)
     SighupService(reactor, relay.reload).setServiceParent(relay)
     return relay
+
+
+# File descriptors kept out of the public connections' budget: listeners, logs, the auth provider's
+# connections, certificate files, and the sockets accepted in one reactor turn before the
+# connections they replace at the cap are closed (Twisted's accept loop takes up to ~100 at a time).
+FD_RESERVE = 128
+
+
+def connection_budget(explicit: int | None) -> int:
+    """The cap on public connections: below the process's open-file limit by a reserve, so that
+    the relay keeps accepting (and answering) at the limit instead of failing accept() with
+    EMFILE.  The soft limit is first raised to the hard one, as systemd expects of a daemon
+    that needs many files (its soft default, 1024, exists for select(); Twisted uses epoll)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    reserve = max(FD_RESERVE, soft // 16)
+    budget = soft - reserve if soft > 2 * reserve else max(soft // 2, 1)
+    if explicit is not None and explicit > budget:
+        log.warn("max_connections {explicit} is more than the open-file limit ({soft}) allows: capped at "
+                 "{budget}", explicit=explicit, soft=soft, budget=budget)
+    elif explicit is not None:
+        budget = explicit
+    return budget
+
+
+def public_site(front: RelayFront, settings: RelaySettings, reactor: Any, max_connections: int) -> CappedSite:
+    """The site of the public listeners: the front, with the body cap, deadlines, connection caps
+    and trusted proxies of `settings`."""
+    timeouts = ChannelTimeouts(header=settings.header_timeout, body=settings.body_timeout,
+                               min_body_rate=settings.min_body_rate, lingering_time=settings.lingering_time,
+                               lingering_size=settings.lingering_size)
+    site = CappedSite(front, max_request_body=settings.max_request_body, via="relay", too_large=front.too_large,
+                      refused=front.refused, timeouts=timeouts, trusted=TrustedProxies(settings.trusted_proxies),
+                      limits=ConnectionLimits(total=max_connections, per_peer=settings.max_connections_per_ip),
+                      reactor=reactor)
+    site.displayTracebacks = False
+    return site
 
 
 def _announce_metrics(port: IListeningPort) -> None:

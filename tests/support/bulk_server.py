@@ -6,7 +6,8 @@ SSE stream whose client disconnect is observable.
     GET  /mcp           (Accept: text/event-stream) an event every 50 ms until the client leaves
     GET  /status        {"sse_open": n, "sse_closed": n}; with ?closed=N, once N streams have closed
     GET  /broken        some bytes, then the connection is cut
-    GET  /slow?ms=N     "slow" after N milliseconds
+    GET  /slow?ms=N     "slow" after N milliseconds (POST too: an MCP endpoint that is slow to answer)
+    GET  /headers       the request's headers, as JSON
     GET  /cookies       two Set-Cookie headers, and the request's hop-by-hop headers echoed
 
 Run: python tests/support/bulk_server.py  -> prints "LISTENING <port>".
@@ -89,6 +90,10 @@ class Upstream(Resource):
             request.setHeader(b"x-echo-te", b",".join(request.requestHeaders.getRawHeaders(b"te", [])))
             request.setHeader(b"x-echo-custom", b",".join(request.requestHeaders.getRawHeaders(b"x-custom", [])))
             return b"ok"
+        if request.path == b"/headers":
+            request.setHeader(b"content-type", b"application/json")
+            return json.dumps({k.decode().lower(): [v.decode() for v in vs]
+                               for k, vs in request.requestHeaders.getAllRawHeaders()}).encode()
         if request.path == b"/status":
             closed = int(request.args.get(b"closed", [b"0"])[0])
             if self.sse_closed >= closed:
@@ -122,6 +127,12 @@ class Upstream(Resource):
     def status(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"application/json")
         return json.dumps({"sse_open": self.sse_open, "sse_closed": self.sse_closed}).encode()
+
+    def render_POST(self, request):
+        if request.path == b"/slow":
+            return self.render_GET(request)
+        request.setResponseCode(405)
+        return b"not allowed"
 
     def render_PUT(self, request):
         digest = hashlib.sha256()

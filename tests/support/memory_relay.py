@@ -12,7 +12,6 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
-from mcpr.common.web import CappedSite
 from mcpr.relay.auth import Authenticator
 from mcpr.relay.forwarding import TunnelForwarder
 from mcpr.relay.front import RelayFront
@@ -20,6 +19,7 @@ from mcpr.relay.metrics import RelayMetrics, RequestStats
 from mcpr.relay.registry import Registry
 from mcpr.relay.service import RelayService
 from mcpr.relay.settings import RelaySettings, load_relay
+from mcpr.relay.tap import public_site
 from mcpr.relay.tunnels.contract import ResponseSink, TunnelRequest
 
 DOMAIN = "tunnel.test"
@@ -112,9 +112,8 @@ class MemoryRelay:
                                          max_in_flight=settings.max_in_flight,
                                          headers_timeout=settings.headers_timeout)
         self.front = RelayFront(self.clock, DOMAIN, self.registry, self.forwarder, self.stats, Resource())
-        # The channels' idle timeouts go on the Clock too, never on the global reactor.
-        self.site = CappedSite(self.front, max_request_body=settings.max_request_body, via="relay",
-                               too_large=self.front.too_large, reactor=self.clock)
+        # The channels' deadlines go on the Clock too, never on the global reactor.
+        self.site = public_site(self.front, settings, self.clock, max_connections=1000)
         self.auth = Authenticator(self.clock, settings.tokens)
         self.service = RelayService(self.clock, settings, auth=self.auth, registry=self.registry,
                                     forwarder=self.forwarder, stats=self.stats, read=read)
@@ -126,6 +125,10 @@ class MemoryRelay:
 
     def request(self, host: str, path: str = "/") -> Client:
         """Send a GET on a connection of its own."""
+        return self.request_bytes(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+
+    def request_bytes(self, data: bytes) -> Client:
+        """Send `data` as it is on a connection of its own."""
         client = Client(self.site.buildProtocol(None))
-        client.channel.dataReceived(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        client.channel.dataReceived(data)
         return client

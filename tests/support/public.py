@@ -42,16 +42,19 @@ class RawClient(Protocol):
         return d
 
 
-async def raw(port: int, data: bytes = b"") -> RawClient:
-    client = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), RawClient())
+async def raw(port: int, data: bytes = b"", source: str | None = None) -> RawClient:
+    """A connection to the relay on loopback; `source` (e.g. 127.0.0.2) is the address it comes
+    from, for tests that need several peers."""
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=(source, 0) if source else None)
+    client = await connectProtocol(endpoint, RawClient())
     if data:
         client.transport.write(data)
     return client
 
 
-async def exchange(port: int, data: bytes) -> bytes:
+async def exchange(port: int, data: bytes, source: str | None = None) -> bytes:
     """Send `data` on a fresh connection and return everything until the server closes it."""
-    client = await raw(port, data)
+    client = await raw(port, data, source)
     return await client.closed
 
 
