@@ -10,10 +10,9 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from zope.interface import directlyProvides
-
-from twisted.web.http_headers import Headers
 
 from mcpr.common.web import (
     CappedSite,

@@ -20,7 +20,6 @@ from twisted.trial.unittest import TestCase
 
 from mcpr.gateway.settings import GATEWAY_SETTINGS
 from mcpr.relay.settings import RELAY_SETTINGS
-
 from tests.support.bystander import Bystander
 from tests.support.loopback import sleep
 from tests.support.processes import ROOT, Process, python, twist

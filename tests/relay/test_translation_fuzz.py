@@ -20,11 +20,13 @@ from h2.events import ConnectionTerminated, RequestReceived
 from h2.utilities import HeaderValidationFlags, validate_headers, validate_outbound_headers
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from mcpr.common.headers import HOP_BY_HOP
-from mcpr.relay.tunnels.h2 import H2Tunnel
 from mcpr.relay.tunnels.contract import TunnelRequest
+from mcpr.relay.tunnels.guard import ControlBudget, Outbound
+from mcpr.relay.tunnels.h2 import H2Tunnel
 from tests.support.memory_relay import MemoryRelay, relay_settings
 
 HOST = b"a.tunnel.test"
@@ -137,7 +139,8 @@ class TranslationFuzzTests(SynchronousTestCase):
         The block the tunnel sends must pass h2's outbound validation as it is."""
         out: list[bytes] = []
         closes: list = []
-        tunnel = H2Tunnel("a", "owner", out.append, lambda code, reason: closes.append((code, reason)))
+        tunnel = H2Tunnel("a", "owner", out.append, lambda code, reason: closes.append((code, reason)),
+                          budget=ControlBudget(1000, Clock()), outbound=Outbound(1 << 20))
         sent: list[list[tuple[bytes, bytes]]] = []
         send_headers = tunnel.conn.send_headers
 
