@@ -18,7 +18,6 @@ import typing
 from typing import Any, Iterable
 
 from h2.errors import ErrorCodes
-from h2.exceptions import StreamClosedError
 from h2.settings import SettingCodes, Settings
 from priority import PriorityTree
 from twisted.internet.error import ConnectionLost
@@ -106,9 +105,38 @@ class MessageTransport:
 # Response headers HTTP/2 cannot carry and h2 raises on *while* HPACK-encoding,
 # after earlier fields went into the encoder's table, desynchronising the
 # relay's decoder: an empty name, a pseudo-header (Twisted adds `:status`),
-# and TE (only `TE: trailers` is allowed, and only in requests that matter).
+# and TE (h2 allows only `TE: trailers`, and TE means nothing in a response).
 def _unsendable(name: bytes) -> bool:
-    return not name or name[0] == 0x3A or name.lower() == b"te"
+    return not name or name[0] == 0x3A or (len(name) == 2 and name.lower() == b"te")
+
+
+class _SendableTree(PriorityTree):
+    """The send loop's priority tree, which parks a stream that has data but no window left.
+
+    Twisted's send loop takes the next unblocked stream from the tree, and a
+    stream whose flow-control window is spent while data is still queued stays
+    unblocked: the loop picks it again, sends nothing, and reschedules itself
+    with `callLater(0)`, a busy loop for as long as a public client does not
+    read.  Here such a stream is blocked (parked) instead; the connection
+    unparks it when a WINDOW_UPDATE or new SETTINGS open its window.
+    """
+
+    def __init__(self, connection: "TunnelConnection") -> None:
+        super().__init__(maximum_streams=wire.MAX_STREAMS + 1)  # + the root, stream 0
+        self._connection = connection
+        self.parked: set[int] = set()
+
+    def __next__(self) -> int:
+        while True:
+            stream_id: int = super().__next__()  # DeadlockError once every stream is blocked
+            if self._connection.can_send(stream_id):
+                return stream_id
+            self.block(stream_id)
+            self.parked.add(stream_id)
+
+    def remove_stream(self, stream_id: int) -> None:
+        super().remove_stream(stream_id)
+        self.parked.discard(stream_id)
 
 
 class TunnelConnection(H2Connection):
@@ -134,29 +162,52 @@ class TunnelConnection(H2Connection):
       slot: a bigger tree rather than a smaller advertisement, because the
       constant then cannot drift from the tree again, and 1,000 simultaneous
       requests still run at once.
+    - The tree parks streams whose window is spent (`_SendableTree`), which
+      Twisted's send loop would otherwise spin on; `_handleWindowUpdate` and
+      new SETTINGS unpark them and wake the loop.
     - `_handlePriorityUpdate`: PRIORITY signals are ignored (RFC 9113 §5.3.2
       deprecates them; the relay sends none).  Honouring them would put idle or
       already-closed streams into the tree, where Twisted never removes them,
       until it overflows; so every stream is served round-robin at one weight,
       and the tree holds exactly the streams Twisted serves, which h2 bounds by
       MAX_CONCURRENT_STREAMS.
-    - Frames for a stream Twisted no longer tracks (one refused below, or
-      answered while its body still arrives) are dropped, giving their bytes
-      back to the connection window, instead of raising `KeyError`.
     - `CONNECT` (the one request without `:path`, which Twisted cannot
-      represent and crashed on) is answered 501 on its own stream.
+      represent and crashed on) is answered 501 and its stream reset; the
+      frames of it that h2 had already read are dropped, not a `KeyError`.
     - Any other exception out of input handling, the send loop (run from the
       reactor, where a failure would stop all sending for good) or a header
       write ends the tunnel (`MessageTransport.fail`, close 1011): the
       connection's state can no longer be trusted, and a reconnect is cheap.
     """
 
+    transport: MessageTransport | None
+
     def __init__(self, reactor: IReactorTime) -> None:
         super().__init__(reactor)
-        self.priority = PriorityTree(maximum_streams=wire.MAX_STREAMS + 1)  # + the root, stream 0
+        self.priority = self._tree = _SendableTree(self)
         self._failed = False
+        self._initial_window = self.conn.remote_settings.initial_window_size
 
-    transport: MessageTransport | None
+    def can_send(self, stream_id: int) -> bool:
+        """Whether the send loop can make progress on a stream: its next chunk is empty (or the
+        end of the stream), or its window has room."""
+        queue = self._outboundStreamQueues[stream_id]
+        head = queue[0] if queue else None
+        return not (isinstance(head, bytes) and head) or self.conn.local_flow_control_window(stream_id) > 0
+
+    def _unpark(self, stream_id: int) -> None:
+        """Unblock parked streams (`stream_id`, or all for 0) that have window again, and wake the
+        send loop if it sleeps: Twisted's own WINDOW_UPDATE handling unblocks streams but never
+        wakes it, which only its busy loop made harmless."""
+        parked = self._tree.parked
+        candidates = list(parked) if not stream_id else [stream_id] if stream_id in parked else []
+        for candidate in candidates:
+            if self.conn.local_flow_control_window(candidate) > 0:
+                parked.discard(candidate)
+                self.priority.unblock(candidate)
+        if self._sendingDeferred is not None:
+            wake, self._sendingDeferred = self._sendingDeferred, None
+            wake.callback(None)
 
     def _fail(self, failure: Failure, where: str) -> None:
         """Log, stop, and close the tunnel: the HTTP/2 state is no longer trustworthy."""
@@ -167,7 +218,9 @@ class TunnelConnection(H2Connection):
                     failure, where=where)
         if self.transport is not None:
             self.transport.fail(f"gateway HTTP/2 failure: {failure.getErrorMessage()}")
-        self.connectionLost(Failure(ConnectionLost("tunnel HTTP/2 failure")))
+        # The streams end on the next turn: this may run inside a stream's own write, which
+        # expects the stream's state to outlive the call.
+        self._reactor.callLater(0, self.connectionLost, Failure(ConnectionLost("tunnel HTTP/2 failure")))
 
     # -- entry points: from the relay, from the reactor, at the end
 
@@ -176,10 +229,17 @@ class TunnelConnection(H2Connection):
             return
         try:
             super().dataReceived(data)
+            # Twisted ignores SETTINGS; a new initial window size changes every stream's window.
+            initial_window = self.conn.remote_settings.initial_window_size
+            if initial_window != self._initial_window:
+                self._initial_window = initial_window
+                self._unpark(0)
         except Exception:
             self._fail(Failure(), "input from the relay")
 
     def _sendPrioritisedData(self, *args: Any) -> None:
+        if self._failed:
+            return
         try:
             super()._sendPrioritisedData(*args)
         except Exception:
@@ -203,19 +263,14 @@ class TunnelConnection(H2Connection):
         if event.stream_ended is None:
             self.conn.reset_stream(event.stream_id, ErrorCodes.NO_ERROR)  # no body is wanted
 
-    def _handlePriorityUpdate(self, event: Any) -> None:
-        pass
+    # Frames of a stream answered above that came in the same read as its HEADERS: the stream is
+    # unknown to Twisted, which would raise KeyError.  Its data goes back to the connection window.
 
     def _requestDataReceived(self, event: Any) -> None:
         if self._streamIsActive(event.stream_id):
             super()._requestDataReceived(event)
-            return
-        # Already answered: give the bytes back to the connection and stop the rest of the body.
-        self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-        try:
-            self.conn.reset_stream(event.stream_id, ErrorCodes.NO_ERROR)
-        except StreamClosedError:
-            pass
+        else:
+            self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
 
     def _requestEnded(self, event: Any) -> None:
         if self._streamIsActive(event.stream_id):
@@ -225,7 +280,19 @@ class TunnelConnection(H2Connection):
         if self._streamIsActive(event.stream_id):
             super()._requestAborted(event)
 
+    def _handlePriorityUpdate(self, event: Any) -> None:
+        pass
+
+    def _handleWindowUpdate(self, event: Any) -> None:
+        super()._handleWindowUpdate(event)
+        self._unpark(event.stream_id)
+
     # -- from a stream's request
+
+    def writeDataToStream(self, streamID: int, data: bytes) -> None:
+        super().writeDataToStream(streamID, data)
+        if self.conn.local_flow_control_window(streamID) <= 0:
+            self._tree.parked.add(streamID)  # Twisted left it blocked: new SETTINGS may unblock it too
 
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: list[tuple[bytes, bytes]],
                      streamID: int) -> None:
