@@ -174,6 +174,8 @@ class TunnelConnection(H2Connection):
     - `CONNECT` (the one request without `:path`, which Twisted cannot
       represent and crashed on) is answered 501 and its stream reset; the
       frames of it that h2 had already read are dropped, not a `KeyError`.
+    - `_requestAborted`: no Rapid Reset budget (see there): a thousand public
+      clients leaving at once no longer end the tunnel.
     - Any other exception out of input handling, the send loop (run from the
       reactor, where a failure would stop all sending for good) or a header
       write ends the tunnel (`MessageTransport.fail`, close 1011): the
@@ -265,6 +267,7 @@ class TunnelConnection(H2Connection):
 
     # Frames of a stream answered above that came in the same read as its HEADERS: the stream is
     # unknown to Twisted, which would raise KeyError.  Its data goes back to the connection window.
+    # (A reset of it is ignored below.)
 
     def _requestDataReceived(self, event: Any) -> None:
         if self._streamIsActive(event.stream_id):
@@ -277,8 +280,15 @@ class TunnelConnection(H2Connection):
             super()._requestEnded(event)
 
     def _requestAborted(self, event: Any) -> None:
-        if self._streamIsActive(event.stream_id):
-            super()._requestAborted(event)
+        """Twisted's, without its Rapid Reset budget (CVE-2023-44487: 1,000 resets, then 33 a
+        second, then GOAWAY): the relay resets a stream for every public client that leaves, so a
+        thousand clients leaving at once ended the tunnel, and every other user's streams with it.
+        Rapid Reset is the edge's to counter, where the clients are; the relay's public side is
+        HTTP/1.1, whose clients can only leave, one connection each, under the relay's limits."""
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.connectionLost(Failure(ConnectionLost(f"Stream reset with code {event.error_code}")))
+            self._requestDone(event.stream_id)
 
     def _handlePriorityUpdate(self, event: Any) -> None:
         pass

@@ -163,6 +163,29 @@ class TunnelConnectionTests(SynchronousTestCase):
         self.relay.send_headers(follow_up, get(b"/next"), end_stream=True)
         self.assertEqual(self.statuses(self.exchange()), {follow_up: b"200"})
 
+    def test_public_clients_leaving_en_masse_do_not_end_the_tunnel(self) -> None:
+        """The relay resets a stream per public client that leaves; Twisted's Rapid Reset budget
+        (1,000 at once, then 33 a second) sent GOAWAY, cutting every other stream."""
+        lost: list = []
+        for _ in range(3):
+            ids = []
+            for _ in range(wire.MAX_STREAMS):
+                ids.append(self.relay.get_next_available_stream_id())
+                self.relay.send_headers(ids[-1], get(b"/hang"), end_stream=True)
+            self.exchange()
+            for request in self.resource.hanging:
+                request.notifyFinish().addErrback(lost.append)
+            self.resource.hanging = []
+            for stream_id in ids:
+                self.relay.reset_stream(stream_id)
+            events = self.exchange()
+            self.assertFalse(any(isinstance(e, h2.events.ConnectionTerminated) for e in events))
+        self.assertEqual(len(lost), 3 * wire.MAX_STREAMS, "each request saw its client leave")
+        follow_up = self.relay.get_next_available_stream_id()
+        self.relay.send_headers(follow_up, get(b"/next"), end_stream=True)
+        self.assertEqual(self.statuses(self.exchange()), {follow_up: b"200"})
+        self.assertEqual(self.websocket.ended, [])
+
     def test_priority_signals_are_ignored(self) -> None:
         """PRIORITY frames for streams that never open no longer fill the tree until it overflows."""
         for stream_id in range(1, 2 * wire.MAX_STREAMS, 2):
