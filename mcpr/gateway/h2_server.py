@@ -206,7 +206,8 @@ class TunnelConnection(H2Connection):
         for candidate in candidates:
             if self.conn.local_flow_control_window(candidate) > 0:
                 parked.discard(candidate)
-                self.priority.unblock(candidate)
+                if self._outboundStreamQueues[candidate]:  # the send loop pops from an unblocked stream
+                    self.priority.unblock(candidate)
         if self._sendingDeferred is not None:
             wake, self._sendingDeferred = self._sendingDeferred, None
             wake.callback(None)
@@ -300,8 +301,8 @@ class TunnelConnection(H2Connection):
     # -- from a stream's request
 
     def writeDataToStream(self, streamID: int, data: bytes) -> None:
-        super().writeDataToStream(streamID, data)
-        if self.conn.local_flow_control_window(streamID) <= 0:
+        super().writeDataToStream(streamID, data)  # may send it at once, window permitting
+        if self._outboundStreamQueues.get(streamID) and self.conn.local_flow_control_window(streamID) <= 0:
             self._tree.parked.add(streamID)  # Twisted left it blocked: new SETTINGS may unblock it too
 
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: list[tuple[bytes, bytes]],

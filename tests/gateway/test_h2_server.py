@@ -104,6 +104,10 @@ class Many(Resource):
             return NOT_DONE_YET
         if request.path == b"/big":
             return b"x" * (3 * 65535)
+        if request.path == b"/window":  # the relay's initial window, but 4 bytes
+            request.write(b"x" * (65535 - 4))
+            self.hanging.append(request)
+            return NOT_DONE_YET
         if request.path == b"/odd-headers":
             request.responseHeaders.setRawHeaders(b"te", [b"gzip"])
             request.responseHeaders.setRawHeaders(b"x-kept", [b"yes"])
@@ -247,6 +251,22 @@ class TunnelConnectionTests(SynchronousTestCase):
             events += self.exchange()
         self.assertEqual(len(self.body(events, 1)), 3 * 65535)
         self.assertTrue(any(isinstance(e, h2.events.StreamEnded) for e in events))
+
+    def test_a_write_that_fills_the_window_exactly(self) -> None:
+        """The data went out at once and left the window at 0 with nothing queued: such a stream
+        was taken for one waiting on its window, woken by the WINDOW_UPDATE, and the send loop
+        popped its empty queue, ending the tunnel (a 100 MiB download did it every time)."""
+        self.relay.send_headers(1, get(b"/window"), end_stream=True)
+        self.assertEqual(len(self.body(self.exchange(), 1)), 65535 - 4)
+        [request] = self.resource.hanging
+        request.write(b"last")  # sent at once: the window is 0 and nothing waits
+        self.assertEqual(self.body(self.exchange(), 1), b"last")
+        self.relay.acknowledge_received_data(65535, 1)
+        self.relay.increment_flow_control_window(65535)
+        self.exchange()
+        self.assertEqual(self.websocket.ended, [])
+        request.finish()
+        self.assertTrue(any(isinstance(e, h2.events.StreamEnded) for e in self.exchange()))
 
     def test_new_settings_reopen_a_waiting_stream(self) -> None:
         self.relay.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 0})
