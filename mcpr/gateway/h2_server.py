@@ -5,11 +5,12 @@ Tunnel streams are served by twisted.web's `H2Connection` and the same
 identical and there is no loopback HTTP hop.  All it needs is a transport
 whose writes become binary WebSocket messages.
 
-The relay may be honest but buggy, so nothing it sends may leave the tunnel
-half-dead: input that breaks HTTP/2's rules ends that connection (GOAWAY, then
-the socket closes with 1000), and any other failure inside the HTTP/2 machinery closes
-the socket with 1011; either way the tunnel client reconnects and gets a
-fresh connection.
+Twisted's connection is adapted for holding a whole tunnel (`TunnelConnection`),
+and the relay may be honest but buggy, so nothing it sends may leave the tunnel
+half-dead: input that breaks HTTP/2's rules ends the connection (GOAWAY, then
+the socket closes with 1000), any other failure inside the HTTP/2 machinery
+closes the socket with 1011; either way the tunnel client reconnects and gets
+a fresh connection.
 """
 
 from __future__ import annotations
