@@ -6,11 +6,16 @@ answer the registration with anything and then speak broken HTTP/2 into the tunn
 
 from __future__ import annotations
 
+import json
+import types
 from typing import Any
 
 import h2.config
 import h2.connection
 import txaio
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 from twisted.test.iosim import ConnectionCompleter, IOPump
 from twisted.trial.unittest import SynchronousTestCase
@@ -18,7 +23,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from mcpr.common.protocol import CloseCode
-from mcpr.gateway.tunnel import Backoff, TunnelClient
+from mcpr.gateway.tunnel import Backoff, TunnelClient, TunnelProtocol
 from tests.gateway.test_tunnel import PORT, URL, Events, MemoryRelay, MemoryRelayFactory
 
 
@@ -128,3 +133,68 @@ class TunnelFailureTests(SynchronousTestCase):
             self.assertEqual(self.flushLoggedErrors(), [])
             client.stopService()
         self.assertEqual(self.events.states().count("connected"), 0)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=10), children, max_size=3),
+    max_leaves=8)
+
+
+class Owner:
+    def __init__(self) -> None:
+        self.registered: list = []
+        self.closed: list = []
+
+    def tunnel_made(self, tunnel: Any) -> None:
+        pass
+
+    def tunnel_registered(self, url: Any) -> None:
+        self.registered.append(url)
+
+    def tunnel_closed(self, code: Any, reason: str, *, registered: bool, final: bool) -> None:
+        self.closed.append(code)
+
+
+class Unconnected(TunnelProtocol):
+    """A TunnelProtocol with no socket under it, recording what it would send or do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list = []
+        self.ended: list = []
+        self.state = self.STATE_OPEN
+
+    def sendMessage(self, payload: bytes, isBinary: bool = False, *args: Any, **kwargs: Any) -> None:
+        self.sent.append(payload)
+
+    def sendClose(self, code: Any = None, reason: Any = None) -> None:
+        self.ended.append(code)
+
+    def sendCloseFrame(self, code: Any = None, reasonUtf8: Any = None, isReply: bool = False) -> None:
+        self.ended.append(code)
+
+    def dropConnection(self, abort: bool = False) -> None:
+        self.ended.append("drop")
+
+
+class RegistrationAnswerFuzzTests(SynchronousTestCase):
+    @given(st.one_of(
+        st.fixed_dictionaries({"url": json_values}, optional={"subdomain": json_values}),
+        st.fixed_dictionaries({"subdomains": json_values}),
+        json_values,
+        st.binary(max_size=20)))
+    def test_no_registration_answer_raises(self, answer: Any) -> None:
+        """Whatever the relay answers, onMessage does not raise: the tunnel starts, or the socket
+        is ended (and the client then retries), or the message waits for a real answer."""
+        tunnel = Unconnected()
+        owner = Owner()
+        tunnel.factory = types.SimpleNamespace(  # type: ignore[assignment]
+            subdomain="a", site=Site(Hello()), reactor=MemoryReactorClock(), owner=owner,
+            choose=lambda patterns: Deferred())
+        payload = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
+        tunnel.onMessage(payload, False)
+        if owner.registered:
+            self.assertEqual(tunnel.ended, [])
+            self.assertIsInstance(owner.registered[0], str)
+        self.assertEqual(self.flushLoggedErrors(), [])
