@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import tomllib
 from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
@@ -250,6 +251,34 @@ def read_config(path: Path | None) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
 
 
+def exposed_secrets(path: Path | None, document: Mapping[str, Any], keys: Iterable[tuple[str, ...]]) -> str | None:
+    """A one-line warning if the config file holds one of the secret `keys` and users other than
+    the daemon's can read it; None if not (and off POSIX, where modes mean nothing).
+
+    Group read access is fine when it is how the daemon itself reads the file: owned by someone
+    else (root) and shared with the daemon's group, as the Debian package installs relay.toml
+    (root:mcpr 0640), where `chmod 600` would lock the daemon out.
+    """
+    held = [".".join(key) for key in keys if _lookup(document, key) is not None]
+    if path is None or not held or os.name != "posix":
+        return None
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    mode = stat.S_IMODE(status.st_mode)
+    through_group = status.st_uid != os.geteuid() and (status.st_gid == os.getegid()
+                                                       or status.st_gid in os.getgroups())
+    group = bool(mode & 0o040) and not through_group
+    others = bool(mode & 0o004)
+    if not (group or others):
+        return None
+    who = "group and others" if group and others else "others" if others else "its group"
+    fix = "640" if through_group else "600"
+    return (f"{path} holds secrets ({', '.join(dict.fromkeys(held))}) and is readable by {who} "
+            f"(mode {mode:04o}): chmod {fix} {path}")
+
+
 def _lookup(document: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     node: Any = document
     for part in path:
@@ -316,18 +345,25 @@ def load(
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
     known: Iterable[tuple[str, ...]] = (),
+    secrets: Iterable[tuple[str, ...]] = (),
 ) -> Loaded:
+    """Read and merge; `secrets` are keys read outside the table (such as `[[relay.tokens]]`) that
+    hold secrets, like the table's `secret` settings: the file is checked for who may read it."""
     env = os.environ if env is None else env
     path = find_config(config, Path.cwd() if cwd is None else cwd)
     document = read_config(path)
     source = str(path) if path else CONFIG_NAME
     values = merge(settings, cli, env, document, source)
     paths = [p for s in settings for p in ((s.path,) if s.path else ()) + s.legacy]
-    warnings = tuple(
+    warnings = [
         f"{source}: unknown key '{key}' (ignored)"
         for key in unknown_keys(document, [*paths, *known])
-    )
-    return Loaded(values, path, document, warnings)
+    ]
+    secret_paths = [p for s in settings if s.secret for p in ((s.path,) if s.path else ()) + s.legacy]
+    exposed = exposed_secrets(path, document, [*secret_paths, *secrets])
+    if exposed is not None:
+        warnings.append(exposed)
+    return Loaded(values, path, document, tuple(warnings))
 
 
 def array_of_tables(document: Mapping[str, Any], path: tuple[str, ...], source: str, keys: Iterable[str],

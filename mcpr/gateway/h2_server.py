@@ -4,20 +4,50 @@ Tunnel streams are served by twisted.web's `H2Connection` and the same
 `ProxyResource` as direct mode, so routing, sessions, events and CSP are
 identical and there is no loopback HTTP hop.  All it needs is a transport
 whose writes become binary WebSocket messages.
+
+Twisted's connection is adapted for holding a whole tunnel (`TunnelConnection`),
+and the relay may be honest but buggy, so nothing it sends may leave the tunnel
+half-dead: input that breaks HTTP/2's rules ends the connection (GOAWAY, then
+the socket closes with 1000), any other failure inside the HTTP/2 machinery
+closes the socket with 1011; either way the tunnel client reconnects and gets
+a fresh connection.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+import typing
+from typing import Any, Iterable
 
-from autobahn.twisted.websocket import WebSocketClientProtocol
+from h2.errors import ErrorCodes
 from h2.settings import SettingCodes, Settings
+from priority import PriorityTree
+from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IAddress, IConsumer, IProducer, IProtocol, IReactorTime, ITransport
-from twisted.web._http2 import H2Connection  # private: see serve_streams
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web._http2 import H2Connection  # private: see TunnelConnection
 from twisted.web.server import Site
 from zope.interface import implementer
 
 from mcpr.common import protocol as wire
+
+log = Logger()
+
+
+class TunnelSocket(typing.Protocol):
+    """The WebSocket the HTTP/2 byte stream travels in (`TunnelProtocol`, or a test's fake)."""
+
+    transport: Any
+
+    def sendMessage(self, payload: bytes, isBinary: bool) -> None: ...
+
+    def sendClose(self, code: int) -> None: ...
+
+    def dropConnection(self, abort: bool) -> None: ...
+
+    def fail_tunnel(self, reason: str) -> None:
+        """Close the socket with 1011: the HTTP/2 connection broke, so reconnect for a fresh one."""
 
 
 @implementer(ITransport, IConsumer)
@@ -32,7 +62,7 @@ class MessageTransport:
 
     disconnecting = False
 
-    def __init__(self, websocket: WebSocketClientProtocol) -> None:
+    def __init__(self, websocket: TunnelSocket) -> None:
         self._ws = websocket
 
     def write(self, data: bytes) -> None:
@@ -52,6 +82,12 @@ class MessageTransport:
         self.disconnecting = True
         self._ws.dropConnection(abort=True)
 
+    def fail(self, reason: str) -> None:
+        """End the socket after a failure: nothing more is written, and the tunnel reconnects."""
+        if not self.disconnecting:
+            self.disconnecting = True
+            self._ws.fail_tunnel(reason)
+
     def getPeer(self) -> IAddress:
         assert self._ws.transport is not None
         return self._ws.transport.getPeer()
@@ -67,24 +103,229 @@ class MessageTransport:
         pass
 
 
-def serve_streams(websocket: WebSocketClientProtocol, site: Site, reactor: IReactorTime) -> IProtocol:
+# Response headers HTTP/2 cannot carry and h2 raises on *while* HPACK-encoding,
+# after earlier fields went into the encoder's table, desynchronising the
+# relay's decoder: an empty name, a pseudo-header (Twisted adds `:status`),
+# and TE (h2 allows only `TE: trailers`, and TE means nothing in a response).
+def _unsendable(name: bytes) -> bool:
+    return not name or name[0] == 0x3A or (len(name) == 2 and name.lower() == b"te")
+
+
+class _SendableTree(PriorityTree):
+    """The send loop's priority tree, which parks a stream that has data but no window left.
+
+    Twisted's send loop takes the next unblocked stream from the tree, and a
+    stream whose flow-control window is spent while data is still queued stays
+    unblocked: the loop picks it again, sends nothing, and reschedules itself
+    with `callLater(0)`, a busy loop for as long as a public client does not
+    read.  Here such a stream is blocked (parked) instead; the connection
+    unparks it when a WINDOW_UPDATE or new SETTINGS open its window.
+    """
+
+    def __init__(self, connection: "TunnelConnection") -> None:
+        super().__init__(maximum_streams=wire.MAX_STREAMS + 1)  # + the root, stream 0
+        self._connection = connection
+        self.parked: set[int] = set()
+
+    def __next__(self) -> int:
+        while True:
+            stream_id: int = super().__next__()  # DeadlockError once every stream is blocked
+            if self._connection.can_send(stream_id):
+                return stream_id
+            self.block(stream_id)
+            self.parked.add(stream_id)
+
+    def remove_stream(self, stream_id: int) -> None:
+        super().remove_stream(stream_id)
+        self.parked.discard(stream_id)
+
+
+class TunnelConnection(H2Connection):
+    """Twisted's HTTP/2 server connection, made safe to hold a whole tunnel.
+
+    Private Twisted API, on purpose and only here (checked against Twisted 26.10):
+    twisted.web has no public HTTP/2 server connection.  Its only public road
+    to `twisted.web._http2.H2Connection` is the channel `Site.buildProtocol`
+    makes, on a transport whose `negotiatedProtocol` (ALPN) is h2: that channel
+    swaps in an H2Connection, wires it to the site with the same attributes
+    as `serve_streams` does (twisted/web/http.py,
+    `_GenericHTTPChannelProtocol.dataReceived`) and connects it at once, so
+    h2's default settings (100 streams, 64 KiB windows) go out before anyone
+    can change them.  So the connection is built here, its settings are put on
+    its h2 state machine (`conn`, driven through the `h2` library's public API)
+    before `makeConnection` sends the preface, and these methods are changed:
+
+    - `priority`: Twisted's tree holds at most 1,000 entries, the root
+      included, and raises `TooManyStreamsError` beyond (after registering the
+      stream elsewhere, so that closing then raised `MissingStreamError`).
+      Ours holds what we advertise, `MAX_STREAMS` streams plus the root, so
+      the relay, which queues beyond our MAX_CONCURRENT_STREAMS, can use every
+      slot: a bigger tree rather than a smaller advertisement, because the
+      constant then cannot drift from the tree again, and 1,000 simultaneous
+      requests still run at once.
+    - The tree parks streams whose window is spent (`_SendableTree`), which
+      Twisted's send loop would otherwise spin on; `_handleWindowUpdate` and
+      new SETTINGS unpark them and wake the loop.
+    - `_handlePriorityUpdate`: PRIORITY signals are ignored (RFC 9113 §5.3.2
+      deprecates them; the relay sends none).  Honouring them would put idle or
+      already-closed streams into the tree, where Twisted never removes them,
+      until it overflows; so every stream is served round-robin at one weight,
+      and the tree holds exactly the streams Twisted serves, which h2 bounds by
+      MAX_CONCURRENT_STREAMS.
+    - `CONNECT` (the one request without `:path`, which Twisted cannot
+      represent and crashed on) is answered 501 and its stream reset; the
+      frames of it that h2 had already read are dropped, not a `KeyError`.
+    - `_requestAborted`: no Rapid Reset budget (see there): a thousand public
+      clients leaving at once no longer end the tunnel.
+    - Any other exception out of input handling, the send loop (run from the
+      reactor, where a failure would stop all sending for good) or a header
+      write ends the tunnel (`MessageTransport.fail`, close 1011): the
+      connection's state can no longer be trusted, and a reconnect is cheap.
+    """
+
+    transport: MessageTransport | None
+
+    def __init__(self, reactor: IReactorTime) -> None:
+        super().__init__(reactor)
+        self.priority = self._tree = _SendableTree(self)
+        self._failed = False
+        self._initial_window = self.conn.remote_settings.initial_window_size
+
+    def can_send(self, stream_id: int) -> bool:
+        """Whether the send loop can make progress on a stream: its next chunk is empty (or the
+        end of the stream), or its window has room."""
+        queue = self._outboundStreamQueues[stream_id]
+        head = queue[0] if queue else None
+        return not (isinstance(head, bytes) and head) or self.conn.local_flow_control_window(stream_id) > 0
+
+    def _unpark(self, stream_id: int) -> None:
+        """Unblock parked streams (`stream_id`, or all for 0) that have window again, and wake the
+        send loop if it sleeps: Twisted's own WINDOW_UPDATE handling unblocks streams but never
+        wakes it, which only its busy loop made harmless."""
+        parked = self._tree.parked
+        candidates = list(parked) if not stream_id else [stream_id] if stream_id in parked else []
+        for candidate in candidates:
+            if self.conn.local_flow_control_window(candidate) > 0:
+                parked.discard(candidate)
+                if self._outboundStreamQueues[candidate]:  # the send loop pops from an unblocked stream
+                    self.priority.unblock(candidate)
+        if self._sendingDeferred is not None:
+            wake, self._sendingDeferred = self._sendingDeferred, None
+            wake.callback(None)
+
+    def _fail(self, failure: Failure, where: str) -> None:
+        """Log, stop, and close the tunnel: the HTTP/2 state is no longer trustworthy."""
+        if self._failed:
+            return
+        self._failed = True
+        log.failure("tunnel: the gateway's HTTP/2 server failed in {where}; closing the tunnel to reconnect",
+                    failure, where=where)
+        if self.transport is not None:
+            self.transport.fail(f"gateway HTTP/2 failure: {failure.getErrorMessage()}")
+        # The streams end on the next turn: this may run inside a stream's own write, which
+        # expects the stream's state to outlive the call.
+        self._reactor.callLater(0, self.connectionLost, Failure(ConnectionLost("tunnel HTTP/2 failure")))
+
+    # -- entry points: from the relay, from the reactor, at the end
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._failed:
+            return
+        try:
+            super().dataReceived(data)
+            # Twisted ignores SETTINGS; a new initial window size changes every stream's window.
+            initial_window = self.conn.remote_settings.initial_window_size
+            if initial_window != self._initial_window:
+                self._initial_window = initial_window
+                self._unpark(0)
+        except Exception:
+            self._fail(Failure(), "input from the relay")
+
+    def _sendPrioritisedData(self, *args: Any) -> None:
+        if self._failed:
+            return
+        try:
+            super()._sendPrioritisedData(*args)
+        except Exception:
+            self._fail(Failure(), "the send loop")
+
+    def connectionLost(self, reason: Failure = connectionDone, _cancelTimeouts: bool = True) -> None:
+        try:
+            super().connectionLost(reason, _cancelTimeouts)
+        except Exception:
+            log.failure("tunnel: error while ending the HTTP/2 connection's streams")
+
+    # -- relay input
+
+    def _requestReceived(self, event: Any) -> None:
+        if any(name == b":path" for name, _ in event.headers):
+            super()._requestReceived(event)
+            return
+        # h2 allows only CONNECT without :path; nothing behind the gateway could serve it.
+        self.conn.send_headers(event.stream_id, [(b":status", b"501"), (b"content-length", b"0")],
+                               end_stream=True)
+        if event.stream_ended is None:
+            self.conn.reset_stream(event.stream_id, ErrorCodes.NO_ERROR)  # no body is wanted
+
+    # Frames of a stream answered above that came in the same read as its HEADERS: the stream is
+    # unknown to Twisted, which would raise KeyError.  Its data goes back to the connection window.
+    # (A reset of it is ignored below.)
+
+    def _requestDataReceived(self, event: Any) -> None:
+        if self._streamIsActive(event.stream_id):
+            super()._requestDataReceived(event)
+        else:
+            self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+
+    def _requestEnded(self, event: Any) -> None:
+        if self._streamIsActive(event.stream_id):
+            super()._requestEnded(event)
+
+    def _requestAborted(self, event: Any) -> None:
+        """Twisted's, without its Rapid Reset budget (CVE-2023-44487: 1,000 resets, then 33 a
+        second, then GOAWAY): the relay resets a stream for every public client that leaves, so a
+        thousand clients leaving at once ended the tunnel, and every other user's streams with it.
+        Rapid Reset is the edge's to counter, where the clients are; the relay's public side is
+        HTTP/1.1, whose clients can only leave, one connection each, under the relay's limits."""
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.connectionLost(Failure(ConnectionLost(f"Stream reset with code {event.error_code}")))
+            self._requestDone(event.stream_id)
+
+    def _handlePriorityUpdate(self, event: Any) -> None:
+        pass
+
+    def _handleWindowUpdate(self, event: Any) -> None:
+        super()._handleWindowUpdate(event)
+        self._unpark(event.stream_id)
+
+    # -- from a stream's request
+
+    def writeDataToStream(self, streamID: int, data: bytes) -> None:
+        super().writeDataToStream(streamID, data)  # may send it at once, window permitting
+        if self._outboundStreamQueues.get(streamID) and self.conn.local_flow_control_window(streamID) <= 0:
+            self._tree.parked.add(streamID)  # Twisted left it blocked: new SETTINGS may unblock it too
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: list[tuple[bytes, bytes]],
+                     streamID: int) -> None:
+        if any(_unsendable(name) for name, _ in headers):
+            dropped = sorted({name for name, _ in headers if _unsendable(name)})
+            log.warn("tunnel: response headers HTTP/2 cannot carry were dropped: {names}",
+                     names=", ".join(repr(n) for n in dropped))
+            headers = [(name, value) for name, value in headers if not _unsendable(name)]
+        try:
+            super().writeHeaders(version, code, reason, headers, streamID)
+        except Exception:
+            self._fail(Failure(), "a response's headers")
+
+
+def serve_streams(websocket: TunnelSocket, site: Site, reactor: IReactorTime) -> IProtocol:
     """An HTTP/2 server connection for `site`, writing into `websocket`.
 
     Feed it with `dataReceived`; `connectionLost` ends every stream, whose
     requests then see their client leave.
     """
-    # Private Twisted API, on purpose and only here (checked against Twisted 26.10):
-    # twisted.web has no public HTTP/2 server connection.  Its only public road
-    # to `twisted.web._http2.H2Connection` is the channel `Site.buildProtocol`
-    # makes, on a transport whose `negotiatedProtocol` (ALPN) is h2: that channel
-    # swaps in an H2Connection, wires it to the site with the same attributes
-    # as below (twisted/web/http.py, `_GenericHTTPChannelProtocol.dataReceived`)
-    # and connects it at once, so h2's default settings (100 streams, 64 KiB
-    # windows) go out before anyone can change them.  So the connection is built
-    # here, and our settings are put on its h2 state machine (`conn`, driven
-    # through the `h2` library's public API) before `makeConnection` sends the
-    # preface.
-    connection = H2Connection(reactor)
+    connection = TunnelConnection(reactor)
     # The relay multiplexes every public request of this gateway onto one
     # connection: allow more concurrent streams than h2's default 100 (the
     # relay's per-tunnel in-flight cap is 256 by default and queues beyond this).

@@ -51,7 +51,7 @@ GATEWAY_SETTINGS: tuple[Setting, ...] = (
     Setting("no_tunnel", parse_bool, False, ("no_tunnel",), flag=True,
             help="Do not open a tunnel even if a relay URL is configured."),
     Setting("tunnel_token", parse_text, None, ("tunnel", "token"), legacy=(("tunnel_token",),),
-            env="MCPR_TUNNEL_TOKEN"),
+            env="MCPR_TUNNEL_TOKEN", secret=True),
     Setting("tunnel_subdomain", parse_text, None, ("tunnel", "subdomain"), legacy=(("tunnel_subdomain",),),
             env="MCPR_TUNNEL_SUBDOMAIN", option="subdomain",
             help="Subdomain to ask the relay for (env MCPR_TUNNEL_SUBDOMAIN)."),

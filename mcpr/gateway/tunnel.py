@@ -89,6 +89,13 @@ class Refusal(Exception):
     code: CloseCode = CloseCode.PROTOCOL_ERROR
 
 
+class Broken(Refusal):
+    """Something failed inside the tunnel (the relay's input or our HTTP/2 server): the socket is
+    closed with 1011 and the tunnel reconnects, since a fresh connection has fresh state."""
+
+    code = CloseCode.INTERNAL_ERROR
+
+
 class NoChoice(Refusal):
     """The relay offered several subdomains and nobody can pick one: final, only the user can choose."""
 
@@ -183,10 +190,19 @@ class TunnelProtocol(WebSocketClientProtocol):
         self._send_json({"token": self.factory.token, "subdomain": self.factory.subdomain})
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if self._h2 is not None:
-            if isBinary:
-                self._h2.dataReceived(payload)
-            return
+        """The relay's input: whatever it sends, an exception never escapes to leave the socket
+        open and the tunnel dead; it closes the tunnel, which then reconnects."""
+        try:
+            if self._h2 is not None:
+                if isBinary:
+                    self._h2.dataReceived(payload)
+                return
+            self._registration_answer(payload)
+        except Exception:
+            log.failure("tunnel: failed on a message from the relay")
+            self.fail_tunnel("gateway failure on the relay's input")
+
+    def _registration_answer(self, payload: bytes) -> None:
         try:
             message = json.loads(payload)
         except ValueError:
@@ -196,12 +212,34 @@ class TunnelProtocol(WebSocketClientProtocol):
             self.dropConnection(abort=True)
             return
         if "url" in message:
-            self.factory.subdomain = message.get("subdomain") or self.factory.subdomain
+            url, subdomain = message["url"], message.get("subdomain")
+            if not isinstance(url, str) or not (subdomain is None or isinstance(subdomain, str)):
+                self._refusal = Refusal("malformed registration answer from the relay")
+                self.dropConnection(abort=True)
+                return
+            self.factory.subdomain = subdomain or self.factory.subdomain
             self._h2 = serve_streams(self, self.factory.site, self.factory.reactor)
             self._registered = True
-            self.factory.owner.tunnel_registered(message["url"])
+            self.factory.owner.tunnel_registered(url)
         elif "subdomains" in message:
-            self._pick([p for p in message["subdomains"] if isinstance(p, str)])
+            offered = message["subdomains"]
+            patterns = [p for p in offered if isinstance(p, str)] if isinstance(offered, list) else []
+            if not patterns:
+                self._refusal = Refusal("malformed subdomain offer from the relay")
+                self.dropConnection(abort=True)
+                return
+            self._pick(patterns)
+
+    def fail_tunnel(self, reason: str) -> None:
+        """Close with 1011 (Autobahn's sendClose allows only 1000 and 3000-4999): the relay's
+        input or our HTTP/2 server failed, so reconnect and start afresh."""
+        if self._refusal is None:
+            self._refusal = Broken(reason)
+        if self.state == self.STATE_OPEN:
+            self.sendCloseFrame(code=int(CloseCode.INTERNAL_ERROR), reasonUtf8=wire.fit_reason(reason).encode(),
+                                isReply=False)
+        elif self.state != self.STATE_CLOSING:
+            self.dropConnection(abort=True)
 
     def _pick(self, patterns: list[str]) -> None:
         concrete = [p for p in patterns if is_concrete(p)]
@@ -232,9 +270,12 @@ class TunnelProtocol(WebSocketClientProtocol):
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self._h2 is not None:
-            # Every stream's request sees its client leave, so upstream calls are cancelled.
-            self._h2.connectionLost(Failure(ConnectionError(f"tunnel closed ({code})")))
-            self._h2 = None
+            h2, self._h2 = self._h2, None
+            try:
+                # Every stream's request sees its client leave, so upstream calls are cancelled.
+                h2.connectionLost(Failure(ConnectionError(f"tunnel closed ({code})")))
+            except Exception:  # the owner must hear of the close whatever happens, or nobody reconnects
+                log.failure("tunnel: error while ending the tunnel's streams")
         refusal = self._refusal
         if refusal is not None:
             code, reason = refusal.code, str(refusal)

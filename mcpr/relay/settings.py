@@ -67,7 +67,8 @@ RELAY_SETTINGS: tuple[Setting, ...] = (
     Setting("auth_provider", parse_http_url, None, ("relay", "auth_provider"), env="MCPR_AUTH_PROVIDER",
             help="Auth provider base URL (env MCPR_AUTH_PROVIDER)."),
     Setting("auth_provider_secret", parse_text, None, ("relay", "auth_provider_secret"),
-            env="MCPR_AUTH_PROVIDER_SECRET", help="X-Relay-Secret for the provider (env MCPR_AUTH_PROVIDER_SECRET)."),
+            env="MCPR_AUTH_PROVIDER_SECRET", secret=True,
+            help="X-Relay-Secret for the provider (env MCPR_AUTH_PROVIDER_SECRET)."),
     Setting("metrics", parse_text, None, ("relay", "metrics"),
             help="Endpoint for Prometheus metrics, e.g. tcp:9100:interface=127.0.0.1."),
     Setting("max_request_body", parse_size, DEFAULT_MAX_BODY, ("relay", "max_request_body"),
@@ -240,7 +241,8 @@ def load_relay(
     cwd: Path | None = None,
 ) -> RelaySettings:
     env = os.environ if env is None else env
-    loaded = load(RELAY_SETTINGS, cli, config=config, env=env, cwd=cwd, known=RELAY_SHARED_KEYS)
+    loaded = load(RELAY_SETTINGS, cli, config=config, env=env, cwd=cwd, known=RELAY_SHARED_KEYS,
+                  secrets=[("relay", "tokens")])
     v = dict(loaded.values)
     source = str(loaded.path) if loaded.path else CONFIG_NAME
     mode = loaded.document.get("mode")

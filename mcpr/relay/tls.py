@@ -28,7 +28,14 @@ So we keep Twisted's TLS layer (`wrapServerTLS`) and supply our own
 - self-signed certificates are never chain links, and chain walking remembers
   what it has visited, so no input can make it loop;
 - a broken file is logged and skipped; a reload that finds nothing usable
-  keeps serving what it had.
+  keeps serving what it had;
+- only regular files of at most `MAX_FILE` bytes are read, opened without
+  blocking: a FIFO (whose read() waits for a writer for ever), a device or a
+  socket with a certificate's name is skipped, it never hangs start-up;
+- a certificate outside its validity is served only for names nothing valid
+  covers, and never as the default while a valid one exists; expired ones,
+  and ones expiring within `EXPIRY_WARNING`, are warned about at every load,
+  and the watcher repeats the warning once a day.
 
 Wiring: the endpoint string `sni:<directory>[:<port>][:interface=][:backlog=]`
 reaches `sni_endpoint` through the parser plugin in
@@ -47,9 +54,10 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Hashable
 
@@ -94,6 +102,14 @@ log = Logger()
 
 _SUFFIXES = frozenset({".pem", ".crt", ".key"})
 """The files of the directory we read (and watch); anything else is left alone."""
+
+MAX_FILE = 1 << 20
+"""A PEM file larger than this is skipped: a key, a leaf and its chain take a few KiB, and even
+every public root CA together fits in a quarter of it."""
+
+EXPIRY_WARNING = timedelta(days=14)
+"""A served certificate expiring within this is warned about, at load and once a day (renewal
+tools renew at 30 days left, so a warning means renewal has been failing for two weeks)."""
 
 # WebSockets (the tunnels) do not work over HTTP/2, so never offer h2.
 _ALPN = [b"http/1.1"]
@@ -144,12 +160,14 @@ class CertificateStore:
     key for, and that is not a CA, is served for its SAN DNS names (its CN if
     it has no SANs); the other certificates are chain candidates, except
     self-signed roots, which clients must already have.  When two
-    certificates claim a name, the one that expires last wins, so a renewed
+    certificates claim a name, one valid now beats one that is not (expired,
+    or not valid yet), then the one that expires last wins, so a renewed
     certificate can be dropped beside the old one.
 
     A client that sends no SNI name, or one we have no certificate for, gets
-    the default: the first served certificate in file-name order.  It then
-    fails name verification, which is the honest outcome.
+    the default: the first served certificate in file-name order that is
+    valid now (the first served one if none is).  It then fails name
+    verification, which is the honest outcome.
 
     The directory is read synchronously by the constructor, which is meant to
     run at startup before the reactor does; it raises
@@ -179,6 +197,13 @@ class CertificateStore:
     def names(self) -> list[str]:
         """The names served now (wildcards as `*.domain`), sorted."""
         return sorted(self._active.contexts)
+
+    def check_expiry(self) -> None:
+        """Warn about served certificates that have expired or expire within `EXPIRY_WARNING`
+        (the watcher calls this once a day; every load does it too)."""
+        directory = str(self.directory)
+        for file, why in _validity_problems(self._active.served, datetime.now(timezone.utc)):
+            log.warn("TLS certificates: {file} in {directory}: {why}", file=file, directory=directory, why=why)
 
     def lookup(self, servername: bytes | str | None) -> Context | None:
         """The context for an SNI name: exact match, else a wildcard one label deep, else None.
@@ -277,13 +302,30 @@ class CertificateWatcher(TimerService):
         super().__init__(interval, self._check)
         self.clock = clock
         self._store = store
+        self._next_expiry_check: float | None = None
 
     def _check(self) -> Deferred[bool | None]:
+        """Reload if the directory changed; else, once a day after the last load, repeat the
+        expiry warnings, so a certificate nearing its end in a long-running relay is noticed."""
+        assert self.clock is not None  # TimerService.startService sets it
+        now = self.clock.seconds()
+        if self._next_expiry_check is None:
+            self._next_expiry_check = now + 86400  # the store's first load has just warned
+
+        def checked(reloaded: bool) -> bool:
+            assert self._next_expiry_check is not None
+            if reloaded:
+                self._next_expiry_check = now + 86400
+            elif now >= self._next_expiry_check:
+                self._next_expiry_check = now + 86400
+                self._store.check_expiry()
+            return reloaded
+
         def failed(failure: Failure) -> None:
             log.failure("watching {directory} for certificate changes failed", failure,
                         directory=str(self._store.directory))
 
-        return self._store.reload_if_changed().addErrback(failed)
+        return self._store.reload_if_changed().addCallback(checked).addErrback(failed)
 
 
 @implementer(IStreamServerEndpoint)
@@ -369,6 +411,7 @@ def _fingerprint(directory: Path) -> Hashable:
 def _load(directory: Path, select: _SelectContext) -> _Snapshot:
     """Read the whole directory into a snapshot.  Runs in a worker thread, so it only collects
     problems; the reactor thread logs them."""
+    now = datetime.now(timezone.utc)
     fingerprint = _fingerprint(directory)  # before reading: a change during the read shows next poll
     problems: list[tuple[str, str]] = []
     try:
@@ -419,17 +462,46 @@ def _load(directory: Path, select: _SelectContext) -> _Snapshot:
     best: dict[str, _Leaf] = {}
     for leaf in leaves:
         for name in leaf.names:
-            if name not in best or _expiry(leaf) > _expiry(best[name]):
+            if name not in best or _rank(leaf, now) > _rank(best[name], now):
                 best[name] = leaf
     winners = {id(leaf) for leaf in best.values()}
     served = tuple(leaf for leaf in leaves if id(leaf) in winners)
+    default = next((leaf for leaf in served if _valid(leaf, now)), served[0] if served else None)
+    problems.extend(_validity_problems(served, now))
     return _Snapshot(
         fingerprint=fingerprint,
         contexts={name: leaf.context for name, leaf in best.items()},
-        default=served[0].context if served else None,
+        default=default.context if default else None,
         served=served,
         problems=tuple(problems),
     )
+
+
+def _valid(leaf: _Leaf, now: datetime) -> bool:
+    return leaf.certificate.not_valid_before_utc <= now < leaf.certificate.not_valid_after_utc
+
+
+def _rank(leaf: _Leaf, now: datetime) -> tuple[bool, datetime]:
+    """Which of two certificates for a name to serve: the one valid now, then the later expiry."""
+    return _valid(leaf, now), leaf.certificate.not_valid_after_utc
+
+
+def _validity_problems(served: tuple[_Leaf, ...], now: datetime) -> list[tuple[str, str]]:
+    """What to warn about the served certificates: expired, not valid yet, or expiring soon."""
+    problems = []
+    for leaf in served:
+        certificate = leaf.certificate
+        what = f"certificate {certificate.serial_number:x} for {', '.join(leaf.names)}"
+        start, end = certificate.not_valid_before_utc, certificate.not_valid_after_utc
+        if end <= now:
+            problems.append((leaf.file, f"{what} expired on {end:%Y-%m-%d %H:%M} UTC; it is served only "
+                                        "because no valid certificate has its names: renew it"))
+        elif start > now:
+            problems.append((leaf.file, f"{what} is not valid before {start:%Y-%m-%d %H:%M} UTC; it is "
+                                        "served only because no valid certificate has its names"))
+        elif end - now <= EXPIRY_WARNING:
+            problems.append((leaf.file, f"{what} expires on {end:%Y-%m-%d}, in {(end - now).days} days"))
+    return problems
 
 
 def _read_pem(path: Path) -> tuple[list[TLSKey], list[x509.Certificate]]:
@@ -437,7 +509,7 @@ def _read_pem(path: Path) -> tuple[list[TLSKey], list[x509.Certificate]]:
     is most likely being rewritten (the next poll sees it again)."""
     keys: list[TLSKey] = []
     certificates: list[x509.Certificate] = []
-    for block in _PEM_BLOCK.finditer(path.read_bytes()):
+    for block in _PEM_BLOCK.finditer(_read_regular(path)):
         label = block[1]
         if label == b"CERTIFICATE":
             certificate = x509.load_pem_x509_certificate(block[0])
@@ -453,6 +525,21 @@ def _read_pem(path: Path) -> tuple[list[TLSKey], list[x509.Certificate]]:
     if not keys and not certificates:
         raise ValueError("no PEM certificate or private key in it")
     return keys, certificates
+
+
+def _read_regular(path: Path) -> bytes:
+    """The bytes of `path` if it is a regular file of at most `MAX_FILE` bytes (symlinks followed:
+    certbot's `live/` files are links).  Opened non-blocking, so a FIFO's open() returns at once
+    and fstat() says what it is before anything reads it."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise ValueError("not a regular file")
+        data = f.read(MAX_FILE + 1) if status.st_size <= MAX_FILE else b""
+    if status.st_size > MAX_FILE or len(data) > MAX_FILE:  # the second: it grew while we read
+        raise ValueError(f"larger than {MAX_FILE >> 20} MiB")
+    return data
 
 
 def _spki(key: Any) -> bytes:
@@ -476,10 +563,6 @@ def _dns_names(certificate: x509.Certificate) -> tuple[str, ...]:
         found = san.get_values_for_type(x509.DNSName)
     names = (name.strip().lower().rstrip(".") for name in found)
     return tuple(dict.fromkeys(name for name in names if name))
-
-
-def _expiry(leaf: _Leaf) -> datetime:
-    return leaf.certificate.not_valid_after_utc
 
 
 def _chain(leaf: x509.Certificate,

@@ -45,7 +45,7 @@ class GatewaySettingsTests(SynchronousTestCase):
 
     def test_legacy_flat_keys(self) -> None:
         self.write('mcp = "http://x:1"\nrelay_url = "https://r.example"\ntunnel_token = "t"\n'
-                   'tunnel_subdomain = "s"\n')
+                   'tunnel_subdomain = "s"\n').chmod(0o600)  # it holds a token (tests/common/test_secret_files.py)
         s = self.load()
         self.assertEqual((s.relay_url, s.tunnel_token, s.tunnel_subdomain), ("https://r.example", "t", "s"))
         self.assertEqual(s.warnings, ())

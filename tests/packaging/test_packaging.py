@@ -186,6 +186,7 @@ class ConffileTests(SynchronousTestCase):
     def test_examples_together_make_a_valid_relay(self) -> None:
         path = Path(self.mktemp())
         path.write_text(uncommented_example(CONFFILE.read_text()))
+        path.chmod(0o600)  # it holds tokens: the package keeps it 0640 root:mcpr, and a readable one is warned about
         settings = load_relay({}, config=str(path), env={})
         self.assertEqual(settings.domain, "tunnel.example.com")
         self.assertEqual(settings.listen, ("tls:/etc/mcpr/certs:port=443", "tcp:8080:interface=127.0.0.1"))

@@ -9,8 +9,11 @@ servers are built from endpoint strings, through the `sni:` parser plugin.
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -409,6 +412,66 @@ class StoreTests(SynchronousTestCase):
                              [WILDCARD])
 
 
+    def test_only_regular_files_of_bounded_size_are_read(self) -> None:
+        """A FIFO hung the first load for ever (read() blocks until a writer comes); a device
+        never ends; a huge file filled memory.  Each is skipped with a reason, without blocking."""
+        directory = certificate_directory(self)
+        os.mkfifo(directory / "pipe.pem")
+        os.symlink("/dev/zero", directory / "zero.pem")
+        with open(directory / "huge.pem", "wb") as huge:
+            huge.truncate(64 << 20)  # sparse: costs no disk
+        listener = socket.socket(socket.AF_UNIX)
+        self.addCleanup(listener.close)
+        listener.bind(str(directory / "sock.pem"))
+        events = logged(self)
+        stores: list[CertificateStore] = []
+
+        loader = threading.Thread(target=lambda: stores.append(CertificateStore(directory, InlineThreads())),
+                                  daemon=True)
+        loader.start()
+        loader.join(timeout=5)
+
+        self.assertFalse(loader.is_alive(), "the first load did not finish within 5 s")
+        self.assertEqual(stores[0].names(), [WILDCARD, OTHER])
+        self.assertEqual(about(events, "pipe.pem"), ["skipped: not a regular file"])
+        self.assertEqual(about(events, "zero.pem"), ["skipped: not a regular file"])
+        self.assertEqual(about(events, "huge.pem"), ["skipped: larger than 1 MiB"])
+        self.assertEqual(len(about(events, "sock.pem")), 1)
+
+    def test_an_expired_certificate_is_never_the_default_beside_a_valid_one(self) -> None:
+        """"a.pem" sorts first, but its certificate has expired: clients without SNI get b.pem's."""
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        write(directory, "a.pem", full_chain(leaf(OTHER, days=30, start=timedelta(days=-60))))
+        write(directory, "b.pem", full_chain(leaf(WILDCARD)))
+        events = logged(self)
+        store = CertificateStore(directory, InlineThreads())
+        self.assertEqual(san(store.serverConnectionForTLS(None).get_certificate(as_cryptography=True)), [WILDCARD])
+        self.assertIsNotNone(store.lookup(OTHER), "still served for its own name, with a warning")
+        [warning] = about(events, "a.pem")
+        self.assertRegex(warning, rf"^certificate [0-9a-f]+ for {OTHER} expired on \d{{4}}-\d\d-\d\d")
+        self.assertEqual(about(events, "b.pem"), [])
+
+    def test_a_certificate_about_to_expire_is_warned_about(self) -> None:
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        write(directory, "soon.pem", full_chain(leaf(WILDCARD, days=5)))
+        events = logged(self)
+        CertificateStore(directory, InlineThreads())
+        [warning] = about(events, "soon.pem")
+        self.assertRegex(warning, rf"^certificate [0-9a-f]+ for \*\.tunnel\.example\.test expires on "
+                                  r"\d{4}-\d\d-\d\d, in [45] days$")
+
+    def test_a_valid_certificate_wins_over_one_not_valid_yet(self) -> None:
+        """A renewal dated tomorrow expires later, but is not served before its time."""
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        current, future = leaf(WILDCARD, days=30), leaf(WILDCARD, days=90, start=timedelta(days=1))
+        write(directory, "current.pem", full_chain(current))
+        write(directory, "future.pem", full_chain(future))
+        store = CertificateStore(directory, InlineThreads())
+        self.assertEqual(served_serial(store, "a.tunnel.example.test"), current[1].serial_number)
+
 
 class EndpointStringTests(SynchronousTestCase):
     """`sni:` (and the relay's `tls:` alias) through Twisted's own endpoint-string parsing: the
@@ -503,6 +566,18 @@ class WatcherTests(SynchronousTestCase):
         write(self.directory, "new.pem", full_chain(leaf("new.example.test")))
         self.clock.advance(10)
         self.assertIn("new.example.test", self.store.names())
+
+    def test_expiry_is_checked_again_every_day(self) -> None:
+        """A certificate that nears its end while the relay runs is warned about, once a day."""
+        write(self.directory, "tunnel.pem", full_chain(leaf(WILDCARD, days=10)))
+        self.clock.advance(10)
+        events = logged(self)
+        self.clock.advance(86400 - 10)
+        self.assertEqual(len(about(events, "tunnel.pem")), 0)
+        self.clock.advance(10)
+        self.assertEqual(len(about(events, "tunnel.pem")), 1)
+        self.assertIn("expires on", about(events, "tunnel.pem")[0])
+        self.assertEqual(about(events, "other.crt"), [])
 
     def test_keeps_watching_after_a_failure(self) -> None:
         events = logged(self)

@@ -37,8 +37,9 @@ Issued = tuple[ec.EllipticCurvePrivateKey, x509.Certificate]
 
 def issue(subject: str, issuer: tuple[ec.EllipticCurvePrivateKey, x509.Name] | None = None, *,
           names: tuple[str, ...] = (), ca: bool = False, days: int = 30,
-          key: ec.EllipticCurvePrivateKey | None = None) -> Issued:
-    """A certificate (self-signed when `issuer` is None) and its key (a fresh P-256 one by default)."""
+          key: ec.EllipticCurvePrivateKey | None = None, start: timedelta = timedelta(0)) -> Issued:
+    """A certificate (self-signed when `issuer` is None) and its key (a fresh P-256 one by default),
+    valid from `start` from now (an hour earlier, against clock skew) for `days`."""
     key = key or ec.generate_private_key(ec.SECP256R1())
     name = cn(subject)
     signer_key, signer_name = issuer or (key, name)
@@ -48,8 +49,8 @@ def issue(subject: str, issuer: tuple[ec.EllipticCurvePrivateKey, x509.Name] | N
         .issuer_name(signer_name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - timedelta(hours=1))
-        .not_valid_after(NOW + timedelta(days=days))
+        .not_valid_before(NOW + start - timedelta(hours=1))
+        .not_valid_after(NOW + start + timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
     )
@@ -81,8 +82,8 @@ INTERMEDIATE = issue("mcpr test intermediate", (CA[0], CA[1].subject), ca=True)
 TRUST = Certificate.loadPEM(pem(CA[1]))
 
 
-def leaf(name: str, days: int = 30) -> Issued:
-    return issue(name, (INTERMEDIATE[0], INTERMEDIATE[1].subject), names=(name,), days=days)
+def leaf(name: str, days: int = 30, start: timedelta = timedelta(0)) -> Issued:
+    return issue(name, (INTERMEDIATE[0], INTERMEDIATE[1].subject), names=(name,), days=days, start=start)
 
 
 def write(directory: Path, filename: str, content: bytes) -> None:
