@@ -72,6 +72,10 @@ class Refused(Exception):
         super().__init__(self.reason)
 
 
+# 4001's reason when the relay's auth provider could not be asked: the token may be fine, so a
+# gateway retries instead of stopping (the original mcpr sends the same code and reason).
+PROVIDER_UNAVAILABLE = "auth provider unavailable"
+
 EVICTED_REASON = "evicted: another client registered with the same tunnel"
 
 # The relay grants each stream this much unacknowledged response data, and

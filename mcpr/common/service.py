@@ -64,10 +64,25 @@ def announced(service: StreamServerEndpointService, announce: Announce) -> Strea
     return service
 
 
+# Twisted's stream listeners queue 50 pending connections by default; a burst of public clients
+# (or gateways reconnecting after a relay restart) then loses SYNs and waits out their 1, 3, 7 s
+# retransmits.  Like nginx (511), ask for more; the kernel caps it at net.core.somaxconn.
+DEFAULT_BACKLOG = 1024
+_BACKLOG_TYPES = ("tcp", "tcp6", "ssl", "sni", "tls", "unix")
+
+
+def with_backlog(description: str, backlog: int = DEFAULT_BACKLOG) -> str:
+    """`description` with `backlog=` added, for endpoint types that take one and don't name it."""
+    kind = description.split(":", 1)[0].strip().lower()
+    if kind not in _BACKLOG_TYPES or "backlog=" in description:
+        return description
+    return f"{description}:backlog={backlog}"
+
+
 def listener(description: str, factory: IProtocolFactory, announce: Announce,
              reactor: Any) -> StreamServerEndpointService:
     """A listener on an endpoint string that logs its address through `announce` once bound."""
-    return announced(strports.service(description, factory, reactor=reactor), announce)
+    return announced(strports.service(with_backlog(description), factory, reactor=reactor), announce)
 
 
 class SighupService(Service):

@@ -213,7 +213,7 @@ class ChannelTimeouts:
 
 def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        ip = ipaddress.ip_address(host)
+        ip = ipaddress.ip_address(host.partition("%")[0])  # a link-local address's scope is no part of it
     except ValueError:
         return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:

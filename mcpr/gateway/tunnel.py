@@ -49,7 +49,7 @@ from zope.interface import implementer, provider
 
 from mcpr.common import protocol as wire
 from mcpr.common.names import is_concrete, matches, valid_label
-from mcpr.common.protocol import CloseCode
+from mcpr.common.protocol import PROVIDER_UNAVAILABLE, CloseCode
 from mcpr.common.web import no_delay
 from mcpr.gateway.h2_server import serve_streams
 
@@ -71,6 +71,8 @@ WHY_WAITING: dict[int, str] = {
                       "--subdomain OTHER (or [tunnel] subdomain in mcpr.toml)",
     CloseCode.TOO_MANY: "tunnel: the relay takes no more tunnels now: {reason}. Retrying (every {cap:.0f} s "
                         "at most); close other tunnels of this token or ask the relay's operator",
+    CloseCode.AUTH_FAILED: "tunnel: the relay cannot check tokens now ({reason}). Retrying (every {cap:.0f} s "
+                           "at most)",
 }
 
 
@@ -78,9 +80,10 @@ _FINAL = frozenset(code for code in CloseCode if code.final)
 assert _FINAL <= set(WHY_FINAL)
 
 
-def is_final(code: int | None) -> bool:
-    """Whether a close code says that retrying cannot help."""
-    return code in _FINAL
+def is_final(code: int | None, reason: str = "") -> bool:
+    """Whether a close says that retrying cannot help.  A relay whose auth provider is down says
+    4001 too, but that clears up by itself: it is retried."""
+    return code in _FINAL and not (code == CloseCode.AUTH_FAILED and reason == PROVIDER_UNAVAILABLE)
 
 
 class Refusal(Exception):
@@ -280,7 +283,7 @@ class TunnelProtocol(WebSocketClientProtocol):
         if refusal is not None:
             code, reason = refusal.code, str(refusal)
         self.factory.owner.tunnel_closed(code, reason or "", registered=self._registered,
-                                         final=isinstance(refusal, NoChoice) or is_final(code))
+                                         final=isinstance(refusal, NoChoice) or is_final(code, reason or ""))
 
     def _send_json(self, message: dict) -> None:
         self.sendMessage(json.dumps(message).encode(), isBinary=False)

@@ -41,13 +41,12 @@ from twisted.web.iweb import IResponse
 
 from mcpr.common.failures import cancelled, describe
 from mcpr.common.names import matches, parse_pattern, valid_label
-from mcpr.common.protocol import CloseCode, Refused
+from mcpr.common.protocol import PROVIDER_UNAVAILABLE, CloseCode, Refused
 from mcpr.relay.identity import open_subdomain, owner_id, token_hint
 
 log = Logger()
 
 INVALID_TOKEN = "invalid token"
-PROVIDER_UNAVAILABLE = "auth provider unavailable"
 
 # The shape of `open_subdomain`: open mode grants such a name only to the token it comes from.
 _DERIVED = re.compile(r"[0-9a-f]{12}")

@@ -13,7 +13,6 @@ a handful of settings.
 from __future__ import annotations
 
 import enum
-import ipaddress
 import json
 from typing import Any, Protocol, cast
 
@@ -25,6 +24,7 @@ from twisted.python.failure import Failure
 
 from mcpr.common import protocol as wire
 from mcpr.common.protocol import CloseCode, Refused, fit_reason
+from mcpr.common.web import TrustedProxies, peer_key
 from mcpr.relay.auth import Authenticator, Grant, authorize
 from mcpr.relay.identity import token_hint
 from mcpr.relay.registry import Registry
@@ -53,22 +53,19 @@ RATE_LIMITED = "too many registrations from this address, retry later"
 MAX_RATE_ADDRESSES = 65536
 
 
-def address_key(address: object) -> str:
-    """What a registration's limits count against: its IPv4 address, or its IPv6 /64 (a single
-    host usually has the whole /64, so counting addresses would let it through); "local" for a
-    socket without an IP address."""
+def address_key(address: object, forwarded_for: str | None = None,
+                trusted: TrustedProxies | None = None) -> str:
+    """What a registration's limits count against: the same key as the public front's per-peer
+    cap (an IPv4 address, or an IPv6 /64); "local" for a socket without an IP address.  Behind
+    a trusted front proxy, the client its `X-Forwarded-For` names last (the proxy's own entry)."""
     host = getattr(address, "host", None)
     if not isinstance(host, str):
         return "local"
-    try:
-        ip = ipaddress.ip_address(host.partition("%")[0])
-    except ValueError:
-        return host
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
+    if forwarded_for and trusted and host in trusted:
+        client = forwarded_for.rsplit(",", 1)[-1].strip()
+        if client:
+            host = client
+    return peer_key(host)
 
 
 class Admission(enum.Enum):
@@ -170,7 +167,8 @@ class RegistrationProtocol(WebSocketServerProtocol):
         """Gateways that offer `mcpr-tunnel.h2` get HTTP/2 streams; others the legacy JSON protocol."""
         self._peer = request.peer
         assert self.transport is not None
-        self._address = address_key(self.transport.getPeer())
+        self._address = address_key(self.transport.getPeer(), request.headers.get("x-forwarded-for"),
+                                    self.factory.trusted)
         if wire.SUBPROTOCOL in request.protocols:
             self._h2 = True
             return wire.SUBPROTOCOL
@@ -394,13 +392,15 @@ class RegistrationFactory(WebSocketServerFactory):
 
     def __init__(self, reactor: Any, registry: Registry, auth: Authenticator, observer: RegistrationObserver, *,
                  rate: RegistrationRate, public_url: str, registration_timeout: float, max_message_size: int,
-                 ping_interval: float, ping_timeout: float, limits: TunnelLimits = TunnelLimits()) -> None:
+                 ping_interval: float, ping_timeout: float, limits: TunnelLimits = TunnelLimits(),
+                 trusted: TrustedProxies | None = None) -> None:
         super().__init__(None, reactor=reactor)
         self.limits = limits
         self.registry = registry
         self.auth = auth
         self.observer = observer
         self.rate = rate
+        self.trusted = trusted or TrustedProxies()
         self.registration_timeout = registration_timeout
         self._public_url = public_url
         self.setProtocolOptions(

@@ -15,7 +15,7 @@ from twisted.python import usage
 from twisted.web.server import Site
 
 from mcpr import __version__
-from mcpr.common.service import SighupService, address_of, announced, listener
+from mcpr.common.service import SighupService, address_of, announced, listener, with_backlog
 from mcpr.common.settings import ConfigError, cli_values, options_from
 from mcpr.common.web import CappedSite, ChannelTimeouts, ConnectionLimits, TrustedProxies
 from mcpr.relay.auth import Authenticator
@@ -86,7 +86,8 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
         public_url=settings.public_url,
         registration_timeout=settings.registration_timeout, max_message_size=settings.max_message_size,
         ping_interval=settings.ping_interval, ping_timeout=settings.ping_timeout,
-        limits=TunnelLimits(control_rate=settings.control_frame_rate, backlog=settings.gateway_backlog))
+        limits=TunnelLimits(control_rate=settings.control_frame_rate, backlog=settings.gateway_backlog),
+        trusted=TrustedProxies(settings.trusted_proxies))
     front = RelayFront(reactor, settings.domain, registry, forwarder, stats, WebSocketResource(registration))
     site = public_site(front, settings, reactor, connection_budget(settings.max_connections))
     relay = RelayService(reactor, settings, auth=auth, registry=registry, forwarder=forwarder, stats=stats,
@@ -97,7 +98,7 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
                  domain=settings.domain, address=address_of(port))
 
     for description in settings.listen:
-        service = strports.service(listen_description(description), site, reactor=reactor)
+        service = strports.service(with_backlog(listen_description(description)), site, reactor=reactor)
         if isinstance(service.endpoint, SNIServerEndpoint):
             relay.certificates.append(service.endpoint.store)
             CertificateWatcher(service.endpoint.store, clock=reactor).setServiceParent(relay)

@@ -10,9 +10,10 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from mcpr.common.service import SighupService, address_of, listener
+from mcpr.common.service import DEFAULT_BACKLOG, SighupService, address_of, listener, with_backlog
 
 
 class ListenerTests(TestCase):
@@ -89,3 +90,21 @@ class _Inline:
 
     def callFromThread(self, f, *args, **kwargs) -> None:
         f(*args, **kwargs)
+
+
+class BacklogTests(SynchronousTestCase):
+    """Listeners ask for a deep accept queue unless the endpoint string names one."""
+
+    def test_added_where_the_endpoint_takes_one(self) -> None:
+        self.assertEqual(with_backlog("tcp:8080"), f"tcp:8080:backlog={DEFAULT_BACKLOG}")
+        self.assertEqual(with_backlog("sni:/etc/certs:port=443"), f"sni:/etc/certs:port=443:backlog={DEFAULT_BACKLOG}")
+        self.assertEqual(with_backlog("tcp:8080:backlog=10"), "tcp:8080:backlog=10")
+        self.assertEqual(with_backlog("systemd:domain=INET:index=0"), "systemd:domain=INET:index=0")
+
+    def test_the_listening_socket_gets_it(self) -> None:
+        reactor = MemoryReactor()
+        service = listener("tcp:0:interface=127.0.0.1", Factory(), lambda port: None, reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        [(_, _, backlog, _)] = reactor.tcpServers
+        self.assertEqual(backlog, DEFAULT_BACKLOG)

@@ -208,6 +208,20 @@ class ReconnectPolicyTests(SynchronousTestCase):
         self.assertEqual(self.clock.tcpClients, [])
         self.successResultOf(client.stopService())
 
+    def test_an_auth_provider_outage_is_retried(self) -> None:
+        """4001 `auth provider unavailable` says nothing about the token: the gateway retries it,
+        and registers once the provider answers again."""
+        self.relay.answer = refuse(CloseCode.AUTH_FAILED, "auth provider unavailable")
+        client = self.start()
+        for delay in (1, 2):
+            self.accept_tcp()
+            self.assertTrue(client.running)
+            self.clock.advance(delay)
+        self.relay.answer = register
+        self.accept_tcp()
+        self.assertEqual(self.events.of("reconnecting", "delay_s"), [1, 2])
+        self.assertEqual((client.state, client.url), ("connected", URL))
+
     def test_a_name_held_by_another_token_is_retried_and_said_once(self) -> None:
         """4003 (and 4008) may clear up by themselves (S4): the gateway keeps trying with its backoff,
         warns once with what to do, and gets its name once it is free."""

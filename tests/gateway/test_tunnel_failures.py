@@ -24,7 +24,7 @@ from twisted.web.server import Site
 
 from mcpr.common.protocol import CloseCode
 from mcpr.gateway.tunnel import Backoff, TunnelClient, TunnelProtocol
-from tests.gateway.test_tunnel import PORT, URL, Events, MemoryRelay, MemoryRelayFactory
+from tests.gateway.test_tunnel import PORT, Events, MemoryRelay, MemoryRelayFactory
 
 
 def answer_with(payload: bytes) -> Any:

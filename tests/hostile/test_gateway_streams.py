@@ -21,7 +21,7 @@ class ManyStreamsTests(TestCase):
     timeout = 90
 
     async def setUp(self) -> None:
-        self.relay, self.port = start_relay(self, DOMAIN, "--max-in-flight", "2000")
+        self.relay, self.port = start_relay(self, DOMAIN, "--max-in-flight", "2000", "--max-connections-per-ip", "4000")
         self.bystander = await Bystander(self.port, DOMAIN).start(self)
         bulk = Process(self, python(str(ROOT / "tests" / "support" / "bulk_server.py")), name="bulk")
         upstream = int(bulk.wait_for("LISTENING").split()[-1])

@@ -13,6 +13,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
+from mcpr.common.web import TrustedProxies
 from mcpr.relay.auth import Grant
 from mcpr.relay.registration import (
     Admission,
@@ -95,7 +96,7 @@ class HangUpTests(SynchronousTestCase):
             ping_interval=20, ping_timeout=10)
         protocol: RegistrationProtocol = factory.buildProtocol(None)
         protocol.transport = StringTransport()
-        protocol.onConnect(SimpleNamespace(peer="tcp4:192.168.1.1:54321", protocols=[]))
+        protocol.onConnect(SimpleNamespace(peer="tcp4:192.168.1.1:54321", protocols=[], headers={}))
         protocol.onOpen()
         protocol.onMessage(json.dumps({"token": "tok", "subdomain": "a"}).encode(), False)
         self.assertEqual((auth.calls, auth.cancelled), (1, False))
@@ -103,3 +104,18 @@ class HangUpTests(SynchronousTestCase):
         self.assertTrue(auth.cancelled)
         self.assertEqual(errors, [], "a cancelled registration is not a crash")
         self.assertEqual(clock.getDelayedCalls(), [], "the registration timer went with the socket")
+
+
+class ForwardedAddressTests(SynchronousTestCase):
+    """Behind a trusted front proxy, registrations count against the client the proxy names."""
+
+    def test_a_trusted_proxy_names_the_client(self) -> None:
+        proxy = IPv4Address("TCP", "127.0.0.1", 4000)
+        trusted = TrustedProxies(["127.0.0.1"])
+        self.assertEqual(address_key(proxy, "6.6.6.6, 192.0.2.9", trusted), "192.0.2.9")
+        self.assertEqual(address_key(proxy, None, trusted), "127.0.0.1")
+
+    def test_anyone_else_is_counted_by_its_socket(self) -> None:
+        stranger = IPv4Address("TCP", "198.51.100.4", 4000)
+        self.assertEqual(address_key(stranger, "192.0.2.9", TrustedProxies(["127.0.0.1"])), "198.51.100.4")
+        self.assertEqual(address_key(stranger, "192.0.2.9", None), "198.51.100.4")

@@ -459,7 +459,7 @@ class StoreTests(SynchronousTestCase):
         events = logged(self)
         CertificateStore(directory, InlineThreads())
         [warning] = about(events, "soon.pem")
-        self.assertRegex(warning, rf"^certificate [0-9a-f]+ for \*\.tunnel\.example\.test expires on "
+        self.assertRegex(warning, r"^certificate [0-9a-f]+ for \*\.tunnel\.example\.test expires on "
                                   r"\d{4}-\d\d-\d\d, in [45] days$")
 
     def test_a_valid_certificate_wins_over_one_not_valid_yet(self) -> None:

@@ -174,12 +174,3 @@ class PeakRSS:
         if self._call.active():
             self._call.cancel()
         return (self.peak - self.start) // 1024
-
-
-
-def start_relay(testcase, domain: str, *args: str, env: dict | None = None) -> tuple[Process, int]:
-    """`twist mcpr-relay` on a free loopback port; returns the process and the port."""
-    relay = Process(testcase, twist("mcpr-relay", "--domain", domain, "--listen", "tcp:0:interface=127.0.0.1",
-                                    *args), name="relay", env=env)
-    line = relay.wait_for("listening on 127.0.0.1:")
-    return relay, int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))
