@@ -121,14 +121,14 @@ RELAY_SETTINGS: tuple[Setting, ...] = (
                  "(default 1MiB; the socket is dropped above). Request bodies and new requests wait instead."),
     # The public front's defences against slow and greedy clients, and whom it believes
     # (mcpr/common/web.py, mcpr/relay/forwarding.py; docs/limits.md).
-    Setting("header_timeout", parse_seconds, 30.0, ("relay", "header_timeout"),
+    Setting("client_header_timeout", parse_seconds, 30.0, ("relay", "client_header_timeout"),
             help="Seconds a public connection has to send a request's head, from when it is ready for one "
                  "(default 30; 408, or a silent close if it sent nothing)."),
-    Setting("body_timeout", parse_seconds, 30.0, ("relay", "body_timeout"),
+    Setting("client_body_timeout", parse_seconds, 30.0, ("relay", "client_body_timeout"),
             help="Longest pause in a public request body, and the grace before --min-body-rate applies "
                  "(default 30; 408)."),
     Setting("min_body_rate", parse_size, 1024, ("relay", "min_body_rate"),
-            help="Bytes per second a public request body must average once --body-timeout has passed "
+            help="Bytes per second a public request body must average once --client-body-timeout has passed "
                  "(default 1KiB; 408)."),
     Setting("max_connections_per_ip", parse_count, 256, ("relay", "max_connections_per_ip"),
             help="Public connections one IP address (an IPv6 /64) may hold; trusted proxies are exempt "
@@ -184,8 +184,8 @@ class RelaySettings:
     public_url: str
     control_frame_rate: int
     gateway_backlog: int
-    header_timeout: float
-    body_timeout: float
+    client_header_timeout: float
+    client_body_timeout: float
     min_body_rate: int
     max_connections_per_ip: int
     max_connections: int | None

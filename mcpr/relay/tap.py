@@ -142,7 +142,7 @@ def connection_budget(explicit: int | None) -> int:
 def public_site(front: RelayFront, settings: RelaySettings, reactor: Any, max_connections: int) -> CappedSite:
     """The site of the public listeners: the front, with the body cap, deadlines, connection caps
     and trusted proxies of `settings`."""
-    timeouts = ChannelTimeouts(header=settings.header_timeout, body=settings.body_timeout,
+    timeouts = ChannelTimeouts(header=settings.client_header_timeout, body=settings.client_body_timeout,
                                min_body_rate=settings.min_body_rate, lingering_time=settings.lingering_time,
                                lingering_size=settings.lingering_size)
     site = CappedSite(front, max_request_body=settings.max_request_body, via="relay", too_large=front.too_large,

@@ -89,7 +89,7 @@ class SlowClientTests(TestCase):
     timeout = 60
 
     async def setUp(self) -> None:
-        self.relay, self.port = start_relay(self, "--header-timeout", "1", "--body-timeout", "1",
+        self.relay, self.port = start_relay(self, "--client-header-timeout", "1", "--client-body-timeout", "1",
                                             "--min-body-rate", "2KiB")
         self.bystander = await Bystander(self.port, DOMAIN).start(self)
 
