@@ -103,6 +103,32 @@ class AbandonedDownloadTests(H2TunnelTestBase):
         await self.bystander_still_served(bystander, bystander_stream)
         await other.unaffected()
 
+    async def test_readers_that_stall_and_stay_cannot_starve_the_tunnel(self) -> None:
+        """Clients that stop reading a large download but keep their connection open would each
+        hold a stream window of the tunnel's connection window: twelve of them together must not
+        stall everyone else's responses on the tunnel.  The relay cuts the greediest once stalled
+        streams hold half the window."""
+        other = await Bystander(self.port, DOMAIN).start(self)
+        own, own_stream = await self.bystander()
+        await self.gateway.window_at_least(CONNECTION_WINDOW // 2)
+        sockets, streams = [], []
+        for _ in range(12):
+            sockets.append(stalled_get(self.port, self.host, "/big"))
+            streams.append(await self.gateway.requests.get())
+        self.addCleanup(lambda: [sock.close() for sock in sockets])
+        for stream in streams:
+            # More than the kernel's socket buffers take: each stalled reader ends up holding a
+            # whole stream window at the relay.
+            self.gateway.respond(stream, 200, headers=[(b"content-type", b"application/octet-stream")], end=False)
+            self.gateway.send(stream, b"x" * (16 * MiB))
+        cut = DeferredList([s.reset for s in streams], fireOnOneCallback=True)
+        cut.addTimeout(20, reactor)
+        await cut  # at least one of the stalled downloads was cut, with its connection
+        self.assertEqual(len(await self.normal_request(2 * CONNECTION_WINDOW)), 2 * CONNECTION_WINDOW)
+        self.assertIn("client stopped reading", self.relay.output())
+        await self.bystander_still_served(own, own_stream)
+        await other.unaffected()
+
 
 class UnforwardableRequestTests(H2TunnelTestBase):
     async def test_odd_request_targets_are_refused_before_the_tunnel(self) -> None:

@@ -238,6 +238,29 @@ class WindowTests(SynchronousTestCase):
         self.assertTrue(sink.ended)
         self.assertEqual(len(sink.body), 3 * wire.CONNECTION_WINDOW)
 
+    def test_readers_that_stall_and_stay_cannot_starve_the_tunnel(self) -> None:
+        """Public clients that stop reading but keep their connection hold their streams' bytes;
+        together they may hold no more than half the connection window, so a normal response
+        still gets through.  A few slow readers are left alone."""
+        sinks = [self.paused_download()[0] for _ in range(4)]
+        self.assertEqual([s.failed for s in sinks], [None] * 4, "four slow readers are not cut")
+        sinks += [self.paused_download()[0] for _ in range(8)]
+        cut = [s for s in sinks if s.failed]
+        self.assertEqual({s.failed for s in cut}, {"the public client stopped reading"})
+        self.assertGreaterEqual(len(cut), 8)
+        self.gw.pump()
+        self.assertGreaterEqual(self.gw.conn.outbound_flow_control_window, wire.CONNECTION_WINDOW // 2 - MiB)
+        sink = self.gw.request(b"/normal")
+        stream_id = self.gw.requests[-1].stream_id
+        self.gw.respond(stream_id, end=False)
+        left = 2 * wire.CONNECTION_WINDOW
+        while left:
+            sent = self.gw.send(stream_id, left, end=True)
+            self.assertGreater(sent, 0, "the window stalled")
+            left -= sent
+        self.assertTrue(sink.ended)
+        self.assertEqual(len(sink.body), 2 * wire.CONNECTION_WINDOW)
+
 
 def decoded_ok(test: SynchronousTestCase, gw: Gateway) -> None:
     """The tunnel is intact: a plain request still decodes at the gateway and is answered."""

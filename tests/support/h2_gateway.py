@@ -20,6 +20,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.endpoints import TCP4ClientEndpoint
 
+from mcpr.common.protocol import split
+
 SUBPROTOCOL = "mcpr-tunnel.h2"
 
 
@@ -143,7 +145,8 @@ class H2Gateway:
     def flush(self) -> None:
         data = self.conn.data_to_send()
         if data and self.proto is not None and self.proto.state == self.proto.STATE_OPEN:
-            self.proto.sendMessage(data, isBinary=True)
+            for part in split(data):  # as the real gateway does: messages of at most MAX_MESSAGE
+                self.proto.sendMessage(part, isBinary=True)
 
     def send_raw(self, data: bytes) -> None:
         """Bytes on the tunnel's HTTP/2 stream, bypassing the h2 state machine."""

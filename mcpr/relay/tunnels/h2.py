@@ -78,6 +78,19 @@ _FLUSH_EVERY = 256 * 1024
 # A refused stream (REFUSED_STREAM: the gateway did not process it) is sent again this often.
 _MAX_REFUSALS = 3
 
+# Public clients that stop reading but stay connected keep their stream's received bytes
+# unacknowledged (up to STREAM_WINDOW each), and those count against the tunnel's one connection
+# window: eight of them would stall every other response on the tunnel.  Stalled streams may
+# hold at most this share of it together; past it, or when what is left of the window is less
+# than a stream window while they hold at least one (h2 hands acknowledged bytes back to the
+# gateway only in batches of half the window), the stream holding most is cut, its public
+# connection aborted.  A lone slow reader is never cut.
+_STALLED_SHARE = wire.CONNECTION_WINDOW // 2
+
+# Until the gateway's SETTINGS arrive, h2 assumes it takes any number of streams; a burst in the
+# first round trip could then open more than it holds.  RFC 9113 §6.5.2 suggests at least 100.
+_STREAMS_BEFORE_SETTINGS = 100
+
 
 class _Unforwardable(Exception):
     """A request whose headers cannot go on the tunnel as they are."""
@@ -130,6 +143,8 @@ class H2Tunnel(SocketTunnel):
         self._outbound = outbound
         outbound.drained = self._drained
         self._ceiling: int | None = None  # streams the gateway showed it holds, below its SETTINGS
+        self._settings_seen = False  # the gateway's first SETTINGS have arrived
+        self._unacked = 0  # bytes received on all streams and not yet acknowledged (stalled readers)
         self._dead = False  # closing: nothing more is read or written
         # Where the inbound byte stream is, to count frames: payload bytes left of the current
         # frame, and the start of a frame header cut by a message boundary.
@@ -177,6 +192,8 @@ class H2Tunnel(SocketTunnel):
         """Open queued streams while the gateway's MAX_CONCURRENT_STREAMS (and what it showed it
         holds) allows and the socket is not backed up."""
         limit = self.conn.remote_settings.max_concurrent_streams
+        if not self._settings_seen:
+            limit = min(limit, _STREAMS_BEFORE_SETTINGS)
         if self._ceiling is not None:
             limit = min(limit, self._ceiling)
         while self._waiting and not self._dead and not self._outbound.full \
@@ -310,6 +327,7 @@ class H2Tunnel(SocketTunnel):
         """Open the window by what the public client has taken, once it is reading again."""
         if stream.unacked and not stream.paused and not stream.done:
             size, stream.unacked = stream.unacked, 0
+            self._unacked -= size
             try:
                 self.conn.acknowledge_received_data(size, stream.id)
             except H2Error:
@@ -321,6 +339,7 @@ class H2Tunnel(SocketTunnel):
         h2 takes a closed stream's bytes and credits the connection window only."""
         if stream.unacked:
             size, stream.unacked = stream.unacked, 0
+            self._unacked -= size
             try:
                 self.conn.acknowledge_received_data(size, stream.id)
             except H2Error:
@@ -408,6 +427,7 @@ class H2Tunnel(SocketTunnel):
 
     def _handle(self, event: Event) -> None:
         if isinstance(event, RemoteSettingsChanged):
+            self._settings_seen = True
             self._start_waiting()  # MAX_CONCURRENT_STREAMS may have grown
             return
         if isinstance(event, ConnectionTerminated):
@@ -437,9 +457,12 @@ class H2Tunnel(SocketTunnel):
             stream.sink.register(stream)
         elif isinstance(event, DataReceived):
             stream.unacked += event.flow_controlled_length
+            self._unacked += event.flow_controlled_length
             if event.data:
                 stream.sink.data(event.data)
             self.acknowledge(stream)
+            if self._starving():
+                self._cut_stalled()
         elif isinstance(event, StreamEnded):
             if self._ceiling is not None:
                 self._ceiling += 1  # it held one more than it had refused at
@@ -451,6 +474,22 @@ class H2Tunnel(SocketTunnel):
             self._finish(stream)
             stream.sink.fail("the gateway reset the stream")
         # Informational (1xx) heads and trailers are not forwarded.
+
+    def _starving(self) -> bool:
+        """Whether stalled readers hold so much of the connection window that others may stall."""
+        return self._unacked > _STALLED_SHARE or (
+            self._unacked > wire.STREAM_WINDOW and self.conn.inbound_flow_control_window < wire.STREAM_WINDOW)
+
+    def _cut_stalled(self) -> None:
+        """Stalled readers hold too much of the connection window: cut the greediest until they
+        no longer do, so every other response on the tunnel keeps flowing."""
+        while self._starving():
+            stalled = max(self._streams.values(), key=lambda s: s.unacked, default=None)
+            if stalled is None or not stalled.unacked:
+                return
+            log.info("tunnel {subdomain}: cut a download whose client stopped reading ({held} bytes held)",
+                     subdomain=self.subdomain, held=stalled.unacked)
+            self._fail(stalled, "the public client stopped reading", ErrorCodes.CANCEL)
 
     def _retry(self, stream: _RelayStream) -> bool:
         """REFUSED_STREAM means the gateway did not process the request (RFC 9113 §8.7), so it may
