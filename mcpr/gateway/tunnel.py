@@ -39,7 +39,7 @@ from twisted.application.internet import ClientService
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectingCancelledError
-from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.threads import deferToThread
 from twisted.logger import ILogObserver, Logger
@@ -84,6 +84,11 @@ def is_final(code: int | None, reason: str = "") -> bool:
     """Whether a close says that retrying cannot help.  A relay whose auth provider is down says
     4001 too, but that clears up by itself: it is retried."""
     return code in _FINAL and not (code == CloseCode.AUTH_FAILED and reason == PROVIDER_UNAVAILABLE)
+
+
+# How long the relay may take to answer a registration message (it refuses a silent gateway after
+# its own registration_timeout, 10 s by default; an auth provider may take 5 s of that).
+REGISTRATION_ANSWER_TIMEOUT = 30.0
 
 
 class Refusal(Exception):
@@ -176,6 +181,7 @@ class TunnelProtocol(WebSocketClientProtocol):
         self._h2: IProtocol | None = None
         self._registered = False
         self._refusal: Refusal | None = None
+        self._answer_timer: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         no_delay(self.transport)  # HTTP/2 frames are small writes; Nagle would hold them ~40 ms
@@ -191,6 +197,23 @@ class TunnelProtocol(WebSocketClientProtocol):
             self.sendClose(1000)
             return
         self._send_json({"token": self.factory.token, "subdomain": self.factory.subdomain})
+        self._await_answer()
+
+    def _await_answer(self) -> None:
+        """A relay that takes the socket but never answers the registration must not hold the
+        tunnel in "connecting" for ever: give up on this socket, and retry with the backoff."""
+        self._stop_waiting()
+        self._answer_timer = self.factory.reactor.callLater(REGISTRATION_ANSWER_TIMEOUT, self._no_answer)
+
+    def _stop_waiting(self) -> None:
+        if self._answer_timer is not None and self._answer_timer.active():
+            self._answer_timer.cancel()
+        self._answer_timer = None
+
+    def _no_answer(self) -> None:
+        self._answer_timer = None
+        self._refusal = Refusal(f"the relay did not answer the registration within {REGISTRATION_ANSWER_TIMEOUT:g} s")
+        self.dropConnection(abort=True)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         """The relay's input: whatever it sends, an exception never escapes to leave the socket
@@ -200,6 +223,7 @@ class TunnelProtocol(WebSocketClientProtocol):
                 if isBinary:
                     self._h2.dataReceived(payload)
                 return
+            self._stop_waiting()
             self._registration_answer(payload)
         except Exception:
             log.failure("tunnel: failed on a message from the relay")
@@ -248,6 +272,7 @@ class TunnelProtocol(WebSocketClientProtocol):
         concrete = [p for p in patterns if is_concrete(p)]
         if len(patterns) == 1 and concrete:
             self._send_json({"subdomain": concrete[0]})
+            self._await_answer()
             return
         try:
             d = self.factory.choose(patterns)
@@ -260,6 +285,7 @@ class TunnelProtocol(WebSocketClientProtocol):
             self.factory.subdomain = name  # kept for reconnects, even if this socket timed out meanwhile
             if self.state == self.STATE_OPEN:
                 self._send_json({"subdomain": name})
+                self._await_answer()
 
         d.addCallbacks(picked, lambda f: self.sendClose(1000))
 
@@ -272,6 +298,7 @@ class TunnelProtocol(WebSocketClientProtocol):
             self.dropConnection(abort=True)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self._stop_waiting()
         if self._h2 is not None:
             h2, self._h2 = self._h2, None
             try:

@@ -23,7 +23,7 @@ from twisted.web.server import Site
 
 from mcpr.common import protocol as wire
 from mcpr.common.protocol import CloseCode
-from mcpr.gateway.tunnel import Backoff, NoChoice, TunnelClient, websocket_url
+from mcpr.gateway.tunnel import REGISTRATION_ANSWER_TIMEOUT, Backoff, NoChoice, TunnelClient, websocket_url
 from mcpr.proxy.events import EventLog
 from tests.support.loopback import TrackingSite, listen, sleep
 from tests.support.processes import Process, start_relay, twist
@@ -207,6 +207,23 @@ class ReconnectPolicyTests(SynchronousTestCase):
         self.clock.advance(3600)
         self.assertEqual(self.clock.tcpClients, [])
         self.successResultOf(client.stopService())
+
+    def test_a_relay_that_never_answers_the_registration_is_retried(self) -> None:
+        """A relay that takes the socket and the hello but says nothing: the gateway gives up on
+        that socket after REGISTRATION_ANSWER_TIMEOUT and tries again with its backoff."""
+        self.relay.answer = lambda relay, message: None
+        client = self.start()
+        pump = self.accept_tcp()
+        self.assertEqual(len(self.relay.connections), 1)
+        self.clock.advance(REGISTRATION_ANSWER_TIMEOUT - 1)
+        self.assertEqual(self.events.states(), ["connecting"])
+        self.clock.advance(1)
+        pump.flush()
+        self.assertEqual(self.events.of("reconnecting", "delay_s"), [1])
+        self.relay.answer = register
+        self.clock.advance(1)
+        self.accept_tcp()
+        self.assertEqual((client.state, client.url), ("connected", URL))
 
     def test_an_auth_provider_outage_is_retried(self) -> None:
         """4001 `auth provider unavailable` says nothing about the token: the gateway retries it,
