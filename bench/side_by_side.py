@@ -103,10 +103,10 @@ INSTALL = {  # how to get each peer, said when it is skipped
 RELAY_LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
 # One access-log line per request: "[mcpr.relay.metrics#info] bench POST /mcp 200 223B 5ms (outcome)" and
 # "[mcpr.proxy.resource#info] 22:27:27 POST 200 223B 3ms 2ms↑ 0ms↓ tools/call add (outcome)".
-RELAY_REQUEST_LINE = re.compile(r"\[mcpr\.relay[\w.]*#info\] " + SUBDOMAIN + r" \S+ \S+ (\d{3}) \d+B \d+ms(?: \(([^)]+)\))?$")
+RELAY_REQUEST_LINE = re.compile(r"^\S+ " + SUBDOMAIN + r" \S+ \S+ (\d{3}) \d+B \d+ms(?: \(([^)]+)\))?$")
 GATEWAY_ANNOUNCE = re.compile(r"mcpr (\S+): http://127\.0\.0\.1:(\d+) -> ")
 GATEWAY_TUNNEL = re.compile(r"Tunnel: (\S+)")
-GATEWAY_REQUEST_LINE = re.compile(r"\[mcpr[\w.]*#info\] \d\d:\d\d:\d\d [A-Z]+ (\d{3}) .*?(?: \(([\w -]+)\))?$")
+GATEWAY_REQUEST_LINE = re.compile(r"^\d\d:\d\d:\d\d [A-Z]+ (\d{3}) .*?(?: \(([\w -]+)\))?$")
 
 WRK_SCRIPT = """
 wrk.method = "POST"

@@ -360,6 +360,10 @@ class ConnectionLimits:
             self._idle.pop(channel, None)
 
 
+# The media types twisted.web decodes into `request.args` (only these need its Content-Type parse).
+_FORM_TYPES = (b"application/x-www-form-urlencoded", b"multipart/form-data")
+
+
 class CappedRequest(Request):
     """A Request that counts its body against the site's `max_request_body` as it arrives, and
     takes its path and host from an absolute-form target (RFC 9112 §3.2.2)."""
@@ -383,11 +387,21 @@ class CappedRequest(Request):
         # Twisted declares `content = None` at class level, hence the ignore.
         self.content = io.BytesIO()  # type: ignore[assignment]
 
+    _hidden_type: list[bytes] | None = None
+
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self.target is not None:
             path, authority = self.target
             if authority is not None:
                 self.requestHeaders.setRawHeaders(b"host", [authority])
+        if command == b"POST":
+            # twisted.web parses a POST's Content-Type with the email package, to decode HTML
+            # form arguments into `args`: about a sixth of a proxied request's CPU.  Neither
+            # daemon reads form arguments, so the header sits out that step (`process` puts it back).
+            types = self.requestHeaders.getRawHeaders(b"content-type")
+            if types and not types[0].lower().startswith(_FORM_TYPES):
+                self._hidden_type = list(types)
+                self.requestHeaders.removeHeader(b"content-type")
         super().requestReceived(command, path, version)
 
     def gotLength(self, length: int | None) -> None:
@@ -410,6 +424,9 @@ class CappedRequest(Request):
         super().handleContentChunk(data)
 
     def process(self) -> None:
+        if self._hidden_type is not None:
+            self.requestHeaders.setRawHeaders(b"content-type", self._hidden_type)
+            self._hidden_type = None
         if self._too_large:
             if not isinstance(self.channel, CappedChannel):
                 # Channels other than HTTP/1.1 (a tunnel's HTTP/2 streams) cannot be answered early.

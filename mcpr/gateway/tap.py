@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from mcpr import __version__
+from mcpr.common.accesslog import LineWriter
 from mcpr.common.service import address_of, listener
 from mcpr.common.settings import ConfigError, cli_values, options_from
 from mcpr.common.web import CappedSite
@@ -71,14 +72,18 @@ class _Closer(Service):
         super().stopService()
         d = self._resource.forwarder.close()
         d.addBoth(lambda _: self._resource.events.close())
+        d.addBoth(lambda _: self._resource.console.close())
         return d
 
 
 def build_resource(settings: GatewaySettings, reactor: Any) -> ProxyResource:
     forwarder = Forwarder(reactor, headers_timeout=settings.upstream_timeout)
     widgets = open_source(settings.widgets, forwarder) if settings.widgets else None
+    # The console line goes to standard output, unless the JSON events do: then to standard error,
+    # so that `--events -` stays pure NDJSON for `jq`.
+    console = LineWriter(sys.stderr if settings.events == "-" else sys.stdout, reactor)
     return ProxyResource(reactor, Upstream.parse(settings.mcp), forwarder, EventLog.open(settings.events),
-                         csp=settings.csp, widgets=widgets)
+                         csp=settings.csp, widgets=widgets, console=console)
 
 
 def build_site(resource: ProxyResource, settings: GatewaySettings, *, via: str = "direct") -> CappedSite:

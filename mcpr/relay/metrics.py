@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from mcpr.common.accesslog import LineWriter
 from mcpr.common.protocol import CloseCode, label_of
 from mcpr.relay.registry import Registry
 from mcpr.relay.tunnels.contract import Tunnel
@@ -66,9 +67,10 @@ class RelayMetrics:
 class RequestStats:
     """Where every public request reports: in flight, bytes, and one access-log line when it ends."""
 
-    def __init__(self, metrics: RelayMetrics, clock: IReactorTime) -> None:
+    def __init__(self, metrics: RelayMetrics, clock: IReactorTime, access_log: LineWriter | None = None) -> None:
         self._metrics = metrics
         self._clock = clock
+        self.access_log = access_log if access_log is not None else LineWriter(None, clock)
         self.in_flight = 0
         self._idle: list[Deferred[None]] = []
         self.bytes_out = metrics.bytes_out  # per chunk: no call in between
@@ -92,23 +94,23 @@ class RequestStats:
                 self._clock.callLater(0, _fire, waiting)
         self._metrics.request(status)
         ms = (self._clock.seconds() - started) * 1000
-        log.info("{subdomain} {method} {path} {status} {bytes}B {ms:.0f}ms{note}", subdomain=subdomain,
-                 method=request.method.decode("latin-1"), path=request.path.decode("latin-1"),
-                 status=status if status is not None else "-", bytes=size, ms=ms,
-                 note="" if outcome == "ok" or status in _OWN_ANSWERS else f" ({outcome})")
+        if self.access_log.enabled:
+            note = "" if outcome == "ok" or status in _OWN_ANSWERS else f" ({outcome})"
+            self.access_log.write(f"{subdomain} {request.method.decode('latin-1')} "
+                                  f"{request.path.decode('latin-1')} {status if status is not None else '-'} "
+                                  f"{size}B {ms:.0f}ms{note}")
 
     def too_large(self, subdomain: str | None, method: bytes, path: bytes) -> None:
         """A request refused with 413 while its body arrived, before any resource saw it."""
         self._metrics.request(413)
-        log.info("{subdomain} {method} {path} 413 0B 0ms (body too large)", subdomain=subdomain or "-",
-                 method=method.decode("latin-1"), path=path.split(b"?")[0].decode("latin-1"))
+        self.access_log.write(f"{subdomain or '-'} {method.decode('latin-1')} "
+                              f"{path.split(b'?')[0].decode('latin-1')} 413 0B 0ms (body too large)")
 
     def refused(self, subdomain: str | None, status: int, method: bytes, path: bytes, why: str) -> None:
         """A request the front answered itself before any resource saw it (malformed, too slow)."""
         self._metrics.request(status)
-        log.info("{subdomain} {method} {path} {status} 0B 0ms ({why})", subdomain=subdomain or "-",
-                 method=method.decode("latin-1"), path=path.split(b"?")[0].decode("latin-1"), status=status,
-                 why=why)
+        self.access_log.write(f"{subdomain or '-'} {method.decode('latin-1')} "
+                              f"{path.split(b'?')[0].decode('latin-1')} {status} 0B 0ms ({why})")
 
     def when_idle(self) -> Deferred[None]:
         """Fires once no request is in flight (now, if none is); cancellable, e.g. by a timeout."""

@@ -128,4 +128,5 @@ class RelayService(MultiService):
             tunnel.close(CloseCode.GOING_AWAY, "relay shutting down")
         await deferLater(self._clock, CLOSE_GRACE, lambda: None)
         await super().stopService()
+        self._stats.access_log.close()
         await self._auth.close()

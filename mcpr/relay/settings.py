@@ -17,6 +17,7 @@ from mcpr.common.settings import (
     array_of_tables,
     listen_endpoints,
     load,
+    parse_choice,
     parse_count,
     parse_http_url,
     parse_list,
@@ -71,6 +72,9 @@ RELAY_SETTINGS: tuple[Setting, ...] = (
             help="X-Relay-Secret for the provider (env MCPR_AUTH_PROVIDER_SECRET)."),
     Setting("metrics", parse_text, None, ("relay", "metrics"),
             help="Endpoint for Prometheus metrics, e.g. tcp:9100:interface=127.0.0.1."),
+    Setting("access_log", parse_choice("-", "off"), "-", ("relay", "access_log"),
+            help="Where the access log (a line per public request) goes: - (standard output, the "
+                 "default) or off."),
     Setting("max_request_body", parse_size, DEFAULT_MAX_BODY, ("relay", "max_request_body"),
             help="Largest public request body (default 16MiB; 413 above)."),
     Setting("max_in_flight", parse_count, 256, ("relay", "max_in_flight"),
@@ -165,6 +169,7 @@ class RelaySettings:
     auth_provider: str | None
     auth_provider_secret: str | None
     metrics: str | None
+    access_log: str
     max_request_body: int
     max_in_flight: int
     max_tunnels_per_token: int

@@ -15,6 +15,7 @@ from twisted.python import usage
 from twisted.web.server import Site
 
 from mcpr import __version__
+from mcpr.common.accesslog import LineWriter
 from mcpr.common.service import SighupService, address_of, announced, listener, with_backlog
 from mcpr.common.settings import ConfigError, cli_values, options_from
 from mcpr.common.web import CappedSite, ChannelTimeouts, ConnectionLimits, TrustedProxies
@@ -77,7 +78,8 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
     store = ReservationStore.in_thread(settings.state_dir, reactor)
     registry = Registry.for_settings(reactor, settings, store)
     auth = Authenticator(reactor, settings.tokens, settings.auth_provider, settings.auth_provider_secret)
-    stats = RequestStats(metrics, reactor)
+    access_log = LineWriter(sys.stdout if settings.access_log == "-" else None, reactor, stamped=True)
+    stats = RequestStats(metrics, reactor, access_log)
     forwarder = TunnelForwarder(reactor, registry, stats, max_in_flight=settings.max_in_flight,
                                 headers_timeout=settings.headers_timeout)
     registration = RegistrationFactory(

@@ -354,3 +354,38 @@ class ConnectionCapTests(SynchronousTestCase):
             t.protocol.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.limits.open, 0)
         self.assertFalse(self.connect("10.0.0.1").disconnecting)
+
+
+class ContentTypeParseTests(SynchronousTestCase):
+    """twisted.web's form parsing (through the email package) is skipped for non-form POSTs, and
+    the resource still sees the request's Content-Type; forms are still parsed."""
+
+    def render(self, body: bytes, content_type: bytes) -> dict:
+        seen: dict = {}
+
+        class Probe(Resource):
+            isLeaf = True
+
+            def render_POST(self, request):
+                seen["type"] = request.getHeader(b"content-type")
+                seen["args"] = dict(request.args)
+                return b"ok"
+
+        site = CappedSite(Probe(), max_request_body=1000, reactor=Clock())
+        channel = site.buildProtocol(None)
+        channel.makeConnection(StringTransport())
+        channel.dataReceived(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Type: " + content_type
+                             + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        return seen
+
+    def test_json_keeps_its_type_and_gets_no_form_parse(self) -> None:
+        from twisted.web import http
+        calls: list = []
+        original = http._parseContentType
+        self.patch(http, "_parseContentType", lambda ctype: calls.append(ctype) or original(ctype))
+        seen = self.render(b'{"a": 1}', b"application/json")
+        self.assertEqual((seen["type"], seen["args"], calls), (b"application/json", {}, []))
+
+    def test_forms_are_still_parsed(self) -> None:
+        seen = self.render(b"a=1", b"application/x-www-form-urlencoded")
+        self.assertEqual(seen["args"], {b"a": [b"1"]})

@@ -3,6 +3,7 @@ tunnels the test plays the gateway of."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any, Callable
 
@@ -12,6 +13,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
+from mcpr.common.accesslog import LineWriter
 from mcpr.relay.auth import Authenticator
 from mcpr.relay.forwarding import TunnelForwarder
 from mcpr.relay.front import RelayFront
@@ -107,7 +109,8 @@ class MemoryRelay:
         self.settings = settings
         self.metrics = RelayMetrics()
         self.registry = Registry.for_settings(self.clock, settings)
-        self.stats = RequestStats(self.metrics, self.clock)
+        self.access = io.StringIO()
+        self.stats = RequestStats(self.metrics, self.clock, LineWriter(self.access, self.clock))
         self.forwarder = TunnelForwarder(self.clock, self.registry, self.stats,
                                          max_in_flight=settings.max_in_flight,
                                          headers_timeout=settings.headers_timeout)
