@@ -21,8 +21,8 @@ from typing import Any, Iterable
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes, Settings
 from priority import DeadlockError, PriorityTree
-from twisted.internet.error import ConnectionLost
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import (
     IAddress,
     IConsumer,
@@ -39,6 +39,7 @@ from twisted.web._http2 import _END_STREAM_SENTINEL, H2Connection  # private: se
 from twisted.web.server import Site
 from zope.interface import implementer
 
+from mcpr.common import h2_frames  # noqa: F401  (frames' cheap repr: see there)
 from mcpr.common import protocol as wire
 
 log = Logger()

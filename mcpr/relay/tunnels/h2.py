@@ -46,6 +46,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mcpr.common import h2_frames  # noqa: F401  (frames' cheap repr: see there)
 from mcpr.common import protocol as wire
 from mcpr.common.protocol import CloseCode
 from mcpr.relay.tunnels.contract import ResponseSink, SocketTunnel, TunnelRequest
