@@ -43,6 +43,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from mcpr.common.startup import EXIT_STATUS
 from mcpr.relay.settings import RELAY_SETTINGS, load_relay
 from tests.support.processes import ROOT
 
@@ -256,6 +257,12 @@ class UnitTests(SynchronousTestCase):
         self.assertEqual(one(settings, "KillSignal"), "SIGTERM")
         self.assertGreater(seconds(one(settings, "TimeoutStopSec")), relay_default("drain_timeout") + 5)
         self.assertEqual(one(settings, "Restart"), "on-failure")
+
+    def test_a_mistake_is_not_retried(self) -> None:
+        """Both daemons end with `EXIT_STATUS` for a mistake in their settings: retrying cannot help,
+        and `systemctl status` shows the last run's log only, which must be the run that says why."""
+        for unit in (RELAY_UNIT, GATEWAY_UNIT):
+            self.assertEqual(one(unit_settings(unit), "RestartPreventExitStatus"), str(EXIT_STATUS), unit)
 
     def test_relay_may_bind_443_and_nothing_more(self) -> None:
         settings = unit_settings(RELAY_UNIT)
