@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test bench bench-quick bench-peers clean venv
+.PHONY: demo test bench bench-quick bench-peers clean venv wheel
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,17 @@ bench-peers: $(STAMP)
 	cp bench/peers.package-lock.json $(PEERS)/package-lock.json
 	cd $(PEERS) && npm ci --ignore-scripts --no-audit --no-fund
 	$(BIN)/python -m pip install --quiet py-spy
+
+# mcpr as a wheel, for machines without a clone: dist/mcpr-<version>-py3-none-any.whl, built from
+# the committed tree (git HEAD) like the .deb.  Install it into any Python 3.11+ venv, with the
+# tested versions of its dependencies:
+#   pip install -c requirements.lock dist/mcpr-<version>-py3-none-any.whl
+DIST ?= dist
+wheel: $(BIN)/python
+	@mkdir -p $(DIST) && src=$$(mktemp -d) && trap 'rm -rf "$$src"' EXIT && \
+	git archive --format=tar HEAD | tar -xf - -C "$$src" && \
+	$(BIN)/python -m pip wheel --quiet --no-deps --no-build-isolation -w $(DIST) "$$src" && \
+	ls $(DIST)/mcpr-*.whl
 
 clean:
 	rm -rf $(VENV) build *.egg-info _trial_temp .pytest_cache .hypothesis

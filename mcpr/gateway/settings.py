@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -92,6 +92,7 @@ class GatewaySettings:
     config_path: Path | None
     csp_widgets: tuple[WidgetRule, ...] = ()
     warnings: tuple[str, ...] = ()
+    sources: Mapping[str, str] = field(default_factory=dict)  # `Loaded.sources`
 
     @property
     def csp(self) -> CspPolicy:
@@ -161,11 +162,11 @@ def load_gateway(
         raise ConfigError(f"{source}: key 'mode': expected \"gateway\" or \"relay\", got {show_value(mode)}")
     if v["mcp"] is None:
         raise ConfigError(f"no MCP server URL: pass --mcp URL or set 'mcp' in {CONFIG_NAME}")
-    v["listen"] = listen_endpoints(v, cli, "tcp:{port}:interface=127.0.0.1", refuse_port_with_listen=False)
+    v["listen"] = listen_endpoints(v, cli, "tcp:{port}:interface=127.0.0.1")
     del v["port"]
     enabled, no_tunnel = v.pop("tunnel_enabled"), v.pop("no_tunnel")
     if no_tunnel or not enabled:
         v["relay_url"] = None
     v["widgets"] = _widgets_source(v["widgets"], cli.get("widgets") is not None, source, loaded.path, cwd)
     return GatewaySettings(**v, config_path=loaded.path, csp_widgets=_csp_widgets(loaded.document, source),
-                           warnings=loaded.warnings)
+                           warnings=loaded.warnings, sources=loaded.sources)

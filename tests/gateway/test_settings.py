@@ -125,14 +125,20 @@ class OptionsTests(SynchronousTestCase):
         config.write_text('mcp = "http://x:1"\n')
         self.assertIsNone(relay_url())
 
-    def test_listen_wins_over_port(self) -> None:
-        """Unlike the relay, the gateway takes `--port` with `--listen` and ignores the port."""
+    def test_port_with_listen_refused(self) -> None:
+        """As the relay, the gateway refuses `--port` beside `--listen` on the command line (one of
+        them would be ignored); a port in the file beside `--listen` is no contradiction."""
         config = Path(self.mktemp())
         config.write_text("")
         o = Options()
-        o.parseOptions(["--mcp", "http://x:1", "--config", str(config), "--port", "4000", "--listen", "tcp:5000"])
+        e = self.assertRaises(usage.UsageError, o.parseOptions,
+                              ["--mcp", "http://x:1", "--config", str(config), "--port", "4000", "--listen", "tcp:5000"])
+        self.assertEqual(str(e), "--port and --listen both given (--port 4000, --listen tcp:5000): give only --listen "
+                                 "(--port 4000 is short for --listen tcp:4000:interface=127.0.0.1)")
+        config.write_text("port = 4000\n")
+        o = Options()
+        o.parseOptions(["--mcp", "http://x:1", "--config", str(config), "--listen", "tcp:5000"])
         self.assertEqual(o["settings"].listen, ("tcp:5000",))
-        self.assertEqual(o["cli"]["port"], "4000")
 
     def test_bad_option_is_usage_error(self) -> None:
         o = Options()
