@@ -131,12 +131,16 @@ class Backoff:
 
 
 def websocket_url(relay_url: str) -> tuple[str, str, int, bool]:
-    """(ws URL of the registration endpoint, host, port, TLS?) for a relay's http(s) URL."""
+    """(ws URL of the registration endpoint, host, port, TLS?) for a relay's URL (settings'
+    `parse_relay_url`: http, https, ws or wss).  The path is the relay's base path plus
+    `/_tunnel/register`, unless it already ends so (copied from the relay's status page)."""
     parts = urlsplit(relay_url)
-    secure = parts.scheme == "https"
+    secure = parts.scheme in ("https", "wss")
     host = parts.hostname or ""
     port = parts.port or (443 if secure else 80)
-    path = parts.path.rstrip("/") + wire.REGISTER_PATH
+    path = parts.path.rstrip("/")
+    if not path.endswith(wire.REGISTER_PATH):
+        path += wire.REGISTER_PATH
     netloc = f"[{host}]" if ":" in host else host
     if parts.port:
         netloc += f":{port}"

@@ -54,6 +54,17 @@ class WebSocketURLTests(SynchronousTestCase):
         self.assertEqual(websocket_url("https://r.example/base"),
                          ("wss://r.example/base/_tunnel/register", "r.example", 443, True))
 
+    def test_websocket_schemes(self) -> None:
+        """ws:// and wss:// (as the relay's status page shows them) are used as they are, with or
+        without the registration path."""
+        self.assertEqual(websocket_url("wss://tunnel.example.com"),
+                         ("wss://tunnel.example.com/_tunnel/register", "tunnel.example.com", 443, True))
+        self.assertEqual(websocket_url("wss://tunnel.example.com/_tunnel/register"),
+                         ("wss://tunnel.example.com/_tunnel/register", "tunnel.example.com", 443, True))
+        self.assertEqual(websocket_url("ws://localhost:8711/_tunnel/register/"),
+                         ("ws://localhost:8711/_tunnel/register", "localhost", 8711, False))
+        self.assertEqual(websocket_url("ws://[::1]:8711"), ("ws://[::1]:8711/_tunnel/register", "::1", 8711, False))
+
 
 PORT = 4321
 URL = "https://a.tunnel.example"
