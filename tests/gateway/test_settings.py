@@ -92,7 +92,7 @@ class GatewaySettingsTests(SynchronousTestCase):
     def test_error_names_option_and_env(self) -> None:
         e = self.assertRaises(ConfigError, self.load, {"mcp": "ftp://x"})
         self.assertIn("option --mcp: expected an http:// or https:// URL", str(e))
-        e = self.assertRaises(ConfigError, self.load, {"mcp": "http://x:1"}, {"MCPR_RELAY_URL": "nope"})
+        e = self.assertRaises(ConfigError, self.load, {"mcp": "http://x:1"}, {"MCPR_RELAY_URL": "ftp://nope"})
         self.assertIn("environment variable MCPR_RELAY_URL", str(e))
 
     def test_unknown_keys_warn(self) -> None:
