@@ -7,8 +7,10 @@ import io
 import json
 import re
 import signal
+import ssl
 import stat
 import time
+import urllib.request
 from pathlib import Path
 
 from twisted.internet.defer import Deferred, DeferredList
@@ -161,6 +163,8 @@ class TunnelSessionTests(TunnelTestBase):
         reach the same plain-HTTP relay as http://."""
         _, relay_port = self.start_relay()
         _, upstream = start_upstream(self)
+        page = await self.public(relay_port, f"http://localhost:{relay_port}", "/")
+        self.assertIn(f"<code>ws://localhost:{relay_port}/_tunnel/register</code>", (await readBody(page)).decode())
         for form, shown in (("ws://127.0.0.1:{port}", "ws://127.0.0.1:{port}"),
                             ("ws://localhost:{port}/_tunnel/register", "ws://localhost:{port}/_tunnel/register"),
                             ("127.0.0.1:{port}", "ws://127.0.0.1:{port}")):
@@ -448,8 +452,13 @@ class SecureRelayTests(TunnelTestBase):
         self.assertIn(f"Tunnel: https://secure.{DOMAIN}:{port}", line)
 
     def test_wss_url_as_the_status_page_shows_it(self):
+        """The status page over TLS names the wss:// URL (with the port), which a gateway takes as it is."""
         port, trust = self.start_tls_relay()
-        gateway = self.gateway(port, {"SSL_CERT_FILE": str(trust)}, relay_url="wss://localhost:{port}/_tunnel/register")
+        context = ssl.create_default_context(cafile=str(trust))
+        with urllib.request.urlopen(f"https://localhost:{port}/", context=context, timeout=10) as page:
+            shown = re.search(r"Gateways connect to <code>(\S+)</code>", page.read().decode()).group(1)
+        self.assertEqual(shown, f"wss://localhost:{port}/_tunnel/register")
+        gateway = self.gateway(port, {"SSL_CERT_FILE": str(trust)}, relay_url=shown)
         self.assertIn(f"Tunnel: https://secure.{DOMAIN}:{port}", gateway.wait_for("Tunnel: "))
 
     def test_wss_refuses_an_untrusted_certificate(self):
