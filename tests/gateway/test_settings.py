@@ -71,9 +71,9 @@ class GatewaySettingsTests(SynchronousTestCase):
     def test_bad_relay_url_is_one_line_naming_the_key(self) -> None:
         for bad in ("ftp://tunnel.example.com", "localhost:99999", "http://", "tunnel example", "https://r/?x=1"):
             e = self.assertRaises(ConfigError, self.load, {"mcp": "http://x:1"}, {"MCPR_RELAY_URL": bad})
-            self.assertTrue(str(e).startswith("environment variable MCPR_RELAY_URL: expected the relay's URL: "
-                                              "https://HOST, http://HOST:PORT, wss://HOST, ws://HOST:PORT or HOST:PORT"),
-                            str(e))
+            self.assertTrue(str(e).startswith(
+                "environment variable MCPR_RELAY_URL: expected the relay's URL: "
+                "https://HOST, http://HOST:PORT, wss://HOST, ws://HOST:PORT or HOST:PORT"), str(e))
             self.assertNotIn("\n", str(e))
         path = self.write('mcp = "http://x:1"\n[tunnel]\nrelay_url = "gopher://r"\n')
         e = self.assertRaises(ConfigError, self.load)

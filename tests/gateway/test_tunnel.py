@@ -212,7 +212,8 @@ class ReconnectPolicyTests(SynchronousTestCase):
         logs: list[dict] = []
         globalLogPublisher.addObserver(logs.append)
         self.addCleanup(globalLogPublisher.removeObserver, logs.append)
-        self.relay.answer = lambda relay, message: relay.sendMessage(json.dumps({"url": URL, "subdomain": "solo"}).encode())
+        self.relay.answer = lambda relay, message: relay.sendMessage(
+            json.dumps({"url": URL, "subdomain": "solo"}).encode())
         client = TunnelClient(self.clock, f"http://127.0.0.1:{PORT}", "token", "wanted", Site(Resource()), self.events,
                               self.urls.append, backoff=Backoff(initial=1, factor=2, cap=8, jitter=0))
         client.startService()
