@@ -6,13 +6,24 @@ STAMP := $(VENV)/.installed-test
 
 .PHONY: demo test bench bench-quick bench-peers clean venv wheel
 
-$(BIN)/python:
+# The venv is made (again) unless its python runs and has pip: `python3 -m venv` without Debian's
+# python3-venv stops after .venv/bin/python, and an upgraded system Python leaves .venv/bin/python
+# pointing nowhere; either would otherwise satisfy make for ever.  The check costs a Python start.
+ifneq ($(shell $(BIN)/python -c 'import pip' 2>/dev/null && echo ok),ok)
+.PHONY: $(BIN)/pip
+endif
+
+# What is missing to make it (python3 3.11+, python3-venv), as the one line make stops with.
+missing = $(shell scripts/check-prerequisites $(PYTHON))
+$(BIN)/pip:
+	$(if $(missing),$(error $(missing)))
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
 
 # Editable install in "compat" mode puts the checkout on sys.path, which is
 # what lets Twisted find twisted/plugins/mcpr_plugins.py (`twist mcpr`).
-$(STAMP): $(BIN)/python setup.cfg pyproject.toml
+$(STAMP): $(BIN)/pip setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]' --config-settings editable_mode=compat
 	touch $(STAMP)
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 from mcpr.common.settings import (
     CONFIG_NAME,
@@ -31,6 +33,37 @@ from mcpr.proxy.rewrite.csp import CspPolicy, WidgetRule
 
 DEFAULT_PORT = 3000
 
+RELAY_SCHEMES = ("http", "https", "ws", "wss")
+
+
+def parse_relay_url(value: Any) -> str:
+    """The relay's URL, with its scheme always written out.
+
+    `http://` and `https://` (the relay's base URL), `ws://` and `wss://` (as the relay's status page
+    and the original mcpr show it) are taken as they are.  A bare `host[:port]` means `wss://`, as
+    for the original mcpr, except for an IP address or a local name (`localhost`, `*.localhost`),
+    which means `ws://`: no public certificate names those, so such a relay speaks plain HTTP.
+    """
+    text = parse_text(value) if isinstance(value, str) else ""
+    if text and "://" not in text:
+        host = urlsplit("//" + text).hostname or ""
+        try:
+            ipaddress.ip_address(host)
+            local = True
+        except ValueError:
+            local = host == "localhost" or host.endswith(".localhost")
+        text = f"{'ws' if local else 'wss'}://{text}"
+    parts = urlsplit(text)
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        port_ok = False
+    if parts.scheme not in RELAY_SCHEMES or not parts.hostname or not port_ok or parts.query or parts.fragment \
+            or any(c.isspace() for c in text):
+        raise ValueError("expected the relay's URL: https://HOST, http://HOST:PORT, wss://HOST, ws://HOST:PORT "
+                         "or HOST:PORT")
+    return text
+
 # The gateway's settings, each declared once: `twist mcpr`'s options, the keys of mcpr.toml, the
 # environment variables and the defaults all come from here.
 GATEWAY_SETTINGS: tuple[Setting, ...] = (
@@ -45,8 +78,9 @@ GATEWAY_SETTINGS: tuple[Setting, ...] = (
     Setting("csp_domains", parse_list(parse_csp_source), (), ("csp", "domains"), option="csp", repeatable=True,
             help="Domain to add to widget CSPs (repeatable)."),
     Setting("csp_domain", parse_origin, None, ("csp", "domain")),
-    Setting("relay_url", parse_http_url, None, ("tunnel", "relay_url"), legacy=(("relay_url",),),
-            env="MCPR_RELAY_URL", help="Relay to open a tunnel to (env MCPR_RELAY_URL)."),
+    Setting("relay_url", parse_relay_url, None, ("tunnel", "relay_url"), legacy=(("relay_url",),),
+            env="MCPR_RELAY_URL", help="Relay to open a tunnel to: https://HOST, http://HOST:PORT, wss://, ws:// "
+                                       "or HOST:PORT (wss, ws for an IP or localhost) (env MCPR_RELAY_URL)."),
     Setting("tunnel_enabled", parse_bool, True, ("tunnel", "enabled")),
     Setting("no_tunnel", parse_bool, False, ("no_tunnel",), flag=True,
             help="Do not open a tunnel even if a relay URL is configured."),

@@ -200,6 +200,7 @@ class RelaySettings:
     config_path: Path | None
     warnings: tuple[str, ...] = ()
     sources: Mapping[str, str] = field(default_factory=dict)  # `Loaded.sources`
+    public_url_set: bool = False  # public_url was configured, not the default
 
     @property
     def auth_mode(self) -> str:
@@ -265,9 +266,10 @@ def load_relay(
     warnings = list(loaded.warnings)
     if tokens and v["auth_provider"]:
         warnings.append("static tokens are configured, so --auth-provider is not consulted")
+    public_url_set = v["public_url"] is not None
     public_url = v["public_url"] = v["public_url"] or f"https://*.{v['domain']}"
     if public_url.count("*") != 1 or not public_url.startswith(("http://", "https://")):
         raise ConfigError(f"public_url: expected a URL with one '*' for the subdomain, e.g. https://*.{v['domain']}, "
                           f"got {show_value(public_url)}")
     return RelaySettings(**v, tokens=tokens, config_path=loaded.path, warnings=tuple(warnings),
-                         sources=loaded.sources)
+                         sources=loaded.sources, public_url_set=public_url_set)

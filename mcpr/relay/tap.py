@@ -97,7 +97,8 @@ def _service_tree(options: usage.Options, reactor: Any) -> RelayService:
         ping_interval=settings.ping_interval, ping_timeout=settings.ping_timeout,
         limits=TunnelLimits(control_rate=settings.control_frame_rate, backlog=settings.gateway_backlog),
         trusted=TrustedProxies(settings.trusted_proxies))
-    front = RelayFront(reactor, settings.domain, registry, forwarder, stats, WebSocketResource(registration))
+    front = RelayFront(reactor, settings.domain, registry, forwarder, stats, WebSocketResource(registration),
+                       public_url=settings.public_url, public_url_set=settings.public_url_set)
     site = public_site(front, settings, reactor, connection_budget(settings.max_connections))
     relay = RelayService(reactor, settings, auth=auth, registry=registry, forwarder=forwarder, stats=stats,
                          read=lambda: load_relay(**reload_args), store=store)
