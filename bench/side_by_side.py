@@ -86,8 +86,19 @@ PHASES = ("small", "sse", "bulk", "burst", "idle")
 # The processes whose CPU and memory a path's figures are charged with.
 PROCESSES = {"direct": (), "nginx": ("nginx-hop",), "localtunnel": ("lt-server", "lt-client"),
              "gateway": ("gateway",), "tunnel": ("relay", "gateway")}
-GROUPS = ("upstream", "nginx-hop", "lt-server", "lt-client", "relay", "gateway")
 BURST_PATHS = ("direct", "nginx", "gateway", "tunnel")
+# --baseline TREE: a second relay and gateway run from another source tree (an older commit), measured
+# in the same interleaved rounds as paths gateway-0 and tunnel-0, so a change is judged before/after
+# within one run.
+BASELINE_SUFFIX = "-0"
+
+
+def add_baseline_paths() -> None:
+    global PATHS, MCPR_PATHS
+    PATHS = PATHS + tuple(p + BASELINE_SUFFIX for p in ("gateway", "tunnel"))
+    MCPR_PATHS = MCPR_PATHS + tuple(p + BASELINE_SUFFIX for p in ("gateway", "tunnel"))
+    PROCESSES["gateway" + BASELINE_SUFFIX] = ("gateway" + BASELINE_SUFFIX,)
+    PROCESSES["tunnel" + BASELINE_SUFFIX] = ("relay" + BASELINE_SUFFIX, "gateway" + BASELINE_SUFFIX)
 
 DOMAIN = "localhost"
 SUBDOMAIN = "bench"
@@ -261,6 +272,8 @@ class Session:
             self._start_localtunnel(up_port)
         if self.want("gateway") or self.want("tunnel"):
             self._start_mcpr(up_port)
+        if self.args.baseline:
+            self._start_mcpr(up_port, BASELINE_SUFFIX, self.args.baseline)
         for path in list(self.paths):
             port, host = self.paths[path]
             status, body = one_post(port, host)
@@ -349,14 +362,14 @@ class Session:
         self.paths["localtunnel"] = (port, f"{SUBDOMAIN}.{DOMAIN}:{port}")
         self.logs["lt-server"], self.logs["lt-client"] = log_path, client_log
 
-    def start_relay(self, name: str, *extra: str) -> tuple[subprocess.Popen, int, Path]:
+    def start_relay(self, name: str, *extra: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int, Path]:
         log_path = self.workdir / f"{name}.log"
         for _ in range(3):  # the free port may be taken between the probe and the listen
             port = free_port()
             cmd = [sys.executable, "-m", "twisted", "--log-format=text", "mcpr-relay", "--domain", DOMAIN,
                    "--listen", f"tcp:{port}:interface={HOST}", "--public-url", f"http://*.{DOMAIN}:{port}", *extra]
             with open(log_path, "wb") as log:
-                proc = self.children.start(name, cmd, cwd=self.workdir, env=_env(), stdout=log,
+                proc = self.children.start(name, cmd, cwd=self.workdir, env=env or _env(), stdout=log,
                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             try:
                 match = wait_for_log(proc, log_path, RELAY_LISTENING, f"the relay ({name})")
@@ -367,15 +380,19 @@ class Session:
             return proc, int(match.group(1)), log_path
         raise RuntimeError("the relay did not start: no free port for it")
 
-    def _start_mcpr(self, up_port: int) -> None:
+    def _start_mcpr(self, up_port: int, suffix: str = "", tree: str | None = None) -> None:
+        """The relay and the gateway; with `tree`, a second pair run from that source tree (--baseline),
+        its paths and processes named with `suffix`."""
+        relay_name, gateway_name = "relay" + suffix, "gateway" + suffix
+        env = _env(PYTHONPATH=tree) if tree else _env()
         relay_port = None
         if self.want("tunnel"):
             relay, relay_port, relay_log = self.start_relay(
-                "relay", "--max-request-body", MAX_BODY, "--max-in-flight", str(self.args.max_in_flight))
-            self.procs["relay"], self.groups["relay"], self.logs["relay"] = relay, [relay.pid], relay_log
-        home = self.workdir / "gateway"
+                relay_name, "--max-request-body", MAX_BODY, "--max-in-flight", str(self.args.max_in_flight), env=env)
+            self.procs[relay_name], self.groups[relay_name], self.logs[relay_name] = relay, [relay.pid], relay_log
+        home = self.workdir / gateway_name
         home.mkdir()
-        log_path = self.workdir / "gateway.log"
+        log_path = self.workdir / f"{gateway_name}.log"
         cmd = [sys.executable, "-m", "twisted", "--log-format=text", "mcpr",
                "--mcp", f"http://{HOST}:{up_port}{MCP_PATH}", "--listen", f"tcp:0:interface={HOST}",
                "--max-request-body", MAX_BODY]
@@ -384,16 +401,17 @@ class Session:
         else:
             cmd += ["--no-tunnel"]
         with open(log_path, "wb") as log:
-            gateway = self.children.start("gateway", cmd, cwd=home, env=_env(MCPR_TUNNEL_TOKEN=TUNNEL_TOKEN),
+            gateway = self.children.start(gateway_name, cmd, cwd=home, env=env | {"MCPR_TUNNEL_TOKEN": TUNNEL_TOKEN},
                                           stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        announce = wait_for_log(gateway, log_path, GATEWAY_ANNOUNCE, "the gateway")
-        self.meta["mcpr"] = announce.group(1)
-        self.procs["gateway"], self.groups["gateway"], self.logs["gateway"] = gateway, [gateway.pid], log_path
+        announce = wait_for_log(gateway, log_path, GATEWAY_ANNOUNCE, f"the gateway ({gateway_name})")
+        self.meta["mcpr" + suffix] = announce.group(1) + (f" from {tree}" if tree else "")
+        self.procs[gateway_name], self.groups[gateway_name], self.logs[gateway_name] = gateway, [gateway.pid], log_path
         if self.want("gateway"):
-            self.paths["gateway"] = (int(announce.group(2)), None)
+            self.paths["gateway" + suffix] = (int(announce.group(2)), None)
         if relay_port is not None:
-            self.meta["tunnel_url"] = wait_for_log(gateway, log_path, GATEWAY_TUNNEL, "the gateway's tunnel").group(1)
-            self.paths["tunnel"] = (relay_port, f"{SUBDOMAIN}.{DOMAIN}:{relay_port}")
+            self.meta["tunnel_url" + suffix] = wait_for_log(gateway, log_path, GATEWAY_TUNNEL,
+                                                            "the gateway's tunnel").group(1)
+            self.paths["tunnel" + suffix] = (relay_port, f"{SUBDOMAIN}.{DOMAIN}:{relay_port}")
 
     # -- measuring ------------------------------------------------------------
 
@@ -964,11 +982,11 @@ def run(args: argparse.Namespace) -> int:
         bulk = timed("bulk", phase_bulk, [])
         burst = timed("burst", phase_burst, [])
         idle = timed("idle", phase_idle, None)
-        for name in ("relay", "gateway", "lt-server", "lt-client"):
+        for name in ("relay", "gateway", "lt-server", "lt-client", "relay-0", "gateway-0"):
             proc = s.procs.get(name)
             if proc is not None and proc.poll() is not None:
                 say(f"the {name} exited during the session (exit code {proc.returncode})")
-        for name in ("gateway", "relay", "lt-client", "lt-server"):
+        for name in ("gateway", "relay", "gateway-0", "relay-0", "lt-client", "lt-server"):
             if name in s.procs:
                 children.stop(s.procs[name])
         logs = {}
@@ -1051,6 +1069,9 @@ def main() -> int:
     parser.add_argument("--py-spy-format", choices=("flamegraph", "speedscope", "raw"), default="flamegraph",
                         help="py-spy's output format (flamegraph: an SVG; raw: collapsed stacks, for grep and sort)")
     parser.add_argument("--py-spy-rate", type=int, default=250, help="py-spy samples per second (250)")
+    parser.add_argument("--baseline", metavar="TREE",
+                        help="also run a relay and a gateway from this source tree (e.g. `git worktree add "
+                             "/tmp/before COMMIT`), as paths gateway-0 and tunnel-0 in the same rounds")
     parser.add_argument("--peers", default=str(DEFAULT_PEERS), help="where make bench-peers installed the npm peers")
     parser.add_argument("--keep", action="store_true", help="keep the working directory (logs, configurations)")
     parser.add_argument("--json", action="store_true", help="all figures as JSON on stdout, the report on stderr")
@@ -1069,6 +1090,13 @@ def main() -> int:
         if found is None:
             parser.error("--py-spy: py-spy is not installed (make bench-peers, or .venv/bin/pip install py-spy)")
         Session.py_spy_bin = found
+    if args.baseline:
+        tree = Path(args.baseline).expanduser().resolve()
+        if not (tree / "mcpr" / "__init__.py").is_file() or not (tree / "twisted" / "plugins").is_dir():
+            parser.error(f"--baseline {args.baseline}: not an mcpr source tree (no mcpr/ and twisted/plugins/ in it); "
+                         "make one with git worktree add /tmp/before COMMIT")
+        args.baseline = str(tree)
+        add_baseline_paths()
     return run_guarded(run, args)
 
 
