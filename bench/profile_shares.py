@@ -6,7 +6,7 @@ file anyone can regenerate.
     .venv/bin/python bench/profile_shares.py /tmp/prof/tunnel-c16-r1-relay.txt [...]
 
 A sample is charged to the first layer (in the order below) that its innermost frame's file
-belongs to; idle samples (the reactor waiting in epoll) are counted apart, not in the shares.
+belongs to; idle samples (the reactor waiting in epoll, pool threads waiting for work) are counted apart, not in the shares.
 """
 
 from __future__ import annotations
@@ -19,12 +19,15 @@ from pathlib import Path
 
 # (layer, pattern on the frame's file): the first match wins, so narrower ones come first.
 LAYERS: tuple[tuple[str, str], ...] = (
-    ("h2 / hpack / hyperframe", r"^(h2|hpack|hyperframe)/"),
+    # send() and recv() themselves: Twisted calls socket.send through untilConcludes (EINTR retry).
+    ("sockets: send/recv system calls", r"^twisted/python/util\.py:untilConcludes$"),
+    ("h2 / hpack / hyperframe / priority", r"^(h2|hpack|hyperframe|priority)/"),
     ("autobahn / txaio (WebSocket)", r"^(autobahn|txaio)/"),
+    ("click (autobahn styles its debug-log arguments with it)", r"^click/"),
     ("twisted.web server (http.py, server.py)", r"^twisted/web/(http|server|resource|_newclient_server)\.py"),
     ("twisted.web client (Agent, _newclient)", r"^twisted/web/(client|_newclient|iweb|_responses)\.py"),
     ("twisted.web other", r"^twisted/web/"),
-    ("sockets: send/recv (tcp.py, abstract.py)", r"^twisted/internet/(tcp|abstract|_newtls|iocpreactor)\.py"),
+    ("sockets: recv, Twisted's buffers (tcp.py, abstract.py)", r"^twisted/internet/(tcp|abstract|_newtls)\.py"),
     ("reactor, Deferreds, timers", r"^twisted/internet/"),
     ("twisted.logger / python log", r"^twisted/(logger|python/log)"),
     ("twisted other", r"^twisted/"),
@@ -38,7 +41,9 @@ LAYERS: tuple[tuple[str, str], ...] = (
     ("email (Content-Type parsing)", r"^email/"),
     ("stdlib other", r"^<frozen|^[a-z_]+\.py|^[a-z_]+/"),
 )
-IDLE = re.compile(r"EPollReactor\.doPoll \(twisted/internet/epollreactor\.py:\d+\)$")
+# The reactor waiting in epoll, and the thread pool's threads waiting for work.
+IDLE = re.compile(r"(EPollReactor\.doPoll \(twisted/internet/epollreactor\.py|Condition\.wait \(threading\.py"
+                  r"|Thread\._wait_for_tstate_lock \(threading\.py):\d+\)$")
 FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^():]+):\d+\)$")
 
 
@@ -51,6 +56,8 @@ def layer_of(frame: str) -> str:
     where = m.group("file") if m else frame
     where = re.sub(r"^.*/site-packages/", "", where)
     where = re.sub(r"^.*/lib/python3\.\d+/", "", where)
+    if m and m.group("func") == "untilConcludes":
+        where += ":untilConcludes"
     for name, pattern in LAYERS:
         if re.search(pattern, where):
             return name
