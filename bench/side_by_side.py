@@ -93,6 +93,17 @@ BURST_PATHS = ("direct", "nginx", "gateway", "tunnel")
 BASELINE_SUFFIX = "-0"
 
 
+# --prototype: bench/splice_relay.py (the relay design docs/PERFORMANCE.md proposes, reduced to its
+# per-request work) in front of the same gateway's listener, as the path splice.
+SPLICE_LISTENING = re.compile(r"splice relay listening on (\d+)")
+
+
+def add_prototype_path() -> None:
+    global PATHS, MCPR_PATHS
+    PATHS, MCPR_PATHS = PATHS + ("splice",), MCPR_PATHS + ("splice",)
+    PROCESSES["splice"] = ("splice", "gateway")
+
+
 def add_baseline_paths() -> None:
     global PATHS, MCPR_PATHS
     PATHS = PATHS + tuple(p + BASELINE_SUFFIX for p in ("gateway", "tunnel"))
@@ -274,6 +285,8 @@ class Session:
             self._start_mcpr(up_port)
         if self.args.baseline:
             self._start_mcpr(up_port, BASELINE_SUFFIX, self.args.baseline)
+        if self.args.prototype:
+            self._start_splice()
         for path in list(self.paths):
             port, host = self.paths[path]
             status, body = one_post(port, host)
@@ -379,6 +392,21 @@ class Session:
                 continue
             return proc, int(match.group(1)), log_path
         raise RuntimeError("the relay did not start: no free port for it")
+
+    def _start_splice(self) -> None:
+        """bench/splice_relay.py in front of the gateway's own listener (--prototype)."""
+        if "gateway" not in self.paths:
+            self.skip("splice", "--prototype needs the gateway path")
+            return
+        log_path = self.workdir / "splice.log"
+        cmd = [sys.executable, str(HERE / "splice_relay.py"), "--port", "0", "--domain", DOMAIN,
+               "--gateway", f"{HOST}:{self.paths['gateway'][0]}"]
+        with open(log_path, "wb") as log:
+            proc = self.children.start("splice", cmd, cwd=self.workdir, env=_env(), stdout=log,
+                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        port = int(wait_for_log(proc, log_path, SPLICE_LISTENING, "the splice relay").group(1))
+        self.procs["splice"], self.groups["splice"], self.logs["splice"] = proc, [proc.pid], log_path
+        self.paths["splice"] = (port, f"{SUBDOMAIN}.{DOMAIN}:{port}")
 
     def _start_mcpr(self, up_port: int, suffix: str = "", tree: str | None = None) -> None:
         """The relay and the gateway; with `tree`, a second pair run from that source tree (--baseline),
@@ -986,7 +1014,7 @@ def run(args: argparse.Namespace) -> int:
             proc = s.procs.get(name)
             if proc is not None and proc.poll() is not None:
                 say(f"the {name} exited during the session (exit code {proc.returncode})")
-        for name in ("gateway", "relay", "gateway-0", "relay-0", "lt-client", "lt-server"):
+        for name in ("splice", "gateway", "relay", "gateway-0", "relay-0", "lt-client", "lt-server"):
             if name in s.procs:
                 children.stop(s.procs[name])
         logs = {}
@@ -1072,6 +1100,9 @@ def main() -> int:
     parser.add_argument("--baseline", metavar="TREE",
                         help="also run a relay and a gateway from this source tree (e.g. `git worktree add "
                              "/tmp/before COMMIT`), as paths gateway-0 and tunnel-0 in the same rounds")
+    parser.add_argument("--prototype", action="store_true",
+                        help="also measure bench/splice_relay.py in front of the gateway (path splice): the "
+                             "relay design docs/PERFORMANCE.md proposes, reduced to its per-request work")
     parser.add_argument("--peers", default=str(DEFAULT_PEERS), help="where make bench-peers installed the npm peers")
     parser.add_argument("--keep", action="store_true", help="keep the working directory (logs, configurations)")
     parser.add_argument("--json", action="store_true", help="all figures as JSON on stdout, the report on stderr")
@@ -1097,6 +1128,8 @@ def main() -> int:
                          "make one with git worktree add /tmp/before COMMIT")
         args.baseline = str(tree)
         add_baseline_paths()
+    if args.prototype:
+        add_prototype_path()
     return run_guarded(run, args)
 
 
