@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.twisted.websocket import WebSocketClientProtocol
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import ConnectionTerminated, DataReceived, RequestReceived, StreamEnded, StreamReset, WindowUpdated
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.endpoints import TCP4ClientEndpoint
+
+from tests.support.ws_client import client_factory, close_cleanly
 
 from mcpr.common.protocol import split
 
@@ -82,8 +84,8 @@ class H2Gateway:
         self._window_waiters: list[tuple[int, Deferred]] = []
 
     async def connect(self) -> dict:
-        factory = WebSocketClientFactory(f"ws://127.0.0.1:{self.port}/_tunnel/register", reactor=reactor,
-                                         protocols=[SUBPROTOCOL])
+        factory = client_factory(f"ws://127.0.0.1:{self.port}/_tunnel/register",
+                                 protocols=[SUBPROTOCOL])
         factory.protocol = _Protocol
         factory.gateway = self
         factory.setProtocolOptions(maxMessagePayloadSize=0, maxFramePayloadSize=0)
@@ -205,5 +207,4 @@ class H2Gateway:
 
     async def close(self) -> None:
         if self.proto is not None and not self.closed.called:
-            self.proto.sendClose(1000)
-            await self.closed
+            await close_cleanly(self.proto, self.closed)

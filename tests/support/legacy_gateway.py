@@ -9,10 +9,12 @@ from __future__ import annotations
 import base64
 import json
 
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.twisted.websocket import WebSocketClientProtocol
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.endpoints import TCP4ClientEndpoint
+
+from tests.support.ws_client import client_factory, close_cleanly
 
 
 class Closed(Exception):
@@ -55,7 +57,7 @@ class LegacyGateway:
 
     async def connect(self) -> dict:
         """The relay's ack; raises Closed if the relay refuses the registration."""
-        factory = WebSocketClientFactory(f"ws://127.0.0.1:{self.port}/_tunnel/register", reactor=reactor)
+        factory = client_factory(f"ws://127.0.0.1:{self.port}/_tunnel/register")
         factory.protocol = _Protocol
         factory.client = self
         await TCP4ClientEndpoint(reactor, "127.0.0.1", self.port, bindAddress=(self.source, 0)).connect(factory)
@@ -105,8 +107,7 @@ class LegacyGateway:
 
     async def close(self) -> None:
         if self.proto is not None and not self.closed.called:
-            self.proto.sendClose(1000)
-            await self.closed
+            await close_cleanly(self.proto, self.closed)
 
 
 def body_of(request: dict) -> bytes:
