@@ -416,7 +416,9 @@ class Session:
         relay_port = None
         if self.want("tunnel"):
             relay, relay_port, relay_log = self.start_relay(
-                relay_name, "--max-request-body", MAX_BODY, "--max-in-flight", str(self.args.max_in_flight), env=env)
+                relay_name, "--max-request-body", MAX_BODY, "--max-in-flight", str(self.args.max_in_flight),
+                # every bench client is 127.0.0.1: the per-address cap (256) would refuse the burst
+                "--max-connections-per-ip", str(max(self.args.max_in_flight, self.args.burst) + 64), env=env)
             self.procs[relay_name], self.groups[relay_name], self.logs[relay_name] = relay, [relay.pid], relay_log
         home = self.workdir / gateway_name
         home.mkdir()
