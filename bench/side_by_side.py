@@ -591,6 +591,7 @@ class Session:
         # One client registers every tunnel from one address: lift the per-address caps and rate.
         many = str(max(a.idle * 2, 100))
         relay, port, log_path = self.start_relay("idle-relay", "--max-tunnels", many, "--max-tunnels-per-ip", many,
+                                                 "--max-connections-per-ip", many,
                                                  "--registration-rate", str(a.idle * 60), "--registration-burst", many)
         self.logs["idle-relay"] = log_path
         try:
@@ -1004,6 +1005,10 @@ def run(args: argparse.Namespace) -> int:
             t0 = time.monotonic()
             try:
                 return phase(s)
+            except (RuntimeError, OSError, ValueError, KeyError) as e:  # TimeoutError is an OSError
+                # One phase failing loses its own figures, not the whole session's.
+                s.skip(name, f"the phase failed: {type(e).__name__}: {e} (logs: run with --keep)")
+                return empty
             finally:
                 timings[name] = round(time.monotonic() - t0, 1)
 
