@@ -6,6 +6,7 @@ import h2.config
 import h2.connection
 import h2.events
 from h2.settings import SettingCodes
+from priority import DeadlockError, DuplicateStreamError, MissingStreamError, TooManyStreamsError
 from twisted.internet.error import ConnectionLost
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -14,7 +15,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from mcpr.common import protocol as wire
-from mcpr.gateway.h2_server import serve_streams
+from mcpr.gateway.h2_server import _SendableStreams, serve_streams
 
 
 class FakeWebSocket:
@@ -318,3 +319,78 @@ class TunnelConnectionTests(SynchronousTestCase):
         self.exchange()
         self.assertEqual(self.websocket.ended, ["fail gateway HTTP/2 failure: division by zero"])
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+
+class _Sendable:
+    """The one thing the scheduler asks of its connection: which streams have window."""
+
+    def __init__(self) -> None:
+        self.no_window: set[int] = set()
+
+    def can_send(self, stream_id: int) -> bool:
+        return stream_id not in self.no_window
+
+
+class SendableStreamsTests(SynchronousTestCase):
+    """The send loop's round-robin scheduler, in place of Twisted's priority tree."""
+
+    def setUp(self) -> None:
+        self.connection = _Sendable()
+        self.streams = _SendableStreams(self.connection, maximum_streams=3)  # type: ignore[arg-type]
+
+    def take(self, n: int) -> list[int]:
+        return [next(self.streams) for _ in range(n)]
+
+    def test_ready_streams_take_turns(self) -> None:
+        for stream_id in (1, 3, 5):
+            self.streams.insert_stream(stream_id)
+        self.assertEqual(self.take(6), [1, 3, 5, 1, 3, 5])
+
+    def test_blocked_streams_are_skipped_and_an_unblocked_one_goes_to_the_end(self) -> None:
+        for stream_id in (1, 3, 5):
+            self.streams.insert_stream(stream_id)
+        self.streams.block(1)
+        self.streams.block(3)
+        self.assertEqual(self.take(2), [5, 5])
+        self.streams.unblock(1)
+        self.streams.unblock(5)  # already in line: keeps its place
+        self.assertEqual(self.take(3), [5, 1, 5])
+
+    def test_nothing_ready_is_a_deadlock_for_the_send_loop(self) -> None:
+        self.assertRaises(DeadlockError, next, self.streams)
+        self.streams.insert_stream(1)
+        self.streams.block(1)
+        self.assertRaises(DeadlockError, next, self.streams)
+
+    def test_a_stream_without_window_is_parked(self) -> None:
+        self.streams.insert_stream(1)
+        self.streams.insert_stream(3)
+        self.connection.no_window.add(1)
+        self.assertEqual(self.take(2), [3, 3])
+        self.assertEqual(self.streams.parked, {1})
+        self.connection.no_window.clear()
+        self.streams.unblock(1)  # what the connection's _unpark does once the window opens
+        self.assertEqual(self.take(2), [3, 1])
+
+    def test_the_tree_errors_twisted_expects(self) -> None:
+        self.streams.insert_stream(1)
+        self.assertRaises(DuplicateStreamError, self.streams.insert_stream, 1)
+        self.assertRaises(MissingStreamError, self.streams.block, 7)
+        self.assertRaises(MissingStreamError, self.streams.unblock, 7)
+        self.streams.insert_stream(3)
+        self.streams.insert_stream(5)
+        self.assertRaises(TooManyStreamsError, self.streams.insert_stream, 7)
+        self.streams.remove_stream(3)
+        self.assertRaises(MissingStreamError, self.streams.remove_stream, 3)
+        self.streams.insert_stream(7)
+        self.assertEqual(self.streams.scheduled, {1, 5, 7})
+
+    def test_a_removed_stream_is_never_returned(self) -> None:
+        self.streams.insert_stream(1)
+        self.streams.insert_stream(3)
+        self.connection.no_window.add(3)
+        next(self.streams)
+        self.streams.remove_stream(1)
+        self.streams.remove_stream(3)
+        self.assertEqual(self.streams.parked, set())
+        self.assertRaises(DeadlockError, next, self.streams)
