@@ -5,15 +5,16 @@ from __future__ import annotations
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.interfaces import ISSLTransport, ITransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
-from zope.interface import directlyProvides
+from zope.interface import directlyProvides, implementer
 
+from mcpr.common import web
 from mcpr.common.web import (
     CappedSite,
     ChannelTimeouts,
@@ -348,12 +349,30 @@ class ConnectionCapTests(SynchronousTestCase):
         self.assertTrue(wrapper.wrappedProtocol.isSecure())
         self.assertFalse(ISSLTransport.providedBy(wrapper))  # Autobahn would want Twisted's TLS protocol
 
+    def test_a_tls_transport_class_is_seen_through_every_wrapper_alike(self) -> None:
+        """The declaration less ISSLTransport is worked out once per transport class."""
+        wrappers = []
+        for i in range(2):
+            wrapper = self.site.buildProtocol(IPv4Address("TCP", f"10.0.0.{i}", 1))
+            wrapper.makeConnection(_TLSTransport())
+            wrappers.append(wrapper)
+        for wrapper in wrappers:
+            self.assertTrue(wrapper.wrappedProtocol.isSecure())
+            self.assertFalse(ISSLTransport.providedBy(wrapper))
+            self.assertTrue(ITransport.providedBy(wrapper))
+        self.assertIs(web._without_tls(_TLSTransport()), web._without_tls(_TLSTransport()))
+
     def test_closed_connections_free_their_place(self) -> None:
         transports = [self.connect("10.0.0.1") for _ in range(2)]
         for t in transports:
             t.protocol.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.limits.open, 0)
         self.assertFalse(self.connect("10.0.0.1").disconnecting)
+
+
+@implementer(ISSLTransport)
+class _TLSTransport(StringTransport):
+    """A transport whose class (not the instance) declares TLS, as Twisted's TLS protocol does."""
 
 
 class ContentTypeParseTests(SynchronousTestCase):
