@@ -34,10 +34,12 @@ class Process:
         self.log_path = Path(testcase.mktemp() + f"-{name}.log")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("wb")
-        # Each relay keeps its name reservations apart (in ~/.local/state they would carry over
-        # from one test to the next); a test's own env or --state-dir still wins.
+        # Each relay keeps its name reservations apart, and each gateway its event store (in
+        # ~/.local/state they would carry over from one test to the next); a test's own env,
+        # --state-dir or --db still wins.
+        self.state_home = f"{self.log_path}.xdg"
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "MCPR_STATE_DIR": f"{self.log_path}.state",
-                    **(env or {})}
+                    "XDG_STATE_HOME": self.state_home, **(env or {})}
         self.popen = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, cwd=cwd,
                                       env=full_env, stdin=subprocess.DEVNULL)
         testcase.addCleanup(self.stop)
