@@ -84,7 +84,7 @@ class EventStore(Service):
         try:
             db = open_store(str(settings.path), connect=connect)
             writer = StoreWriter(db, run, reactor.seconds())
-        except sqlite3.Error as e:
+        except (sqlite3.Error, OSError) as e:
             raise StoreError(f"cannot use the event store {settings.path}: {e} (--no-store runs without one)") \
                 from None
         pool = ThreadPool(minthreads=1, maxthreads=1, name="mcpr-store")

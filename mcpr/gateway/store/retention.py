@@ -74,7 +74,12 @@ def prune(db: sqlite3.Connection, *, now: float, retain: float, max_size: int, k
         last = db.execute("SELECT id FROM requests ORDER BY id LIMIT 1 OFFSET ?", (max(1, count // 10) - 1,)
                           ).fetchone()[0]
         deleted += _delete_requests_through(db, last)
-        db.execute("PRAGMA incremental_vacuum")
     if deleted:
-        db.execute("PRAGMA incremental_vacuum")
+        _vacuum(db)
     return deleted
+
+
+def _vacuum(db: sqlite3.Connection) -> None:
+    """Give the free pages back.  `incremental_vacuum` frees one page per step, and `execute` steps
+    a statement without result columns once; `executescript` runs it to the end."""
+    db.executescript("PRAGMA incremental_vacuum")

@@ -215,11 +215,13 @@ def open_reader(path: Path) -> sqlite3.Connection:
     """
     if not path.exists():
         raise StoreError(f"no event store at {path} (no gateway has run with it yet; --db PATH picks another)")
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None,
+                         check_same_thread=False)
     try:
-        db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA busy_timeout=5000")
         version = applied_version(db)
     except sqlite3.DatabaseError as e:
+        db.close()
         raise StoreError(f"{path}: not an event store ({e})") from None
     if version != SCHEMA_VERSION:
         db.close()
