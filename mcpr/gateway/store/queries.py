@@ -599,10 +599,10 @@ def _listing_where(filters: Filters) -> tuple[str, list[Any]]:
 def listings(db: sqlite3.Connection, filters: Filters = Filters(), *, latest: bool = False,
              limit: int = 100) -> list[ListingRow]:
     """Distinct list answers matching `filters` (`method`, time, and the requests that got them),
-    oldest first; `latest`: only the newest of each method and page."""
+    oldest first; `latest`: only the newest of those of each method and page."""
     where, params = _listing_where(filters)
     if latest:
-        where += " AND id IN (SELECT max(id) FROM listings GROUP BY method, cursor)"
+        where, params = f"id IN (SELECT max(id) FROM listings WHERE {where} GROUP BY method, cursor)", params
     rows = db.execute(f"SELECT {', '.join(_LISTING_FIELDS)} FROM listings WHERE {where} ORDER BY id DESC LIMIT ?",
                       [*params, limit]).fetchall()
     out = []
