@@ -4,15 +4,26 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test bench bench-quick bench-peers clean venv
+.PHONY: demo test bench bench-quick bench-peers clean venv wheel
 
-$(BIN)/python:
+# The venv is made (again) unless its python runs and has pip: `python3 -m venv` without Debian's
+# python3-venv stops after .venv/bin/python, and an upgraded system Python leaves .venv/bin/python
+# pointing nowhere; either would otherwise satisfy make for ever.  The check costs a Python start.
+ifneq ($(shell $(BIN)/python -c 'import pip' 2>/dev/null && echo ok),ok)
+.PHONY: $(BIN)/pip
+endif
+
+# What is missing to make it (python3 3.11+, python3-venv), as the one line make stops with.
+missing = $(shell scripts/check-prerequisites $(PYTHON))
+$(BIN)/pip:
+	$(if $(missing),$(error $(missing)))
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
 
 # Editable install in "compat" mode puts the checkout on sys.path, which is
 # what lets Twisted find twisted/plugins/mcpr_plugins.py (`twist mcpr`).
-$(STAMP): $(BIN)/python setup.cfg pyproject.toml
+$(STAMP): $(BIN)/pip setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
@@ -46,6 +57,17 @@ bench-peers: $(STAMP)
 	cp bench/peers.package-lock.json $(PEERS)/package-lock.json
 	cd $(PEERS) && npm ci --ignore-scripts --no-audit --no-fund
 	$(BIN)/python -m pip install --quiet py-spy
+
+# mcpr as a wheel, for machines without a clone: dist/mcpr-<version>-py3-none-any.whl, built from
+# the committed tree (git HEAD) like the .deb.  Install it into any Python 3.11+ venv, with the
+# tested versions of its dependencies:
+#   pip install -c requirements.lock dist/mcpr-<version>-py3-none-any.whl
+DIST ?= dist
+wheel: $(BIN)/python
+	@mkdir -p $(DIST) && src=$$(mktemp -d) && trap 'rm -rf "$$src"' EXIT && \
+	git archive --format=tar HEAD | tar -xf - -C "$$src" && \
+	$(BIN)/python -m pip wheel --quiet --no-deps --no-build-isolation -w $(DIST) "$$src" && \
+	ls $(DIST)/mcpr-*.whl
 
 clean:
 	rm -rf $(VENV) build *.egg-info _trial_temp .pytest_cache .hypothesis

@@ -38,6 +38,25 @@ def twist_argv(argv: list[str]) -> list[str]:
     return ["twist", *twist_args, plugin, *rest]
 
 
+def usage(relay: bool) -> str:
+    """`mcpr --help`: this command's own usage line (twist's would name `python -m twisted` and the
+    plugin), then the options of the plugin it runs, found as twist finds it."""
+    from twisted.application.service import IServiceMaker
+    from twisted.plugin import getPlugins
+
+    plugin = "mcpr-relay" if relay else "mcpr"
+    maker = next(m for m in getPlugins(IServiceMaker) if m.tapname == plugin)
+    if relay:
+        head = ["Usage: mcpr --relay [options]", "",
+                "Runs the relay, as `twist mcpr-relay [options]` does."]
+    else:
+        head = ["Usage: mcpr [--relay] [options]", "",
+                "Runs the gateway, as `twist mcpr [options]` does; with --relay, the relay",
+                "(`twist mcpr-relay`), whose options `mcpr --relay --help` lists."]
+    head += ["twist's --log-format (text unless given), --log-level, --log-file and --reactor are", "taken too.", ""]
+    return "\n".join(head) + "\n" + maker.options().getUsage()
+
+
 def main() -> None:
     """A query command, or `python -m twisted` (the documented way to run `twist`) on the translated
     command line."""
@@ -45,5 +64,8 @@ def main() -> None:
         from mcpr.gateway.store.commands import main as query
 
         sys.exit(query(sys.argv[1:]))
+    if "--help" in sys.argv[1:]:
+        print(usage("--relay" in sys.argv[1:]), end="")
+        sys.exit(0)
     sys.argv[:] = twist_argv(sys.argv[1:])
     runpy.run_module("twisted", run_name="__main__", alter_sys=True)

@@ -3,7 +3,9 @@
 Listeners are Twisted's own `strports.service` (a port that cannot be bound at
 start makes `twist` fail at once instead of running without a listener), plus
 one log line with the bound address: tests and users both need it, since
-`tcp:0` picks a free port.
+`tcp:0` picks a free port.  A string that is no endpoint, and a port that cannot
+be bound, are a `ConfigError` naming the option or key it came from, which
+`mcpr.common.startup` turns into twist's one line.
 
 `twist` leaves SIGHUP at its default action, which kills the process; each
 daemon reloads on it instead, through `SighupService`.
@@ -11,13 +13,16 @@ daemon reloads on it instead, through `SighupService`.
 
 from __future__ import annotations
 
+import errno
+import os
 import signal
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from twisted.application import strports
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IListeningPort,
     IProtocolFactory,
@@ -27,6 +32,8 @@ from twisted.internet.interfaces import (
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from mcpr.common.settings import ConfigError, show_value
 
 log = Logger()
 
@@ -44,24 +51,46 @@ def address_of(port: IListeningPort) -> str:
 
 @implementer(IStreamServerEndpoint)
 class AnnouncingEndpoint:
-    """Passes the port `wrapped` listens on to `announce` before anyone else sees it."""
+    """Passes the port `wrapped` listens on to `announce` before anyone else sees it; a port that
+    cannot be bound fails with a `ConfigError` naming `where` the endpoint `description` came from,
+    the reason and what to do."""
 
-    def __init__(self, wrapped: IStreamServerEndpoint, announce: Announce) -> None:
+    def __init__(self, wrapped: IStreamServerEndpoint, announce: Announce, *, where: str,
+                 description: str) -> None:
         self.wrapped = wrapped
         self._announce = announce
+        self._where = where
+        self._description = description
 
     def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
-        return self.wrapped.listen(factory).addCallback(self._bound)
+        return self.wrapped.listen(factory).addCallbacks(self._bound, self._refused)
 
     def _bound(self, port: IListeningPort) -> IListeningPort:
         self._announce(port)
         return port
 
+    def _refused(self, failure: Failure) -> NoReturn:
+        failure.trap(CannotListenError)
+        raise ConfigError(cannot_listen(self._where, self._description, failure.value)) from None
 
-def announced(service: StreamServerEndpointService, announce: Announce) -> StreamServerEndpointService:
-    """`service`, announcing its port once bound (through its documented `endpoint` attribute)."""
-    service.endpoint = AnnouncingEndpoint(service.endpoint, announce)
-    return service
+
+# What to do about the bind() errors a user can cause, by errno.
+_LISTEN_ADVICE = {
+    errno.EADDRINUSE: "another process listens there (another gateway or relay?): stop it, or choose another port",
+    errno.EACCES: "ports below 1024 need root or CAP_NET_BIND_SERVICE: use a port from 1024 up, or start the "
+                  "relay with its systemd unit, which grants the capability",
+    errno.EADDRNOTAVAIL: "no interface of this machine has that address: use one that `ip address` lists, or "
+                         "0.0.0.0 (all IPv4) or :: (all)",
+}
+
+
+def cannot_listen(where: str, description: str, error: CannotListenError) -> str:
+    """The one line for a listener that could not bind: where it was set, the endpoint, why, and
+    what to do."""
+    code = getattr(error.socketError, "errno", None)
+    why = os.strerror(code) if code else str(error.socketError)
+    advice = _LISTEN_ADVICE.get(code or 0, "check the endpoint")
+    return f"{where}: cannot listen on {description}: {why}: {advice}"
 
 
 # Twisted's stream listeners queue 50 pending connections by default; a burst of public clients
@@ -79,10 +108,26 @@ def with_backlog(description: str, backlog: int = DEFAULT_BACKLOG) -> str:
     return f"{description}:backlog={backlog}"
 
 
-def listener(description: str, factory: IProtocolFactory, announce: Announce,
-             reactor: Any) -> StreamServerEndpointService:
-    """A listener on an endpoint string that logs its address through `announce` once bound."""
-    return announced(strports.service(with_backlog(description), factory, reactor=reactor), announce)
+def listener(description: str, factory: IProtocolFactory, announce: Announce, reactor: Any, *,
+             where: str, translate: Callable[[str], str] = lambda d: d) -> StreamServerEndpointService:
+    """A listener on an endpoint string that logs its address through `announce` once bound.
+
+    `where` names the option or key the string came from, for the one-line `ConfigError` of a
+    string that is no endpoint (here) or a port that cannot be bound (at start); `translate`
+    maps the user's string to the one Twisted parses (the relay's `tls:` alias)."""
+    try:
+        service = strports.service(with_backlog(translate(description)), factory, reactor=reactor)
+    except Exception as e:  # whatever the endpoint's parser raises, the string is the user's mistake
+        raise ConfigError(f"{where}: cannot use endpoint {show_value(description)}: {e}{_syntax_hint(e)}") from None
+    service.endpoint = AnnouncingEndpoint(service.endpoint, announce, where=where, description=description)
+    return service
+
+
+def _syntax_hint(error: Exception) -> str:
+    """For a malformed string (not, say, a certificate directory without a certificate): its shape."""
+    if isinstance(error, (ValueError, TypeError, IndexError)):
+        return "; expected an endpoint such as tcp:8080 or tcp:8080:interface=127.0.0.1"
+    return ""
 
 
 class SighupService(Service):

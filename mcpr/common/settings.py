@@ -31,7 +31,8 @@ DEFAULT_MAX_BODY = 16 << 20
 
 
 class ConfigError(Exception):
-    """A setting is missing, malformed or contradictory; the message says which and where."""
+    """A setting is missing, malformed, contradictory or unusable (an endpoint that cannot be
+    bound, a file that cannot be written); the message says which and where."""
 
 
 def show_value(value: Any) -> str:
@@ -238,6 +239,9 @@ class Loaded:
     path: Path | None
     document: dict[str, Any]
     warnings: tuple[str, ...]
+    # Where each value that is not the default came from ("option --listen", "FILE: key 'port'"),
+    # for errors found only when a value is used.
+    sources: dict[str, str]
 
     def __getitem__(self, name: str) -> Any:
         return self.values[name]
@@ -331,8 +335,10 @@ def merge(
     env: Mapping[str, str],
     document: Mapping[str, Any],
     source: str,
+    sources: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Apply CLI > environment > file > default to every setting, validating each winner."""
+    """Apply CLI > environment > file > default to every setting, validating each winner; where
+    each winner came from goes into `sources`."""
     values: dict[str, Any] = {}
     for s in settings:
         raw, where = cli.get(s.name), f"option --{s.spelling}"
@@ -347,6 +353,8 @@ def merge(
         if raw is None:
             values[s.name] = s.default
             continue
+        if sources is not None:
+            sources[s.name] = where
         try:
             values[s.name] = s.parse(raw)
         except ValueError as e:
@@ -371,7 +379,8 @@ def load(
     path = find_config(config, Path.cwd() if cwd is None else cwd)
     document = read_config(path)
     source = str(path) if path else CONFIG_NAME
-    values = merge(settings, cli, env, document, source)
+    sources: dict[str, str] = {}
+    values = merge(settings, cli, env, document, source, sources)
     paths = [p for s in settings for p in ((s.path,) if s.path else ()) + s.legacy]
     warnings = [
         f"{source}: unknown key '{key}' (ignored)"
@@ -381,7 +390,7 @@ def load(
     exposed = exposed_secrets(path, document, [*secret_paths, *secrets])
     if exposed is not None:
         warnings.append(exposed)
-    return Loaded(values, path, document, tuple(warnings))
+    return Loaded(values, path, document, tuple(warnings), sources)
 
 
 def array_of_tables(document: Mapping[str, Any], path: tuple[str, ...], source: str, keys: Iterable[str],
@@ -405,17 +414,23 @@ def array_of_tables(document: Mapping[str, Any], path: tuple[str, ...], source: 
         yield where, entry
 
 
-def listen_endpoints(values: Mapping[str, Any], cli: Mapping[str, Any], port_endpoint: str, *,
-                     refuse_port_with_listen: bool) -> tuple[str, ...]:
+def listen_endpoints(values: Mapping[str, Any], cli: Mapping[str, Any], port_endpoint: str) -> tuple[str, ...]:
     """The `listen` endpoints, else the one that `port` is a shorthand for (`port_endpoint`
     formatted with the port).
 
-    `--port` and `--listen` both on the command line is the one place the daemons' rules
-    differ: the relay refuses it, the gateway lets `--listen` win; the flag says which.
+    `--port` and `--listen` both on the command line are refused: one of them would be ignored.
     """
-    if refuse_port_with_listen and cli.get("port") is not None and cli.get("listen"):
-        raise ConfigError("--port and --listen both given: use --listen tcp:N alone")
+    if cli.get("port") is not None and cli.get("listen"):
+        example = port_endpoint.format(port=cli["port"])
+        raise ConfigError(f"--port and --listen both given (--port {cli['port']}, --listen "
+                          f"{' '.join(cli['listen'])}): give only --listen (--port {cli['port']} is short for "
+                          f"--listen {example})")
     return values["listen"] or (port_endpoint.format(port=values["port"]),)
+
+
+def listen_origin(sources: Mapping[str, str]) -> str:
+    """Where the `listen` endpoints came from (`sources` of `Loaded`), for the errors of using them."""
+    return sources.get("listen") or sources.get("port") or "--port (the default)"
 
 
 # --- the command line: `usage.Options` generated from the same table

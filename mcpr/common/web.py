@@ -703,7 +703,10 @@ class CappedSite(Site):
 
     It speaks HTTP/1.1 only: neither daemon offers h2 by ALPN (the relay's
     WebSocket registration cannot run over HTTP/2), so Twisted's protocol
-    negotiation wrapper would bring nothing.
+    negotiation wrapper would bring nothing.  Twisted's TLS adds the protocols a
+    Site says it accepts to those of the certificate options (Site offers h2
+    whenever the h2 package is installed, as `twisted[http2]` does), hence
+    `acceptableProtocols`.
     """
 
     requestFactory = CappedRequest
@@ -725,6 +728,10 @@ class CappedSite(Site):
         self.timeouts = timeouts
         self.limits = limits
         self.trusted = trusted or TrustedProxies()
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """What ALPN may choose: HTTP/1.1, which is all `CappedChannel` speaks."""
+        return [b"http/1.1"]
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:  # type: ignore[override]
         host = _peer_host(addr)

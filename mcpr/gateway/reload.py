@@ -25,7 +25,7 @@ log = Logger()
 
 # Applied by a reload; every other field needs a restart.
 RELOADED = frozenset({"csp_mode", "csp_domains", "csp_domain", "csp_widgets"})
-_NOT_SETTINGS = frozenset({"config_path", "warnings"})
+_NOT_SETTINGS = frozenset({"config_path", "warnings", "sources"})
 
 
 def changed_keys(running: GatewaySettings, new: GatewaySettings) -> list[str]:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 from mcpr.common.settings import (
     CONFIG_NAME,
@@ -66,6 +68,38 @@ STORE_SETTINGS: tuple[Setting, ...] = (
     Setting("store_capture", parse_capture, DEFAULT_CAPTURE, ("store", "capture")),
 )
 
+
+RELAY_SCHEMES = ("http", "https", "ws", "wss")
+
+
+def parse_relay_url(value: Any) -> str:
+    """The relay's URL, with its scheme always written out.
+
+    `http://` and `https://` (the relay's base URL), `ws://` and `wss://` (as the relay's status page
+    and the original mcpr show it) are taken as they are.  A bare `host[:port]` means `wss://`, as
+    for the original mcpr, except for an IP address or a local name (`localhost`, `*.localhost`),
+    which means `ws://`: no public certificate names those, so such a relay speaks plain HTTP.
+    """
+    text = parse_text(value) if isinstance(value, str) else ""
+    if text and "://" not in text:
+        host = urlsplit("//" + text).hostname or ""
+        try:
+            ipaddress.ip_address(host)
+            local = True
+        except ValueError:
+            local = host == "localhost" or host.endswith(".localhost")
+        text = f"{'ws' if local else 'wss'}://{text}"
+    parts = urlsplit(text)
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        port_ok = False
+    if parts.scheme not in RELAY_SCHEMES or not parts.hostname or not port_ok or parts.query or parts.fragment \
+            or any(c.isspace() for c in text):
+        raise ValueError("expected the relay's URL: https://HOST, http://HOST:PORT, wss://HOST, ws://HOST:PORT "
+                         "or HOST:PORT")
+    return text
+
 # The gateway's settings, each declared once: `twist mcpr`'s options, the keys of mcpr.toml, the
 # environment variables and the defaults all come from here.
 GATEWAY_SETTINGS: tuple[Setting, ...] = (
@@ -80,8 +114,9 @@ GATEWAY_SETTINGS: tuple[Setting, ...] = (
     Setting("csp_domains", parse_list(parse_csp_source), (), ("csp", "domains"), option="csp", repeatable=True,
             help="Domain to add to widget CSPs (repeatable)."),
     Setting("csp_domain", parse_origin, None, ("csp", "domain")),
-    Setting("relay_url", parse_http_url, None, ("tunnel", "relay_url"), legacy=(("relay_url",),),
-            env="MCPR_RELAY_URL", help="Relay to open a tunnel to (env MCPR_RELAY_URL)."),
+    Setting("relay_url", parse_relay_url, None, ("tunnel", "relay_url"), legacy=(("relay_url",),),
+            env="MCPR_RELAY_URL", help="Relay to open a tunnel to: https://HOST, http://HOST:PORT, wss://, ws:// "
+                                       "or HOST:PORT (wss, ws for an IP or localhost) (env MCPR_RELAY_URL)."),
     Setting("tunnel_enabled", parse_bool, True, ("tunnel", "enabled")),
     Setting("no_tunnel", parse_bool, False, ("no_tunnel",), flag=True,
             help="Do not open a tunnel even if a relay URL is configured."),
@@ -140,6 +175,7 @@ class GatewaySettings:
     config_path: Path | None
     csp_widgets: tuple[WidgetRule, ...] = ()
     warnings: tuple[str, ...] = ()
+    sources: Mapping[str, str] = field(default_factory=dict)  # `Loaded.sources`
 
     @property
     def csp(self) -> CspPolicy:
@@ -257,7 +293,7 @@ def load_gateway(
         raise ConfigError(f"{source}: key 'mode': expected \"gateway\" or \"relay\", got {show_value(mode)}")
     if v["mcp"] is None:
         raise ConfigError(f"no MCP server URL: pass --mcp URL or set 'mcp' in {CONFIG_NAME}")
-    v["listen"] = listen_endpoints(v, cli, "tcp:{port}:interface=127.0.0.1", refuse_port_with_listen=False)
+    v["listen"] = listen_endpoints(v, cli, "tcp:{port}:interface=127.0.0.1")
     del v["port"]
     enabled, no_tunnel = v.pop("tunnel_enabled"), v.pop("no_tunnel")
     if no_tunnel or not enabled:
@@ -267,4 +303,4 @@ def load_gateway(
         del v[name]
     v["widgets"] = _widgets_source(v["widgets"], cli.get("widgets") is not None, source, loaded.path, cwd)
     return GatewaySettings(**v, config_path=loaded.path, csp_widgets=_csp_widgets(loaded.document, source),
-                           warnings=loaded.warnings)
+                           warnings=loaded.warnings, sources=loaded.sources)

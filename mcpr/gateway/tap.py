@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from twisted.application.internet import TimerService
-from twisted.application.service import IService, MultiService, Service
+from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
@@ -16,7 +17,8 @@ from twisted.python import usage
 from mcpr import __version__
 from mcpr.common.accesslog import LineWriter
 from mcpr.common.service import address_of, listener
-from mcpr.common.settings import ConfigError, cli_values, options_from
+from mcpr.common.settings import ConfigError, cli_values, listen_origin, options_from
+from mcpr.common.startup import Daemon, DaemonOptions, SettingError, one_line_errors
 from mcpr.common.web import CappedSite
 from mcpr.gateway.reload import ReloadService
 from mcpr.gateway.settings import GATEWAY_SETTINGS, GatewaySettings, load_gateway
@@ -37,8 +39,10 @@ HEARTBEAT_SECONDS = 30.0
 
 
 @options_from(GATEWAY_SETTINGS)
-class Options(usage.Options):
+class Options(DaemonOptions):
     """`twist mcpr`'s options: the settings table's, plus `--config` and `--version`."""
+
+    program = "mcpr"
 
     synopsis = "--mcp URL [--port N | --listen ENDPOINT ...] [options]"
     longdesc = (
@@ -62,7 +66,28 @@ class Options(usage.Options):
         try:
             self["settings"] = load_gateway(cli, config=self["config"])
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            raise SettingError(str(e)) from None
+
+    def stdout_taken(self) -> bool:
+        return bool(self["settings"].events == "-")
+
+
+class _UpstreamCheck(Service):
+    """Looks once, at start, whether the MCP server accepts connections, and warns if not: a
+    gateway in front of nothing would otherwise say so only in its 502s."""
+
+    def __init__(self, resource: ProxyResource) -> None:
+        self._resource = resource
+
+    def startService(self) -> None:
+        super().startService()
+        Deferred.fromCoroutine(self._check())
+
+    async def _check(self) -> None:
+        reachable, error, _ = await self._resource.probe_upstream()
+        if not reachable:
+            log.warn("upstream {url} is not reachable ({why}): requests get 502 until it is (is the MCP "
+                     "server running, and is --mcp right?)", url=self._resource.upstream.url, why=error)
 
 
 class _Closer(Service):
@@ -106,8 +131,19 @@ def build_resource(settings: GatewaySettings, reactor: Any, store: EventStore | 
     # The console line goes to standard output, unless the JSON events do: then to standard error,
     # so that `--events -` stays pure NDJSON for `jq`.
     console = LineWriter(sys.stderr if settings.events == "-" else sys.stdout, reactor)
-    return ProxyResource(reactor, Upstream.parse(settings.mcp), forwarder, EventLog.open(settings.events),
+    return ProxyResource(reactor, Upstream.parse(settings.mcp), forwarder, open_events(settings),
                          csp=settings.csp, widgets=widgets, console=console, recorder=store)
+
+
+def open_events(settings: GatewaySettings) -> EventLog:
+    try:
+        return EventLog.open(settings.events)
+    except OSError as e:
+        folder = os.path.dirname(os.path.abspath(settings.events or "")) or "/"
+        advice = (f"create {folder} first, or give a path in an existing folder"
+                  if isinstance(e, FileNotFoundError) else "give a path this user can write")
+        raise ConfigError(f"{settings.sources.get('events', '--events')}: cannot write {settings.events}: "
+                          f"{e.strerror}: {advice}") from None
 
 
 def build_site(resource: ProxyResource, settings: GatewaySettings, *, via: str = "direct") -> CappedSite:
@@ -121,10 +157,7 @@ def tunnel_service(settings: GatewaySettings, resource: ProxyResource, reactor: 
                    store: EventStore | None = None) -> TunnelClient:
     """The tunnel client, with the token that keeps this gateway's URL (made and saved on first use)."""
     assert settings.relay_url is not None, "tunnel_service needs a relay URL"
-    try:
-        token, saved = ensure_token(settings.tunnel_token, settings.config_path, Path.cwd())
-    except ConfigError as e:
-        raise usage.UsageError(str(e)) from None
+    token, saved = ensure_token(settings.tunnel_token, settings.config_path, Path.cwd())
     if saved is not None:
         log.info("tunnel: new token saved in {path} (mode 0600); keep it to keep your URL", path=str(saved))
 
@@ -139,12 +172,17 @@ def tunnel_service(settings: GatewaySettings, resource: ProxyResource, reactor: 
 
 
 def makeService(options: usage.Options, reactor: Any = None) -> IService:
+    with one_line_errors(Options.program):
+        return _service_tree(options, reactor)
+
+
+def _service_tree(options: usage.Options, reactor: Any) -> Daemon:
     if reactor is None:
         from twisted.internet import reactor
     settings: GatewaySettings = options["settings"]
     for warning in settings.warnings:
         log.warn("{warning}", warning=warning)
-    top = MultiService()
+    top = Daemon(Options.program)
     store = build_store(settings, reactor)
     resource = build_resource(settings, reactor, store)
     _Closer(resource).setServiceParent(top)
@@ -158,7 +196,8 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
                  address=address_of(port), mcp=settings.mcp)
 
     for description in settings.listen:
-        listener(description, site, announce, reactor).setServiceParent(top)
+        listener(description, site, announce, reactor, where=listen_origin(settings.sources)).setServiceParent(top)
+    _UpstreamCheck(resource).setServiceParent(top)
     if settings.relay_url:
         tunnel_service(settings, resource, reactor, store).setServiceParent(top)
     ReloadService(reactor, resource, settings,

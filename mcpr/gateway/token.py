@@ -39,15 +39,29 @@ def save_token(path: Path, token: str) -> None:
     elif not isinstance(table, dict):
         raise ConfigError(f"{path}: key 'tunnel': expected a table, cannot save the tunnel token")
     table["token"] = token
-    fd, temporary = tempfile.mkstemp(prefix=".mcpr.toml.", dir=str(path.parent))
+    try:
+        fd, temporary = tempfile.mkstemp(prefix=".mcpr.toml.", dir=str(path.parent))
+    except OSError as e:
+        raise _cannot_save(path, e) from None
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(tomlkit.dumps(document))
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(temporary)
+        if isinstance(e, OSError):
+            raise _cannot_save(path, e) from None
         raise
+
+
+def _cannot_save(path: Path, error: OSError) -> ConfigError:
+    """A folder the gateway may not write (the `mcpr@` unit's read-only /etc/mcpr, a read-only
+    checkout): the token must then come from the configuration."""
+    return ConfigError(
+        f"[tunnel] token: none is configured, and a new one cannot be saved in {path} "
+        f"({error.strerror}): set token = \"mcpr_...\" under [tunnel] in {path}, or MCPR_TUNNEL_TOKEN "
+        "(a new one: python3 -c 'import secrets; print(\"mcpr_\" + secrets.token_hex(32))')")
 
 
 def ensure_token(token: str | None, config_path: Path | None, cwd: Path) -> tuple[str, Path | None]:

@@ -15,6 +15,10 @@ Twisted's `ClientService` keeps the connection up; three things are ours:
 - Some refusals (`CloseCode.final`: bad token, evicted, ...; or no way to
   choose a subdomain) stop the service instead of retrying: the user must
   change something first (docs/protocol.md, "Liveness and reconnection").
+- An offer of several subdomains is answered by a person, who may take a
+  while: the socket is closed at once (the relay gives a registration 10 s),
+  the service pauses while the terminal asks, and the next registration asks
+  for the name chosen.
   A name held or reserved by another token (4003) and a full relay (4008)
   may clear up by themselves: the service keeps retrying with its backoff and
   says what is going on once, not at every retry.
@@ -29,6 +33,7 @@ from __future__ import annotations
 import json
 import random
 import sys
+import threading
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -39,9 +44,14 @@ from twisted.application.internet import ClientService
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectingCancelledError
-from twisted.internet.interfaces import IDelayedCall, IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IProtocol,
+    IProtocolFactory,
+    IReactorFromThreads,
+    IStreamClientEndpoint,
+)
 from twisted.internet.ssl import optionsForClientTLS
-from twisted.internet.threads import deferToThread
 from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Site
@@ -110,6 +120,16 @@ class NoChoice(Refusal):
     code = CloseCode.POLICY
 
 
+class Choosing(Refusal):
+    """The relay offered several subdomains: this socket is closed while someone chooses one."""
+
+    code = CloseCode.NORMAL
+
+    def __init__(self, patterns: list[str]) -> None:
+        super().__init__("the relay offers several subdomains")
+        self.patterns = patterns
+
+
 class EventSink(typing.Protocol):
     """Where tunnel events go (the `--events` stream)."""
 
@@ -131,12 +151,16 @@ class Backoff:
 
 
 def websocket_url(relay_url: str) -> tuple[str, str, int, bool]:
-    """(ws URL of the registration endpoint, host, port, TLS?) for a relay's http(s) URL."""
+    """(ws URL of the registration endpoint, host, port, TLS?) for a relay's URL (settings'
+    `parse_relay_url`: http, https, ws or wss).  The path is the relay's base path plus
+    `/_tunnel/register`, unless it already ends so (copied from the relay's status page)."""
     parts = urlsplit(relay_url)
-    secure = parts.scheme == "https"
+    secure = parts.scheme in ("https", "wss")
     host = parts.hostname or ""
     port = parts.port or (443 if secure else 80)
-    path = parts.path.rstrip("/") + wire.REGISTER_PATH
+    path = parts.path.rstrip("/")
+    if not path.endswith(wire.REGISTER_PATH):
+        path += wire.REGISTER_PATH
     netloc = f"[{host}]" if ":" in host else host
     if parts.port:
         netloc += f":{port}"
@@ -144,20 +168,43 @@ def websocket_url(relay_url: str) -> tuple[str, str, int, bool]:
 
 
 def choose_on_terminal(patterns: list[str]) -> Deferred[str]:
-    """Ask on the terminal which offered subdomain to take (in a thread: input() blocks)."""
+    """Ask on the terminal which offered subdomain to take.
+
+    The question goes to the real stderr: under `twist`, `sys.stdout` and `sys.stderr` are the log,
+    which holds a line until its newline, and a prompt has none.  The answer is read in a daemon
+    thread, not the reactor's pool, which would wait for a blocked read before the process exits.
+    Raises `NoChoice` at once without a terminal; fails with it when the terminal closes (Ctrl-D).
+    """
+    how = "choose one with --subdomain NAME (or MCPR_TUNNEL_SUBDOMAIN, or [tunnel] subdomain in mcpr.toml)"
     if not sys.stdin or not sys.stdin.isatty():
-        raise NoChoice(
-            "the relay offers the subdomains " + ", ".join(patterns)
-            + "; choose one with --subdomain NAME (or MCPR_TUNNEL_SUBDOMAIN, or [tunnel] subdomain in mcpr.toml)")
+        raise NoChoice(f"the relay offers the subdomains {', '.join(patterns)}; {how}")
+    from twisted.internet import reactor as _reactor
+    reactor = typing.cast(IReactorFromThreads, _reactor)
+    terminal = sys.__stderr__ or sys.__stdout__
+    answered: Deferred[str] = Deferred()
 
-    def ask() -> str:
+    def say(text: str) -> None:
+        if terminal is not None:
+            terminal.write(text)
+            terminal.flush()
+
+    def ask() -> None:
+        say(f"\nThe relay offers the subdomains {', '.join(patterns)} for this token "
+            f"(a * stands for any name you make up).\n")
         while True:
-            answer = input(f"The relay offers: {', '.join(patterns)}. Subdomain to use: ").strip().lower()
+            say("Subdomain to use: ")
+            line = sys.stdin.readline()
+            if not line:
+                reactor.callFromThread(answered.errback, NoChoice(f"no subdomain chosen on the terminal; {how}"))
+                return
+            answer = line.strip().lower()
             if valid_label(answer) and any(matches(p, answer) for p in patterns):
-                return answer
-            print(f"{answer!r} does not match any of: {', '.join(patterns)}")
+                reactor.callFromThread(answered.callback, answer)
+                return
+            say(f"{answer!r} does not match any of: {', '.join(patterns)}\n")
 
-    return deferToThread(ask)
+    threading.Thread(target=ask, name="mcpr subdomain question", daemon=True).start()
+    return answered
 
 
 class TunnelOwner(typing.Protocol):
@@ -167,7 +214,8 @@ class TunnelOwner(typing.Protocol):
 
     def tunnel_registered(self, url: str) -> None: ...
 
-    def tunnel_closed(self, code: int | None, reason: str, *, registered: bool, final: bool) -> None: ...
+    def tunnel_closed(self, code: int | None, reason: str, *, registered: bool, final: bool,
+                      offered: list[str] | None = None) -> None: ...
 
 
 class TunnelProtocol(WebSocketClientProtocol):
@@ -244,7 +292,12 @@ class TunnelProtocol(WebSocketClientProtocol):
                 self._refusal = Refusal("malformed registration answer from the relay")
                 self.dropConnection(abort=True)
                 return
-            self.factory.subdomain = subdomain or self.factory.subdomain
+            asked = self.factory.subdomain
+            if asked and subdomain and subdomain != asked:
+                # A token for exactly one name gets that name whatever it asks for (docs/protocol.md).
+                log.warn("tunnel: asked for the subdomain {asked}, the relay assigned {subdomain}",
+                         asked=asked, subdomain=subdomain)
+            self.factory.subdomain = subdomain or asked
             self._h2 = serve_streams(self, self.factory.site, self.factory.reactor)
             self._registered = True
             self.factory.owner.tunnel_registered(url)
@@ -269,25 +322,13 @@ class TunnelProtocol(WebSocketClientProtocol):
             self.dropConnection(abort=True)
 
     def _pick(self, patterns: list[str]) -> None:
-        concrete = [p for p in patterns if is_concrete(p)]
-        if len(patterns) == 1 and concrete:
-            self._send_json({"subdomain": concrete[0]})
+        """One concrete name is taken at once; a choice is the owner's, made with this socket closed."""
+        if len(patterns) == 1 and is_concrete(patterns[0]):
+            self._send_json({"subdomain": patterns[0]})
             self._await_answer()
             return
-        try:
-            d = self.factory.choose(patterns)
-        except NoChoice as e:
-            self._refusal = e
-            self.sendClose(1000)
-            return
-
-        def picked(name: str) -> None:
-            self.factory.subdomain = name  # kept for reconnects, even if this socket timed out meanwhile
-            if self.state == self.STATE_OPEN:
-                self._send_json({"subdomain": name})
-                self._await_answer()
-
-        d.addCallbacks(picked, lambda f: self.sendClose(1000))
+        self._refusal = Choosing(patterns)
+        self.sendClose(1000)
 
     def say_goodbye(self) -> None:
         """End this connection on purpose: a clean close if it is open (Autobahn drops the
@@ -310,7 +351,8 @@ class TunnelProtocol(WebSocketClientProtocol):
         if refusal is not None:
             code, reason = refusal.code, str(refusal)
         self.factory.owner.tunnel_closed(code, reason or "", registered=self._registered,
-                                         final=isinstance(refusal, NoChoice) or is_final(code, reason or ""))
+                                         final=is_final(code, reason or ""),
+                                         offered=refusal.patterns if isinstance(refusal, Choosing) else None)
 
     def _send_json(self, message: dict) -> None:
         self.sendMessage(json.dumps(message).encode(), isBinary=False)
@@ -322,13 +364,12 @@ class TunnelFactory(WebSocketClientFactory):
     protocol = TunnelProtocol  # type: ignore[assignment]  # autobahn does not parametrize Factory
     noisy = False
 
-    def __init__(self, url: str, *, token: str, subdomain: str | None, site: Site,
-                 choose: Callable[[list[str]], Deferred[str]], owner: TunnelOwner, reactor: Any) -> None:
+    def __init__(self, url: str, *, token: str, subdomain: str | None, site: Site, owner: TunnelOwner,
+                 reactor: Any) -> None:
         super().__init__(url, protocols=[wire.SUBPROTOCOL], reactor=reactor)
         self.token = token
         self.subdomain = subdomain  # the relay's answer or the user's pick, kept for reconnects
         self.site = site
-        self.choose = choose
         self.owner = owner
 
 
@@ -382,12 +423,13 @@ class TunnelClient(ClientService):
         self._told: int | None = None  # the WHY_WAITING refusal the user was told of, until it changes
         self._current: TunnelProtocol | None = None
         self._goodbye: Deferred[None] | None = None
+        self._choose = choose
+        self._stopping = False  # stopService was called: a choice made afterwards must not restart it
         url, host, port, secure = websocket_url(relay_url)
         endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, host, port, timeout=10)
         if secure:
             endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
-        self._factory = TunnelFactory(url, token=token, subdomain=subdomain, site=site, choose=choose, owner=self,
-                                      reactor=reactor)
+        self._factory = TunnelFactory(url, token=token, subdomain=subdomain, site=site, owner=self, reactor=reactor)
         self._factory.setProtocolOptions(
             autoPingInterval=ping_interval, autoPingTimeout=ping_timeout, openHandshakeTimeout=10,
             closeHandshakeTimeout=5, maxMessagePayloadSize=4 * wire.MAX_MESSAGE,
@@ -430,7 +472,8 @@ class TunnelClient(ClientService):
         self._event("connected", url=url, subdomain=self._factory.subdomain)
         self._on_url(url)
 
-    def tunnel_closed(self, code: int | None, reason: str, *, registered: bool, final: bool) -> None:
+    def tunnel_closed(self, code: int | None, reason: str, *, registered: bool, final: bool,
+                      offered: list[str] | None = None) -> None:
         # Called from the socket's connectionLost, before ClientService hears of it: stopping the
         # service here means it never schedules a retry.
         self._current = None
@@ -439,6 +482,8 @@ class TunnelClient(ClientService):
         if self._goodbye is not None:
             goodbye, self._goodbye = self._goodbye, None
             super().stopService().chainDeferred(goodbye)
+        elif offered is not None:
+            self._ask(offered)
         elif final:
             self._give_up(code, reason)
             super().stopService()
@@ -454,14 +499,45 @@ class TunnelClient(ClientService):
             else:
                 log.warn("tunnel: registration failed ({code} {reason})", code=code, reason=reason)
 
+    def _ask(self, patterns: list[str]) -> None:
+        """Pause the service while a person chooses among the offered subdomains (however long
+        that takes), then register again asking for the name chosen."""
+        try:
+            choice = self._choose(patterns)
+        except NoChoice as e:
+            self._give_up(e.code, str(e))
+            super().stopService()
+            return
+        self._event("choosing", offered=patterns)
+        paused = super().stopService()
+
+        def chosen(name: str) -> Deferred[None] | None:
+            self._factory.subdomain = name
+            if self._stopping:
+                return None
+            log.info("tunnel: registering the subdomain {name} (to skip the question next time: --subdomain {name})",
+                     name=name)
+            return paused.addCallback(lambda _: ClientService.startService(self))
+
+        def not_chosen(failure: Failure) -> None:
+            if not self._stopping:
+                self._give_up(CloseCode.POLICY, str(failure.value))
+
+        choice.addCallbacks(chosen, not_chosen)
+
     def _give_up(self, code: int | None, reason: str) -> None:
         why = WHY_FINAL.get(code, "the tunnel cannot be registered")
         self._event("evicted" if code == CloseCode.EVICTED else "stopped", code=code, reason=reason)
         log.error("tunnel stopped: {why} ({code} {reason}); still serving locally", why=why, code=code,
                   reason=reason)
 
+    def startService(self) -> None:
+        self._stopping = False
+        super().startService()
+
     def stopService(self) -> Deferred[None]:
         """Close an open tunnel with a goodbye first; ClientService stops once the socket is gone."""
+        self._stopping = True
         if self._current is None:
             return super().stopService()
         if self._goodbye is None:

@@ -428,10 +428,17 @@ class ProxyResource(Resource):
     # -- health
 
     async def _health(self, request: Request, exchange: _Exchange) -> None:
+        """`ok`, or `degraded` with the reason while the upstream does not accept connections.
+
+        200 either way: the gateway itself works (a liveness check that restarted it would not
+        bring the upstream back); monitors read `status`."""
         reachable, error, ms = await self.probe_upstream()
+        health: dict[str, Any] = {"status": "ok"}
+        if not reachable:
+            health = {"status": "degraded", "reason": f"upstream {self.upstream.url} unreachable: {error}"}
         body = json.dumps(
             {
-                "status": "ok",
+                **health,
                 "upstream": {"url": self.upstream.url, "reachable": reachable, "error": error,
                              "connect_ms": ms},
                 "sessions": len(self.sessions),

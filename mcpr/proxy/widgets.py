@@ -265,9 +265,12 @@ async def local_html(batch: jsonrpc.Batch, source: WidgetSource) -> dict[Any, tu
 
 
 def listing(source: WidgetSource) -> bytes:
-    """`GET /widgets`: the widgets in the folder; a dev server cannot be listed (`null`)."""
+    """`GET /widgets`: the widgets in the folder; a dev server cannot be listed (`null`).
+
+    Not where they are: anyone with the tunnel's URL may ask, and the folder's absolute path (or
+    the dev server's local address) is the developer's business."""
     widgets = None
     if isinstance(source, WidgetFolder):
         widgets = [{"name": name, "uri": widget_uri(name), "path": source.path_of(name)} for name in source.names()]
-    body = {"source": source.kind, "location": source.location, "widgets": widgets}
+    body = {"source": source.kind, "widgets": widgets}
     return json.dumps(body, indent=2).encode() + b"\n"

@@ -40,7 +40,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
 from mcpr.common.failures import cancelled, describe
-from mcpr.common.names import matches, parse_pattern, valid_label
+from mcpr.common.names import is_concrete, matches, parse_pattern, valid_label
 from mcpr.common.protocol import PROVIDER_UNAVAILABLE, CloseCode, Refused
 from mcpr.relay.identity import open_subdomain, owner_id, token_hint
 
@@ -260,7 +260,9 @@ class Authenticator:
 def authorize(grant: Grant, requested: str | None, token: str) -> str | list[str]:
     """The subdomain `grant` registers, or the patterns to offer its client.
 
-    - A requested name must be a valid label (else `Refused` 4004)
+    - A grant of exactly one pattern without `*` registers that name, whatever was asked for (the
+      original relay's rule: its clients need not answer an offer, nor know their name).
+    - Otherwise a requested name must be a valid label (else `Refused` 4004)
       and match one of the grant's patterns (else `AuthFailed` 4001); in open
       mode any valid label is allowed, except one shaped like a token-derived
       name (12 hex digits) of another token: those URLs are public, and
@@ -272,6 +274,8 @@ def authorize(grant: Grant, requested: str | None, token: str) -> str | list[str
       `authorize` again, as a requested name.  A grant with no patterns (a
       provider that answered `[]`) can register nothing: `AuthFailed`.
     """
+    if grant.patterns is not None and len(grant.patterns) == 1 and is_concrete(grant.patterns[0]):
+        return grant.patterns[0]
     if requested is not None:
         if not valid_label(requested):
             raise Refused(CloseCode.INVALID_SUBDOMAIN, "invalid subdomain")

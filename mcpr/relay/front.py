@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import json
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.web import pages
@@ -19,6 +20,7 @@ from twisted.web.server import Request
 
 from mcpr import __version__
 from mcpr.common.names import valid_label
+from mcpr.common.protocol import REGISTER_PATH
 from mcpr.relay.forwarding import TunnelForwarder
 from mcpr.relay.metrics import RequestStats
 from mcpr.relay.registry import Registry
@@ -60,10 +62,15 @@ class RelayFront(Resource):
     """The root resource: picks a child by Host, then by path."""
 
     def __init__(self, clock: IReactorTime, domain: str, registry: Registry, forwarder: TunnelForwarder,
-                 stats: RequestStats, register: IResource) -> None:
+                 stats: RequestStats, register: IResource, *, public_url: str | None = None,
+                 public_url_set: bool = False) -> None:
+        """`public_url` is the tunnels' URL template (default `https://*.<domain>`); `public_url_set`
+        whether the operator configured it, in which case it also says how gateways reach the relay."""
         super().__init__()
         self._clock = clock
         self.domain = domain
+        self._public_url = public_url or f"https://*.{domain}"
+        self._public_url_set = public_url_set
         self._registry = registry
         self._forwarder = forwarder
         self._stats = stats
@@ -113,15 +120,37 @@ class RelayFront(Resource):
         request.setHeader(b"cache-control", b"no-store")
         return json.dumps(self.health()).encode()
 
+    def registration_url(self, request: Request) -> str:
+        """Where gateways register, as this request shows the relay to be reached.
+
+        A configured public URL template says it (`https://*.tunnel.example.com` →
+        `wss://tunnel.example.com/_tunnel/register`); else the request does: its scheme (TLS here,
+        or a trusted proxy's `X-Forwarded-Proto`) and its Host, port included, as the client used it.
+        """
+        parts = urlsplit(self._public_url)
+        secure, host = request.isSecure(), request.getHeader(b"host")
+        if getattr(request.channel, "peer_trusted", False):
+            proto, forwarded_host = request.getHeader(b"x-forwarded-proto"), request.getHeader(b"x-forwarded-host")
+            secure = secure or (proto or b"").split(b",")[0].strip().lower() == b"https"
+            host = forwarded_host.split(b",")[0].strip() if forwarded_host else host
+        netloc = host.decode("latin-1") if host else self.domain
+        if self._public_url_set:
+            secure = parts.scheme == "https"
+            if parts.netloc.startswith("*."):
+                netloc = parts.netloc[2:]
+        return f"{'wss' if secure else 'ws'}://{netloc}{REGISTER_PATH}"
+
     def _status_html(self, request: Request) -> bytes:
         h = self.health()
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         domain = html.escape(self.domain)
+        served = html.escape(self._public_url).replace("*", "&lt;name&gt;", 1)
         return (
             "<!doctype html><meta charset=utf-8><title>mcpr relay</title>"
             f"<h1>mcpr relay for {domain}</h1>"
             f"<p>{h['tunnels']} tunnel(s) connected, {h['in_flight']} request(s) in flight, "
             f"up {h['uptime_s']:.0f} s, version {html.escape(__version__)}.</p>"
-            f"<p>Gateways connect to <code>wss://{domain}/_tunnel/register</code> and are served at "
-            f"<code>https://&lt;name&gt;.{domain}</code>.</p>"
+            f"<p>Gateways connect to <code>{html.escape(self.registration_url(request))}</code> "
+            f"(<code>twist mcpr --relay-url URL</code> takes this URL as it is) and are served at "
+            f"<code>{served}</code>.</p>"
         ).encode()

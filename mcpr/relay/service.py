@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Callable
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
@@ -24,6 +23,7 @@ from twisted.logger import Logger
 
 from mcpr.common.protocol import CloseCode
 from mcpr.common.settings import ConfigError
+from mcpr.common.startup import Daemon
 from mcpr.relay.auth import Authenticator
 from mcpr.relay.forwarding import TunnelForwarder
 from mcpr.relay.metrics import RequestStats
@@ -38,15 +38,16 @@ log = Logger()
 CLOSE_GRACE = 0.2
 
 
-class RelayService(MultiService):
-    """The root of the relay's tree; its own jobs are `reload` (SIGHUP) and the drain (stop)."""
+class RelayService(Daemon):
+    """The root of the relay's tree; its own jobs are `reload` (SIGHUP) and the drain (stop), and,
+    as a `Daemon`, the one line that ends `twist` when a listener cannot listen."""
 
     def __init__(self, clock: IReactorTime, settings: RelaySettings, *, auth: Authenticator, registry: Registry,
                  forwarder: TunnelForwarder, stats: RequestStats,
                  read: Callable[[], RelaySettings] | None = None, store: ReservationStore | None = None) -> None:
         """`read` gives fresh settings for a reload (None: only certificates are reloaded); `store`
         keeps the registry's reservations across restarts (None: in memory only)."""
-        super().__init__()
+        super().__init__("mcpr-relay")
         self._clock = clock
         self._settings = settings
         self._auth = auth

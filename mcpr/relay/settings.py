@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -56,7 +56,7 @@ def _parse_static_tokens(specs: Any) -> tuple[StaticToken, ...]:
 # The relay's settings, each declared once: `twist mcpr-relay`'s options, the keys of its config
 # file, the environment variables and the defaults all come from here.
 RELAY_SETTINGS: tuple[Setting, ...] = (
-    Setting("domain", parse_text, None, ("relay", "domain"), legacy=(("relay_domain",),),
+    Setting("domain", parse_domain, None, ("relay", "domain"), legacy=(("relay_domain",),),
             help="Base domain, e.g. tunnel.example.com (alias --relay-domain).",
             aliases=(("relay-domain", "Alias of --domain (the original mcpr's spelling)."),)),
     Setting("port", parse_port, 8080, ("port",), help="Shorthand for --listen tcp:N (default 8080)."),
@@ -199,6 +199,8 @@ class RelaySettings:
     lingering_size: int
     config_path: Path | None
     warnings: tuple[str, ...] = ()
+    sources: Mapping[str, str] = field(default_factory=dict)  # `Loaded.sources`
+    public_url_set: bool = False  # public_url was configured, not the default
 
     @property
     def auth_mode(self) -> str:
@@ -255,21 +257,19 @@ def load_relay(
         raise ConfigError(f"{source}: key 'mode': expected \"relay\" for `twist mcpr-relay`, got {show_value(mode)}")
     if v["domain"] is None:
         raise ConfigError(f"no relay domain: pass --domain D (or set [relay] domain in {CONFIG_NAME})")
-    try:
-        v["domain"] = parse_domain(v["domain"])
-    except ValueError as e:
-        raise ConfigError(f"relay domain: {e}, got {show_value(v['domain'])}") from None
     tokens = (*_file_tokens(loaded.document, source), *v.pop("static_tokens"))
     if v["auth_provider_secret"] and not v["auth_provider"]:
         raise ConfigError("--auth-provider-secret is set but --auth-provider is not")
-    v["listen"] = listen_endpoints(v, cli, "tcp:{port}", refuse_port_with_listen=True)
+    v["listen"] = listen_endpoints(v, cli, "tcp:{port}")
     del v["port"]
     v["state_dir"] = Path(v["state_dir"]).expanduser() if v["state_dir"] else default_state_dir(env)
     warnings = list(loaded.warnings)
     if tokens and v["auth_provider"]:
         warnings.append("static tokens are configured, so --auth-provider is not consulted")
+    public_url_set = v["public_url"] is not None
     public_url = v["public_url"] = v["public_url"] or f"https://*.{v['domain']}"
     if public_url.count("*") != 1 or not public_url.startswith(("http://", "https://")):
         raise ConfigError(f"public_url: expected a URL with one '*' for the subdomain, e.g. https://*.{v['domain']}, "
                           f"got {show_value(public_url)}")
-    return RelaySettings(**v, tokens=tokens, config_path=loaded.path, warnings=tuple(warnings))
+    return RelaySettings(**v, tokens=tokens, config_path=loaded.path, warnings=tuple(warnings),
+                         sources=loaded.sources, public_url_set=public_url_set)

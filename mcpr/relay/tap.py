@@ -7,7 +7,6 @@ import sys
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
-from twisted.application import strports
 from twisted.application.service import IService
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
@@ -16,8 +15,9 @@ from twisted.web.server import Site
 
 from mcpr import __version__
 from mcpr.common.accesslog import LineWriter
-from mcpr.common.service import SighupService, address_of, announced, listener, with_backlog
-from mcpr.common.settings import ConfigError, cli_values, options_from
+from mcpr.common.service import SighupService, address_of, listener
+from mcpr.common.settings import ConfigError, cli_values, listen_origin, options_from
+from mcpr.common.startup import DaemonOptions, SettingError, one_line_errors
 from mcpr.common.web import CappedSite, ChannelTimeouts, ConnectionLimits, TrustedProxies
 from mcpr.relay.auth import Authenticator
 from mcpr.relay.forwarding import TunnelForwarder
@@ -35,9 +35,11 @@ log = Logger()
 
 
 @options_from(RELAY_SETTINGS)
-class Options(usage.Options):
+class Options(DaemonOptions):
     """`twist mcpr-relay`'s options: the settings table's, plus `--config`, `--version` and the
     original mcpr's `--relay`."""
+
+    program = "mcpr-relay"
 
     synopsis = "--domain tunnel.example.com [--listen ENDPOINT ...] [options]"
     longdesc = (
@@ -62,11 +64,16 @@ class Options(usage.Options):
         try:
             self["settings"] = load_relay(**args)
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            raise SettingError(str(e)) from None
         self["reload"] = args
 
 
 def makeService(options: usage.Options, reactor: Any = None) -> IService:
+    with one_line_errors(Options.program):
+        return _service_tree(options, reactor)
+
+
+def _service_tree(options: usage.Options, reactor: Any) -> RelayService:
     """The relay's tree: a `RelayService` (reload, drain) over the reservations store, its
     listeners, certificate watchers, the metrics listener and SIGHUP; the parts below it share
     one registry."""
@@ -90,7 +97,8 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
         ping_interval=settings.ping_interval, ping_timeout=settings.ping_timeout,
         limits=TunnelLimits(control_rate=settings.control_frame_rate, backlog=settings.gateway_backlog),
         trusted=TrustedProxies(settings.trusted_proxies))
-    front = RelayFront(reactor, settings.domain, registry, forwarder, stats, WebSocketResource(registration))
+    front = RelayFront(reactor, settings.domain, registry, forwarder, stats, WebSocketResource(registration),
+                       public_url=settings.public_url, public_url_set=settings.public_url_set)
     site = public_site(front, settings, reactor, connection_budget(settings.max_connections))
     relay = RelayService(reactor, settings, auth=auth, registry=registry, forwarder=forwarder, stats=stats,
                          read=lambda: load_relay(**reload_args), store=store)
@@ -100,15 +108,18 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
                  domain=settings.domain, address=address_of(port))
 
     for description in settings.listen:
-        service = strports.service(with_backlog(listen_description(description)), site, reactor=reactor)
-        if isinstance(service.endpoint, SNIServerEndpoint):
-            relay.certificates.append(service.endpoint.store)
-            CertificateWatcher(service.endpoint.store, clock=reactor).setServiceParent(relay)
-        relay.add_listener(announced(service, announce))
+        service = listener(description, site, announce, reactor, where=listen_origin(settings.sources),
+                           translate=listen_description)
+        endpoint = service.endpoint.wrapped
+        if isinstance(endpoint, SNIServerEndpoint):
+            relay.certificates.append(endpoint.store)
+            CertificateWatcher(endpoint.store, clock=reactor).setServiceParent(relay)
+        relay.add_listener(service)
     if settings.metrics:
         metrics_site = Site(metrics.resource())
         metrics_site.noisy = False
-        listener(settings.metrics, metrics_site, _announce_metrics, reactor).setServiceParent(relay)
+        listener(settings.metrics, metrics_site, _announce_metrics, reactor,
+                 where=settings.sources.get("metrics", "--metrics")).setServiceParent(relay)
     SighupService(reactor, relay.reload).setServiceParent(relay)
     return relay
 

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import threading
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
 from mcpr.common.service import DEFAULT_BACKLOG, SighupService, address_of, listener, with_backlog
+from mcpr.common.settings import ConfigError
 
 
 class ListenerTests(TestCase):
@@ -21,7 +25,8 @@ class ListenerTests(TestCase):
 
     async def test_announces_the_bound_port(self) -> None:
         announced: Deferred = Deferred()
-        service = listener("tcp:0:interface=127.0.0.1", Factory.forProtocol(Protocol), announced.callback, reactor)
+        service = listener("tcp:0:interface=127.0.0.1", Factory.forProtocol(Protocol), announced.callback, reactor,
+                           where="option --listen")
         service.startService()
         self.addCleanup(service.stopService)
         port = await announced
@@ -29,14 +34,55 @@ class ListenerTests(TestCase):
         self.assertNotEqual(port.getHost().port, 0)
 
     def test_a_port_that_cannot_be_bound_fails_at_start(self) -> None:
-        """`twist` runs privilegedStartService first: raising there stops it at start."""
+        """`twist` starts the tree before its reactor runs: raising there stops it at start, with
+        one line naming where the endpoint came from, the endpoint, why and what to do."""
         taken = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
         self.addCleanup(taken.stopListening)
         announced: list = []
-        service = listener(f"tcp:{taken.getHost().port}:interface=127.0.0.1", Factory.forProtocol(Protocol),
-                           announced.append, reactor)
-        self.assertRaises(CannotListenError, service.privilegedStartService)
+        description = f"tcp:{taken.getHost().port}:interface=127.0.0.1"
+        service = listener(description, Factory.forProtocol(Protocol), announced.append, reactor,
+                           where="mcpr.toml: key 'listen'")
+        e = self.assertRaises(ConfigError, service.privilegedStartService)
+        self.assertEqual(str(e), f"mcpr.toml: key 'listen': cannot listen on {description}: Address already in "
+                                 "use: another process listens there (another gateway or relay?): stop it, or "
+                                 "choose another port")
         self.assertEqual(announced, [])
+
+    def test_a_privileged_port_without_the_capability(self) -> None:
+        """bind() refused with EACCES, as for :443 without CAP_NET_BIND_SERVICE (this test may run as
+        root, so the refusal comes from an endpoint double)."""
+        refusal = CannotListenError("", 443, PermissionError(errno.EACCES, os.strerror(errno.EACCES)))
+        service = listener("tcp:443", Factory.forProtocol(Protocol), lambda port: None, reactor,
+                           where="option --port")
+        service.endpoint.wrapped = _Refusing(refusal)
+        e = self.assertRaises(ConfigError, service.privilegedStartService)
+        self.assertEqual(str(e), "option --port: cannot listen on tcp:443: Permission denied: ports below 1024 "
+                                 "need root or CAP_NET_BIND_SERVICE: use a port from 1024 up, or start the relay "
+                                 "with its systemd unit, which grants the capability")
+
+    def test_a_string_that_is_no_endpoint(self) -> None:
+        for description, why in [("bogus:1", "Unknown endpoint type: 'bogus'"),
+                                 ("tcp:http", "invalid literal for int() with base 10: 'http'"),
+                                 ("tcp:80:colour=blue", "unexpected keyword argument 'colour'")]:
+            e = self.assertRaises(ConfigError, listener, description, Factory(), lambda port: None, reactor,
+                                  where="option --listen")
+            self.assertTrue(str(e).startswith(f'option --listen: cannot use endpoint "{description}": '), str(e))
+            self.assertIn(why, str(e))
+            self.assertTrue(str(e).endswith("; expected an endpoint such as tcp:8080 or tcp:8080:interface=127.0.0.1"))
+
+    def test_the_users_string_is_shown_not_the_translated_one(self) -> None:
+        e = self.assertRaises(ConfigError, listener, "tls:x", Factory(), lambda port: None, reactor,
+                              where="option --listen", translate=lambda d: "bogus:" + d)
+        self.assertIn('cannot use endpoint "tls:x"', str(e))
+
+
+@implementer(IStreamServerEndpoint)
+class _Refusing:
+    def __init__(self, error: CannotListenError) -> None:
+        self._error = error
+
+    def listen(self, factory: object) -> Deferred:
+        return fail(self._error)
 
 
 class SighupTests(SynchronousTestCase):
@@ -103,7 +149,7 @@ class BacklogTests(SynchronousTestCase):
 
     def test_the_listening_socket_gets_it(self) -> None:
         reactor = MemoryReactor()
-        service = listener("tcp:0:interface=127.0.0.1", Factory(), lambda port: None, reactor)
+        service = listener("tcp:0:interface=127.0.0.1", Factory(), lambda port: None, reactor, where="--port")
         service.startService()
         self.addCleanup(service.stopService)
         [(_, _, backlog, _)] = reactor.tcpServers

@@ -14,6 +14,7 @@ from mcpr.common.settings import (
     cli_values,
     find_config,
     listen_endpoints,
+    listen_origin,
     load,
     options_from,
     parse_bool,
@@ -199,15 +200,28 @@ class TableTests(SynchronousTestCase):
 
     def test_listen_endpoints(self) -> None:
         values = {"port": 80, "listen": ()}
-        self.assertEqual(listen_endpoints(values, {}, "tcp:{port}", refuse_port_with_listen=True), ("tcp:80",))
+        self.assertEqual(listen_endpoints(values, {}, "tcp:{port}"), ("tcp:80",))
         values = {"port": 80, "listen": ("unix:/s",)}
         cli = {"port": "80", "listen": ["unix:/s"]}
-        self.assertEqual(listen_endpoints(values, cli, "tcp:{port}", refuse_port_with_listen=False), ("unix:/s",))
-        e = self.assertRaises(ConfigError, listen_endpoints, values, cli, "tcp:{port}", refuse_port_with_listen=True)
-        self.assertEqual(str(e), "--port and --listen both given: use --listen tcp:N alone")
+        e = self.assertRaises(ConfigError, listen_endpoints, values, cli, "tcp:{port}:interface=::1")
+        self.assertEqual(str(e), "--port and --listen both given (--port 80, --listen unix:/s): give only --listen "
+                                 "(--port 80 is short for --listen tcp:80:interface=::1)")
         # Only the command line counts: a port in the file beside --listen is not a contradiction.
-        self.assertEqual(listen_endpoints(values, {"listen": ["unix:/s"]}, "tcp:{port}",
-                                          refuse_port_with_listen=True), ("unix:/s",))
+        self.assertEqual(listen_endpoints(values, {"listen": ["unix:/s"]}, "tcp:{port}"), ("unix:/s",))
+
+    def test_sources(self) -> None:
+        """Where each value that is not the default came from, for errors found when it is used."""
+        path = Path(self.mktemp())
+        path.write_text('listen = ["tcp:1"]\n')
+        loaded = load([Setting("listen", parse_list(parse_text), (), ("listen",)),
+                       Setting("port", parse_port, 3000, ("port",), help="P.", env="X_PORT"),
+                       Setting("events", parse_text, None, ("events",), help="E.")],
+                      {"events": "-"}, config=str(path), env={"X_PORT": "4"})
+        self.assertEqual(loaded.sources, {"listen": f"{path}: key 'listen'", "port": "environment variable X_PORT",
+                                          "events": "option --events"})
+        self.assertEqual(listen_origin(loaded.sources), f"{path}: key 'listen'")
+        self.assertEqual(listen_origin({"port": "option --port"}), "option --port")
+        self.assertEqual(listen_origin({}), "--port (the default)")
 
 
 class GeneratedOptionsTests(SynchronousTestCase):

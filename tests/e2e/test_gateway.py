@@ -105,5 +105,8 @@ class GatewayEndToEndTests(TestCase):
         out, err, code = await getProcessOutputAndValue(
             sys.executable, ["-m", "twisted", "mcpr", "--mcp", "http://127.0.0.1:1/mcp", "--listen",
                              f"tcp:{port}:interface=127.0.0.1"], env=dict(os.environ))
-        self.assertNotEqual(code, 0)
-        self.assertIn(f"Couldn't listen on 127.0.0.1:{port}", (out + err).decode())
+        self.assertEqual((code, out), (64, b""))
+        self.assertEqual(err.decode().splitlines(),
+                         [f"mcpr: option --listen: cannot listen on tcp:{port}:interface=127.0.0.1: Address already "
+                          "in use: another process listens there (another gateway or relay?): stop it, or choose "
+                          "another port"])

@@ -260,6 +260,20 @@ class StaticModeTests(RelayTestBase):
         self.assertEqual(picked.ack["subdomain"], "alice")
         self.assertNotIn("secret-1", self.relay.output())
 
+    async def test_one_concrete_pattern_needs_no_answer_to_an_offer(self) -> None:
+        """An original mcpr client that never answers offers, with a token for exactly `bob`: the
+        relay registers `bob` itself, asked for or not, and forwards to it (the original relay's rule 2)."""
+        for asked in (None, "bob", "robert"):
+            gw = await self.gateway("secret-2", asked, answers_offers=False)
+            self.assertEqual((gw.offers, gw.ack["subdomain"]), ([], "bob"), asked)
+            self.assertEqual(gw.ack["url"], f"https://bob.{DOMAIN}")
+            response = Deferred.fromCoroutine(self.get(f"bob.{DOMAIN}", "/ping"))
+            request = await gw.requests.get()
+            self.assertEqual(request["path"], "/ping")
+            gw.respond(request, 200, b"pong")
+            self.assertEqual((await response).code, 200)
+            await gw.close()
+
 
 class ProviderModeTests(TestCase):
     """A relay that asks an auth provider on loopback about each token."""

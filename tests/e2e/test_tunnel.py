@@ -7,8 +7,10 @@ import io
 import json
 import re
 import signal
+import ssl
 import stat
 import time
+import urllib.request
 from pathlib import Path
 
 from twisted.internet.defer import Deferred, DeferredList
@@ -89,12 +91,12 @@ class TunnelTestBase(TestCase):
         return relay, port
 
     def start_gateway(self, mcp: str, relay_port: int, *extra: str, env: dict | None = None,
-                      cwd: Path | None = None) -> tuple[Process, str, Path]:
+                      cwd: Path | None = None, relay_url: str = "http://127.0.0.1:{port}") -> tuple[Process, str, Path]:
         if cwd is None:
             cwd = Path(self.mktemp()).resolve()
             cwd.mkdir(parents=True)
         gateway = Process(self, twist("mcpr", "--mcp", mcp, "--listen", "tcp:0:interface=127.0.0.1",
-                                      "--relay-url", f"http://127.0.0.1:{relay_port}", *extra),
+                                      "--relay-url", relay_url.format(port=relay_port), *extra),
                           name="gateway", cwd=str(cwd), env=env)
         url = re.search(r"Tunnel: (\S+)", gateway.wait_for("Tunnel: ")).group(1)
         return gateway, url, cwd
@@ -155,6 +157,23 @@ class TunnelSessionTests(TunnelTestBase):
         gateway.stop()
         _, again, _ = self.start_gateway(upstream, relay_port, cwd=cwd)
         self.assertEqual(again, url)
+
+    async def test_relay_url_forms(self) -> None:
+        """ws://, the status page's ws://.../_tunnel/register and a bare HOST:PORT (ws for an IP)
+        reach the same plain-HTTP relay as http://."""
+        _, relay_port = self.start_relay()
+        _, upstream = start_upstream(self)
+        page = await self.public(relay_port, f"http://localhost:{relay_port}", "/")
+        self.assertIn(f"<code>ws://localhost:{relay_port}/_tunnel/register</code>", (await readBody(page)).decode())
+        for form, shown in (("ws://127.0.0.1:{port}", "ws://127.0.0.1:{port}"),
+                            ("ws://localhost:{port}/_tunnel/register", "ws://localhost:{port}/_tunnel/register"),
+                            ("127.0.0.1:{port}", "ws://127.0.0.1:{port}")):
+            gateway, url, _ = self.start_gateway(upstream, relay_port, relay_url=form,
+                                                 env={"MCPR_TUNNEL_TOKEN": "forms"})
+            self.assertIn(f"connecting to {shown.format(port=relay_port)} ", gateway.output())
+            result = await run_session(f"http://127.0.0.1:{relay_port}/mcp", "--header", f"Host: {self.host(url)}")
+            self.assertEqual(result["add_result"], 5, form)
+            gateway.stop()
 
     async def test_legacy_and_h2_gateways_side_by_side(self) -> None:
         _, relay_port = self.start_relay()
@@ -419,11 +438,11 @@ class SecureRelayTests(TunnelTestBase):
         relay.wait_for("listening on")
         return port, trust
 
-    def gateway(self, port: int, env: dict) -> Process:
+    def gateway(self, port: int, env: dict, relay_url: str = "https://localhost:{port}") -> Process:
         cwd = Path(self.mktemp()).resolve()
         cwd.mkdir(parents=True)
         return Process(self, twist("mcpr", "--mcp", "http://127.0.0.1:1/mcp", "--listen", "tcp:0:interface=127.0.0.1",
-                                   "--relay-url", f"https://localhost:{port}", "--subdomain", "secure"),
+                                   "--relay-url", relay_url.format(port=port), "--subdomain", "secure"),
                        name="gateway", cwd=str(cwd), env={"MCPR_TUNNEL_TOKEN": "wss-token", **env})
 
     def test_wss_with_a_trusted_certificate(self):
@@ -431,6 +450,16 @@ class SecureRelayTests(TunnelTestBase):
         gateway = self.gateway(port, {"SSL_CERT_FILE": str(trust)})
         line = gateway.wait_for("Tunnel: ")
         self.assertIn(f"Tunnel: https://secure.{DOMAIN}:{port}", line)
+
+    def test_wss_url_as_the_status_page_shows_it(self):
+        """The status page over TLS names the wss:// URL (with the port), which a gateway takes as it is."""
+        port, trust = self.start_tls_relay()
+        context = ssl.create_default_context(cafile=str(trust))
+        with urllib.request.urlopen(f"https://localhost:{port}/", context=context, timeout=10) as page:
+            shown = re.search(r"Gateways connect to <code>(\S+)</code>", page.read().decode()).group(1)
+        self.assertEqual(shown, f"wss://localhost:{port}/_tunnel/register")
+        gateway = self.gateway(port, {"SSL_CERT_FILE": str(trust)}, relay_url=shown)
+        self.assertIn(f"Tunnel: https://secure.{DOMAIN}:{port}", gateway.wait_for("Tunnel: "))
 
     def test_wss_refuses_an_untrusted_certificate(self):
         port, _ = self.start_tls_relay()

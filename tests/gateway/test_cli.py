@@ -9,7 +9,7 @@ from twisted.plugin import getPlugins
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from mcpr import __version__
-from mcpr.cli import twist_argv
+from mcpr.cli import twist_argv, usage
 
 
 class CliTests(SynchronousTestCase):
@@ -30,6 +30,19 @@ class CliTests(SynchronousTestCase):
         self.assertEqual(twist_argv(["--log-format", "json", "--mcp", "u", "--log-level=debug"]),
                          ["twist", "--log-format=json", "--log-level=debug", "mcpr", "--mcp", "u"])
 
+    def test_help_names_this_command_and_both_daemons(self) -> None:
+        """`mcpr --help` says `mcpr [--relay] [options]`, lists the gateway's options and points to the
+        relay's; `mcpr --relay --help` lists the relay's."""
+        gateway = usage(relay=False)
+        self.assertTrue(gateway.startswith("Usage: mcpr [--relay] [options]\n"), gateway)
+        self.assertIn("--relay-url=", gateway)
+        self.assertIn("`mcpr --relay --help` lists", gateway)
+        self.assertNotIn("python -m twisted", gateway)
+        relay = usage(relay=True)
+        self.assertTrue(relay.startswith("Usage: mcpr --relay [options]\n"), relay)
+        self.assertIn("--relay-domain=", relay)
+        self.assertIn("--static-token=", relay)
+
     def test_plugins_are_discoverable(self) -> None:
         names = {p.tapname for p in getPlugins(IServiceMaker)}
         for tapname in ("mcpr", "mcpr-relay"):
@@ -43,6 +56,10 @@ class CliTests(SynchronousTestCase):
             raise SkipTest(f"no installed console script at {script}")
         version = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60)
         self.assertEqual((version.returncode, version.stdout.strip()), (0, f"mcpr {__version__}"))
+        for args, first in ((["--help"], "Usage: mcpr [--relay] [options]"),
+                            (["--relay", "--help"], "Usage: mcpr --relay [options]")):
+            shown = subprocess.run([str(script), *args], capture_output=True, text=True, timeout=60)
+            self.assertEqual((shown.returncode, shown.stdout.splitlines()[0]), (0, first), shown.stderr)
         relay = subprocess.run([str(script), "--relay", "--no-such-option"], capture_output=True, text=True,
                                timeout=60)
         self.assertNotEqual(relay.returncode, 0)

@@ -50,6 +50,35 @@ class GatewaySettingsTests(SynchronousTestCase):
         self.assertEqual((s.relay_url, s.tunnel_token, s.tunnel_subdomain), ("https://r.example", "t", "s"))
         self.assertEqual(s.warnings, ())
 
+    def test_relay_url_forms(self) -> None:
+        """http, https, ws, wss and a bare HOST:PORT are all relay URLs: the scheme is always written
+        out (a bare name means wss, as for the original mcpr; an IP or a local name means ws)."""
+        forms = {
+            "https://tunnel.example.com": "https://tunnel.example.com",
+            "http://127.0.0.1:8711": "http://127.0.0.1:8711",
+            "wss://tunnel.example.com/_tunnel/register": "wss://tunnel.example.com/_tunnel/register",
+            "ws://127.0.0.1:8711": "ws://127.0.0.1:8711",
+            "tunnel.example.com": "wss://tunnel.example.com",
+            "tunnel.example.com:8443": "wss://tunnel.example.com:8443",
+            "127.0.0.1:8711": "ws://127.0.0.1:8711",
+            "[::1]:8711": "ws://[::1]:8711",
+            "localhost:8711": "ws://localhost:8711",
+            "relay.localhost:8711": "ws://relay.localhost:8711",
+        }
+        for given, url in forms.items():
+            self.assertEqual(self.load({"mcp": "http://x:1", "relay_url": given}).relay_url, url, given)
+
+    def test_bad_relay_url_is_one_line_naming_the_key(self) -> None:
+        for bad in ("ftp://tunnel.example.com", "localhost:99999", "http://", "tunnel example", "https://r/?x=1"):
+            e = self.assertRaises(ConfigError, self.load, {"mcp": "http://x:1"}, {"MCPR_RELAY_URL": bad})
+            self.assertTrue(str(e).startswith(
+                "environment variable MCPR_RELAY_URL: expected the relay's URL: "
+                "https://HOST, http://HOST:PORT, wss://HOST, ws://HOST:PORT or HOST:PORT"), str(e))
+            self.assertNotIn("\n", str(e))
+        path = self.write('mcp = "http://x:1"\n[tunnel]\nrelay_url = "gopher://r"\n')
+        e = self.assertRaises(ConfigError, self.load)
+        self.assertTrue(str(e).startswith(f"{path}: key 'tunnel.relay_url': expected the relay's URL"), str(e))
+
     def test_error_names_key_and_file(self) -> None:
         path = self.write('port = "abc"\nmcp = "http://x:1"\n')
         e = self.assertRaises(ConfigError, self.load)
@@ -63,7 +92,7 @@ class GatewaySettingsTests(SynchronousTestCase):
     def test_error_names_option_and_env(self) -> None:
         e = self.assertRaises(ConfigError, self.load, {"mcp": "ftp://x"})
         self.assertIn("option --mcp: expected an http:// or https:// URL", str(e))
-        e = self.assertRaises(ConfigError, self.load, {"mcp": "http://x:1"}, {"MCPR_RELAY_URL": "nope"})
+        e = self.assertRaises(ConfigError, self.load, {"mcp": "http://x:1"}, {"MCPR_RELAY_URL": "ftp://nope"})
         self.assertIn("environment variable MCPR_RELAY_URL", str(e))
 
     def test_unknown_keys_warn(self) -> None:
@@ -125,14 +154,20 @@ class OptionsTests(SynchronousTestCase):
         config.write_text('mcp = "http://x:1"\n')
         self.assertIsNone(relay_url())
 
-    def test_listen_wins_over_port(self) -> None:
-        """Unlike the relay, the gateway takes `--port` with `--listen` and ignores the port."""
+    def test_port_with_listen_refused(self) -> None:
+        """As the relay, the gateway refuses `--port` beside `--listen` on the command line (one of
+        them would be ignored); a port in the file beside `--listen` is no contradiction."""
         config = Path(self.mktemp())
         config.write_text("")
         o = Options()
-        o.parseOptions(["--mcp", "http://x:1", "--config", str(config), "--port", "4000", "--listen", "tcp:5000"])
+        e = self.assertRaises(usage.UsageError, o.parseOptions,
+                              ["--mcp", "http://x:1", "--config", str(config), "--port", "4000", "--listen", "tcp:5000"])
+        self.assertEqual(str(e), "--port and --listen both given (--port 4000, --listen tcp:5000): give only --listen "
+                                 "(--port 4000 is short for --listen tcp:4000:interface=127.0.0.1)")
+        config.write_text("port = 4000\n")
+        o = Options()
+        o.parseOptions(["--mcp", "http://x:1", "--config", str(config), "--listen", "tcp:5000"])
         self.assertEqual(o["settings"].listen, ("tcp:5000",))
-        self.assertEqual(o["cli"]["port"], "4000")
 
     def test_bad_option_is_usage_error(self) -> None:
         o = Options()

@@ -54,6 +54,17 @@ class WebSocketURLTests(SynchronousTestCase):
         self.assertEqual(websocket_url("https://r.example/base"),
                          ("wss://r.example/base/_tunnel/register", "r.example", 443, True))
 
+    def test_websocket_schemes(self) -> None:
+        """ws:// and wss:// (as the relay's status page shows them) are used as they are, with or
+        without the registration path."""
+        self.assertEqual(websocket_url("wss://tunnel.example.com"),
+                         ("wss://tunnel.example.com/_tunnel/register", "tunnel.example.com", 443, True))
+        self.assertEqual(websocket_url("wss://tunnel.example.com/_tunnel/register"),
+                         ("wss://tunnel.example.com/_tunnel/register", "tunnel.example.com", 443, True))
+        self.assertEqual(websocket_url("ws://localhost:8711/_tunnel/register/"),
+                         ("ws://localhost:8711/_tunnel/register", "localhost", 8711, False))
+        self.assertEqual(websocket_url("ws://[::1]:8711"), ("ws://[::1]:8711/_tunnel/register", "::1", 8711, False))
+
 
 PORT = 4321
 URL = "https://a.tunnel.example"
@@ -196,6 +207,21 @@ class ReconnectPolicyTests(SynchronousTestCase):
         self.assertEqual(self.relay.messages, [{"token": "token", "subdomain": None},
                                                {"token": "token", "subdomain": "a"}])
 
+    def test_another_name_assigned_than_asked_is_said_and_kept(self) -> None:
+        """A relay gives a token for exactly one name that name, whatever was asked (docs/protocol.md)."""
+        logs: list[dict] = []
+        globalLogPublisher.addObserver(logs.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logs.append)
+        self.relay.answer = lambda relay, message: relay.sendMessage(
+            json.dumps({"url": URL, "subdomain": "solo"}).encode())
+        client = TunnelClient(self.clock, f"http://127.0.0.1:{PORT}", "token", "wanted", Site(Resource()), self.events,
+                              self.urls.append, backoff=Backoff(initial=1, factor=2, cap=8, jitter=0))
+        client.startService()
+        self.accept_tcp()
+        said = [formatEvent(e) for e in logs if e.get("log_namespace") == "mcpr.gateway.tunnel"]
+        self.assertIn("tunnel: asked for the subdomain wanted, the relay assigned solo", said)
+        self.assertEqual(self.events.records[-1]["subdomain"], "solo")
+
     def test_a_final_close_code_stops_the_service(self) -> None:
         self.relay.answer = refuse(CloseCode.AUTH_FAILED, "invalid token")
         client = self.start()
@@ -293,13 +319,14 @@ class ReconnectPolicyTests(SynchronousTestCase):
 
     def test_a_chosen_subdomain_is_sent_and_kept(self) -> None:
         offered: list[list[str]] = []
+        chosen: Deferred[str] = Deferred()
 
         def choose(patterns: list[str]) -> Deferred[str]:
             offered.append(patterns)
-            return succeed("alpha-dev")
+            return chosen
 
         def answer(relay: MemoryRelay, message: dict) -> None:
-            if "token" in message:
+            if message.get("subdomain") is None:
                 relay.sendMessage(json.dumps({"subdomains": ["alpha-*", "beta"]}).encode())
             else:
                 register(relay, message)
@@ -307,11 +334,46 @@ class ReconnectPolicyTests(SynchronousTestCase):
         self.relay.answer = answer
         client = self.start(choose=choose)
         self.accept_tcp()
+        # The socket is closed while the person chooses: no relay timeout runs meanwhile.
         self.assertEqual(offered, [["alpha-*", "beta"]])
-        self.assertEqual(self.relay.messages[1], {"subdomain": "alpha-dev"})
+        self.assertEqual(self.relay.closes, [1000])
+        self.assertEqual(self.events.states(), ["connecting", "choosing"])
+        self.assertEqual(self.events.records[-1]["offered"], ["alpha-*", "beta"])
+        self.clock.advance(3600)  # a person may take a while; nothing retries meanwhile
+        self.assertEqual(self.events.states(), ["connecting", "choosing"])
+        chosen.callback("alpha-dev")
+        self.clock.advance(ATTEMPT_DELAY)
+        self.accept_tcp()
+        self.assertEqual(self.relay.messages[1], {"token": "token", "subdomain": "alpha-dev"})
+        self.assertEqual(self.events.records[-1]["state"], "connected")
         self.assertEqual(self.events.records[-1]["subdomain"], "alpha-dev")
         tunnel = self.successResultOf(client.whenConnected())
         self.assertEqual(tunnel.factory.subdomain, "alpha-dev")
+
+    def test_stop_while_choosing_does_not_register(self) -> None:
+        self.relay.answer = lambda relay, message: relay.sendMessage(json.dumps(
+            {"subdomains": ["alpha-*", "beta"]}).encode())
+        chosen: Deferred[str] = Deferred()
+        client = self.start(choose=lambda patterns: chosen)
+        self.accept_tcp()
+        self.successResultOf(client.stopService())
+        chosen.callback("alpha-dev")
+        self.clock.advance(3600)
+        self.assertEqual(self.events.states(), ["connecting", "choosing"])
+        self.assertFalse(client.running)
+
+    def test_terminal_closed_while_choosing_stops_the_tunnel(self) -> None:
+        self.relay.answer = lambda relay, message: relay.sendMessage(json.dumps(
+            {"subdomains": ["alpha-*", "beta"]}).encode())
+        chosen: Deferred[str] = Deferred()
+        client = self.start(choose=lambda patterns: chosen)
+        self.accept_tcp()
+        chosen.errback(NoChoice("no subdomain chosen on the terminal"))
+        self.assertEqual(self.events.records[-1], {"type": "tunnel", "state": "stopped", "relay": client.relay_url,
+                                                   "code": CloseCode.POLICY,
+                                                   "reason": "no subdomain chosen on the terminal"})
+        self.clock.advance(3600)
+        self.assertEqual(self.events.states(), ["connecting", "choosing", "stopped"])
 
     def test_stop_during_a_backoff_sleep_cancels_it(self) -> None:
         client = self.start()
@@ -457,7 +519,10 @@ class RegistrationOutcomeTests(TestCase):
         self.assertRegex(line, r"Tunnel: https://solo\.localhost$")
 
     async def test_several_patterns_on_a_terminal_are_asked_for(self) -> None:
-        port = self.start("--static-token", "tty-token:alpha-*,beta")
+        """Under `twist`, on a real pty: the question shows before anyone types, and the person may
+        take longer than the relay's registration timeout (1 s here) without a 1008."""
+        relay, port = start_relay(self, "localhost", "--static-token", "tty-token:alpha-*,beta",
+                                  "--registration-timeout", "1")
         terminal = Terminal()
         args = self.gateway_args(port)
         child = reactor.spawnProcess(terminal, args[0], args, env={**os.environ, "MCPR_TUNNEL_TOKEN": "tty-token"},
@@ -469,11 +534,20 @@ class RegistrationOutcomeTests(TestCase):
             return terminal.ended
 
         self.addCleanup(stop)
-        await terminal.seen("connecting to")
-        child.write(b"gamma\nalpha-dev\n")  # the first answer matches no offered pattern
+        await terminal.seen("The relay offers the subdomains alpha-*, beta for this token")
+        await terminal.seen("Subdomain to use: ")  # the prompt, with no newline after it
+        child.write(b"gamma\n")  # matches no offered pattern: asked again
+        await terminal.seen("'gamma' does not match any of: alpha-*, beta\r\nSubdomain to use: ")
+        await sleep(2.5)  # longer than the relay's registration timeout
+        child.write(b"alpha-dev\n")
         await terminal.seen("Tunnel: ")
         self.assertIn("Tunnel: https://alpha-dev.localhost", terminal.output)
-        self.assertIn("'gamma' does not match any of: alpha-*, beta", terminal.output)
+        self.assertIn("registering the subdomain alpha-dev (to skip the question next time: --subdomain alpha-dev)",
+                      terminal.output)
+        for where in (terminal.output, relay.output()):
+            self.assertNotIn("1008", where)
+            self.assertNotIn("registration timeout", where)
+        self.assertEqual(terminal.output.count("connecting to"), 2)  # the offer's socket, then the pick's
 
     async def test_several_patterns_without_a_terminal_say_how_to_choose(self) -> None:
         port = self.start("--static-token", "many-token:alpha-*,beta")

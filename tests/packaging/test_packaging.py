@@ -43,6 +43,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from mcpr.common.startup import EXIT_STATUS
 from mcpr.relay.settings import RELAY_SETTINGS, load_relay
 from tests.support.processes import ROOT
 
@@ -161,6 +162,44 @@ class ReleaseTests(SynchronousTestCase):
             self.assertIn(name, pins)
 
 
+class WheelTests(SynchronousTestCase):
+    """`make wheel` builds a wheel that works on its own, away from the checkout."""
+
+    def test_wheel_in_a_fresh_venv(self) -> None:
+        """Installed into a new venv, whose only other path is this venv's site-packages (added by a
+        .pth line, so the checkout's editable-install .pth there is not processed): the commands and
+        the plugins come from the wheel."""
+        if shutil.which("git") is None or not (ROOT / ".git").exists():
+            raise SkipTest("`make wheel` builds from git HEAD: needs git and a clone")
+        work = Path(tempfile.mkdtemp(prefix="mcpr-wheel-"))
+        self.addCleanup(shutil.rmtree, work, True)
+        bin_dir = Path(sys.executable).parent
+        subprocess.run(["make", "-s", "-C", str(ROOT), "wheel", f"DIST={work / 'dist'}", f"BIN={bin_dir}"],
+                       check=True, capture_output=True, timeout=300)
+        [wheel] = (work / "dist").glob(f"mcpr-{setup_cfg_version()}-py3-none-any.whl")
+        venv = work / "venv"
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+        subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
+                        "--quiet", "--no-deps", "--no-compile", str(wheel)], check=True, capture_output=True,
+                       timeout=300)
+        [site] = venv.glob("lib/python3.*/site-packages")
+        deps = next(p for p in map(Path, sys.path) if p.name == "site-packages" and (p / "twisted").is_dir())
+        (site / "test-deps.pth").write_text(f"{deps}\n")
+
+        def run(*args: str) -> str:
+            result = subprocess.run(args, capture_output=True, text=True, cwd=work, timeout=120,
+                                    env={"PATH": "/usr/bin:/bin", "HOME": str(work)})
+            self.assertEqual(result.returncode, 0, result.stderr)
+            return result.stdout
+
+        self.assertEqual(run(str(venv / "bin" / "python"), "-c", "import mcpr; print(mcpr.__file__)").strip(),
+                         str(site / "mcpr" / "__init__.py"))
+        # `python -m twisted` is `twist`, whose script comes with Twisted (not installed here).
+        self.assertIn("--mcp=", run(str(venv / "bin" / "python"), "-m", "twisted", "mcpr", "--help"))
+        self.assertIn("--domain=", run(str(venv / "bin" / "python"), "-m", "twisted", "mcpr-relay", "--help"))
+        self.assertEqual(run(str(venv / "bin" / "mcpr"), "--version").strip(), f"mcpr {setup_cfg_version()}")
+
+
 class ConffileTests(SynchronousTestCase):
     """The shipped /etc/mcpr/relay.toml: valid, and only examples beside `mode`."""
 
@@ -218,6 +257,12 @@ class UnitTests(SynchronousTestCase):
         self.assertEqual(one(settings, "KillSignal"), "SIGTERM")
         self.assertGreater(seconds(one(settings, "TimeoutStopSec")), relay_default("drain_timeout") + 5)
         self.assertEqual(one(settings, "Restart"), "on-failure")
+
+    def test_a_mistake_is_not_retried(self) -> None:
+        """Both daemons end with `EXIT_STATUS` for a mistake in their settings: retrying cannot help,
+        and `systemctl status` shows the last run's log only, which must be the run that says why."""
+        for unit in (RELAY_UNIT, GATEWAY_UNIT):
+            self.assertEqual(one(unit_settings(unit), "RestartPreventExitStatus"), str(EXIT_STATUS), unit)
 
     def test_relay_may_bind_443_and_nothing_more(self) -> None:
         settings = unit_settings(RELAY_UNIT)
@@ -357,6 +402,7 @@ class DebianPackageTests(SynchronousTestCase):
         self.purge()
         self.assertFalse(Path(VENV).exists())
         self.assertFalse(config.exists())
+        self.assertFalse(Path("/var/lib/mcpr").exists() or Path("/var/log/mcpr").exists())
         self.assertNotIn("/etc/mcpr/relay.toml", self.run_command("dpkg-statoverride", "--list").stdout)
 
     def check_contents(self, deb: Path) -> None:
@@ -395,6 +441,9 @@ class DebianPackageTests(SynchronousTestCase):
 
     def check_installed(self) -> None:
         self.run_command("getent", "passwd", "mcpr")
+        # The state and log directories, before any unit ran (the units' StateDirectory=, LogsDirectory=).
+        for folder in ("/var/lib/mcpr", "/var/log/mcpr"):
+            self.assertEqual(self.run_command("stat", "-c", "%U:%G %a", folder).stdout.strip(), "mcpr:mcpr 750", folder)
         listing = self.run_command("dpkg-statoverride", "--list").stdout
         self.assertIn("root mcpr 640 /etc/mcpr/relay.toml", listing)
         self.assertIn("root mcpr 750 /etc/mcpr/certs", listing)

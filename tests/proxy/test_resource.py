@@ -395,9 +395,14 @@ class ProxyTests(TestCase):
         response = await self.request(b"GET", "/healthz")
         body = json.loads(await readBody(response))
         self.assertEqual(response.code, 200)
+        self.assertEqual(body["status"], "ok")
+        self.assertNotIn("reason", body)
         self.assertTrue(body["upstream"]["reachable"])
         _, port = await self.gateway("http://127.0.0.1:1/mcp", EventLog(None))
         response = await self.agent.request(b"GET", f"http://127.0.0.1:{port}/healthz".encode())
         body = json.loads(await readBody(response))
+        self.assertEqual(response.code, 200)  # the gateway works; its upstream does not
+        self.assertEqual((body["status"], body["reason"]),
+                         ("degraded", "upstream http://127.0.0.1:1/mcp unreachable: connection refused"))
         self.assertFalse(body["upstream"]["reachable"])
         self.assertEqual(body["upstream"]["error"], "connection refused")

@@ -233,6 +233,8 @@ class WidgetProxyTests(TestCase):
         response, body = await self.get("/widgets")
         self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/json"])
         listing = json.loads(body)
+        self.assertEqual(sorted(listing), ["source", "widgets"])
+        self.assertNotIn(str(self.base).encode(), body)  # nothing of the developer's disk
         self.assertEqual(listing["source"], "folder")
         self.assertEqual(listing["widgets"], [
             {"name": "chart", "uri": "ui://widget/chart.html", "path": "/chart/"},
@@ -252,8 +254,10 @@ class WidgetProxyTests(TestCase):
         content = await self.read_widget(self.tunnel)
         self.assertEqual(content["text"], "<p>from the dev server</p>")
         self.assertEqual(content["_meta"]["openai/widgetDomain"], PUBLIC)
-        listing = json.loads((await self.get("/widgets"))[1])
-        self.assertEqual((listing["source"], listing["widgets"]), ("dev-server", None))
+        body = (await self.get("/widgets"))[1]
+        listing = json.loads(body)
+        self.assertEqual(listing, {"source": "dev-server", "widgets": None})
+        self.assertNotIn(str(dev_port).encode(), body)
 
     async def test_dev_server_down_keeps_the_upstream_html(self):
         await self.start("http://127.0.0.1:1")

@@ -167,6 +167,13 @@ class AuthorizeTests(SynchronousTestCase):
         self.assertEqual(authorize(self.open_grant, "whatever", TOKEN), "whatever")
         self.assertEqual(authorize(self.open_grant, None, TOKEN), open_subdomain(TOKEN))
 
+    def test_one_concrete_pattern_is_the_name_whatever_was_asked(self) -> None:
+        """The original relay's rule 2: a single pattern without `*` is the name, asked for or not."""
+        solo = Grant(owner_id(TOKEN), ("solo",), "static")
+        for requested in (None, "solo", "other", "Not A Label"):
+            self.assertEqual(authorize(solo, requested, TOKEN), "solo", requested)
+        self.assertEqual(authorize(Grant(owner_id(TOKEN), ("solo-*",), "provider"), None, TOKEN), ["solo-*"])
+
     def test_offer_when_none_requested(self) -> None:
         self.assertEqual(authorize(self.grant, None, TOKEN), ["alice", "alice-*"])
 
@@ -179,7 +186,9 @@ class AuthorizeTests(SynchronousTestCase):
            st.from_regex(LABEL, fullmatch=True))
     def test_allowed_exactly_when_a_pattern_matches(self, patterns: list[str], label: str) -> None:
         grant = Grant("owner", tuple(patterns), "provider")
-        if any(matches(p, label) for p in patterns):
+        if len(patterns) == 1 and "*" not in patterns[0]:
+            self.assertEqual(authorize(grant, label, TOKEN), patterns[0])
+        elif any(matches(p, label) for p in patterns):
             self.assertEqual(authorize(grant, label, TOKEN), label)
         else:
             self.assertRaises(AuthFailed, authorize, grant, label, TOKEN)

@@ -6,12 +6,13 @@ import json
 
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet.address import IPv4Address
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from mcpr.relay.front import split_host
-from tests.support.memory_relay import MemoryRelay, relay_settings
+from tests.support.memory_relay import Client, MemoryRelay, relay_settings
 
 DOMAIN = "tunnel.example.com"
 
@@ -105,3 +106,39 @@ class ForwardingTests(SynchronousTestCase):
         health = json.loads(body)
         self.assertEqual((health["status"], health["domain"], health["tunnels"], health["in_flight"]),
                          ("ok", "tunnel.test", 1, 0))
+
+
+class StatusPageTests(SynchronousTestCase):
+    """The bare domain's status page tells gateways the URL to register at, as the relay is reached."""
+
+    def page(self, host: str, *headers: str, **cli: str) -> str:
+        relay = MemoryRelay(relay_settings(self, **cli))
+        client = Client(relay.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000)))
+        lines = "".join(f"{h}\r\n" for h in headers)
+        client.channel.dataReceived(f"GET / HTTP/1.1\r\nHost: {host}\r\n{lines}\r\n".encode())
+        response = client.value().decode()
+        self.assertTrue(response.startswith("HTTP/1.1 200 "), response)
+        return response.split("\r\n\r\n", 1)[1]
+
+    def test_plain_http_relay_with_a_port(self) -> None:
+        """No public URL configured: the request's scheme and Host, port included."""
+        body = self.page("tunnel.test:8711")
+        self.assertIn("<code>ws://tunnel.test:8711/_tunnel/register</code>", body)
+        self.assertIn("<code>https://&lt;name&gt;.tunnel.test</code>", body)  # what registrations answer
+
+    def test_configured_public_url(self) -> None:
+        body = self.page("tunnel.test:8711", public_url="http://*.tunnel.test:8711")
+        self.assertIn("<code>ws://tunnel.test:8711/_tunnel/register</code>", body)
+        self.assertIn("<code>http://&lt;name&gt;.tunnel.test:8711</code>", body)
+        body = self.page("tunnel.test:8080", public_url="https://*.tunnel.test")  # behind a TLS proxy
+        self.assertIn("<code>wss://tunnel.test/_tunnel/register</code>", body)
+        self.assertIn("<code>https://&lt;name&gt;.tunnel.test</code>", body)
+
+    def test_a_trusted_proxy_says_how_it_was_reached(self) -> None:
+        forwarded = ("X-Forwarded-Proto: https", "X-Forwarded-Host: tunnel.test")
+        self.assertIn("<code>wss://tunnel.test/_tunnel/register</code>",
+                      self.page("tunnel.test:8080", *forwarded, trusted_proxies="127.0.0.1"))
+        self.assertIn("<code>ws://tunnel.test:8080/_tunnel/register</code>",
+                      self.page("tunnel.test:8080", *forwarded))  # anyone else's claims are ignored
+        body = self.page("tunnel.test", "X-Forwarded-Host: <b>", trusted_proxies="127.0.0.1")
+        self.assertIn("<code>ws://&lt;b&gt;/_tunnel/register</code>", body)

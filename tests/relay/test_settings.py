@@ -85,7 +85,10 @@ class RelaySettingsTests(SynchronousTestCase):
         e = self.assertRaises(ConfigError, self.load)
         self.assertIn("no relay domain: pass --domain D", str(e))
         e = self.assertRaises(ConfigError, self.load, {"domain": "bad_name"})
-        self.assertEqual(str(e), 'relay domain: expected a DNS name such as tunnel.example.com, got "bad_name"')
+        self.assertEqual(str(e), 'option --domain: expected a DNS name such as tunnel.example.com, got "bad_name"')
+        self.write('[relay]\ndomain = "x y"\n')
+        e = self.assertRaises(ConfigError, self.load)
+        self.assertIn("key 'relay.domain': expected a DNS name such as tunnel.example.com, got \"x y\"", str(e))
 
     def test_gateway_file_refused(self) -> None:
         (self.dir / "mcpr.toml").write_text('mode = "gateway"\n')
@@ -169,6 +172,7 @@ class OptionsTests(SynchronousTestCase):
         """Unlike the gateway, the relay refuses `--port` beside `--listen` on the command line."""
         e = self.assertRaises(usage.UsageError, self.options, "--domain", "d.example", "--port", "80",
                               "--listen", "tcp:81")
-        self.assertEqual(str(e), "--port and --listen both given: use --listen tcp:N alone")
+        self.assertEqual(str(e), "--port and --listen both given (--port 80, --listen tcp:81): give only --listen "
+                                 "(--port 80 is short for --listen tcp:80)")
         self.config.write_text('mode = "relay"\nport = 80\n')
         self.assertEqual(self.options("--domain", "d.example", "--listen", "tcp:81")["settings"].listen, ("tcp:81",))

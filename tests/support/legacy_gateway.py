@@ -35,12 +35,15 @@ class _Protocol(WebSocketClientProtocol):
 
 class LegacyGateway:
     def __init__(self, port: int, token: str | None, subdomain: str | None = None, *, pick: str | None = None,
-                 hello: dict | None = None, source: str = "127.0.0.1") -> None:
-        """`source`: the loopback address to connect from (the relay counts registrations per address)."""
+                 hello: dict | None = None, source: str = "127.0.0.1", answers_offers: bool = True) -> None:
+        """`source`: the loopback address to connect from (the relay counts registrations per address);
+        `answers_offers=False`: an original mcpr client of the kind that never answers an offer (it
+        only reads the ack), so one left waiting is closed by the relay's registration timeout."""
         self.port = port
         self.source = source
         self.hello = hello if hello is not None else {"token": token, "subdomain": subdomain}
         self.pick = pick
+        self.answers_offers = answers_offers
         self.requests: DeferredQueue = DeferredQueue()
         self.cancels: DeferredQueue = DeferredQueue()
         self.offers: list = []
@@ -66,7 +69,8 @@ class LegacyGateway:
     def _message(self, message: dict) -> None:
         if "subdomains" in message and self.ack is None:
             self.offers.append(message["subdomains"])
-            self.proto.sendMessage(json.dumps({"subdomain": self.pick}).encode())
+            if self.answers_offers:
+                self.proto.sendMessage(json.dumps({"subdomain": self.pick}).encode())
         elif "url" in message and self.ack is None:
             self.ack = message
             self._registered.callback(message)

@@ -114,7 +114,8 @@ class MemoryRelay:
         self.forwarder = TunnelForwarder(self.clock, self.registry, self.stats,
                                          max_in_flight=settings.max_in_flight,
                                          headers_timeout=settings.headers_timeout)
-        self.front = RelayFront(self.clock, DOMAIN, self.registry, self.forwarder, self.stats, Resource())
+        self.front = RelayFront(self.clock, DOMAIN, self.registry, self.forwarder, self.stats, Resource(),
+                                public_url=settings.public_url, public_url_set=settings.public_url_set)
         # The channels' deadlines go on the Clock too, never on the global reactor.
         self.site = public_site(self.front, settings, self.clock, max_connections=1000)
         self.auth = Authenticator(self.clock, settings.tokens)

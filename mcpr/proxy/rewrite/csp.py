@@ -125,7 +125,7 @@ class CspRewriter:
     """Rewrites the widget metadata of one response, for one public origin.
 
     `origin` is the public origin the client reached us at (the tunnel URL or
-    `[csp].domain`), or None in direct mode.  Self-references (localhost and the
+    `[csp].domain`), or None in direct mode; a local tunnel URL counts as none.  Self-references (localhost and the
     upstream's host) are only dropped when there is an origin to put first:
     without one the client reached us on this machine, so they still work, and
     with no `[csp]` setting either there is nothing to do at all.  Rewriting a
@@ -135,7 +135,10 @@ class CspRewriter:
     def __init__(self, policy: CspPolicy, origin: str | None, upstream_host: str) -> None:
         origin = origin.rstrip("/") if origin else None
         self.policy = policy
-        self.origin = origin if origin and not is_local_host(source_host(origin)) else None
+        # A local tunnel URL (a relay on this machine) is no public origin; `[csp] domain` is what
+        # the user said, local or not (the demo sets it to its local tunnel's URL).
+        local = origin is not None and is_local_host(source_host(origin))
+        self.origin = origin if origin and (not local or origin == policy.domain) else None
         self._upstream_host = upstream_host.lower()
         # The same few entries and rules repeat across every tool of a list.
         self._self: dict[str, bool] = {}
