@@ -69,6 +69,20 @@ STORE_SETTINGS: tuple[Setting, ...] = (
 )
 
 
+# The inspector's page, like ngrok's: on this machine only, at a port people remember.
+DEFAULT_INSPECTOR = "tcp:4040:interface=127.0.0.1"
+
+
+def parse_inspector(value: Any) -> str | None:
+    """An endpoint string for the inspector's listener, or `off` (None): no inspector."""
+    if value is False or (isinstance(value, str) and value.strip().lower() in ("off", "false", "no", "none")):
+        return None
+    try:
+        return parse_text(value)
+    except ValueError:
+        raise ValueError('expected an endpoint such as "tcp:4040:interface=127.0.0.1", or "off"') from None
+
+
 RELAY_SCHEMES = ("http", "https", "ws", "wss")
 
 
@@ -133,6 +147,9 @@ GATEWAY_SETTINGS: tuple[Setting, ...] = (
     Setting("max_request_body", parse_size, DEFAULT_MAX_BODY, ("max_request_body",),
             help="Largest request body accepted, e.g. 16MiB (default)."),
     *STORE_SETTINGS,
+    Setting("inspector", parse_inspector, DEFAULT_INSPECTOR, ("inspector", "listen"), env="MCPR_INSPECTOR",
+            help="Endpoint of the inspector page (the event store, live, with replay), or off (env MCPR_INSPECTOR; "
+                 f"default {DEFAULT_INSPECTOR}, this machine only)."),
 )
 
 
@@ -172,6 +189,7 @@ class GatewaySettings:
     upstream_timeout: float
     max_request_body: int
     store: StoreSettings | None
+    inspector: str | None  # an endpoint string, None when off
     config_path: Path | None
     csp_widgets: tuple[WidgetRule, ...] = ()
     warnings: tuple[str, ...] = ()
