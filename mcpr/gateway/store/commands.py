@@ -92,7 +92,8 @@ def parser() -> argparse.ArgumentParser:
     which.add_argument("--session", metavar="PREFIX", help="a session id, or its first characters")
     which.add_argument("--status", choices=queries.STATUSES, help="ok, error (anything not ok) or timeout")
     which.add_argument("--error-code", type=int, metavar="CODE", help="a JSON-RPC error code, e.g. -32602")
-    which.add_argument("--via", choices=("direct", "tunnel"), help="how the request reached the gateway")
+    which.add_argument("--via", choices=("direct", "tunnel", "replay"),
+                       help="how the request reached the gateway (replay: sent again from the inspector)")
     out = common.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="one JSON object per line (for jq)")
 

@@ -19,6 +19,7 @@ import json
 import os
 import socket
 import sqlite3
+from fnmatch import fnmatchcase
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -30,7 +31,8 @@ from mcpr.proxy.sse import SSEParser
 
 
 def failed_sql(p: str = "") -> str:
-    """Whether a request (of table alias `p`) counts as failed; `writer.failed` is the Python twin."""
+    """Whether a request (of table alias `p`) counts as failed; `writer.failed` is the Python twin.
+    Without an alias, migration 2's partial index `requests_failed` is on exactly this text."""
     return f"({p}outcome != 'ok' OR coalesce({p}status, 0) >= 400 OR {p}error_code IS NOT NULL)"
 
 
@@ -68,6 +70,8 @@ class Filters:
     hold `*`, `?` or `[`; `session` is a prefix of the session id; `status` is
     `ok`, `error` (anything not ok: an HTTP error status, a JSON-RPC error, or
     an exchange that broke off) or `timeout` (the upstream did not answer in time).
+    `session_id` is one whole session id: the inspector's grouping, which the
+    `(session_id, id)` index serves in id order, where a prefix needs a sort.
     """
 
     since: float | None = None
@@ -78,6 +82,7 @@ class Filters:
     status: str | None = None
     error_code: int | None = None
     via: str | None = None
+    session_id: str | None = None
 
     def __post_init__(self) -> None:
         if self.status is not None and self.status not in STATUSES:
@@ -105,6 +110,9 @@ class Filters:
             clauses.append(_match(f"{p}mcp_method", self.method, params))
         if self.session is not None:
             clauses.append(_prefix(f"{p}session_id", self.session, params))
+        if self.session_id is not None:
+            clauses.append(f"{p}session_id = ?")
+            params.append(self.session_id)
         if self.status is not None:
             clauses.append({"ok": f"NOT {failed_sql(p)}", "error": failed_sql(p), "timeout": timeout_sql(p)}[self.status])
         if self.error_code is not None:
@@ -114,6 +122,25 @@ class Filters:
             clauses.append(f"{p}via = ?")
             params.append(self.via)
         return " AND ".join(clauses) or "1", params
+
+    def matches(self, row: RequestRow) -> bool:
+        """Whether `row` is selected: `where`'s Python twin, for requests pushed live before anyone
+        reads them back (globs as GLOB reads them, through `fnmatchcase`)."""
+        def match(value: str | None, pattern: str | None) -> bool:
+            if pattern is None:
+                return True
+            if value is None:
+                return False
+            return fnmatchcase(value, pattern) if any(c in pattern for c in "*?[") else value == pattern
+
+        status = {None: True, "ok": not row.failed, "error": row.failed, "timeout": row.timed_out}[self.status]
+        return (status and match(row.tool, self.tool) and match(row.mcp_method, self.method)
+                and (self.session is None or (row.session_id or "").startswith(self.session) and row.session_id is not None)
+                and (self.session_id is None or row.session_id == self.session_id)
+                and (self.since is None or row.started >= self.since)
+                and (self.until is None or row.started < self.until)
+                and (self.error_code is None or row.error_code == self.error_code)
+                and (self.via is None or row.via == self.via))
 
 
 # -- requests
@@ -165,6 +192,11 @@ class RequestRow:
     @property
     def failed(self) -> bool:
         return self.outcome != "ok" or (self.status or 0) >= 400 or self.error_code is not None
+
+    @property
+    def timed_out(self) -> bool:
+        """`timeout_sql`'s Python twin."""
+        return self.outcome == "upstream-timeout" or self.error_code == -32001
 
     @property
     def target(self) -> str | None:

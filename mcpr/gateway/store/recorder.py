@@ -14,7 +14,9 @@ read-only) is dropped and counted the same way.
 
 from __future__ import annotations
 
+import functools
 import sqlite3
+import threading
 from typing import Any, Callable, TypeVar
 
 from twisted.application.service import Service
@@ -28,12 +30,15 @@ from twisted.python.threadpool import ThreadPool
 
 from mcpr.gateway.settings import StoreSettings
 from mcpr.gateway.store.schema import Connect, StoreError, open_store
-from mcpr.gateway.store.writer import Item, RunInfo, SessionChange, StoreWriter, TunnelChange
+from mcpr.gateway.store.writer import Item, RunInfo, SessionChange, StoreWriter, TunnelChange, Written
 from mcpr.proxy.events import RequestRecord
 
 log = Logger()
 
 T = TypeVar("T")
+
+# Called on the reactor thread with the `requests` rows of each batch once committed.
+Watcher = Callable[[list[tuple[Any, ...]]], None]
 
 FLUSH_DELAY = 0.05  # seconds a report waits for others to share its commit
 MAX_QUEUE = 10_000  # events waiting for the disk, beside the batch being written
@@ -42,6 +47,21 @@ EVENT_OVERHEAD = 512  # bytes an event is counted for besides its captured bodie
 DROP_REPORT_INTERVAL = 10.0
 HEARTBEAT_INTERVAL = 30.0  # `mcpr status` says a gateway stopped answering after three missed
 PRUNE_INTERVAL = 300.0
+
+
+def worker_pool(name: str) -> ThreadPool:
+    """A pool of one worker thread, for SQLite work off the reactor, whose thread does not keep the
+    process alive.
+
+    A service tree that fails to start (a port in use) is stopped without a
+    running reactor: a `stopService` waiting for its thread's last job then
+    never returns, the pool is never stopped, and the process would hang after
+    the one-line error instead of exiting.  A normal stop completes before the
+    reactor ends, so a daemon thread cuts nothing short.
+    """
+    pool = ThreadPool(minthreads=1, maxthreads=1, name=name)
+    pool.threadFactory = functools.partial(threading.Thread, daemon=True)  # type: ignore[assignment]
+    return pool
 
 
 class EventStore(Service):
@@ -75,6 +95,7 @@ class EventStore(Service):
         self._last_prune = clock.seconds()
         self._heartbeat = LoopingCall(self._tick)
         self._heartbeat.clock = clock
+        self._watchers: list[Watcher] = []
 
     @classmethod
     def open(cls, settings: StoreSettings, run: RunInfo, reactor: Any, *, connect: Connect | None = None,
@@ -87,7 +108,7 @@ class EventStore(Service):
         except (sqlite3.Error, OSError) as e:
             raise StoreError(f"cannot use the event store {settings.path}: {e} (--no-store runs without one)") \
                 from None
-        pool = ThreadPool(minthreads=1, maxthreads=1, name="mcpr-store")
+        pool = worker_pool("mcpr-store")
 
         def in_pool(f: Callable[[], T]) -> Deferred[T]:
             return deferToThreadPool(reactor, pool, f)
@@ -149,6 +170,14 @@ class EventStore(Service):
         if type == "tunnel":
             self._offer(TunnelChange(ts, fields), EVENT_OVERHEAD)
 
+    def watch(self, watcher: Watcher) -> None:
+        """Have `watcher` told of the requests of every batch written from now on: the rows are
+        readable by then, and the live page needs no polling of the file."""
+        self._watchers.append(watcher)
+
+    def unwatch(self, watcher: Watcher) -> None:
+        self._watchers.remove(watcher)
+
     def health(self) -> dict[str, Any]:
         return {"path": str(self.settings.path), "written": self.written, "dropped": self.dropped,
                 "queued": len(self._pending), "error": self._error}
@@ -174,12 +203,18 @@ class EventStore(Service):
         writing.addCallbacks(self._written, self._failed, errbackArgs=(len(batch),))
         return writing
 
-    def _written(self, count: int) -> None:
+    def _written(self, written: Written) -> None:
         self._writing = None
-        self.written += count
+        self.written += written.count
         if self._error is not None:
             log.info("store: writing to {path} again", path=str(self.settings.path))
             self._error = None
+        if written.requests:
+            for watcher in list(self._watchers):
+                try:
+                    watcher(written.requests)
+                except Exception:
+                    log.failure("store: a watcher of new requests failed")
         self._next()
 
     def _failed(self, failure: Failure, count: int) -> None:

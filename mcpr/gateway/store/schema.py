@@ -133,6 +133,15 @@ MIGRATIONS: tuple[Migration, ...] = (
             relay TEXT,
             detail TEXT NOT NULL)""",
     )),
+    # The inspector's status filter pages the newest failed (or timed-out) requests among 100,000
+    # mostly good ones: partial indexes on exactly `queries.failed_sql()` and `timeout_sql()` let
+    # SQLite walk only those rows, in id order.
+    Migration(2, "partial indexes of failed and timed-out requests", (
+        "CREATE INDEX requests_failed ON requests (id) "
+        "WHERE (outcome != 'ok' OR coalesce(status, 0) >= 400 OR error_code IS NOT NULL)",
+        "CREATE INDEX requests_timeout ON requests (id) "
+        "WHERE (outcome = 'upstream-timeout' OR error_code = -32001)",
+    )),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

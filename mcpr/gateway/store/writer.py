@@ -45,6 +45,16 @@ Item = Union[RequestRecord, SessionChange, TunnelChange]
 
 
 @dataclass(frozen=True)
+class Written:
+    """What one batch wrote: the count of items, and the `requests` rows as inserted (in the order
+    of `REQUEST_COLUMNS`, ids given), which the inspector pushes to its live page without reading
+    them back."""
+
+    count: int
+    requests: list[tuple[Any, ...]]
+
+
+@dataclass(frozen=True)
 class RunInfo:
     """The gateway process writing, for `mcpr status`."""
 
@@ -58,10 +68,10 @@ def failed(record: RequestRecord) -> bool:
     return record.outcome != "ok" or (record.status or 0) >= 400 or record.error_code is not None
 
 
-_REQUEST_COLUMNS = ("id, request_id, run_id, started, via, method, path, route, status, outcome, session_id, "
+REQUEST_COLUMNS = ("id, request_id, run_id, started, via, method, path, route, status, outcome, session_id, "
                     "mcp_method, tool, resource, prompt, jsonrpc_id, error_code, error_message, latency_ms, "
                     "upstream_ms, downstream_ms, bytes_in, bytes_out, client_name, client_version, listing_id")
-_INSERT_REQUEST = f"INSERT INTO requests ({_REQUEST_COLUMNS}) VALUES ({', '.join('?' * 26)})"
+_INSERT_REQUEST = f"INSERT INTO requests ({REQUEST_COLUMNS}) VALUES ({', '.join('?' * 26)})"
 _INSERT_EXCHANGE = ("INSERT INTO exchanges (id, query, request_headers, response_headers, request_body, "
                     "response_body) VALUES (?, ?, ?, ?, ?, ?)")
 # A batch's requests of one session: counts add up, times widen, what is known is kept.
@@ -102,8 +112,8 @@ class StoreWriter:
             "INSERT INTO runs (started, last_seen, pid, host, version, upstream, listen) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (now, now, os.getpid(), socket.gethostname(), run.version, run.upstream, json.dumps(list(run.listen)))))
 
-    def write(self, items: Sequence[Item], now: float, dropped: int) -> int:
-        """Write one batch and the run's counters; the number of items written."""
+    def write(self, items: Sequence[Item], now: float, dropped: int) -> Written:
+        """Write one batch and the run's counters."""
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -136,7 +146,7 @@ class StoreWriter:
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        return len(items)
+        return Written(len(items), requests)
 
     def heartbeat(self, now: float, dropped: int) -> None:
         """The run is alive (for `mcpr status`), with its drop count."""

@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mcpr import cli
 from mcpr.gateway.store import commands
-from mcpr.gateway.store.schema import open_store
+from mcpr.gateway.store.schema import SCHEMA_VERSION, open_store
 from mcpr.gateway.store.writer import RunInfo, SessionChange, StoreWriter
 from mcpr.proxy.capture import Listing
 from tests.support.store import record
@@ -118,7 +118,7 @@ class CommandTests(SynchronousTestCase):
 
     def test_status(self) -> None:
         out = self.ok("status")
-        self.assertIn(f"store     {self.path} (schema 1,", out)
+        self.assertIn(f"store     {self.path} (schema {SCHEMA_VERSION},", out)
         self.assertIn("gateway   running, pid", out)
         self.assertIn("events    7 written, 0 dropped", out)
         self.assertIn("last 1h   5 requests, 1 failed (0 timed out)", out, "the 4-day-old request is not in the hour")
