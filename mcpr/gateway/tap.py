@@ -20,6 +20,7 @@ from mcpr.common.service import address_of, listener
 from mcpr.common.settings import ConfigError, cli_values, listen_origin, options_from
 from mcpr.common.startup import Daemon, DaemonOptions, SettingError, one_line_errors
 from mcpr.common.web import CappedSite
+from mcpr.gateway.inspector.service import inspector_service
 from mcpr.gateway.reload import ReloadService
 from mcpr.gateway.settings import GATEWAY_SETTINGS, GatewaySettings, load_gateway
 from mcpr.gateway.store.recorder import EventStore
@@ -190,13 +191,20 @@ def _service_tree(options: usage.Options, reactor: Any) -> Daemon:
         store.setServiceParent(top)
         log.info("event store: {path} (mcpr logs, mcpr status; --no-store to keep none)", path=str(store.settings.path))
     site = build_site(resource, settings)
+    addresses: list[str] = []
 
     def announce(port: IListeningPort) -> None:
+        addresses.append(address_of(port))
         log.info("mcpr {version}: http://{address} -> {mcp}", version=__version__,
                  address=address_of(port), mcp=settings.mcp)
 
     for description in settings.listen:
         listener(description, site, announce, reactor, where=listen_origin(settings.sources)).setServiceParent(top)
+    if settings.inspector is not None and store is None:
+        log.info("inspector: off, as it shows the event store and --no-store keeps none")
+    elif settings.inspector is not None and store is not None:  # stopped before the store it reads
+        inspector_service(settings, store, resource, reactor,
+                          gateway_url=lambda: f"http://{addresses[0]}" if addresses else None).setServiceParent(top)
     _UpstreamCheck(resource).setServiceParent(top)
     if settings.relay_url:
         tunnel_service(settings, resource, reactor, store).setServiceParent(top)
