@@ -54,14 +54,14 @@ class Subscriber:
     """One open page: what it selected, and its events while the connection cannot take them."""
 
     def __init__(self, request: Request, filters: Filters, feed: LiveFeed, *, after: int | None,
-                 limit: int = MAX_BUFFERED) -> None:
+                 limit: int | None = None) -> None:
         self.request = request
         self.filters = filters
         self.feed = feed
         # The newest id the page has (from its list or its last event); None: it has none yet,
         # and wants what comes after the newest the store has.
         self.last_sent = after if after is not None else 0
-        self._limit = limit
+        self._limit = MAX_BUFFERED if limit is None else limit
         self._buffer: deque[bytes] = deque()
         self._paused = False
         self._backfilling = True  # live rows wait until what the page missed went first

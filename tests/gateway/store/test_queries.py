@@ -76,6 +76,21 @@ class QueryTests(SynchronousTestCase):
         self.assertEqual(ids(since=NOW - 300, until=NOW - 100), [5, 6])
         self.assertRaises(QueryError, Filters, status="maybe")
 
+    def test_matches_is_where_in_python(self) -> None:
+        """The live feed selects with `matches` what a page's list selects with `where`."""
+        every = queries.requests(self.db, limit=1000)
+        for filters in (Filters(), Filters(tool="add"), Filters(tool="e*"), Filters(tool="[ae]*"), Filters(method="tools/*"),
+                        Filters(method="tools/list"), Filters(status="ok"), Filters(status="error"),
+                        Filters(status="timeout"), Filters(session="ab"), Filters(session_id="abc123"),
+                        Filters(session_id="abc"), Filters(via="tunnel"), Filters(error_code=-32602),
+                        Filters(since=NOW - 300, until=NOW - 100), Filters(tool="add", status="error")):
+            self.assertEqual([r.id for r in every if filters.matches(r)],
+                             self.ids(queries.requests(self.db, filters, limit=1000)), filters)
+
+    def test_session_id_is_one_whole_session(self) -> None:
+        self.assertEqual(self.ids(queries.requests(self.db, Filters(session_id="abc123"))), [1, 2, 3, 4, 6])
+        self.assertEqual(queries.requests(self.db, Filters(session_id="abc")), [])
+
     def test_paging_by_id(self) -> None:
         self.assertEqual(self.ids(queries.requests(self.db, limit=3)), [6, 7, 8])
         self.assertEqual(self.ids(queries.requests(self.db, before=6, limit=3)), [3, 4, 5])

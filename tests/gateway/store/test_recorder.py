@@ -115,6 +115,34 @@ class RecorderTests(SynchronousTestCase):
         self.assertEqual(self.db.execute("SELECT dropped FROM runs").fetchone()[0], 8,
                          "the count reaches the store, for mcpr status")
 
+    def test_watchers_hear_of_each_batch_once_written(self) -> None:
+        heard: list[list[int]] = []
+
+        def broken(rows: list) -> None:
+            raise RuntimeError("a watcher's bug")
+
+        def watcher(rows: list) -> None:
+            heard.append([row[0] for row in rows])
+
+        self.store.watch(broken)
+        self.store.watch(watcher)
+        self.store.request(record())
+        self.store.request(record())
+        self.store.session(1000.0, {"session_id": "s", "state": "active"})
+        self.clock.advance(recorder.FLUSH_DELAY)
+        self.assertEqual(heard, [], "not before the batch is committed")
+        with capturedLogs() as events:
+            self.disk.run()
+        self.assertEqual(heard, [[1, 2]])
+        self.assertEqual([e["log_failure"].value.args[0] for e in events if "log_failure" in e], ["a watcher's bug"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.store.unwatch(watcher)
+        self.store.unwatch(broken)
+        self.store.request(record())
+        self.clock.advance(recorder.FLUSH_DELAY)
+        self.disk.run()
+        self.assertEqual((heard, self.stored()), ([[1, 2]], 3))
+
     def test_captured_bytes_bound_the_queue_too(self) -> None:
         big = record(response_body=b"x" * 1024, request_body=b"y" * 1024)
         for _ in range(5):
