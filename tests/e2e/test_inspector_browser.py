@@ -21,7 +21,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, readBody
+from twisted.web.http_headers import Headers
 
+from mcpr.proxy.forward import BytesProducer
 from tests.support.browser import Browser, find_chromium, when
 from tests.support.processes import ROOT, start_gateway, start_upstream
 
@@ -93,6 +96,19 @@ class InspectorBrowserTests(TestCase):
             "tr.querySelector('.target').textContent === 'add').dataset.id", "the tools/call add row"))
         self.assertTrue(await page.evaluate("window.notReloaded === true"))
 
+        # Grouped by session: the session's client in the sessions pane; picking it filters the list.
+        session = called["session_id"]
+        client = await page.evaluate(when(f"document.querySelector('#sessions li[data-session=\"{session}\"] strong')"
+                                          f" && document.querySelector('#sessions li[data-session=\"{session}\"] "
+                                          "strong').textContent", "the session in the sessions pane"))
+        self.assertEqual(client, "mcp 0.1.0")
+        await page.evaluate(f"document.querySelector('#sessions li[data-session=\"{session}\"]').click()")
+        await page.evaluate(when("!document.querySelector('#session-filter').hidden && document.querySelector("
+                                 f"'#requests tr[data-id=\"{row}\"]')", "the list of the session"))
+        sessions = await page.evaluate("[...document.querySelectorAll('#requests tbody tr td:nth-child(7)')]"
+                                       ".map(td => td.title)")
+        self.assertEqual(set(sessions), {session})
+
         # Its detail: the JSON-RPC request with the tool's arguments, and the answer's SSE event.
         await page.evaluate(f"document.querySelector('#requests tr[data-id=\"{row}\"]').click()")
         sent = await page.evaluate(when("document.querySelector('#request-body pre')"
@@ -119,14 +135,35 @@ class InspectorBrowserTests(TestCase):
                                        " && document.querySelector('#requests tbody tr .badge.replay').textContent",
                                        "the replay's row"))
         self.assertEqual(via, "replay")
-        # The click handler fills the command in before it awaits the clipboard.
-        curl = await page.evaluate("document.querySelector('#copy-curl').click(), document.querySelector('#curl').value")
-        self.assertIn(f"curl -sS -N -X POST '{base}/mcp'", curl)
-        self.assertIn("\"arguments\":{\"a\":20,\"b\":22}", curl)
-
+        await page.evaluate("Promise.all(document.getAnimations().map(a => a.finished)).then(() => true)")
         png = await page.screenshot()
         self.assertEqual(png_size(png), (1400, 900))
         self.assertGreater(len(png), 20_000, "a page with content, not a blank one")
         if os.environ.get("MCPR_SCREENSHOT"):
             Path(os.environ["MCPR_SCREENSHOT"]).write_bytes(png)
+
+        # The click handler fills the command in before it awaits the clipboard.
+        curl = await page.evaluate("document.querySelector('#copy-curl').click(), document.querySelector('#curl').value")
+        self.assertIn(f"curl -sS -N -X POST '{base}/mcp'", curl)
+        self.assertIn("\"arguments\":{\"a\":20,\"b\":22}", curl)
+
+        # Captured text is the caller's: markup in a tool's name stays text, in the list and the detail.
+        hostile = '<img src=x onerror="window.pwned=1">'
+        response = await Agent(reactor).request(
+            b"POST", f"{base}/mcp".encode(),
+            Headers({b"content-type": [b"application/json"], b"accept": [b"application/json, text/event-stream"],
+                     b"mcp-session-id": [called["session_id"].encode()]}),
+            BytesProducer(json.dumps({"jsonrpc": "2.0", "id": 99, "method": "tools/call",
+                                      "params": {"name": hostile, "arguments": {}}}).encode()))
+        await readBody(response)
+        shown = await page.evaluate(when(
+            f"[...document.querySelectorAll('#requests .target')].find(td => td.textContent === {json.dumps(hostile)})"
+            " && 'shown'", "the hostile row"))
+        self.assertEqual(shown, "shown")
+        await page.evaluate("[...document.querySelectorAll('#requests .target')].find(td => td.textContent !== 'add'"
+                            " && td.textContent !== '').closest('tr').click()")
+        await page.evaluate(when("document.querySelector('#request-body pre') && document.querySelector("
+                                 "'#request-body pre').textContent.includes('onerror')", "the hostile detail"))
+        self.assertEqual(await page.evaluate("[document.querySelectorAll('img').length, typeof window.pwned]"),
+                         [0, "undefined"])
         self.assertEqual(await held.end(), 0)
