@@ -179,6 +179,8 @@ class LiveFeed:
 
         def failed(failure: Failure) -> None:
             log.failure("inspector: reading the requests a live page missed failed", failure)
+            if subscriber.closed:  # the page left meanwhile
+                return
             subscriber.close()
             subscriber.request.unregisterProducer()
             subscriber.request.finish()
