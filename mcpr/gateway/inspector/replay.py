@@ -42,7 +42,12 @@ NOT_REPLAYED = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"accept-enc
 
 
 class ReplayError(Exception):
-    """This request cannot be replayed as asked; the message says why (a 400)."""
+    """This request cannot be replayed as asked, or got no answer; the message says why, `status`
+    is the inspector's answer (400: as asked; 503: no replay listener; 504: no answer in time)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -152,14 +157,20 @@ class Replayer:
     async def send(self, replay: Replay) -> Answer:
         origin = self._origin()
         if origin is None:
-            raise ReplayError("the gateway's replay listener is not listening")
+            raise ReplayError("the gateway's replay listener is not listening", 503)
         headers = Headers()
         for name, value in replay.headers:
             headers.addRawHeader(name.encode("latin-1"), value.encode("latin-1", "replace"))
         sending: Deferred[IResponse] = self._agent.request(replay.method.encode(),
                                                            (origin + replay.target).encode("latin-1"),
                                                            headers, BytesProducer(replay.body))
-        timer = self._reactor.callLater(self._timeout, sending.cancel)
+        timed_out: list[bool] = []
+
+        def time_out(d: Deferred[Any]) -> None:
+            timed_out.append(True)
+            d.cancel()
+
+        timer = self._reactor.callLater(self._timeout, time_out, sending)
         try:
             response = await sending
             collect: list[_Collect] = []
@@ -167,8 +178,12 @@ class Replayer:
             collect.append(_Collect(done))
             response.deliverBody(collect[0])
             timer.cancel()
-            timer = self._reactor.callLater(self._timeout, done.cancel)
+            timer = self._reactor.callLater(self._timeout, time_out, done)
             data, size = await done
+        except Exception:
+            if timed_out:
+                raise ReplayError(f"no whole answer within {self._timeout:g} s", 504) from None
+            raise
         finally:
             if timer.active():
                 timer.cancel()

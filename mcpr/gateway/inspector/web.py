@@ -358,7 +358,7 @@ class InspectorResource(Resource):
         try:
             answer = await self._replayer.send(replay)
         except ReplayError as e:
-            raise BadRequest(str(e), 503) from None
+            raise BadRequest(str(e), e.status) from None
         except Exception as e:
             raise BadRequest(f"the replay got no answer: {describe(e)}", 502) from None
         return 200, {"replay_of": request_id, "sent": replay.as_dict(), "answer": answer.as_dict()}
