@@ -120,7 +120,8 @@ class InspectorStartTests(TestCase):
         quiet = Process(self, twist("mcpr", "--mcp", MCP, "--listen", "tcp:0:interface=127.0.0.1",
                                     "--inspector", "off"), name="quiet")
         quiet.wait_for("Starting reactor")
-        self.assertNotIn("inspector", quiet.output())
+        self.assertNotIn("inspector:", quiet.output())
+        self.assertNotIn("[mcpr.gateway.inspector", quiet.output())
 
 
 class InspectorLiveTests(TestCase):

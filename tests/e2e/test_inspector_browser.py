@@ -143,7 +143,8 @@ class InspectorBrowserTests(TestCase):
             Path(os.environ["MCPR_SCREENSHOT"]).write_bytes(png)
 
         # The click handler fills the command in before it awaits the clipboard.
-        curl = await page.evaluate("document.querySelector('#copy-curl').click(), document.querySelector('#curl').value")
+        curl = await page.evaluate("document.querySelector('#copy-curl').click(), "
+                                   "document.querySelector('#curl').value")
         self.assertIn(f"curl -sS -N -X POST '{base}/mcp'", curl)
         self.assertIn("\"arguments\":{\"a\":20,\"b\":22}", curl)
 

@@ -172,7 +172,10 @@ WHEN = """new Promise((resolve, reject) => {{
     if (value) {{ observer.disconnect(); clearTimeout(timer); resolve(value); }}
   }});
   observer.observe(document, {{ subtree: true, childList: true, attributes: true, characterData: true }});
-  const timer = setTimeout(() => {{ observer.disconnect(); reject(new Error({what!r} + ": not seen in {ms} ms")); }}, {ms});
+  const timer = setTimeout(() => {{
+    observer.disconnect();
+    reject(new Error({what!r} + ": not seen in {ms} ms"));
+  }}, {ms});
 }})"""
 
 

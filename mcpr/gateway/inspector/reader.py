@@ -26,10 +26,9 @@ T = TypeVar("T")
 class StoreReader(Service):
     """Runs `ask(question)` with `question(connection)` on the reader thread, while running."""
 
-    def __init__(self, path: Path, reactor: Any, *, connect: Callable[[Path], sqlite3.Connection] = open_reader) -> None:
+    def __init__(self, path: Path, reactor: Any) -> None:
         self._path = path
         self._reactor = reactor
-        self._connect = connect
         self._pool = worker_pool("mcpr-inspector")
         self._db: sqlite3.Connection | None = None
 
@@ -50,7 +49,7 @@ class StoreReader(Service):
 
     def _connection(self) -> sqlite3.Connection:
         if self._db is None:
-            self._db = self._connect(self._path)
+            self._db = open_reader(self._path)
         return self._db
 
     def _close(self) -> None:

@@ -135,7 +135,7 @@ class Filters:
 
         status = {None: True, "ok": not row.failed, "error": row.failed, "timeout": row.timed_out}[self.status]
         return (status and match(row.tool, self.tool) and match(row.mcp_method, self.method)
-                and (self.session is None or (row.session_id or "").startswith(self.session) and row.session_id is not None)
+                and (self.session is None or (row.session_id is not None and row.session_id.startswith(self.session)))
                 and (self.session_id is None or row.session_id == self.session_id)
                 and (self.since is None or row.started >= self.since)
                 and (self.until is None or row.started < self.until)

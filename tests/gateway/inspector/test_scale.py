@@ -41,7 +41,8 @@ def fill(db: sqlite3.Connection) -> None:
                    "VALUES (?, '', '[]', '[]', x'', x'')", ((i,) for i in range(1, ROWS + 1, 97)))
     db.executemany("INSERT INTO sessions (id, first_seen, last_activity, state, requests, errors) "
                    "VALUES (?, ?, ?, 'active', ?, 0)",
-                   ((f"session-{s:04d}", 1000.0, 1000.0 + ROWS - SESSIONS + s, ROWS // SESSIONS) for s in range(SESSIONS)))
+                   ((f"session-{s:04d}", 1000.0, 1000.0 + ROWS - SESSIONS + s, ROWS // SESSIONS)
+                    for s in range(SESSIONS)))
     db.execute("COMMIT")
     db.execute("ANALYZE")
 
