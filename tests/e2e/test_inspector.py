@@ -91,6 +91,10 @@ class InspectorStartTests(TestCase):
         self.assertEqual((result.returncode, result.stdout, result.stderr.splitlines()), (64, "", [
             f"mcpr: option --inspector: cannot listen on tcp:{port}:interface=127.0.0.1: Address already in use: "
             "another process listens there (another gateway or relay?): stop it, or choose another port"]))
+        result = self.run_twist("--inspector", "tcp:0:interface=0.0.0.0")
+        self.assertEqual((result.returncode, result.stdout), (64, ""))
+        self.assertRegex(result.stderr, r"^mcpr: option --inspector: tcp:0:interface=0.0.0.0 listens on 0.0.0.0, not on "
+                                        r"loopback: .* \(interface=127.0.0.1 or ::1\)\n$")
         result = self.run_twist("--inspector", "tpc:4040")
         self.assertEqual(result.returncode, 64)
         self.assertIn("mcpr: option --inspector: cannot use endpoint \"tpc:4040\"", result.stderr)

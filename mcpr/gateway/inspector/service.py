@@ -3,15 +3,18 @@ listener, started after the store and stopped before it."""
 
 from __future__ import annotations
 
+import ipaddress
 import sqlite3
 from typing import Any, Callable
 
 from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
 from mcpr import __version__
 from mcpr.common.service import address_of, listener
+from mcpr.common.settings import ConfigError
 from mcpr.common.web import CappedSite
 from mcpr.gateway.inspector.feed import LiveFeed
 from mcpr.gateway.inspector.reader import StoreReader
@@ -67,7 +70,7 @@ def inspector_service(settings: GatewaySettings, store: EventStore, proxy: Proxy
     reader = StoreReader(store.settings.path, reactor)
     reader.setServiceParent(top)
 
-    def backfill(filters: Filters, after: int | None, limit: int) -> Any:
+    def backfill(filters: Filters, after: int | None, limit: int) -> Deferred[tuple[int, list[RequestRow]]]:
         def question(db: sqlite3.Connection) -> tuple[int, list[RequestRow]]:
             start = queries.last_id(db) if after is None else after
             return start, queries.requests(db, filters, after=start, limit=limit)
@@ -93,17 +96,25 @@ def inspector_service(settings: GatewaySettings, store: EventStore, proxy: Proxy
     site = CappedSite(resource, max_request_body=6 * MAX_BODY + 4096, via="inspector")
     site.displayTracebacks = False
 
+    explicit = "inspector" in settings.sources
+    where = settings.sources.get("inspector", f"--inspector (the default, {DEFAULT_INSPECTOR})")
+
     def bound(port: IListeningPort) -> None:
+        host = getattr(port.getHost(), "host", None)
+        if host is not None and not ipaddress.ip_address(host.split("%", 1)[0]).is_loopback:
+            # Its Host check stops rebinding pages, not a client of another machine that says
+            # `Host: localhost`: the captured traffic and replay stay on this machine.
+            port.stopListening()
+            raise ConfigError(f"{where}: {settings.inspector} listens on {host}, not on loopback: the inspector "
+                              "shows captured requests and replays them, so it listens on this machine only "
+                              "(interface=127.0.0.1 or ::1)")
         top.url = f"http://{address_of(port)}/"
         log.info("inspector: {url} (--inspector off turns it off)", url=top.url)
-
-    explicit = "inspector" in settings.sources
 
     def unbound(line: str) -> None:
         log.warn("{line}; running without the inspector (--inspector ENDPOINT picks another, --inspector off "
                  "says nothing)", line=line)
 
-    listener(settings.inspector, site, bound, reactor,
-             where=settings.sources.get("inspector", f"--inspector (the default, {DEFAULT_INSPECTOR})"),
+    listener(settings.inspector, site, bound, reactor, where=where,
              unbound=None if explicit else unbound).setServiceParent(top)
     return top
