@@ -123,7 +123,7 @@ def build_store(settings: GatewaySettings, reactor: Any) -> EventStore | None:
     try:
         return EventStore.open(settings.store, RunInfo(__version__, settings.mcp, settings.listen), reactor)
     except StoreError as e:
-        raise usage.UsageError(str(e)) from None
+        raise ConfigError(str(e)) from None  # one line, as any setting that cannot be used
 
 
 def build_resource(settings: GatewaySettings, reactor: Any, store: EventStore | None = None) -> ProxyResource:

@@ -164,7 +164,8 @@ class OneLineErrorTests(SynchronousTestCase):
         if os.geteuid() != 0:
             folder.chmod(0o555)
             self.addCleanup(folder.chmod, 0o755)
-        result = run(unprivileged(bare_twist("mcpr", "--config", str(config))), cwd="/")
+        # --no-store: the event store's default folder is the invoking user's (root's), not nobody's.
+        result = run(unprivileged(bare_twist("mcpr", "--config", str(config), "--no-store")), cwd="/")
         self.assertOneLine(result, f"mcpr: [tunnel] token: none is configured, and a new one cannot be saved in "
                                    f"{config} (Permission denied): set token = \"mcpr_...\" under [tunnel] in "
                                    f"{config}, or MCPR_TUNNEL_TOKEN (a new one: python3 -c 'import secrets; "
@@ -187,8 +188,9 @@ class LogFormatTests(SynchronousTestCase):
         for option in ("--log-format=json", "--log-fo=json"):
             process = Process(self, bare_twist(option, "mcpr", "--mcp", MCP, "--listen", "tcp:0:interface=127.0.0.1"),
                               name="gateway")
-            event = json.loads(process.wait_for('"log_namespace": "mcpr.gateway.tap"'))
-            self.assertEqual(event["mcp"], MCP)
+            # The line that says where it serves (the event store's comes first).
+            event = json.loads(process.wait_for(f'"mcp": "{MCP}"'))
+            self.assertEqual(event["log_namespace"], "mcpr.gateway.tap")
 
     def test_events_on_stdout_are_pure_ndjson(self) -> None:
         """The log (text) and the console line go to stderr; stdout holds events only."""
