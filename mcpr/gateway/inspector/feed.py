@@ -33,7 +33,7 @@ BACKFILL = 500  # requests sent to a page that reconnects; more were missed: it 
 
 
 def row_of_written(row: tuple[Any, ...]) -> RequestRow:
-    """A `requests` row as the writer inserted it (`writer.REQUEST_COLUMNS`: `run_id` third) as
+    """A `requests` row as the writer inserted it (`writer._REQUEST_COLUMNS`: `run_id` third) as
     the query API reads it back."""
     return RequestRow.from_row(row[:2] + row[3:])
 

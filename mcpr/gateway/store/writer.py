@@ -47,7 +47,7 @@ Item = Union[RequestRecord, SessionChange, TunnelChange]
 @dataclass(frozen=True)
 class Written:
     """What one batch wrote: the count of items, and the `requests` rows as inserted (in the order
-    of `REQUEST_COLUMNS`, ids given), which the inspector pushes to its live page without reading
+    of `_REQUEST_COLUMNS`, ids given), which the inspector pushes to its live page without reading
     them back."""
 
     count: int
@@ -68,10 +68,10 @@ def failed(record: RequestRecord) -> bool:
     return record.outcome != "ok" or (record.status or 0) >= 400 or record.error_code is not None
 
 
-REQUEST_COLUMNS = ("id, request_id, run_id, started, via, method, path, route, status, outcome, session_id, "
+_REQUEST_COLUMNS = ("id, request_id, run_id, started, via, method, path, route, status, outcome, session_id, "
                     "mcp_method, tool, resource, prompt, jsonrpc_id, error_code, error_message, latency_ms, "
                     "upstream_ms, downstream_ms, bytes_in, bytes_out, client_name, client_version, listing_id")
-_INSERT_REQUEST = f"INSERT INTO requests ({REQUEST_COLUMNS}) VALUES ({', '.join('?' * 26)})"
+_INSERT_REQUEST = f"INSERT INTO requests ({_REQUEST_COLUMNS}) VALUES ({', '.join('?' * 26)})"
 _INSERT_EXCHANGE = ("INSERT INTO exchanges (id, query, request_headers, response_headers, request_body, "
                     "response_body) VALUES (?, ?, ?, ?, ?, ?)")
 # A batch's requests of one session: counts add up, times widen, what is known is kept.
