@@ -1,14 +1,20 @@
-"""The `mcpr` command: the original mcpr's command lines, run by `twist`.
+"""The `mcpr` command: the original mcpr's command lines, run by `twist`, and the store's query commands.
 
 `mcpr --mcp URL ...` is `twist mcpr --mcp URL ...`, and `mcpr --relay ...` is
 `twist mcpr-relay ...`; options are the plugins' own, so there is one CLI to
 document and test.  Logs are text unless `--log-format` says otherwise.
+`mcpr logs ...` (or any other name in `QUERY_COMMANDS`) asks the gateway's
+event store instead, with no reactor: `mcpr.gateway.store.commands`, imported
+only then, so that starting a daemon does not pay for it.
 """
 
 from __future__ import annotations
 
 import runpy
 import sys
+
+# First arguments that are questions to the event store: the subcommands of mcpr.gateway.store.commands.
+QUERY_COMMANDS = ("logs", "slow", "sessions", "session", "clients", "status", "schema")
 
 # `twist` options that may precede the plugin's, in either spelling.
 _TWIST_OPTIONS = ("--log-format", "--log-level", "--log-file", "--reactor")
@@ -52,7 +58,12 @@ def usage(relay: bool) -> str:
 
 
 def main() -> None:
-    """Run `python -m twisted` (the documented way to run `twist`) on the translated command line."""
+    """A query command, or `python -m twisted` (the documented way to run `twist`) on the translated
+    command line."""
+    if len(sys.argv) > 1 and sys.argv[1] in QUERY_COMMANDS:
+        from mcpr.gateway.store.commands import main as query
+
+        sys.exit(query(sys.argv[1:]))
     if "--help" in sys.argv[1:]:
         print(usage("--relay" in sys.argv[1:]), end="")
         sys.exit(0)

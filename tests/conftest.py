@@ -15,3 +15,8 @@ settings.load_profile("mcpr")
 _workdir = tempfile.mkdtemp(prefix="mcpr-tests-")
 os.chdir(_workdir)
 atexit.register(shutil.rmtree, _workdir, True)
+
+# Every gateway the tests start would otherwise try the inspector's default port, 4040, and all
+# but one would warn that it is taken (or take a developer's own inspector's place): tests that
+# want an inspector ask for one with --inspector tcp:0:interface=127.0.0.1, which wins over this.
+os.environ.setdefault("MCPR_INSPECTOR", "off")

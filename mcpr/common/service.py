@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable
 
 from twisted.application import strports
 from twisted.application.internet import StreamServerEndpointService
@@ -56,22 +56,27 @@ class AnnouncingEndpoint:
     the reason and what to do."""
 
     def __init__(self, wrapped: IStreamServerEndpoint, announce: Announce, *, where: str,
-                 description: str) -> None:
+                 description: str, unbound: Callable[[str], None] | None = None) -> None:
         self.wrapped = wrapped
         self._announce = announce
         self._where = where
         self._description = description
+        self._unbound = unbound
 
-    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
+    # None when `unbound` took the failure: StreamServerEndpointService then has no port to stop.
+    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort | None]:  # type: ignore[override]
         return self.wrapped.listen(factory).addCallbacks(self._bound, self._refused)
 
     def _bound(self, port: IListeningPort) -> IListeningPort:
         self._announce(port)
         return port
 
-    def _refused(self, failure: Failure) -> NoReturn:
+    def _refused(self, failure: Failure) -> None:
         failure.trap(CannotListenError)
-        raise ConfigError(cannot_listen(self._where, self._description, failure.value)) from None
+        line = cannot_listen(self._where, self._description, failure.value)
+        if self._unbound is None:
+            raise ConfigError(line) from None
+        self._unbound(line)  # StreamServerEndpointService stops a port of None as no port
 
 
 # What to do about the bind() errors a user can cause, by errno.
@@ -109,17 +114,21 @@ def with_backlog(description: str, backlog: int = DEFAULT_BACKLOG) -> str:
 
 
 def listener(description: str, factory: IProtocolFactory, announce: Announce, reactor: Any, *,
-             where: str, translate: Callable[[str], str] = lambda d: d) -> StreamServerEndpointService:
+             where: str, translate: Callable[[str], str] = lambda d: d,
+             unbound: Callable[[str], None] | None = None) -> StreamServerEndpointService:
     """A listener on an endpoint string that logs its address through `announce` once bound.
 
     `where` names the option or key the string came from, for the one-line `ConfigError` of a
     string that is no endpoint (here) or a port that cannot be bound (at start); `translate`
-    maps the user's string to the one Twisted parses (the relay's `tls:` alias)."""
+    maps the user's string to the one Twisted parses (the relay's `tls:` alias).  With
+    `unbound`, a port that cannot be bound is not fatal: `unbound` gets the line instead and the
+    daemon runs without this listener (for a default port another instance may hold)."""
     try:
         service = strports.service(with_backlog(translate(description)), factory, reactor=reactor)
     except Exception as e:  # whatever the endpoint's parser raises, the string is the user's mistake
         raise ConfigError(f"{where}: cannot use endpoint {show_value(description)}: {e}{_syntax_hint(e)}") from None
-    service.endpoint = AnnouncingEndpoint(service.endpoint, announce, where=where, description=description)
+    service.endpoint = AnnouncingEndpoint(service.endpoint, announce, where=where, description=description,
+                                          unbound=unbound)
     return service
 
 

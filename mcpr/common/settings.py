@@ -86,6 +86,24 @@ def parse_ping_seconds(value: Any) -> float:
     return seconds
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w|)\s*$", re.IGNORECASE)
+_DURATION_UNITS = {"ms": 0.001, "": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds, as a number or a string such as "500ms", "30m", "7d" (a bare number is seconds).
+
+    For spans a person thinks of in their own unit: retention, `--since`,
+    a slowness threshold; `parse_seconds` stays the parser of timeouts.
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    match = _DURATION.match(value) if isinstance(value, str) else None
+    if match is None or float(match.group(1)) == 0:
+        raise ValueError('expected a positive duration, e.g. "500ms", "30m" or "7d"')
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
+
+
 _SIZE = re.compile(r"^\s*(\d+)\s*(|b|k|kb|kib|m|mb|mib|g|gb|gib)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1 << 20, "mb": 10**6,
           "mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30}

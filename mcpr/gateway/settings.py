@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -19,6 +22,7 @@ from mcpr.common.settings import (
     parse_bool,
     parse_choice,
     parse_csp_source,
+    parse_duration,
     parse_http_url,
     parse_list,
     parse_origin,
@@ -32,6 +36,52 @@ from mcpr.common.settings import (
 from mcpr.proxy.rewrite.csp import CspPolicy, WidgetRule
 
 DEFAULT_PORT = 3000
+
+# The event store's defaults (docs/limits.md): a week of traffic, at most this much disk, and the
+# first 64 KiB of each body in each direction.
+DEFAULT_RETAIN = 7 * 86400.0
+DEFAULT_MAX_STORE = 256 << 20
+DEFAULT_CAPTURE = 64 << 10
+
+
+def parse_capture(value: Any) -> int:
+    """Bytes of each body to keep, as `parse_size` reads them; 0 keeps none."""
+    if (value == 0 and not isinstance(value, bool)) or (isinstance(value, str) and value.strip() in ("0", "off")):
+        return 0
+    try:
+        return parse_size(value)
+    except ValueError:
+        raise ValueError('expected a size in bytes such as "64KiB", or 0 to keep no bodies') from None
+
+
+# The event store's rows, apart so that the query commands (`mcpr logs`, ...) find the store the
+# same way the gateway does without needing the gateway's other settings.
+STORE_SETTINGS: tuple[Setting, ...] = (
+    Setting("store_enabled", parse_bool, True, ("store", "enabled")),
+    Setting("no_store", parse_bool, False, ("no_store",), flag=True,
+            help="Keep no event store (requests, sessions and tunnel events in SQLite)."),
+    Setting("store_path", parse_text, None, ("store", "path"), env="MCPR_DB", option="db",
+            help="The event store's SQLite file (env MCPR_DB; default: one per project under "
+                 "$XDG_STATE_HOME/mcpr/)."),
+    Setting("store_retain", parse_duration, DEFAULT_RETAIN, ("store", "retain")),
+    Setting("store_max_size", parse_size, DEFAULT_MAX_STORE, ("store", "max_size")),
+    Setting("store_capture", parse_capture, DEFAULT_CAPTURE, ("store", "capture")),
+)
+
+
+# The inspector's page, like ngrok's: on this machine only, at a port people remember.
+DEFAULT_INSPECTOR = "tcp:4040:interface=127.0.0.1"
+
+
+def parse_inspector(value: Any) -> str | None:
+    """An endpoint string for the inspector's listener, or `off` (None): no inspector."""
+    if value is False or (isinstance(value, str) and value.strip().lower() in ("off", "false", "no", "none")):
+        return None
+    try:
+        return parse_text(value)
+    except ValueError:
+        raise ValueError('expected an endpoint such as "tcp:4040:interface=127.0.0.1", or "off"') from None
+
 
 RELAY_SCHEMES = ("http", "https", "ws", "wss")
 
@@ -96,12 +146,27 @@ GATEWAY_SETTINGS: tuple[Setting, ...] = (
             help="Seconds to wait for the upstream's response headers (30)."),
     Setting("max_request_body", parse_size, DEFAULT_MAX_BODY, ("max_request_body",),
             help="Largest request body accepted, e.g. 16MiB (default)."),
+    *STORE_SETTINGS,
+    Setting("inspector", parse_inspector, DEFAULT_INSPECTOR, ("inspector", "listen"), env="MCPR_INSPECTOR",
+            help="Endpoint of the inspector page (the event store, live, with replay), or off (env MCPR_INSPECTOR; "
+                 f"default {DEFAULT_INSPECTOR}, this machine only)."),
 )
+
 
 # Keys the gateway does not read but that may legitimately share its file.
 SHARED_KEYS: tuple[tuple[str, ...], ...] = (("mode",), ("relay",), ("relay_domain",))
 # Tables `load_gateway` reads itself, outside the settings table.
 GATEWAY_TABLES: tuple[tuple[str, ...], ...] = (("csp", "widget"),)
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """Where the event store lives and what it keeps; `GatewaySettings.store` is None without one."""
+
+    path: Path
+    retain: float
+    max_size: int
+    capture: int
 
 
 @dataclass(frozen=True)
@@ -123,6 +188,8 @@ class GatewaySettings:
     events: str | None
     upstream_timeout: float
     max_request_body: int
+    store: StoreSettings | None
+    inspector: str | None  # an endpoint string, None when off
     config_path: Path | None
     csp_widgets: tuple[WidgetRule, ...] = ()
     warnings: tuple[str, ...] = ()
@@ -178,6 +245,53 @@ def _widgets_source(value: str | None, from_cli: bool, source: str, config_path:
     return str(folder)
 
 
+def state_home(env: Mapping[str, str]) -> Path:
+    """`$XDG_STATE_HOME`, else `~/.local/state` (the XDG base directory rule for an unset or relative value)."""
+    value = env.get("XDG_STATE_HOME", "")
+    return Path(value) if os.path.isabs(value) else Path(env.get("HOME") or Path.home()) / ".local" / "state"
+
+
+def default_store_path(project: Path, env: Mapping[str, str]) -> Path:
+    """The store of the gateway of `project` (the folder of its mcpr.toml, else where it was started).
+
+    Named by the folder, so that gateways of two projects keep two stores and
+    the query commands, run from the same folder, find the same file:
+    `<state>/mcpr/<folder name>-<8 hex digits of the folder's path>.sqlite3`.
+    """
+    folder = project.resolve()
+    label = re.sub(r"[^A-Za-z0-9._-]", "_", folder.name)[:40] or "root"
+    digest = hashlib.sha256(str(folder).encode()).hexdigest()[:8]
+    return state_home(env) / "mcpr" / f"{label}-{digest}.sqlite3"
+
+
+def _store(values: Mapping[str, Any], from_file: bool, config_path: Path | None, cwd: Path,
+           env: Mapping[str, str]) -> StoreSettings | None:
+    """The store's settings, its path made absolute (a path in the file is relative to the file)."""
+    if values["no_store"] or not values["store_enabled"]:
+        return None
+    project = config_path.parent if config_path is not None else cwd
+    if values["store_path"] is None:
+        path = default_store_path(project, env)
+    else:
+        base = config_path.parent if from_file and config_path is not None else cwd
+        path = (base / os.path.expanduser(values["store_path"])).resolve()
+    return StoreSettings(path, values["store_retain"], values["store_max_size"], values["store_capture"])
+
+
+def _path_from_file(cli: Mapping[str, Any], env: Mapping[str, str]) -> bool:
+    return cli.get("store_path") is None and not env.get("MCPR_DB")
+
+
+def store_location(config: str | None = None, env: Mapping[str, str] | None = None,
+                   cwd: Path | None = None) -> StoreSettings | None:
+    """The store the gateway started in `cwd` (with `config`) uses, by the same rules: for the
+    query commands, which read nothing else of the settings."""
+    env = os.environ if env is None else env
+    cwd = Path.cwd() if cwd is None else cwd
+    loaded = load(STORE_SETTINGS, {}, config=config, env=env, cwd=cwd)
+    return _store(loaded.values, _path_from_file({}, env), loaded.path, cwd, env)
+
+
 def load_gateway(
     cli: Mapping[str, Any],
     *,
@@ -186,6 +300,7 @@ def load_gateway(
     cwd: Path | None = None,
 ) -> GatewaySettings:
     cwd = Path.cwd() if cwd is None else cwd
+    env = os.environ if env is None else env
     loaded = load(GATEWAY_SETTINGS, cli, config=config, env=env, cwd=cwd, known=SHARED_KEYS + GATEWAY_TABLES)
     v = dict(loaded.values)
     source = str(loaded.path) if loaded.path else CONFIG_NAME
@@ -201,6 +316,9 @@ def load_gateway(
     enabled, no_tunnel = v.pop("tunnel_enabled"), v.pop("no_tunnel")
     if no_tunnel or not enabled:
         v["relay_url"] = None
+    v["store"] = _store(v, _path_from_file(cli, env), loaded.path, cwd, env)
+    for name in [s.name for s in STORE_SETTINGS]:
+        del v[name]
     v["widgets"] = _widgets_source(v["widgets"], cli.get("widgets") is not None, source, loaded.path, cwd)
     return GatewaySettings(**v, config_path=loaded.path, csp_widgets=_csp_widgets(loaded.document, source),
                            warnings=loaded.warnings, sources=loaded.sources)

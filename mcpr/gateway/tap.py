@@ -20,10 +20,14 @@ from mcpr.common.service import address_of, listener
 from mcpr.common.settings import ConfigError, cli_values, listen_origin, options_from
 from mcpr.common.startup import Daemon, DaemonOptions, SettingError, one_line_errors
 from mcpr.common.web import CappedSite
+from mcpr.gateway.inspector.service import inspector_service
 from mcpr.gateway.reload import ReloadService
 from mcpr.gateway.settings import GATEWAY_SETTINGS, GatewaySettings, load_gateway
+from mcpr.gateway.store.recorder import EventStore
+from mcpr.gateway.store.schema import StoreError
+from mcpr.gateway.store.writer import RunInfo
 from mcpr.gateway.token import ensure_token
-from mcpr.gateway.tunnel import TunnelClient
+from mcpr.gateway.tunnel import EventSink, TunnelClient
 from mcpr.proxy.events import EventLog
 from mcpr.proxy.forward import Forwarder
 from mcpr.proxy.resource import ProxyResource
@@ -101,14 +105,35 @@ class _Closer(Service):
         return d
 
 
-def build_resource(settings: GatewaySettings, reactor: Any) -> ProxyResource:
+class _Both:
+    """The tunnel's events to the `--events` stream and to the store."""
+
+    def __init__(self, *sinks: EventSink) -> None:
+        self._sinks = sinks
+
+    def emit(self, type: str, ts: float, **fields: Any) -> None:
+        for sink in self._sinks:
+            sink.emit(type, ts, **fields)
+
+
+def build_store(settings: GatewaySettings, reactor: Any) -> EventStore | None:
+    """The event store, its file opened (and migrated) now: one that cannot be used stops `twist` here."""
+    if settings.store is None:
+        return None
+    try:
+        return EventStore.open(settings.store, RunInfo(__version__, settings.mcp, settings.listen), reactor)
+    except StoreError as e:
+        raise ConfigError(str(e)) from None  # one line, as any setting that cannot be used
+
+
+def build_resource(settings: GatewaySettings, reactor: Any, store: EventStore | None = None) -> ProxyResource:
     forwarder = Forwarder(reactor, headers_timeout=settings.upstream_timeout)
     widgets = open_source(settings.widgets, forwarder) if settings.widgets else None
     # The console line goes to standard output, unless the JSON events do: then to standard error,
     # so that `--events -` stays pure NDJSON for `jq`.
     console = LineWriter(sys.stderr if settings.events == "-" else sys.stdout, reactor)
     return ProxyResource(reactor, Upstream.parse(settings.mcp), forwarder, open_events(settings),
-                         csp=settings.csp, widgets=widgets, console=console)
+                         csp=settings.csp, widgets=widgets, console=console, recorder=store)
 
 
 def open_events(settings: GatewaySettings) -> EventLog:
@@ -129,7 +154,8 @@ def build_site(resource: ProxyResource, settings: GatewaySettings, *, via: str =
     return site
 
 
-def tunnel_service(settings: GatewaySettings, resource: ProxyResource, reactor: Any) -> TunnelClient:
+def tunnel_service(settings: GatewaySettings, resource: ProxyResource, reactor: Any,
+                   store: EventStore | None = None) -> TunnelClient:
     """The tunnel client, with the token that keeps this gateway's URL (made and saved on first use)."""
     assert settings.relay_url is not None, "tunnel_service needs a relay URL"
     token, saved = ensure_token(settings.tunnel_token, settings.config_path, Path.cwd())
@@ -141,8 +167,8 @@ def tunnel_service(settings: GatewaySettings, resource: ProxyResource, reactor: 
         log.info("Tunnel: {url}", url=url)
 
     site = build_site(resource, settings, via="tunnel")
-    return TunnelClient(reactor, settings.relay_url, token, settings.tunnel_subdomain, site, resource.events,
-                        on_url, ping_interval=settings.tunnel_ping_interval,
+    events: EventSink = resource.events if store is None else _Both(resource.events, store)
+    return TunnelClient(reactor, settings.relay_url, token, settings.tunnel_subdomain, site, events, on_url, ping_interval=settings.tunnel_ping_interval,
                         ping_timeout=settings.tunnel_ping_timeout)
 
 
@@ -158,19 +184,30 @@ def _service_tree(options: usage.Options, reactor: Any) -> Daemon:
     for warning in settings.warnings:
         log.warn("{warning}", warning=warning)
     top = Daemon(Options.program)
-    resource = build_resource(settings, reactor)
+    store = build_store(settings, reactor)
+    resource = build_resource(settings, reactor, store)
     _Closer(resource).setServiceParent(top)
+    if store is not None:  # stopped after the listeners and the tunnel, so their last events are kept
+        store.setServiceParent(top)
+        log.info("event store: {path} (mcpr logs, mcpr status; --no-store to keep none)", path=str(store.settings.path))
     site = build_site(resource, settings)
+    addresses: list[str] = []
 
     def announce(port: IListeningPort) -> None:
+        addresses.append(address_of(port))
         log.info("mcpr {version}: http://{address} -> {mcp}", version=__version__,
                  address=address_of(port), mcp=settings.mcp)
 
     for description in settings.listen:
         listener(description, site, announce, reactor, where=listen_origin(settings.sources)).setServiceParent(top)
+    if settings.inspector is not None and store is None:
+        log.info("inspector: off, as it shows the event store and --no-store keeps none")
+    elif settings.inspector is not None and store is not None:  # stopped before the store it reads
+        inspector_service(settings, store, resource, reactor,
+                          gateway_url=lambda: f"http://{addresses[0]}" if addresses else None).setServiceParent(top)
     _UpstreamCheck(resource).setServiceParent(top)
     if settings.relay_url:
-        tunnel_service(settings, resource, reactor).setServiceParent(top)
+        tunnel_service(settings, resource, reactor, store).setServiceParent(top)
     ReloadService(reactor, resource, settings,
                   lambda: load_gateway(options["cli"], config=options["config"])).setServiceParent(top)
     heartbeat = TimerService(HEARTBEAT_SECONDS, resource.heartbeat)

@@ -1,8 +1,10 @@
-"""Structured events (JSON lines) and the human console line.
+"""Where records of what the proxy did go: JSON-lines events, the console line, and a store.
 
 Events are the product's own output, written where `--events` says; they are
 not Twisted log records, so tools can rely on their shape.  The console line
-goes to the Twisted log, for the person watching the terminal.
+goes to the Twisted log, for the person watching the terminal.  A `Recorder`
+(the gateway's event store) gets the records themselves, with what their
+`Capture` took of the exchange.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from twisted.logger import Logger
+
+from mcpr.proxy.capture import Capture
 
 log = Logger()
 
@@ -61,6 +65,24 @@ class EventLog:
         self._stream = None
 
 
+class Recorder(Protocol):
+    """Keeps what the proxy saw (the gateway's event store); called on the reactor thread, so every
+    method returns at once and leaves the work to the recorder's own thread."""
+
+    @property
+    def capture_limit(self) -> int:
+        """Bytes of each body, in each direction, that a request's `Capture` keeps (0: none)."""
+
+    def request(self, record: RequestRecord) -> None:
+        """A request is over; `record` is not changed afterwards."""
+
+    def session(self, ts: float, session: dict[str, Any]) -> None:
+        """A session started, ended or expired (`Session.as_event()`)."""
+
+    def health(self) -> dict[str, Any]:
+        """The recorder's part of `/healthz`."""
+
+
 @dataclass
 class RequestRecord:
     """What one proxied request did, filled in as it goes."""
@@ -87,6 +109,7 @@ class RequestRecord:
     client_name: str | None = None
     client_version: str | None = None
     outcome: str = "ok"
+    capture: Capture | None = None
 
     def _ms(self, start: float | None, end: float | None) -> float | None:
         if start is None or end is None:

@@ -27,7 +27,8 @@ from mcpr.common.web import body_length, is_json
 from mcpr.proxy import headers as hdrs
 from mcpr.proxy import jsonrpc
 from mcpr.proxy.answers import AnswerWatcher
-from mcpr.proxy.events import EventLog, RequestRecord
+from mcpr.proxy.capture import LIST_METHODS, Capture, Listing
+from mcpr.proxy.events import EventLog, Recorder, RequestRecord
 from mcpr.proxy.forward import BodyPipe, Forwarder, UpstreamError, body_producer
 from mcpr.proxy.rewrite.csp import CspPolicy
 from mcpr.proxy.rewrite.plan import Plan, plan
@@ -79,6 +80,7 @@ class ProxyResource(Resource):
         csp: CspPolicy | None = None,
         widgets: WidgetSource | None = None,
         console: LineWriter | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         super().__init__()
         self._reactor = reactor
@@ -87,6 +89,8 @@ class ProxyResource(Resource):
         self.upstream = upstream
         self.forwarder = forwarder
         self.events = events
+        # The event store, which gets every record with its capture; None: nothing is captured.
+        self.recorder = recorder
         self.sessions = sessions or SessionTracker(reactor, self._session_changed)
         self.csp = csp or CspPolicy()  # replaced as a whole on reload
         self.widgets = widgets
@@ -134,6 +138,8 @@ class ProxyResource(Resource):
             path=request.path.decode("latin-1"),
             route="",
         )
+        if self.recorder is not None:
+            record.capture = Capture.begin(request.requestHeaders, request.uri, self.recorder.capture_limit)
         try:
             await self._exchange(request, record, exchange)
         except Exception:
@@ -146,6 +152,8 @@ class ProxyResource(Resource):
         finally:
             self.in_flight -= 1
             record.finished = self._reactor.seconds()
+            if record.capture is not None:
+                record.capture.finish(request.responseHeaders)
             self._report(record)
 
     async def _exchange(self, request: Request, record: RequestRecord, exchange: _Exchange) -> None:
@@ -179,6 +187,8 @@ class ProxyResource(Resource):
         folder, or the `GET /widgets` listing.
         """
         data, content, record.bytes_in = _read_body(request)
+        if record.capture is not None:
+            record.capture.take_request_body(data, content)
         rt = route(request.method, request.uri, request.requestHeaders, data, self.upstream,
                    widgets=self.widgets is not None)
         if rt.kind is Kind.PASSTHROUGH and data is None and _looks_json(request):
@@ -244,11 +254,14 @@ class ProxyResource(Resource):
         changes.rewrite_headers(request.responseHeaders)
         watcher = self._watcher(rt, response)
         done: Deferred[None] = Deferred()
+        capture = record.capture.response_body if record.capture is not None else None
 
         def write(chunk: bytes) -> None:
             record.bytes_out += len(chunk)
             if watcher is not None:
                 watcher.feed(chunk)
+            if capture is not None:
+                capture.feed(chunk)
             request.write(chunk)
 
         rewriter = changes.rewriter(write, request.responseHeaders)
@@ -303,7 +316,10 @@ class ProxyResource(Resource):
     def _watcher(self, rt: Route, response: IResponse) -> AnswerWatcher | None:
         if rt.kind is not Kind.MCP_POST or rt.rpc is None or not rt.rpc.requests:
             return None
-        keep = [m.id for m in rt.rpc.requests if m.method == "initialize"]
+        # Results are kept for `initialize` (the session table), and for the `*/list` methods when a
+        # store keeps every distinct answer.
+        kept = LIST_METHODS | {"initialize"} if self.recorder is not None else {"initialize"}
+        keep = [m.id for m in rt.rpc.requests if m.method in kept]
         content_type = response.headers.getRawHeaders(b"content-type", [None])[0]
         return AnswerWatcher(content_type, keep)
 
@@ -331,6 +347,8 @@ class ProxyResource(Resource):
         for answer in answers:
             if answer.kind == jsonrpc.ERROR and record.error_code is None:
                 record.error_code, record.error_message = answer.error_code, answer.error_message
+        if record.capture is not None:
+            record.capture.listings += _listings(rt.rpc, answers)
         initialize = next((m for m in rt.rpc.requests if m.method == "initialize"), None)
         session_id = response.headers.getRawHeaders(b"mcp-session-id", [None])[0]
         if initialize is None or not session_id:
@@ -359,6 +377,8 @@ class ProxyResource(Resource):
         request.setHeader(b"content-length", str(len(body)).encode())
         request.write(body)
         record.bytes_out += len(body)
+        if record.capture is not None:
+            record.capture.response_body.feed(body)
         request.finish()
 
     # -- reporting
@@ -368,6 +388,8 @@ class ProxyResource(Resource):
             self.events.emit("request", record.started, **record.as_event())
         if self.console.enabled:
             self.console.write(record.console_line())
+        if self.recorder is not None:
+            self.recorder.request(record)
 
     def report_too_large(self, request: Request, method: bytes, path: bytes) -> None:
         now = self._reactor.seconds()
@@ -386,7 +408,10 @@ class ProxyResource(Resource):
         self._report(record)
 
     def _session_changed(self, session: Session) -> None:
-        self.events.emit("session", self._reactor.seconds(), **session.as_event())
+        now, fields = self._reactor.seconds(), session.as_event()
+        self.events.emit("session", now, **fields)
+        if self.recorder is not None:
+            self.recorder.session(now, fields)
 
     def heartbeat(self) -> None:
         self.sessions.expire()
@@ -419,6 +444,7 @@ class ProxyResource(Resource):
                 "sessions": len(self.sessions),
                 "in_flight": self.in_flight,
                 "uptime_s": round(self._reactor.seconds() - self.started, 3),
+                "store": self.recorder.health() if self.recorder is not None else None,
             }
         ).encode()
         request.setHeader(b"content-type", b"application/json")
@@ -461,6 +487,18 @@ def _looks_json(request: Request) -> bool:
     return request.method == b"POST" and any(
         is_json(t) for t in request.requestHeaders.getRawHeaders(b"content-type", ())
     )
+
+
+def _listings(rpc: jsonrpc.Batch, answers: list[jsonrpc.Message]) -> list[Listing]:
+    """The `*/list` requests of `rpc` that got a result among `answers`."""
+    results = {jsonrpc.id_key(a.id): a.result for a in answers if a.kind == jsonrpc.RESPONSE}
+    found = []
+    for m in rpc.requests:
+        key = jsonrpc.id_key(m.id)
+        if m.method in LIST_METHODS and results.get(key) is not None:
+            cursor = m.params.get("cursor") if isinstance(m.params, dict) else None
+            found.append(Listing(m.method, cursor if isinstance(cursor, str) else None, results[key]))
+    return found
 
 
 def _answered(rt: Route, answers: list[jsonrpc.Message]) -> bool:

@@ -12,6 +12,9 @@ from typing import Any, Callable
 
 from twisted.internet.interfaces import IReactorTime
 
+# A session without a request for this long is expired (the store's `sessions --active` agrees).
+IDLE_TIMEOUT = 6 * 3600.0
+
 
 @dataclass
 class Session:
@@ -57,7 +60,7 @@ class SessionTracker:
         on_change: Callable[[Session], None] = lambda s: None,
         *,
         max_sessions: int = 10_000,
-        idle_timeout: float = 6 * 3600,
+        idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
         self._clock = clock
         self._sessions: OrderedDict[str, Session] = OrderedDict()

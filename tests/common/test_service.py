@@ -48,6 +48,21 @@ class ListenerTests(TestCase):
                                  "choose another port")
         self.assertEqual(announced, [])
 
+    def test_with_unbound_a_port_that_cannot_be_bound_is_reported_and_the_service_runs_without(self) -> None:
+        taken = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+        self.addCleanup(taken.stopListening)
+        announced: list = []
+        reported: list[str] = []
+        description = f"tcp:{taken.getHost().port}:interface=127.0.0.1"
+        service = listener(description, Factory.forProtocol(Protocol), announced.append, reactor,
+                           where="--inspector (the default)", unbound=reported.append)
+        service.startService()
+        self.assertEqual(reported, [f"--inspector (the default): cannot listen on {description}: Address already in "
+                                    "use: another process listens there (another gateway or relay?): stop it, or "
+                                    "choose another port"])
+        self.assertEqual((announced, service.running), ([], True))
+        self.assertIsNone(self.successResultOf(service.stopService()))
+
     def test_a_privileged_port_without_the_capability(self) -> None:
         """bind() refused with EACCES, as for :443 without CAP_NET_BIND_SERVICE (this test may run as
         root, so the refusal comes from an endpoint double)."""

@@ -18,6 +18,7 @@ from mcpr.common.settings import (
     load,
     options_from,
     parse_bool,
+    parse_duration,
     parse_list,
     parse_ping_seconds,
     parse_port,
@@ -78,6 +79,16 @@ class ParserTests(SynchronousTestCase):
             self.assertRaises(ValueError, parse_seconds, bad)
         e = self.assertRaises(ValueError, parse_ping_seconds, 0.5)
         self.assertIn("expected at least 1 second", str(e))
+
+    def test_durations(self) -> None:
+        self.assertEqual(parse_duration("7d"), 7 * 86400)
+        self.assertEqual(parse_duration("500ms"), 0.5)
+        self.assertEqual(parse_duration(" 1.5 H "), 5400)
+        self.assertEqual(parse_duration("90"), 90)
+        self.assertEqual(parse_duration(30), 30)
+        for bad in ("0s", "-1d", "soon", "7 days", 0, True):
+            e = self.assertRaises(ValueError, parse_duration, bad)
+            self.assertIn("expected a positive duration", str(e))
 
     def test_lists(self) -> None:
         self.assertEqual(parse_list(parse_text)("a, b,,"), ("a", "b"))

@@ -153,6 +153,15 @@ class OneLineErrorTests(SynchronousTestCase):
                                    "below 1024 need root or CAP_NET_BIND_SERVICE: use a port from 1024 up, or start "
                                    "the relay with its systemd unit, which grants the capability")
 
+    def test_store_cannot_be_opened(self) -> None:
+        folder = shared_folder()
+        self.addCleanup(shutil.rmtree, folder)
+        (folder / "file").write_text("")
+        db = folder / "file" / "store.sqlite3"
+        result = run(bare_twist("mcpr", "--mcp", MCP, "--listen", "tcp:0:interface=127.0.0.1", "--db", str(db)))
+        self.assertOneLine(result, f"mcpr: cannot use the event store {db}: [Errno 17] File exists: "
+                                   f"'{folder / 'file'}' (--no-store runs without one)")
+
     def test_token_cannot_be_saved(self) -> None:
         """A gateway with a relay and no token, in a folder it may not write (the `mcpr@` unit's
         read-only /etc/mcpr): it says to configure one."""
@@ -164,7 +173,8 @@ class OneLineErrorTests(SynchronousTestCase):
         if os.geteuid() != 0:
             folder.chmod(0o555)
             self.addCleanup(folder.chmod, 0o755)
-        result = run(unprivileged(bare_twist("mcpr", "--config", str(config))), cwd="/")
+        # --no-store: the event store's default folder is the invoking user's (root's), not nobody's.
+        result = run(unprivileged(bare_twist("mcpr", "--config", str(config), "--no-store")), cwd="/")
         self.assertOneLine(result, f"mcpr: [tunnel] token: none is configured, and a new one cannot be saved in "
                                    f"{config} (Permission denied): set token = \"mcpr_...\" under [tunnel] in "
                                    f"{config}, or MCPR_TUNNEL_TOKEN (a new one: python3 -c 'import secrets; "
@@ -187,8 +197,9 @@ class LogFormatTests(SynchronousTestCase):
         for option in ("--log-format=json", "--log-fo=json"):
             process = Process(self, bare_twist(option, "mcpr", "--mcp", MCP, "--listen", "tcp:0:interface=127.0.0.1"),
                               name="gateway")
-            event = json.loads(process.wait_for('"log_namespace": "mcpr.gateway.tap"'))
-            self.assertEqual(event["mcp"], MCP)
+            # The line that says where it serves (the event store's comes first).
+            event = json.loads(process.wait_for(f'"mcp": "{MCP}"'))
+            self.assertEqual(event["log_namespace"], "mcpr.gateway.tap")
 
     def test_events_on_stdout_are_pure_ndjson(self) -> None:
         """The log (text) and the console line go to stderr; stdout holds events only."""

@@ -35,6 +35,26 @@ class GatewaySettingsTests(SynchronousTestCase):
         self.assertIsNone(s.relay_url)
         self.assertIsNone(s.config_path)
 
+    def test_inspector(self) -> None:
+        base = {"mcp": "http://localhost:9000/mcp"}
+        s = self.load(base)
+        self.assertEqual((s.inspector, s.sources.get("inspector")), ("tcp:4040:interface=127.0.0.1", None))
+        self.assertIsNone(self.load({**base, "inspector": "off"}).inspector)
+        self.assertIsNone(self.load(base, {"MCPR_INSPECTOR": "OFF"}).inspector)
+        self.write('mcp = "http://x:1"\n[inspector]\nlisten = "tcp:4041:interface=127.0.0.1"\n')
+        s = self.load()
+        self.assertEqual((s.inspector, s.sources["inspector"]),
+                         ("tcp:4041:interface=127.0.0.1", f"{self.dir / 'mcpr.toml'}: key 'inspector.listen'"))
+        self.assertEqual(self.load({"inspector": "tcp:0"}).inspector, "tcp:0", "the command line wins")
+        self.assertEqual(s.warnings, ())
+        self.write('mcp = "http://x:1"\n[inspector]\nlisten = false\n')
+        self.assertIsNone(self.load().inspector)
+        self.write('mcp = "http://x:1"\n[inspector]\nlisten = 4040\n')
+        with self.assertRaises(ConfigError) as caught:
+            self.load()
+        self.assertIn("key 'inspector.listen': expected an endpoint such as \"tcp:4040:interface=127.0.0.1\", or "
+                      "\"off\", got 4040", str(caught.exception))
+
     def test_priority_cli_env_file_default(self) -> None:
         self.write('mcp = "http://file:1/mcp"\n[tunnel]\nrelay_url = "https://file.example"\nsubdomain = "f"\n')
         env = {"MCPR_RELAY_URL": "https://env.example", "MCPR_TUNNEL_SUBDOMAIN": "e"}

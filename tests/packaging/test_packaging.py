@@ -198,6 +198,11 @@ class WheelTests(SynchronousTestCase):
         self.assertIn("--mcp=", run(str(venv / "bin" / "python"), "-m", "twisted", "mcpr", "--help"))
         self.assertIn("--domain=", run(str(venv / "bin" / "python"), "-m", "twisted", "mcpr-relay", "--help"))
         self.assertEqual(run(str(venv / "bin" / "mcpr"), "--version").strip(), f"mcpr {setup_cfg_version()}")
+        # The inspector's page is package data: from the wheel, every file it serves.
+        served = run(str(venv / "bin" / "python"), "-c", "import json; from mcpr.gateway.inspector.web import "
+                     "load_static; print(json.dumps(sorted((p.decode(), len(d)) for p, (d, _) in load_static().items())))")
+        self.assertEqual([path for path, size in json.loads(served) if size > 0],
+                         ["/", "/static/inspector.css", "/static/inspector.js"])
 
 
 class ConffileTests(SynchronousTestCase):

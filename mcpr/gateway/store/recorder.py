@@ -1,0 +1,270 @@
+"""The event store's reactor side: what the proxy and the tunnel report is queued, and written in batches
+by a thread of the store's own.
+
+Nothing here waits for the disk.  A report appends to a list; every
+`FLUSH_DELAY` the list goes, as one batch, to the store's thread (a pool of
+one thread, not the reactor's, whose threads resolve host names), and the next
+batch waits until that one is written.  The list is bounded (`MAX_QUEUE`
+events, `MAX_QUEUE_BYTES` of captured bodies): when the disk cannot keep up,
+what does not fit is dropped and counted, never the request.  The count is in
+`/healthz`, in the store itself for `mcpr status`, and in a log line at most
+every `DROP_REPORT_INTERVAL` seconds.  A batch the disk refused (full,
+read-only) is dropped and counted the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+import sqlite3
+import threading
+from typing import Any, Callable, TypeVar
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from mcpr.gateway.settings import StoreSettings
+from mcpr.gateway.store.schema import Connect, StoreError, open_store
+from mcpr.gateway.store.writer import Item, RunInfo, SessionChange, StoreWriter, TunnelChange, Written
+from mcpr.proxy.events import RequestRecord
+
+log = Logger()
+
+T = TypeVar("T")
+
+# Called on the reactor thread with the `requests` rows of each batch once committed.
+Watcher = Callable[[list[tuple[Any, ...]]], None]
+
+FLUSH_DELAY = 0.05  # seconds a report waits for others to share its commit
+MAX_QUEUE = 10_000  # events waiting for the disk, beside the batch being written
+MAX_QUEUE_BYTES = 64 << 20  # captured bytes waiting for the disk
+EVENT_OVERHEAD = 512  # bytes an event is counted for besides its captured bodies
+DROP_REPORT_INTERVAL = 10.0
+HEARTBEAT_INTERVAL = 30.0  # `mcpr status` says a gateway stopped answering after three missed
+PRUNE_INTERVAL = 300.0
+
+
+def worker_pool(name: str) -> ThreadPool:
+    """A pool of one worker thread, for SQLite work off the reactor, whose thread does not keep the
+    process alive.
+
+    A service tree that fails to start (a port in use) is stopped without a
+    running reactor: a `stopService` waiting for its thread's last job then
+    never returns, the pool is never stopped, and the process would hang after
+    the one-line error instead of exiting.  A normal stop completes before the
+    reactor ends, so a daemon thread cuts nothing short.
+    """
+    pool = ThreadPool(minthreads=1, maxthreads=1, name=name)
+    pool.threadFactory = functools.partial(threading.Thread, daemon=True)  # type: ignore[assignment]
+    return pool
+
+
+class EventStore(Service):
+    """The gateway's `Recorder` (and the tunnel's event sink), over one SQLite file.
+
+    `open` makes the file ready before the reactor runs, so that a store that
+    cannot be used stops `twist` at start with one line, as a port that cannot
+    be bound does.
+    """
+
+    def __init__(self, writer: StoreWriter, settings: StoreSettings, clock: Any,
+                 run: Callable[[Callable[[], Any]], Deferred[Any]], pool: ThreadPool | None = None, *,
+                 max_queue: int = MAX_QUEUE, max_queue_bytes: int = MAX_QUEUE_BYTES) -> None:
+        self.settings = settings
+        self._writer = writer
+        self._clock = clock
+        self._run = run
+        self._pool = pool
+        self._max_queue = max_queue
+        self._max_bytes = max_queue_bytes
+        self._pending: list[Item] = []
+        self._pending_bytes = 0
+        self._flush_call: IDelayedCall | None = None
+        self._writing: Deferred[None] | None = None
+        self._closed = False
+        self.written = 0
+        self.dropped = 0
+        self._unreported = 0
+        self._report_call: IDelayedCall | None = None
+        self._error: str | None = None
+        self._last_prune = clock.seconds()
+        self._heartbeat = LoopingCall(self._tick)
+        self._heartbeat.clock = clock
+        self._watchers: list[Watcher] = []
+
+    @classmethod
+    def open(cls, settings: StoreSettings, run: RunInfo, reactor: Any, *, connect: Connect | None = None,
+             max_queue: int = MAX_QUEUE) -> EventStore:
+        """The store of `settings`, its file created or migrated, written from a thread of its own
+        started and stopped with this service; `StoreError` if the file cannot be used."""
+        try:
+            db = open_store(str(settings.path), connect=connect)
+            writer = StoreWriter(db, run, reactor.seconds())
+        except (sqlite3.Error, OSError) as e:
+            raise StoreError(f"cannot use the event store {settings.path}: {e} (--no-store runs without one)") \
+                from None
+        pool = worker_pool("mcpr-store")
+
+        def in_pool(f: Callable[[], T]) -> Deferred[T]:
+            return deferToThreadPool(reactor, pool, f)
+
+        return cls(writer, settings, reactor, in_pool, pool, max_queue=max_queue)
+
+    # -- the service
+
+    def startService(self) -> None:
+        super().startService()
+        if self._pool is not None:
+            self._pool.start()
+        self._prune()
+        self._heartbeat.start(HEARTBEAT_INTERVAL, now=False)
+
+    def stopService(self) -> Deferred[None]:
+        """Write what is queued, mark the run stopped, close the file, then stop the thread."""
+        super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        self._closed = True
+        if self._heartbeat.running:
+            self._heartbeat.stop()
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        if self._writing is not None:
+            await self._writing
+        if self._pending:
+            await self._flush()
+        dropped, now = self.dropped, self._clock.seconds()
+        try:
+            await self._run(lambda: self._writer.close(now, dropped))
+        except Exception as e:
+            log.error("store: could not close {path}: {why}", path=str(self.settings.path), why=str(e))
+        if self._report_call is not None and self._report_call.active():
+            self._report_call.cancel()
+        self._report_dropped()
+        if self._pool is not None:
+            self._pool.stop()
+
+    # -- what the proxy and the tunnel report (the reactor thread)
+
+    @property
+    def capture_limit(self) -> int:
+        return self.settings.capture
+
+    def request(self, record: RequestRecord) -> None:
+        capture = record.capture
+        size = capture.request_body.kept + capture.response_body.kept if capture is not None else 0
+        self._offer(record, EVENT_OVERHEAD + size)
+
+    def session(self, ts: float, session: dict[str, Any]) -> None:
+        self._offer(SessionChange(ts, session), EVENT_OVERHEAD)
+
+    def emit(self, type: str, ts: float, **fields: Any) -> None:
+        """The tunnel's events (`TunnelClient`'s event sink)."""
+        if type == "tunnel":
+            self._offer(TunnelChange(ts, fields), EVENT_OVERHEAD)
+
+    def watch(self, watcher: Watcher) -> None:
+        """Have `watcher` told of the requests of every batch written from now on: the rows are
+        readable by then, and the live page needs no polling of the file."""
+        self._watchers.append(watcher)
+
+    def unwatch(self, watcher: Watcher) -> None:
+        self._watchers.remove(watcher)
+
+    def health(self) -> dict[str, Any]:
+        return {"path": str(self.settings.path), "written": self.written, "dropped": self.dropped,
+                "queued": len(self._pending), "error": self._error}
+
+    def _offer(self, item: Item, size: int) -> None:
+        if self._closed:
+            return
+        if len(self._pending) >= self._max_queue or self._pending_bytes + size > self._max_bytes:
+            self._drop(1)
+            return
+        self._pending.append(item)
+        self._pending_bytes += size
+        if self._flush_call is None and self._writing is None:
+            self._flush_call = self._clock.callLater(FLUSH_DELAY, self._flush)
+
+    # -- writing
+
+    def _flush(self) -> Deferred[None]:
+        self._flush_call = None
+        batch, self._pending, self._pending_bytes = self._pending, [], 0
+        now, dropped = self._clock.seconds(), self.dropped
+        self._writing = writing = self._run(lambda: self._writer.write(batch, now, dropped))
+        writing.addCallbacks(self._written, self._failed, errbackArgs=(len(batch),))
+        return writing
+
+    def _written(self, written: Written) -> None:
+        self._writing = None
+        self.written += written.count
+        if self._error is not None:
+            log.info("store: writing to {path} again", path=str(self.settings.path))
+            self._error = None
+        if written.requests:
+            for watcher in list(self._watchers):
+                try:
+                    watcher(written.requests)
+                except Exception:
+                    log.failure("store: a watcher of new requests failed")
+        self._next()
+
+    def _failed(self, failure: Failure, count: int) -> None:
+        self._writing = None
+        why = str(failure.value) or repr(failure.value)
+        if self._error is None:
+            log.error("store: cannot write to {path} ({why}); events are dropped until it can",
+                      path=str(self.settings.path), why=why)
+        self._error = why
+        self._drop(count)
+        self._next()
+
+    def _next(self) -> None:
+        """After a batch: the events that queued meanwhile have waited long enough to go at once."""
+        if self._pending and not self._closed:
+            self._flush()
+
+    def _drop(self, count: int) -> None:
+        self.dropped += count
+        self._unreported += count
+        if self._report_call is None:
+            self._report_dropped()
+
+    def _report_dropped(self) -> None:
+        """One line for the drops since the last one, then again `DROP_REPORT_INTERVAL` later
+        while drops go on."""
+        self._report_call = None
+        if not self._unreported:
+            return
+        log.warn("store: {count} event(s) dropped, {total} since start: the disk does not keep up with "
+                 "{path} (requests are not affected)", count=self._unreported, total=self.dropped,
+                 path=str(self.settings.path))
+        self._unreported = 0
+        if not self._closed:
+            self._report_call = self._clock.callLater(DROP_REPORT_INTERVAL, self._report_dropped)
+
+    # -- housekeeping
+
+    def _tick(self) -> None:
+        """The heartbeat `mcpr status` reads, and retention every `PRUNE_INTERVAL`."""
+        now, dropped = self._clock.seconds(), self.dropped
+        self._run(lambda: self._writer.heartbeat(now, dropped)).addErrback(self._housekeeping_failed)
+        if now - self._last_prune >= PRUNE_INTERVAL:
+            self._prune()
+
+    def _prune(self) -> None:
+        now = self._last_prune = self._clock.seconds()
+        s = self.settings
+        self._run(lambda: self._writer.prune(now, s.retain, s.max_size)).addErrback(self._housekeeping_failed)
+
+    def _housekeeping_failed(self, failure: Failure) -> None:
+        log.error("store: housekeeping on {path} failed: {why}", path=str(self.settings.path),
+                  why=str(failure.value) or repr(failure.value))

@@ -1,0 +1,88 @@
+"""What the store must not keep: credentials in headers, queries and bodies, replaced before writing.
+
+A debugging log that holds bearer tokens and session cookies is a liability on
+disk, so values are replaced by `[redacted]` and the shape around them is kept
+(the auth scheme, cookie names, the rest of the JSON), which is what someone
+debugging needs to see.  One rule says which names are secret, for header
+names, query and form parameters, and JSON object keys alike: the name,
+lower-cased without `-`, `_`, `.` or spaces, ends with one of `SECRET_ENDINGS`
+(`Authorization`, `X-Api-Key`, `access_token`, `client_secret`, `password`,
+`Set-Cookie`, `code_verifier`...).  `max_tokens` and `tokens` do not match.
+
+Bodies are redacted as bytes, without parsing, because a captured body is
+often cut at the cap (or is an SSE stream of JSON events): every JSON string
+value whose key is secret is replaced, at any depth, including one cut off by
+the cap; JSON that is itself inside a JSON string is not looked into.
+Everything here runs on the store's thread.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Sequence
+from urllib.parse import unquote_plus
+
+REDACTED = "[redacted]"
+SECRET_ENDINGS = ("token", "secret", "password", "passwd", "passphrase", "apikey", "authorization", "cookie",
+                  "credential", "credentials", "privatekey", "verifier")
+
+_SEPARATORS = re.compile(r"[-_. ]")
+# Cheap test first: most bodies hold no secret-looking name at all, and are then kept as they are.
+_HINT = re.compile(rb"token|secret|passw|passphrase|api.?key|authorization|cookie|credential|private.?key|verifier",
+                   re.IGNORECASE)
+# A JSON key and its string value; the value may be cut off by the end of the capture.
+_JSON_PAIR = re.compile(rb'"((?:[^"\\]|\\.){1,200})"(\s*:\s*)"(?:[^"\\]|\\.)*(?:"|\\?\Z)', re.DOTALL)
+_FORM_PAIR = re.compile(rb"(^|&)([^=&]*)=([^&]*)")
+
+
+def secret_name(name: str) -> bool:
+    return _SEPARATORS.sub("", name.lower()).endswith(SECRET_ENDINGS)
+
+
+def header_value(name: str, value: str) -> str:
+    """`value` of header `name` as the store keeps it."""
+    if name in ("authorization", "proxy-authorization"):
+        scheme, _, credentials = value.strip().partition(" ")
+        return f"{scheme} {REDACTED}" if credentials else REDACTED
+    if name == "cookie":
+        return "; ".join(f"{part.partition('=')[0].strip()}={REDACTED}" for part in value.split(";") if part.strip())
+    if name == "set-cookie":
+        pair, _, attributes = value.partition(";")
+        return f"{pair.partition('=')[0].strip()}={REDACTED}" + (f";{attributes}" if attributes else "")
+    return REDACTED if secret_name(name) else value
+
+
+def headers(raw: Iterable[tuple[bytes, Sequence[bytes]]]) -> list[list[str]]:
+    """[[name, value], ...] in order, names lower-cased, one pair per value, secrets redacted."""
+    out = []
+    for name_bytes, values in raw:
+        name = name_bytes.decode("latin-1").lower()
+        out += [[name, header_value(name, v.decode("latin-1"))] for v in values]
+    return out
+
+
+def _json_pair(match: re.Match[bytes]) -> bytes:
+    if not secret_name(match.group(1).decode("utf-8", "replace")):
+        return match.group(0)
+    return b'"' + match.group(1) + b'"' + match.group(2) + b'"' + REDACTED.encode() + b'"'
+
+
+def _form_pair(match: re.Match[bytes]) -> bytes:
+    if not secret_name(unquote_plus(match.group(2).decode("latin-1"))):
+        return match.group(0)
+    return match.group(1) + match.group(2) + b"=" + REDACTED.encode()
+
+
+def form(data: bytes) -> bytes:
+    """A query string or an `application/x-www-form-urlencoded` body."""
+    return _FORM_PAIR.sub(_form_pair, data) if _HINT.search(data) else data
+
+
+def body(data: bytes, content_type: str | None) -> bytes:
+    """A captured body: form-encoded ones as forms, anything else as (possibly) JSON."""
+    if not data or not _HINT.search(data):
+        return data
+    if content_type is not None and content_type.split(";", 1)[0].strip().lower() == \
+            "application/x-www-form-urlencoded":
+        return form(data)
+    return _JSON_PAIR.sub(_json_pair, data)

@@ -1,0 +1,211 @@
+"""The store's reactor side: reports are queued and written in batches; when the disk cannot keep
+up, events are dropped and counted, never waited for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
+from twisted.trial.unittest import SynchronousTestCase
+
+from mcpr.gateway.settings import StoreSettings
+from mcpr.gateway.store import recorder
+from mcpr.gateway.store.recorder import EventStore
+from mcpr.gateway.store.schema import StoreError, open_store
+from mcpr.gateway.store.writer import RunInfo, StoreWriter
+from tests.support.store import record
+
+RUN = RunInfo("t", "http://127.0.0.1:1/mcp", ["tcp:0"])
+
+
+class Disk:
+    """The store's thread, played by the test: each job waits until the test runs it."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+
+    def __call__(self, job: Callable[[], Any]) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.jobs.append((job, d))
+        return d
+
+    def run(self, count: int | None = None) -> None:
+        """Run the waiting jobs in order, as the thread would: `count` of them, or until none is
+        left (jobs that the finished ones led to included)."""
+        while self.jobs and (count is None or count > 0):
+            count = None if count is None else count - 1
+            job, d = self.jobs.pop(0)
+            try:
+                result = job()
+            except Exception as e:
+                d.errback(e)
+            else:
+                d.callback(result)
+
+
+class RecorderTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.db = open_store(":memory:")
+        self.writer = StoreWriter(self.db, RUN, self.clock.seconds())
+        self.disk = Disk()
+        settings = StoreSettings(Path("/nowhere/store.sqlite3"), retain=600.0, max_size=1 << 30, capture=1024)
+        self.store = EventStore(self.writer, settings, self.clock, self.disk, max_queue=5, max_queue_bytes=10_000)
+        self.store.startService()
+        self.disk.run()  # the retention pass at start
+        self.addCleanup(self.stop)
+
+    def stop(self) -> None:
+        if self.store.running:
+            stopped = self.store.stopService()
+            self.disk.run()
+            self.successResultOf(stopped)
+
+    def stored(self) -> int:
+        return self.db.execute("SELECT count(*) FROM requests").fetchone()[0]
+
+    def test_reports_share_a_batch(self) -> None:
+        for _ in range(3):
+            self.store.request(record())
+        self.assertEqual(self.disk.jobs, [], "nothing goes to the thread at once")
+        self.clock.advance(recorder.FLUSH_DELAY)
+        self.assertEqual(len(self.disk.jobs), 1)
+        self.disk.run()
+        self.assertEqual((self.stored(), self.store.written), (3, 3))
+        self.assertEqual(self.store.capture_limit, 1024)
+
+    def test_one_batch_at_a_time_then_what_queued_meanwhile(self) -> None:
+        self.store.request(record())
+        self.clock.advance(recorder.FLUSH_DELAY)
+        self.store.request(record())
+        self.store.request(record())
+        self.clock.advance(10)
+        self.assertEqual(len(self.disk.jobs), 1, "the second batch waits for the first")
+        self.disk.run(1)
+        self.assertEqual(len(self.disk.jobs), 1, "and goes as soon as the first is written")
+        self.disk.run(1)
+        self.assertEqual(self.stored(), 3)
+
+    def test_a_full_queue_drops_counts_and_says_so_at_most_every_interval(self) -> None:
+        self.store.request(record())
+        self.clock.advance(recorder.FLUSH_DELAY)  # the disk now holds this batch and does not finish it
+        with capturedLogs() as events:
+            for _ in range(8):
+                self.store.request(record())
+            self.assertEqual((self.store.dropped, self.store.health()["queued"]), (3, 5))
+            for _ in range(4):
+                self.store.request(record())
+            self.clock.advance(recorder.DROP_REPORT_INTERVAL)
+            self.store.request(record())
+            self.clock.advance(recorder.DROP_REPORT_INTERVAL * 3)
+        lines = [formatEvent(e) for e in events if "dropped" in formatEvent(e)]
+        self.assertEqual(len(lines), 3, lines)
+        self.assertIn("1 event(s) dropped, 1 since start", lines[0])
+        self.assertIn("6 event(s) dropped, 7 since start", lines[1])
+        self.assertIn("1 event(s) dropped, 8 since start", lines[2])
+        self.assertIn("requests are not affected", lines[0])
+        health = self.store.health()
+        self.assertEqual((health["dropped"], health["queued"], health["path"]), (8, 5, "/nowhere/store.sqlite3"))
+        self.disk.run()
+        self.assertEqual(self.stored(), 6)
+        self.assertEqual(self.db.execute("SELECT dropped FROM runs").fetchone()[0], 8,
+                         "the count reaches the store, for mcpr status")
+
+    def test_watchers_hear_of_each_batch_once_written(self) -> None:
+        heard: list[list[int]] = []
+
+        def broken(rows: list) -> None:
+            raise RuntimeError("a watcher's bug")
+
+        def watcher(rows: list) -> None:
+            heard.append([row[0] for row in rows])
+
+        self.store.watch(broken)
+        self.store.watch(watcher)
+        self.store.request(record())
+        self.store.request(record())
+        self.store.session(1000.0, {"session_id": "s", "state": "active"})
+        self.clock.advance(recorder.FLUSH_DELAY)
+        self.assertEqual(heard, [], "not before the batch is committed")
+        with capturedLogs() as events:
+            self.disk.run()
+        self.assertEqual(heard, [[1, 2]])
+        self.assertEqual([e["log_failure"].value.args[0] for e in events if "log_failure" in e], ["a watcher's bug"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.store.unwatch(watcher)
+        self.store.unwatch(broken)
+        self.store.request(record())
+        self.clock.advance(recorder.FLUSH_DELAY)
+        self.disk.run()
+        self.assertEqual((heard, self.stored()), ([[1, 2]], 3))
+
+    def test_captured_bytes_bound_the_queue_too(self) -> None:
+        big = record(response_body=b"x" * 1024, request_body=b"y" * 1024)
+        for _ in range(5):
+            self.store.request(big)
+        self.assertEqual(self.store.dropped, 2, "three events of 2.5 KB fit in 10 KB, the next ones do not")
+
+    def test_a_refused_batch_is_dropped_and_counted(self) -> None:
+        self.store.request(record())
+        self.clock.advance(recorder.FLUSH_DELAY)
+        self.db.execute("CREATE TRIGGER refuse BEFORE INSERT ON requests BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+        with capturedLogs() as events:
+            self.disk.run()
+        self.assertEqual(self.store.dropped, 1)
+        self.assertEqual(self.store.health()["error"], "disk full")
+        self.assertTrue(any("cannot write to /nowhere/store.sqlite3 (disk full)" in formatEvent(e) for e in events))
+        self.db.execute("DROP TRIGGER refuse")
+        with capturedLogs() as events:
+            self.store.request(record())
+            self.clock.advance(recorder.FLUSH_DELAY)
+            self.disk.run()
+        self.assertIsNone(self.store.health()["error"])
+        self.assertTrue(any("writing to /nowhere/store.sqlite3 again" in formatEvent(e) for e in events))
+
+    def test_sessions_and_tunnel_events(self) -> None:
+        self.store.session(1000.0, {"session_id": "s", "state": "active"})
+        self.store.emit("tunnel", 1000.0, state="connected", relay="http://r", url="http://x.r")
+        self.store.emit("heartbeat", 1000.0, uptime_s=1)  # not the store's: ignored
+        self.clock.advance(recorder.FLUSH_DELAY)
+        self.disk.run()
+        self.assertEqual(self.db.execute("SELECT id, state FROM sessions").fetchall(), [("s", "active")])
+        self.assertEqual(self.db.execute("SELECT state FROM tunnel_events").fetchall(), [("connected",)])
+        self.assertEqual(self.store.written, 2)
+
+    def test_heartbeat_and_retention_run_on_the_thread(self) -> None:
+        self.db.execute("UPDATE runs SET last_seen = 0")
+        self.writer.write([record(1.0)], 1.0, 0)  # older than `retain`
+        self.clock.advance(recorder.HEARTBEAT_INTERVAL)
+        self.disk.run()
+        self.assertEqual(self.db.execute("SELECT last_seen FROM runs").fetchone()[0], self.clock.seconds())
+        self.assertEqual(self.stored(), 1, "retention is every PRUNE_INTERVAL, not every heartbeat")
+        self.clock.advance(recorder.PRUNE_INTERVAL)
+        self.disk.run()
+        self.assertEqual(self.stored(), 0)
+
+    def test_stop_writes_what_is_queued_then_closes(self) -> None:
+        self.store.request(record())
+        self.clock.advance(recorder.FLUSH_DELAY)
+        self.store.request(record())  # queued behind the batch on the disk
+        stopped = self.store.stopService()
+        self.assertNoResult(stopped)
+        self.disk.run(1)
+        self.assertEqual(self.stored(), 1)
+        self.disk.run(1)
+        self.assertEqual(self.stored(), 2)
+        self.store.request(record())  # too late: ignored, not counted
+        self.disk.run()
+        self.successResultOf(stopped)
+        self.assertEqual(self.store.dropped, 0)
+        self.assertRaises(Exception, self.db.execute, "SELECT 1")  # closed, the run marked stopped
+
+    def test_open_refuses_a_store_it_cannot_use(self) -> None:
+        blocker = Path(self.mktemp())
+        blocker.write_text("a file where the store's folder would go")
+        settings = StoreSettings(blocker / "store.sqlite3", 1.0, 1 << 20, 0)
+        e = self.assertRaises(StoreError, EventStore.open, settings, RUN, self.clock)
+        self.assertRegex(str(e), r"^cannot use the event store .*store\.sqlite3: .* \(--no-store runs without one\)$")
