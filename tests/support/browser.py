@@ -19,13 +19,14 @@ import shutil
 from typing import Any
 from urllib.parse import urlsplit
 
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.twisted.websocket import WebSocketClientProtocol
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.trial.unittest import SkipTest
 
 from tests.support.processes import Process
+from tests.support.ws_client import client_factory
 
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 INSTALL = ("no headless browser found (looked for chromium, chromium-browser, google-chrome): install Debian's "
@@ -72,7 +73,7 @@ class DevTools:
 
     async def connect(self, url: str) -> None:
         parts = urlsplit(url)
-        factory = WebSocketClientFactory(url)
+        factory = client_factory(url)
         factory.protocol = _Protocol
         factory.client = self
         factory.setProtocolOptions(maxMessagePayloadSize=64 << 20, maxFramePayloadSize=64 << 20)
@@ -124,7 +125,7 @@ class DevTools:
         return d
 
     def close(self) -> Deferred[None]:
-        """Close the socket; fires once it is closed (Autobahn's closing timers are then done)."""
+        """Close the socket; fires once it is closed (the client schedules no Autobahn timers: ws_client)."""
         if self._protocol is not None and not self._gone.called:
             self._protocol.sendClose()
         return self._gone
