@@ -31,7 +31,7 @@ class Process:
 
     def __init__(self, testcase, args: list[str], *, name: str, cwd: str | None = None,
                  env: dict[str, str] | None = None) -> None:
-        self.log_path = Path(testcase.mktemp() + f"-{name}.log")
+        self.log_path = Path(testcase.mktemp() + f"-{name}.log").resolve()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("wb")
         # Each relay keeps its name reservations apart, and each gateway its event store (in
@@ -149,6 +149,16 @@ async def run_session(url: str, *args: str) -> dict:
     if code != 0:
         raise AssertionError(f"client failed ({code}): {err.decode()}\n{out.decode()}")
     return json.loads(out)
+
+
+MCPR = ("-c", "from mcpr.cli import main; main()")  # the `mcpr` console script, whether installed or not
+
+
+async def run_mcpr(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """`mcpr ARGS` (a query command) to its end: exit status, standard output and error."""
+    out, err, code = await getProcessOutputAndValue(sys.executable, [*MCPR, *args], env={**os.environ, **(env or {})},
+                                                    path=str(cwd) if cwd else None)
+    return code, out.decode(), err.decode()
 
 
 def rss_kib(pid: int) -> int:
