@@ -116,13 +116,14 @@ class _Both:
 
 
 def build_store(settings: GatewaySettings, reactor: Any) -> EventStore | None:
-    """The event store, its file opened (and migrated) now: one that cannot be used stops `twist` here."""
+    """The event store, its file opened (and migrated) now: one that cannot be used stops `twist` here,
+    with one line, as a port that cannot be bound does."""
     if settings.store is None:
         return None
     try:
         return EventStore.open(settings.store, RunInfo(__version__, settings.mcp, settings.listen), reactor)
     except StoreError as e:
-        raise usage.UsageError(str(e)) from None
+        raise ConfigError(str(e)) from None
 
 
 def build_resource(settings: GatewaySettings, reactor: Any, store: EventStore | None = None) -> ProxyResource:

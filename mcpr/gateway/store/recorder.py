@@ -65,6 +65,7 @@ class EventStore(Service):
         self._pending: list[Item] = []
         self._pending_bytes = 0
         self._flush_call: IDelayedCall | None = None
+        self._begin_call: IDelayedCall | None = None
         self._writing: Deferred[None] | None = None
         self._closed = False
         self.written = 0
@@ -80,13 +81,13 @@ class EventStore(Service):
     def open(cls, settings: StoreSettings, run: RunInfo, reactor: Any, *, connect: Connect | None = None,
              max_queue: int = MAX_QUEUE) -> EventStore:
         """The store of `settings`, its file created or migrated, written from a thread of its own
-        started and stopped with this service; `StoreError` if the file cannot be used."""
+        started and stopped with this service; `StoreError`, one line that names the setting and
+        says what to do, if the file cannot be used."""
         try:
             db = open_store(str(settings.path), connect=connect)
             writer = StoreWriter(db, run, reactor.seconds())
-        except (sqlite3.Error, OSError) as e:
-            raise StoreError(f"cannot use the event store {settings.path}: {e} (--no-store runs without one)") \
-                from None
+        except (sqlite3.Error, OSError, StoreError) as e:
+            raise StoreError(f"{settings.origin}: cannot use the event store {settings.path}: {_why(e)}") from None
         pool = ThreadPool(minthreads=1, maxthreads=1, name="mcpr-store")
 
         def in_pool(f: Callable[[], T]) -> Deferred[T]:
@@ -97,7 +98,14 @@ class EventStore(Service):
     # -- the service
 
     def startService(self) -> None:
+        """The thread starts with the reactor's first turn: a gateway whose start fails further on
+        (a port in use) stops this service before the reactor runs, and a thread asked to do
+        anything then could never say it is done, nor let the process exit."""
         super().startService()
+        self._begin_call = self._clock.callLater(0, self._begin)
+
+    def _begin(self) -> None:
+        self._begin_call = None
         if self._pool is not None:
             self._pool.start()
         self._prune()
@@ -110,11 +118,17 @@ class EventStore(Service):
 
     async def _stop(self) -> None:
         self._closed = True
-        if self._heartbeat.running:
-            self._heartbeat.stop()
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._flush_call = None
+        if self._begin_call is not None:
+            # Stopped before the reactor ran: no thread has touched the file, so this one closes it.
+            self._begin_call.cancel()
+            self._begin_call = None
+            self._close_unstarted()
+            return
+        if self._heartbeat.running:
+            self._heartbeat.stop()
         if self._writing is not None:
             await self._writing
         if self._pending:
@@ -129,6 +143,16 @@ class EventStore(Service):
         self._report_dropped()
         if self._pool is not None:
             self._pool.stop()
+
+    def _close_unstarted(self) -> None:
+        now, dropped = self._clock.seconds(), self.dropped
+        try:
+            if self._pending:
+                self._writer.write(self._pending, now, dropped)
+            self._writer.close(now, dropped)
+        except Exception as e:
+            log.error("store: could not close {path}: {why}", path=str(self.settings.path), why=str(e))
+        self._pending, self._pending_bytes = [], 0
 
     # -- what the proxy and the tunnel report (the reactor thread)
 
@@ -233,3 +257,14 @@ class EventStore(Service):
     def _housekeeping_failed(self, failure: Failure) -> None:
         log.error("store: housekeeping on {path} failed: {why}", path=str(self.settings.path),
                   why=str(failure.value) or repr(failure.value))
+
+
+def _why(e: Exception) -> str:
+    """Why the file cannot be used, and what to do: the second half of `EventStore.open`'s line."""
+    if isinstance(e, StoreError):
+        return str(e)
+    if isinstance(e, OSError):
+        where = f" ({e.filename})" if e.filename else ""
+        return (f"{e.strerror or e}{where}: choose a path in a folder this user can create and write, "
+                "or --no-store to run without a store")
+    return f"{e}: choose another path, or --no-store to run without a store"

@@ -53,10 +53,13 @@ class RecorderTests(SynchronousTestCase):
         self.db = open_store(":memory:")
         self.writer = StoreWriter(self.db, RUN, self.clock.seconds())
         self.disk = Disk()
-        settings = StoreSettings(Path("/nowhere/store.sqlite3"), retain=600.0, max_size=1 << 30, capture=1024)
+        settings = StoreSettings(Path("/nowhere/store.sqlite3"), retain=600.0, max_size=1 << 30, capture=1024,
+                                 origin="option --db")
         self.store = EventStore(self.writer, settings, self.clock, self.disk, max_queue=5, max_queue_bytes=10_000)
         self.store.startService()
-        self.disk.run()  # the retention pass at start
+        self.clock.advance(0)  # the reactor's first turn: the thread starts, with a retention pass
+        self.assertEqual(len(self.disk.jobs), 1)
+        self.disk.run()
         self.addCleanup(self.stop)
 
     def stop(self) -> None:
@@ -178,6 +181,29 @@ class RecorderTests(SynchronousTestCase):
     def test_open_refuses_a_store_it_cannot_use(self) -> None:
         blocker = Path(self.mktemp())
         blocker.write_text("a file where the store's folder would go")
-        settings = StoreSettings(blocker / "store.sqlite3", 1.0, 1 << 20, 0)
+        settings = StoreSettings(blocker / "store.sqlite3", 1.0, 1 << 20, 0, "option --db")
         e = self.assertRaises(StoreError, EventStore.open, settings, RUN, self.clock)
-        self.assertRegex(str(e), r"^cannot use the event store .*store\.sqlite3: .* \(--no-store runs without one\)$")
+        self.assertEqual(str(e), f"option --db: cannot use the event store {blocker}/store.sqlite3: Not a directory "
+                                 f"({blocker}): choose a path in a folder this user can create and write, or "
+                                 "--no-store to run without a store")
+
+    def test_stopped_before_the_reactor_ran_it_closes_the_file_itself(self) -> None:
+        """As when a port in use stops the gateway's start: nothing may wait for the thread, which
+        a reactor that never runs cannot hear from."""
+        path = str(Path(self.mktemp()).resolve())
+        db = open_store(path)
+        writer = StoreWriter(db, RUN, self.clock.seconds())
+        disk = Disk()
+        store = EventStore(writer, self.store.settings, self.clock, disk)
+        store.startService()
+        store.session(1000.0, {"session_id": "s", "state": "active"})  # a service that started before
+        stopped_at = self.clock.seconds()
+        self.successResultOf(store.stopService())
+        self.assertEqual(disk.jobs, [], "the thread was never asked")
+        self.assertRaises(Exception, db.execute, "SELECT 1")  # closed
+        self.clock.advance(recorder.HEARTBEAT_INTERVAL)
+        self.assertEqual(disk.jobs, [], "nor is it later")
+        again = open_store(path)
+        self.addCleanup(again.close)
+        self.assertEqual(again.execute("SELECT id FROM sessions").fetchall(), [("s",)])
+        self.assertEqual(again.execute("SELECT stopped FROM runs").fetchone()[0], stopped_at)
