@@ -32,7 +32,7 @@ def ndjson(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines()]
 
 
-QUERIES = 50  # of a store the gateway is still writing: 50 x (a query + 0.1 s) is far above its 50 ms batches
+QUERIES = 50  # of a store the gateway is still writing: 50 x (a query + 0.1 s) is far above its 0.2 s batches
 
 
 async def stored(testcase: TestCase, args: tuple[str, ...], enough: Callable[[list[dict]], bool], what: str, *,

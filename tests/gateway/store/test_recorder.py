@@ -89,9 +89,25 @@ class RecorderTests(SynchronousTestCase):
         self.clock.advance(10)
         self.assertEqual(len(self.disk.jobs), 1, "the second batch waits for the first")
         self.disk.run(1)
-        self.assertEqual(len(self.disk.jobs), 1, "and goes as soon as the first is written")
+        self.clock.advance(0)
+        self.assertEqual(len(self.disk.jobs), 1, "and goes once the first is written, its events having waited")
         self.disk.run(1)
         self.assertEqual(self.stored(), 3)
+
+    def test_a_batch_behind_a_quick_one_still_waits_for_company(self) -> None:
+        """Under a steady load the batches stay FLUSH_DELAY apart, not one write's duration."""
+        self.store.request(record())
+        self.clock.advance(recorder.FLUSH_DELAY)
+        self.clock.advance(0.01)
+        self.store.request(record())  # queued while the disk writes the first
+        self.disk.run(1)
+        self.clock.advance(recorder.FLUSH_DELAY - 0.02)
+        self.store.request(record())
+        self.assertEqual(self.disk.jobs, [], "the second is not yet FLUSH_DELAY old")
+        self.clock.advance(0.03)
+        self.assertEqual(len(self.disk.jobs), 1)
+        self.disk.run()
+        self.assertEqual((self.stored(), self.store.written), (3, 3))
 
     def test_a_full_queue_drops_counts_and_says_so_at_most_every_interval(self) -> None:
         self.store.request(record())
@@ -113,6 +129,8 @@ class RecorderTests(SynchronousTestCase):
         self.assertIn("requests are not affected", lines[0])
         health = self.store.health()
         self.assertEqual((health["dropped"], health["queued"], health["path"]), (8, 5, "/nowhere/store.sqlite3"))
+        self.disk.run()
+        self.clock.advance(0)  # what queued behind the held batch has waited long enough
         self.disk.run()
         self.assertEqual(self.stored(), 6)
         self.assertEqual(self.db.execute("SELECT dropped FROM runs").fetchone()[0], 8,
