@@ -265,14 +265,14 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--quick", action="store_true", help="a smoke check: one round of 1 s cells at c16, no warm-up")
-    parser.add_argument("--rounds", type=int, help="rounds (5; --quick 1)")
-    parser.add_argument("--duration", type=int, help="measured seconds per cell (5; --quick 1)")
+    parser.add_argument("--rounds", type=int, help="rounds (9; --quick 1)")
+    parser.add_argument("--duration", type=int, help="measured seconds per cell (2; --quick 1)")
     parser.add_argument("--warmup", type=int, help="unmeasured seconds of load before each cell (1; --quick 0)")
     parser.add_argument("--concurrency", type=_ints, help="wrk connections per cell (1,16; --quick 16)")
     parser.add_argument("--keep", action="store_true", help="keep the working directory (logs, the store)")
     parser.add_argument("--json", action="store_true", help="all figures as JSON on stdout, the report on stderr")
     args = parser.parse_args()
-    for name, full, quick in (("rounds", 5, 1), ("duration", 5, 1), ("warmup", 1, 0), ("concurrency", [1, 16], [16])):
+    for name, full, quick in (("rounds", 9, 1), ("duration", 2, 1), ("warmup", 1, 0), ("concurrency", [1, 16], [16])):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
     if min(args.rounds, args.duration) < 1 or args.warmup < 0:
