@@ -1,16 +1,17 @@
 """The event store's reactor side: what the proxy and the tunnel report is queued, and written in batches
 by a thread of the store's own.
 
-Nothing here waits for the disk.  A report appends to a list; every
-`FLUSH_DELAY` the list, whose rows were made as each report came
-(`Batch.add`, here), goes as one batch to the store's thread (a pool of one thread, not the reactor's,
-whose threads resolve host names) to be written, and the next batch waits
-until that one is, and for `FLUSH_DELAY` after its first event.  The list is bounded (`MAX_QUEUE`
-events, `MAX_QUEUE_BYTES` of captured bodies): when the disk cannot keep up,
-what does not fit is dropped and counted, never the request.  The count is in
+Nothing here waits for the disk.  A report's rows are made at once and added
+to a batch (`Batch.add`, here); every `FLUSH_DELAY` the batch goes to the
+store's thread (a pool of one thread, not the reactor's, whose threads resolve
+host names) to be written, and the next batch waits until that one is, and for
+`FLUSH_DELAY` after its first event.  The batch is bounded (`MAX_QUEUE` events,
+`MAX_QUEUE_BYTES` of captured bodies): when the disk cannot keep up, what does
+not fit is dropped and counted, never the request.  The count is in
 `/healthz`, in the store itself for `mcpr status`, and in a log line at most
 every `DROP_REPORT_INTERVAL` seconds.  A batch the disk refused (full,
-read-only) is dropped and counted the same way.
+read-only), or a record that cannot be encoded, is dropped and counted the
+same way.
 """
 
 from __future__ import annotations
@@ -188,9 +189,14 @@ class EventStore(Service):
         if self._batch.count >= self._max_queue or self._pending_bytes + size > self._max_bytes:
             self._drop(1)
             return
-        if not self._batch.count:
+        try:
+            self._batch.add(item)
+        except Exception:  # a record the store cannot encode is dropped and counted, never the request
+            log.failure("store: cannot record a {item}", item=type(item).__name__)
+            self._drop(1)
+            return
+        if self._batch.count == 1:
             self._pending_since = self._clock.seconds()
-        self._batch.add(item)
         self._pending_bytes += size
         if self._flush_call is None and self._writing is None:
             self._flush_call = self._clock.callLater(FLUSH_DELAY, self._flush)

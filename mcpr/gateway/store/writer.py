@@ -152,17 +152,20 @@ class Batch:
     def add(self, item: Item) -> None:
         """One item's rows, redacted and encoded; no SQLite here, so it runs on the reactor thread
         (see the module's docstring), once per report."""
-        self.count += 1
+        # Everything that may fail comes before the first change: an item either goes in whole or
+        # not at all, and the flat lists stay aligned.
         if isinstance(item, RequestRecord):
+            row = _request_row(self.run_id, item)
+            exchange = _exchange_row(item.capture) if item.capture is not None else None
             index = self.requests
             self.requests += 1
             self.request_values.append(index)
-            self.request_values += _request_row(self.run_id, item)
-            if item.capture is not None:
+            self.request_values += row
+            if exchange is not None:
                 self.exchange_values.append(index)
-                self.exchange_values += _exchange_row(item.capture)
-                if item.capture.listings:
-                    self.listings.append((index, item.capture.listings, item.started))
+                self.exchange_values += exchange
+            if item.capture is not None and item.capture.listings:
+                self.listings.append((index, item.capture.listings, item.started))
             if item.session_id:
                 _add_activity(self.activity, item)
         elif isinstance(item, SessionChange):
@@ -171,6 +174,7 @@ class Batch:
             fields = dict(item.fields)
             state, relay = fields.pop("state", "?"), fields.pop("relay", None)
             self.tunnel.append((item.ts, self.run_id, state, relay, json.dumps(fields, default=str)))
+        self.count += 1
 
 
 class StoreWriter:

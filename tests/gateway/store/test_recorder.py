@@ -225,3 +225,25 @@ class RecorderTests(SynchronousTestCase):
         self.addCleanup(again.close)
         self.assertEqual(again.execute("SELECT id FROM sessions").fetchall(), [("s",)])
         self.assertEqual(again.execute("SELECT stopped FROM runs").fetchone()[0], stopped_at)
+
+
+class UnencodableRecordTests(SynchronousTestCase):
+    def test_a_record_that_cannot_be_encoded_is_dropped_not_the_request(self) -> None:
+        clock = Clock()
+        db = open_store(":memory:")
+        self.addCleanup(db.close)
+        disk = Disk()
+        settings = StoreSettings(Path("/nowhere/store.sqlite3"), 600.0, 1 << 30, 1024, "option --db")
+        store = EventStore(StoreWriter(db, RUN, 0.0), settings, clock, disk)
+        bad = record()
+        bad.capture.request_headers = [(b"x-odd", [object()])]  # type: ignore[union-attr, list-item]
+        with capturedLogs() as events:
+            store.request(bad)
+        store.request(record())
+        self.assertEqual((store.dropped, store.health()["queued"]), (1, 1))
+        self.assertTrue(any("cannot record a RequestRecord" in formatEvent(e) for e in events))
+        self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
+        clock.advance(recorder.FLUSH_DELAY)
+        disk.run()
+        self.assertEqual(db.execute("SELECT count(*) FROM requests").fetchone()[0], 1)
+        self.assertEqual(db.execute("SELECT count(*) FROM exchanges").fetchone()[0], 1)
