@@ -19,6 +19,7 @@ It runs as a request's rows are made (`Batch.add`), once per request, never per 
 from __future__ import annotations
 
 import functools
+import json
 import re
 from typing import Iterable, Sequence
 from urllib.parse import unquote_plus
@@ -60,28 +61,36 @@ def header_value(name: str, value: str) -> str:
     return REDACTED if secret_name(name) else value
 
 
+_json_string = json.encoder.encode_basestring  # json.dumps(text, ensure_ascii=False), in C
 _SPECIAL = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})
 
 
 @functools.lru_cache(maxsize=1024)
-def _header_name(raw: bytes) -> tuple[str, bool]:
-    """A header's name as kept, and whether its values are to be looked at (redacted, or in part)."""
+def _header_name(raw: bytes) -> tuple[str, str, bool]:
+    """A header's name as kept, as JSON, and whether its values are to be looked at (redacted, or
+    in part)."""
     name = raw.decode("latin-1").lower()
-    return name, name in _SPECIAL or secret_name(name)
+    return name, _json_string(name), name in _SPECIAL or secret_name(name)
 
 
-def headers(raw: Iterable[tuple[bytes, Sequence[bytes]]]) -> list[list[str]]:
-    """[[name, value], ...] in order, names lower-cased, one pair per value, secrets redacted."""
-    out = []
+def headers_json(raw: Iterable[tuple[bytes, Sequence[bytes]]]) -> tuple[str, str | None]:
+    """`[[name, value], ...]` as JSON text, in order, names lower-cased, one pair per value, secrets
+    redacted; and the content type, which says how to redact the body.
+
+    Written out here rather than built as lists for `json.dumps`: this runs for every request,
+    and the lists and the encoder's walk over them took as long as the rest of its row."""
+    pairs = []
+    content_type = None
     for name_bytes, values in raw:
-        name, secret = _header_name(name_bytes)
-        if secret:
-            out += [[name, header_value(name, v.decode("latin-1"))] for v in values]
-        elif len(values) == 1:  # nearly every header
-            out.append([name, values[0].decode("latin-1")])
-        else:
-            out += [[name, v.decode("latin-1")] for v in values]
-    return out
+        name, quoted, secret = _header_name(name_bytes)
+        for v in values:
+            value = v.decode("latin-1")
+            if secret:
+                value = header_value(name, value)
+            elif content_type is None and name == "content-type":
+                content_type = value
+            pairs.append(f"[{quoted},{_json_string(value)}]")
+    return "[" + ",".join(pairs) + "]", content_type
 
 
 def _json_pair(match: re.Match[bytes]) -> bytes:

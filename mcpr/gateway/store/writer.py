@@ -267,9 +267,7 @@ def _request_row(run_id: int, r: RequestRecord) -> tuple[Any, ...]:
             r.client_name, r.client_version)
 
 
-# One encoder for every row: `json.dumps` with any option builds a new one per call, which cost as much
-# as the encoding of a request's headers.
-_encode = json.JSONEncoder(ensure_ascii=False).encode
+# One encoder for every row: `json.dumps` with any option builds a new one per call.
 _encode_id = json.JSONEncoder(default=str).encode
 
 
@@ -280,17 +278,12 @@ def _json_id(value: Any) -> str | None:
     return str(value) if type(value) is int else _encode_id(value)
 
 
-def _content_type(headers: list[list[str]]) -> str | None:
-    return next((value for name, value in headers if name == "content-type"), None)
-
-
 def _exchange_row(c: Capture) -> tuple[Any, ...]:
     """The columns of an `exchanges` row but its id: redacted, encoded."""
-    request_headers, response_headers = redact.headers(c.request_headers), redact.headers(c.response_headers)
-    return (redact.form(c.query).decode("latin-1"),
-            _encode(request_headers), _encode(response_headers),
-            redact.body(c.request_body.data, _content_type(request_headers)),
-            redact.body(c.response_body.data, _content_type(response_headers)))
+    request_headers, request_type = redact.headers_json(c.request_headers)
+    response_headers, response_type = redact.headers_json(c.response_headers)
+    return (redact.form(c.query).decode("latin-1"), request_headers, response_headers,
+            redact.body(c.request_body.data, request_type), redact.body(c.response_body.data, response_type))
 
 
 def _add_activity(activity: dict[str, list[Any]], r: RequestRecord) -> None:
