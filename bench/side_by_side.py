@@ -384,7 +384,9 @@ class Session:
         else:
             cmd += ["--no-tunnel"]
         with open(log_path, "wb") as log:
-            gateway = self.children.start("gateway", cmd, cwd=home, env=_env(MCPR_TUNNEL_TOKEN=TUNNEL_TOKEN),
+            # Its event store in the working directory, not in ~/.local/state where each run would leave one.
+            gateway = self.children.start("gateway", cmd, cwd=home,
+                                          env=_env(MCPR_TUNNEL_TOKEN=TUNNEL_TOKEN, XDG_STATE_HOME=str(self.workdir)),
                                           stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         announce = wait_for_log(gateway, log_path, GATEWAY_ANNOUNCE, "the gateway")
         self.meta["mcpr"] = announce.group(1)

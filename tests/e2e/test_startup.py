@@ -24,10 +24,15 @@ from tests.support.processes import Process, free_port, start_gateway, twist
 MCP = "http://127.0.0.1:1/mcp"  # nothing listens there
 
 
+# The event stores of the gateways these tests start (in ~/.local/state they would pile up there).
+STATE_HOME = tempfile.TemporaryDirectory(prefix="mcpr-startup-state-")
+
+
 def run(args: list[str], *, cwd: str | None = None, env: dict[str, str] | None = None,
         timeout: float = 30) -> subprocess.CompletedProcess[str]:
     """A command that is expected to end by itself (the timeout fails the test if it hangs)."""
-    return subprocess.run(args, capture_output=True, text=True, cwd=cwd, env={**os.environ, **(env or {})},
+    return subprocess.run(args, capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "XDG_STATE_HOME": STATE_HOME.name, **(env or {})},
                           stdin=subprocess.DEVNULL, timeout=timeout)
 
 
@@ -236,7 +241,8 @@ class LogFormatTests(SynchronousTestCase):
         self.addCleanup(out.close)
         self.addCleanup(err.close)
         process = subprocess.Popen(bare_twist("mcpr", "--mcp", MCP, "--listen", "tcp:0:interface=127.0.0.1",
-                                              "--events", "-"), stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+                                              "--events", "-"), stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                   env={**os.environ, "XDG_STATE_HOME": STATE_HOME.name})
         try:
             deadline = 200
             while " -> " not in (folder / "stderr").read_text() or not (folder / "stdout").read_text():
