@@ -431,7 +431,9 @@ class Session:
         else:
             cmd += ["--no-tunnel"]
         with open(log_path, "wb") as log:
-            gateway = self.children.start(gateway_name, cmd, cwd=home, env=env | {"MCPR_TUNNEL_TOKEN": TUNNEL_TOKEN},
+            # Its event store in the working directory, not in ~/.local/state where each run would leave one.
+            gateway = self.children.start(gateway_name, cmd, cwd=home,
+                                          env=env | {"MCPR_TUNNEL_TOKEN": TUNNEL_TOKEN, "XDG_STATE_HOME": str(self.workdir)},
                                           stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         announce = wait_for_log(gateway, log_path, GATEWAY_ANNOUNCE, f"the gateway ({gateway_name})")
         self.meta["mcpr" + suffix] = announce.group(1) + (f" from {tree}" if tree else "")

@@ -60,3 +60,26 @@ class QuickBenchTests(SynchronousTestCase):
         for row in data["figures"]:
             if row["figure"].startswith(("req/s", "p50", "bulk down MB/s")):
                 self.assertIsNotNone(row["values"]["tunnel"], row)
+
+
+class StoreCostBenchTests(SynchronousTestCase):
+    def test_quick_run(self) -> None:
+        """bench/store_cost.py --quick (about 6 s): both gateways measured, every request stored."""
+        if shutil.which("wrk") is None:
+            raise SkipTest("wrk is not installed (apt-get install wrk, or make bench-peers): "
+                           "the store's benchmark needs it")
+        cmd = [sys.executable, str(ROOT / "bench" / "store_cost.py"), "--quick", "--json"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        self.assertEqual(done.returncode, 0, f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}")
+        data = json.loads(done.stdout)
+        cell = data["summary"]["c16"]
+        for mode in ("store", "no-store"):
+            self.assertGreater(cell[mode]["rps"], 0, mode)
+            self.assertGreater(cell[mode]["cpu_us_per_request"], 0, mode)
+            self.assertEqual(cell[mode]["errors"], 0, mode)
+        self.assertIsNotNone(cell["cpu_ratio_by_round"]["median"])
+        stored = data["stored"]
+        self.assertEqual(stored["dropped"], 0)
+        self.assertGreaterEqual(stored["requests"], data["completed_by_store_gateway"],
+                                "every request the store's gateway answered is in its store")
+        self.assertIn("target: the store under 10 %", done.stderr)

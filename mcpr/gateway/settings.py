@@ -61,8 +61,8 @@ STORE_SETTINGS: tuple[Setting, ...] = (
     Setting("no_store", parse_bool, False, ("no_store",), flag=True,
             help="Keep no event store (requests, sessions and tunnel events in SQLite)."),
     Setting("store_path", parse_text, None, ("store", "path"), env="MCPR_DB", option="db",
-            help="The event store's SQLite file (env MCPR_DB; default: one per project under "
-                 "$XDG_STATE_HOME/mcpr/)."),
+            help="The event store's SQLite file (env MCPR_DB; default: $STATE_DIRECTORY/store.sqlite3 "
+                 "under systemd, else one per project under $XDG_STATE_HOME/mcpr/)."),
     Setting("store_retain", parse_duration, DEFAULT_RETAIN, ("store", "retain")),
     Setting("store_max_size", parse_size, DEFAULT_MAX_STORE, ("store", "max_size")),
     Setting("store_capture", parse_capture, DEFAULT_CAPTURE, ("store", "capture")),
@@ -167,6 +167,9 @@ class StoreSettings:
     retain: float
     max_size: int
     capture: int
+    # Where `path` came from, to start the errors of using it: "option --db",
+    # "environment variable MCPR_DB", "<file>: key 'store.path'", or `DEFAULT_STORE_ORIGIN`.
+    origin: str
 
 
 @dataclass(frozen=True)
@@ -254,28 +257,38 @@ def state_home(env: Mapping[str, str]) -> Path:
 def default_store_path(project: Path, env: Mapping[str, str]) -> Path:
     """The store of the gateway of `project` (the folder of its mcpr.toml, else where it was started).
 
-    Named by the folder, so that gateways of two projects keep two stores and
-    the query commands, run from the same folder, find the same file:
-    `<state>/mcpr/<folder name>-<8 hex digits of the folder's path>.sqlite3`.
+    Under systemd, the unit's `StateDirectory=` (`$STATE_DIRECTORY`, the first if several): the
+    one folder `mcpr@NAME` may write, one per instance.  Otherwise named by the folder, so that
+    gateways of two projects keep two stores and the query commands, run from the same folder,
+    find the same file: `<state>/mcpr/<folder name>-<8 hex digits of the folder's path>.sqlite3`.
     """
+    systemd = env.get("STATE_DIRECTORY", "").split(":")[0]
+    if systemd:
+        return Path(systemd) / "store.sqlite3"
     folder = project.resolve()
     label = re.sub(r"[^A-Za-z0-9._-]", "_", folder.name)[:40] or "root"
     digest = hashlib.sha256(str(folder).encode()).hexdigest()[:8]
     return state_home(env) / "mcpr" / f"{label}-{digest}.sqlite3"
 
 
+DEFAULT_STORE_ORIGIN = "the default store path (one per project under $XDG_STATE_HOME/mcpr/)"
+SYSTEMD_STORE_ORIGIN = "the default store path under systemd ($STATE_DIRECTORY/store.sqlite3)"
+
+
 def _store(values: Mapping[str, Any], from_file: bool, config_path: Path | None, cwd: Path,
-           env: Mapping[str, str]) -> StoreSettings | None:
+           env: Mapping[str, str], sources: Mapping[str, str]) -> StoreSettings | None:
     """The store's settings, its path made absolute (a path in the file is relative to the file)."""
     if values["no_store"] or not values["store_enabled"]:
         return None
     project = config_path.parent if config_path is not None else cwd
     if values["store_path"] is None:
         path = default_store_path(project, env)
+        origin = SYSTEMD_STORE_ORIGIN if env.get("STATE_DIRECTORY") else DEFAULT_STORE_ORIGIN
     else:
         base = config_path.parent if from_file and config_path is not None else cwd
         path = (base / os.path.expanduser(values["store_path"])).resolve()
-    return StoreSettings(path, values["store_retain"], values["store_max_size"], values["store_capture"])
+        origin = sources.get("store_path", "option --db")
+    return StoreSettings(path, values["store_retain"], values["store_max_size"], values["store_capture"], origin)
 
 
 def _path_from_file(cli: Mapping[str, Any], env: Mapping[str, str]) -> bool:
@@ -289,7 +302,7 @@ def store_location(config: str | None = None, env: Mapping[str, str] | None = No
     env = os.environ if env is None else env
     cwd = Path.cwd() if cwd is None else cwd
     loaded = load(STORE_SETTINGS, {}, config=config, env=env, cwd=cwd)
-    return _store(loaded.values, _path_from_file({}, env), loaded.path, cwd, env)
+    return _store(loaded.values, _path_from_file({}, env), loaded.path, cwd, env, loaded.sources)
 
 
 def load_gateway(
@@ -316,7 +329,7 @@ def load_gateway(
     enabled, no_tunnel = v.pop("tunnel_enabled"), v.pop("no_tunnel")
     if no_tunnel or not enabled:
         v["relay_url"] = None
-    v["store"] = _store(v, _path_from_file(cli, env), loaded.path, cwd, env)
+    v["store"] = _store(v, _path_from_file(cli, env), loaded.path, cwd, env, loaded.sources)
     for name in [s.name for s in STORE_SETTINGS]:
         del v[name]
     v["widgets"] = _widgets_source(v["widgets"], cli.get("widgets") is not None, source, loaded.path, cwd)

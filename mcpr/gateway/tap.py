@@ -117,7 +117,8 @@ class _Both:
 
 
 def build_store(settings: GatewaySettings, reactor: Any) -> EventStore | None:
-    """The event store, its file opened (and migrated) now: one that cannot be used stops `twist` here."""
+    """The event store, its file opened (and migrated) now: one that cannot be used stops `twist` here,
+    with one line, as a port that cannot be bound does."""
     if settings.store is None:
         return None
     try:

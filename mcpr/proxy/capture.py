@@ -4,8 +4,8 @@ and the `*/list` answers it carried.
 Bodies are taken while they stream, chunk by chunk, up to a cap per direction:
 nothing is held back from the client and nothing past the cap is kept, so a
 response of any size or duration costs at most `limit` bytes here.  The
-proxy core only collects; redaction and encoding happen in the store's own
-thread (`mcpr.gateway.store`), off the reactor.
+proxy core only collects; redaction and encoding happen once per batch of
+requests, in the event store (`mcpr.gateway.store`), not per chunk.
 """
 
 from __future__ import annotations

@@ -102,9 +102,10 @@ class GatewayEndToEndTests(TestCase):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
+        state = Path(self.mktemp()).resolve()  # its event store opens before the port fails
         out, err, code = await getProcessOutputAndValue(
             sys.executable, ["-m", "twisted", "mcpr", "--mcp", "http://127.0.0.1:1/mcp", "--listen",
-                             f"tcp:{port}:interface=127.0.0.1"], env=dict(os.environ))
+                             f"tcp:{port}:interface=127.0.0.1"], env={**os.environ, "XDG_STATE_HOME": str(state)})
         self.assertEqual((code, out), (64, b""))
         self.assertEqual(err.decode().splitlines(),
                          [f"mcpr: option --listen: cannot listen on tcp:{port}:interface=127.0.0.1: Address already "

@@ -24,10 +24,15 @@ from tests.support.processes import Process, free_port, start_gateway, twist
 MCP = "http://127.0.0.1:1/mcp"  # nothing listens there
 
 
+# The event stores of the gateways these tests start (in ~/.local/state they would pile up there).
+STATE_HOME = tempfile.TemporaryDirectory(prefix="mcpr-startup-state-")
+
+
 def run(args: list[str], *, cwd: str | None = None, env: dict[str, str] | None = None,
         timeout: float = 30) -> subprocess.CompletedProcess[str]:
     """A command that is expected to end by itself (the timeout fails the test if it hangs)."""
-    return subprocess.run(args, capture_output=True, text=True, cwd=cwd, env={**os.environ, **(env or {})},
+    return subprocess.run(args, capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "XDG_STATE_HOME": STATE_HOME.name, **(env or {})},
                           stdin=subprocess.DEVNULL, timeout=timeout)
 
 
@@ -116,6 +121,39 @@ class OneLineErrorTests(SynchronousTestCase):
                            f"mcpr: option --events: cannot write {missing}/events.jsonl: No such file or "
                            f"directory: create {missing} first, or give a path in an existing folder")
 
+    def test_store_in_a_folder_that_cannot_be_made(self) -> None:
+        """A file where the store's folder would go, named by the option or the variable that chose it."""
+        blocker = Path(self.mktemp()).resolve()
+        blocker.write_text("not a folder")
+        store = blocker / "state" / "store.sqlite3"
+        fix = "choose a path in a folder this user can create and write, or --no-store to run without a store"
+        self.assertOneLine(run(bare_twist("mcpr", "--mcp", MCP, "--port", str(free_port()), "--db", str(store))),
+                           f"mcpr: option --db: cannot use the event store {store}: Not a directory "
+                           f"({blocker}/state): {fix}")
+        self.assertOneLine(run(bare_twist("mcpr", "--mcp", MCP, "--port", str(free_port())),
+                               env={"MCPR_DB": str(store)}),
+                           f"mcpr: environment variable MCPR_DB: cannot use the event store {store}: Not a "
+                           f"directory ({blocker}/state): {fix}")
+
+    def test_gateway_port_in_use_exits_at_once_and_closes_its_store(self) -> None:
+        """The store has started by then; its thread must not keep the process alive, and the run it
+        began is marked stopped."""
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        store = Path(self.mktemp()).resolve() / "store.sqlite3"
+        self.assertOneLine(run(bare_twist("mcpr", "--mcp", MCP, "--listen", "tcp:0:interface=127.0.0.1", "--listen",
+                                          f"tcp:{port}:interface=127.0.0.1", "--db", str(store)), timeout=20),
+                           f"mcpr: option --listen: cannot listen on tcp:{port}:interface=127.0.0.1: Address already "
+                           "in use: another process listens there (another gateway or relay?): stop it, or choose "
+                           "another port")
+        status = run([sys.executable, "-c", "from mcpr.cli import main; main()", "status", "--json", "--db", str(store)])
+        self.assertEqual((status.returncode, status.stderr), (0, ""))
+        run_row = json.loads(status.stdout)["run"]
+        self.assertEqual((run_row["running"], run_row["stopped"] is not None), (False, True), run_row)
+
     def test_two_gateways_on_one_port(self) -> None:
         _, base = start_gateway(self, MCP)
         port = base.rsplit(":", 1)[1]
@@ -173,8 +211,12 @@ class OneLineErrorTests(SynchronousTestCase):
         if os.geteuid() != 0:
             folder.chmod(0o555)
             self.addCleanup(folder.chmod, 0o755)
-        # --no-store: the event store's default folder is the invoking user's (root's), not nobody's.
-        result = run(unprivileged(bare_twist("mcpr", "--config", str(config), "--no-store")), cwd="/")
+        # What the unit gives it to write: its StateDirectory=, where the event store goes.
+        state = shared_folder()
+        self.addCleanup(shutil.rmtree, state)
+        state.chmod(0o777)
+        result = run(unprivileged(bare_twist("mcpr", "--config", str(config))), cwd="/",
+                     env={"STATE_DIRECTORY": str(state)})
         self.assertOneLine(result, f"mcpr: [tunnel] token: none is configured, and a new one cannot be saved in "
                                    f"{config} (Permission denied): set token = \"mcpr_...\" under [tunnel] in "
                                    f"{config}, or MCPR_TUNNEL_TOKEN (a new one: python3 -c 'import secrets; "
@@ -197,9 +239,8 @@ class LogFormatTests(SynchronousTestCase):
         for option in ("--log-format=json", "--log-fo=json"):
             process = Process(self, bare_twist(option, "mcpr", "--mcp", MCP, "--listen", "tcp:0:interface=127.0.0.1"),
                               name="gateway")
-            # The line that says where it serves (the event store's comes first).
-            event = json.loads(process.wait_for(f'"mcp": "{MCP}"'))
-            self.assertEqual(event["log_namespace"], "mcpr.gateway.tap")
+            event = json.loads(process.wait_for('"log_format": "mcpr {version}'))
+            self.assertEqual(event["mcp"], MCP)
 
     def test_events_on_stdout_are_pure_ndjson(self) -> None:
         """The log (text) and the console line go to stderr; stdout holds events only."""
@@ -209,7 +250,8 @@ class LogFormatTests(SynchronousTestCase):
         self.addCleanup(out.close)
         self.addCleanup(err.close)
         process = subprocess.Popen(bare_twist("mcpr", "--mcp", MCP, "--listen", "tcp:0:interface=127.0.0.1",
-                                              "--events", "-"), stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+                                              "--events", "-"), stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                   env={**os.environ, "XDG_STATE_HOME": STATE_HOME.name})
         try:
             deadline = 200
             while " -> " not in (folder / "stderr").read_text() or not (folder / "stdout").read_text():

@@ -3,13 +3,18 @@ relay and tunnel, then every query command run as the user runs it, while the ga
 
 from __future__ import annotations
 
+import io
 import json
 import re
+from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 from twisted.trial.unittest import TestCase
+from twisted.web.client import FileBodyProducer, readBody
 
 from tests.e2e.test_tunnel import TunnelTestBase
+from tests.support.loopback import sleep
 from tests.support.processes import (
     MCPR,
     ROOT,
@@ -27,6 +32,29 @@ def ndjson(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines()]
 
 
+QUERIES = 50  # of a store the gateway is still writing: 50 x (a query + 0.1 s) is far above its 0.2 s batches
+
+
+async def stored(testcase: TestCase, args: tuple[str, ...], enough: Callable[[list[dict]], bool], what: str, *,
+                 cwd: Path | None = None, env: dict[str, str] | None = None) -> list[dict]:
+    """The NDJSON answer of `mcpr ARGS` once it holds `what` the test waits for.
+
+    A session's client is done when the gateway has answered its last
+    request, but the record of that request reaches the file only with the
+    writer thread's next batch, which nothing outside the gateway can see
+    coming; so the query is asked again, a bounded number of times.
+    """
+    rows: list[dict] = []
+    for _ in range(QUERIES):
+        code, out, err = await run_mcpr(*args, cwd=cwd, env=env)
+        testcase.assertEqual((code, err), (0, ""), f"mcpr {' '.join(args)}: {out}")
+        rows = ndjson(out)
+        if enough(rows):
+            return rows
+        await sleep(0.1)
+    testcase.fail(f"{what}: not in the store after {QUERIES} times `mcpr {' '.join(args)}`; the last answer: {rows}")
+
+
 class StoreThroughTheTunnelTests(TunnelTestBase):
     """One gateway serving a session directly and one through the tunnel; its store answers for both."""
 
@@ -38,6 +66,12 @@ class StoreThroughTheTunnelTests(TunnelTestBase):
         store_line = gateway.wait_for("event store: ")
         direct = await run_session(f"http://{local}/mcp")
         tunnelled = await run_session(f"http://127.0.0.1:{relay_port}/mcp", "--header", f"Host: {self.host(url)}")
+        # A client that goes on with a session the server has ended: the one failed request.
+        stale = await self.public(relay_port, url, "/mcp", b"POST", FileBodyProducer(io.BytesIO(json.dumps(
+            {"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {"name": "add", "arguments": {"a": 1, "b": 2}}}
+        ).encode())), headers={"content-type": "application/json", "accept": "application/json, text/event-stream",
+                               "mcp-session-id": tunnelled["session_id"]})
+        self.assertEqual(stale.code, 404, await readBody(stale))
         # The default store: the one of the gateway started in this folder, with its XDG_STATE_HOME.
         env = {"XDG_STATE_HOME": gateway.state_home}
         path = store_line.split("event store: ", 1)[1].split(" ", 1)[0]
@@ -48,30 +82,53 @@ class StoreThroughTheTunnelTests(TunnelTestBase):
             self.assertEqual((code, err), (0, ""), f"mcpr {' '.join(args)}: {out}")
             return out
 
-        async def settled() -> list[dict]:
-            """Every request of both sessions, once the gateway has written them (batches every 50 ms)."""
-            for _ in range(100):
-                rows = ndjson(await query("logs", "--json", "-n", "1000"))
-                deletes = [r for r in rows if r["route"] == "session-delete"]
-                if len(deletes) == 2:
-                    return rows
-            self.fail(f"the two DELETEs were not stored: {rows}")
-
-        rows = await settled()
+        # A session's last requests are the DELETE that ends it and the GET stream that the DELETE
+        # closes (which the gateway records after it); then comes the stale call: once all are stored,
+        # every request is.
+        rows = await stored(self, ("logs", "--json", "-n", "1000"),
+                            lambda rows: sorted(r["route"] for r in rows if r["route"] != "mcp")
+                            == ["mcp-stream", "mcp-stream", "session-delete", "session-delete"]
+                            and any(r["status"] == 404 for r in rows),
+                            "the DELETEs and GET streams of the two sessions, and the stale call", cwd=cwd, env=env)
         sessions = {direct["session_id"]: "direct", tunnelled["session_id"]: "tunnel"}
         self.assertEqual({(r["session_id"], r["via"]) for r in rows if r["session_id"]}, set(sessions.items()))
-        calls = [r for r in rows if r["mcp_method"] == "tools/call"]
-        self.assertEqual(sorted(r["tool"] for r in calls), sorted(["add", "count", "notify", "show_greeting"] * 2)
-                         if any(r["tool"] == "show_greeting" for r in calls) else sorted(["add", "count", "notify"] * 2))
+        *calls, failed = [r for r in rows if r["mcp_method"] == "tools/call"]
+        self.assertEqual(sorted(r["tool"] for r in calls), sorted(["add", "count", "notify"] * 2))
         self.assertTrue(all(r["status"] == 200 and r["outcome"] == "ok" for r in calls), calls)
+        self.assertEqual((failed["via"], failed["status"], failed["tool"], failed["error_code"], failed["session_id"]),
+                         ("tunnel", 404, "add", -32600, tunnelled["session_id"]))
 
-        table = await query("logs", "--via", "tunnel", "--tool", "add")
+        async def ids(*args: str) -> list[int]:
+            return [r["id"] for r in ndjson(await query("logs", "--json", "-n", "1000", *args))]
+
+        everything = [r["id"] for r in rows]
+        self.assertEqual(await ids("--status", "error"), [failed["id"]])
+        self.assertEqual(await ids("--error-code", "-32600"), [failed["id"]])
+        self.assertEqual(await ids("--error-code", "-32602"), [])
+        self.assertEqual(await ids("--status", "ok"), [i for i in everything if i != failed["id"]])
+        self.assertEqual(await ids("--status", "timeout"), [])
+        self.assertEqual(await ids("--method", "resources/*"),
+                         [r["id"] for r in rows if r["mcp_method"] == "resources/read"])
+        self.assertEqual(len(await ids("--method", "resources/*")), 2)
+        self.assertEqual(await ids("--session", direct["session_id"][:6]),
+                         [r["id"] for r in rows if r["session_id"] == direct["session_id"]])
+        self.assertEqual(await ids("--since", "1h"), everything)
+        # The tunnelled session began after the direct one ended: since its first request, its own.
+        begun = min(r["started"] for r in rows if r["via"] == "tunnel")
+        since = datetime.fromtimestamp(begun - 0.001).isoformat(timespec="milliseconds")
+        self.assertEqual(await ids("--since", since), [r["id"] for r in rows if r["via"] == "tunnel"])
+        self.assertEqual(await ids("--since", "2099-01-01"), [])
+        text = await query("logs", "--status", "error")
+        self.assertIn("tools/call add error -32600: Session not found", text)
+
+        table = await query("logs", "--via", "tunnel", "--tool", "add", "--status", "ok")
         self.assertEqual(len(table.splitlines()), 2, table)
         self.assertIn("tunnel  POST    200", table)
         self.assertIn(" tools/call add", table)
 
         slow = ndjson(await query("slow", "--threshold", "100ms", "--json"))
-        self.assertEqual({r["tool"] for r in slow} & {"count"}, {"count"}, "count streams its progress for ~150 ms")
+        self.assertIn("count", {r["tool"] for r in slow}, "count streams its progress for ~150 ms")
+        self.assertTrue(all(r["latency_ms"] >= 100 for r in slow), slow)
         self.assertNotIn("mcp-stream", {r["route"] for r in slow})
 
         listed = ndjson(await query("sessions", "--json"))
@@ -85,15 +142,15 @@ class StoreThroughTheTunnelTests(TunnelTestBase):
         self.assertIn("tools/call count", one)
 
         (client,) = ndjson(await query("clients", "--json"))
-        self.assertEqual((client["client_name"], client["sessions"], sorted(client["via"])),
-                         ("mcp", 2, ["direct", "tunnel"]))
+        self.assertEqual((client["client_name"], client["sessions"], client["requests"], client["errors"],
+                          sorted(client["via"])), ("mcp", 2, len(rows), 1, ["direct", "tunnel"]))
 
         (status,) = ndjson(await query("status", "--json"))
         run = status["run"]
         self.assertTrue(run["running"])
         self.assertEqual((run["upstream"], run["dropped"]), (upstream, 0))
         self.assertEqual((run["tunnel"]["state"], run["tunnel"]["url"]), ("connected", url))
-        self.assertEqual(status["traffic"]["requests"], len(rows))
+        self.assertEqual((status["traffic"]["requests"], status["traffic"]["errors"]), (len(rows), 1))
         text = await query("status")
         self.assertIn(f"tunnel    connected at", text)
         self.assertIn(url, text)
@@ -152,19 +209,17 @@ class StoreTests(TestCase):
         await run_session(base + "/mcp", "--quick")
         await run_session(base + "/mcp", "--quick")
 
-        for _ in range(100):
-            code, out, err = await run_mcpr("schema", "--changes", "--json", "--db", str(db))
-            self.assertEqual((code, err), (0, ""))
-            if len(out.splitlines()) == 2:
-                break
-        initial, change = ndjson(out)
+        # The third session's answer is the second's: once it counts twice, every answer is stored.
+        await stored(self, ("schema", "--json", "--db", str(db)), lambda rows: [r["seen"] for r in rows] == [2],
+                     "the second server's tools/list, given twice")
+        initial, change = ndjson((await run_mcpr("schema", "--changes", "--json", "--db", str(db)))[1])
         self.assertIn("notify", initial["added"])
         self.assertEqual((change["added"], change["removed"]), (["shout"], ["notify"]))
         (add,) = change["changed"]
         self.assertEqual((add["name"], add["properties_added"]), ("add", ["c"]))
         self.assertIn("description", add["fields"])
         code, text, _ = await run_mcpr("schema", "--changes", "--db", str(db))
-        self.assertIn("  + shout\n  - notify\n  ~ add: description, inputSchema (+c), outputSchema", text)
+        self.assertIn("  + shout\n  - notify\n  ~ add: description, inputSchema (+c)\n", text)
         code, text, _ = await run_mcpr("schema", "--db", str(db))
         self.assertIn("add(a, b, [c])", text)
         self.assertIn("given 2 time(s)", text)

@@ -138,6 +138,26 @@ class GatewaySettingsTests(SynchronousTestCase):
         self.write('mcp = "http://x:1"\n[tunnel]\nenabled = false\nrelay_url = "https://r.example"\n')
         self.assertIsNone(self.load().relay_url)
 
+    def test_store_path_and_where_it_came_from(self) -> None:
+        """Its errors start with the setting that chose the file, as every start-up error does."""
+        home = str(self.dir.resolve() / "state")
+        mcp = {"mcp": "http://x:1"}
+        default = self.load(mcp, {"XDG_STATE_HOME": home}).store
+        self.assertRegex(str(default.path), rf"^{home}/mcpr/{self.dir.name}-[0-9a-f]{{8}}\.sqlite3$")
+        self.assertEqual(default.origin, "the default store path (one per project under $XDG_STATE_HOME/mcpr/)")
+        unit = self.load(mcp, {"STATE_DIRECTORY": "/var/lib/mcpr/demo", "XDG_STATE_HOME": home}).store
+        self.assertEqual((unit.path, unit.origin), (Path("/var/lib/mcpr/demo/store.sqlite3"), "the default store "
+                                                    "path under systemd ($STATE_DIRECTORY/store.sqlite3)"))
+        env = self.load(mcp, {"MCPR_DB": "/srv/env.db"}).store
+        self.assertEqual((env.path, env.origin), (Path("/srv/env.db"), "environment variable MCPR_DB"))
+        cli = self.load({**mcp, "store_path": "here.db"}, {"MCPR_DB": "/srv/env.db"}).store
+        self.assertEqual((cli.path, cli.origin), (self.dir.resolve() / "here.db", "option --db"))
+        path = self.write('[store]\npath = "kept/store.db"\n')  # relative to the file
+        in_file = self.load(mcp).store
+        self.assertEqual((in_file.path, in_file.origin), (self.dir.resolve() / "kept" / "store.db",
+                                                          f"{path}: key 'store.path'"))
+        self.assertIsNone(self.load({**mcp, "no_store": True}).store)
+
 
 class OptionsTests(SynchronousTestCase):
     """`twist mcpr`'s usage.Options, generated from the gateway's settings table."""

@@ -8,7 +8,15 @@ it printed, four times a second, which costs one indexed query each.
 
 The store is the one the gateway started in the current directory uses
 (`--config`, `MCPR_DB`, `[store] path`, else the per-project file under
-`$XDG_STATE_HOME/mcpr/`), or `--db PATH`.  Every error is one line.
+`$XDG_STATE_HOME/mcpr/`), or `--db PATH`.
+
+Every error is one line on standard error that names the option (or the
+setting the store's path came from), the value, and what to do, never a
+traceback: a script tells the two kinds apart by the exit status, as `twist`
+does for the gateway.  64 (EX_USAGE) is a mistake on the command line or in
+mcpr.toml (`--since yesterday`, `--status maybe`); 1 is a store that cannot
+answer: none there yet (no gateway has written it), a file that is not a
+store, or no session with that id.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from dataclasses import replace
 from typing import Any, Callable, Iterable, NoReturn, Sequence
 
 from mcpr.common.settings import ConfigError, parse_duration
+from mcpr.common.startup import EXIT_STATUS as USAGE_STATUS
 from mcpr.gateway.settings import store_location
 from mcpr.gateway.store import queries
 from mcpr.gateway.store.queries import Filters, QueryError, RequestRow
@@ -34,15 +43,14 @@ FOLLOW_INTERVAL = 0.25
 STATUS_SPAN = 3600.0  # `status` sums up the last hour unless --since says otherwise
 
 
-class CommandError(Exception):
-    """Said in one line, exit status 1."""
-
-
 class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (`mcpr logs: --since: ...`), not usage plus the error."""
+    """argparse whose errors are one line (`mcpr logs: option --since: ...`), not usage plus the
+    error, with the status of a usage error."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message}\n")
+        if message.startswith("argument -"):
+            message = "option " + message[len("argument "):]
+        self.exit(USAGE_STATUS, f"{self.prog}: {message}\n")
 
 
 # -- option values
@@ -79,6 +87,20 @@ def _count(text: str) -> int:
     return int(text)
 
 
+def _status(text: str) -> str:
+    if text not in queries.STATUSES:
+        raise argparse.ArgumentTypeError(f"expected {', '.join(queries.STATUSES[:-1])} or {queries.STATUSES[-1]}, "
+                                         f"got {text!r}")
+    return text
+
+
+def _error_code(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a JSON-RPC error code such as -32602, got {text!r}") from None
+
+
 def parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     where = common.add_argument_group("store")
@@ -90,14 +112,17 @@ def parser() -> argparse.ArgumentParser:
     which.add_argument("--tool", help="the tool called (a glob with * ? [])")
     which.add_argument("--method", help="the MCP method, e.g. tools/call or 'resources/*'")
     which.add_argument("--session", metavar="PREFIX", help="a session id, or its first characters")
-    which.add_argument("--status", choices=queries.STATUSES, help="ok, error (anything not ok) or timeout")
-    which.add_argument("--error-code", type=int, metavar="CODE", help="a JSON-RPC error code, e.g. -32602")
+    which.add_argument("--status", type=_status, metavar="|".join(queries.STATUSES),
+                       help="ok, error (anything not ok) or timeout")
+    which.add_argument("--error-code", type=_error_code, metavar="CODE", help="a JSON-RPC error code, e.g. -32602")
     which.add_argument("--via", choices=("direct", "tunnel", "replay"),
                        help="how the request reached the gateway (replay: sent again from the inspector)")
     out = common.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="one JSON object per line (for jq)")
 
-    top = _Parser(prog="mcpr", description="Questions to the gateway's event store.")
+    top = _Parser(prog="mcpr", description="Questions to the gateway's event store.",
+                  epilog="Exit status: 0, 1 when the store cannot answer (none there yet, not a store, no "
+                         "such session), 64 for a mistake in the options.")
     sub = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
     logs = sub.add_parser("logs", parents=[common], help="requests, oldest first")
     logs.add_argument("-f", "--follow", action="store_true", help="then print new requests as they come")
@@ -409,43 +434,49 @@ RUNNERS: dict[str, Callable[[sqlite3.Connection, Filters, argparse.Namespace, Ou
 }
 
 
-def filters_of(args: argparse.Namespace, now: float) -> Filters:
+def filters_of(args: argparse.Namespace, now: float, parse: argparse.ArgumentParser) -> Filters:
+    """The filters of the options; a time that is not one is a usage error, said as argparse's are."""
     def moment(option: str, text: str | None) -> float | None:
         if text is None:
             return None
         try:
             return parse_since(text, now)
         except ValueError as e:
-            raise CommandError(f"{option}: {e}") from None
+            parse.error(f"option {option}: {e}")
 
     return Filters(since=moment("--since", args.since), until=moment("--until", args.until), tool=args.tool,
                    method=args.method, session=args.session, status=args.status, error_code=args.error_code,
                    via=args.via)
 
 
-def store_path(args: argparse.Namespace) -> Path:
+def store_path(args: argparse.Namespace, parse: argparse.ArgumentParser) -> tuple[Path, str]:
+    """The store's file and where its path came from (an option, a variable, a key, the default),
+    to start the errors of reading it."""
     if args.db:
-        return Path(args.db).expanduser().resolve()
+        return Path(args.db).expanduser().resolve(), "option --db"
     try:
         store = store_location(config=args.config)
     except ConfigError as e:
-        raise CommandError(str(e)) from None
+        parse.error(str(e))
     if store is None:
-        raise CommandError("the gateway started here keeps no store ([store] enabled = false or no_store); "
-                           "--db PATH reads one")
-    return store.path
+        parse.error("the gateway started here keeps no store ([store] enabled = false or no_store); "
+                    "--db PATH reads one")
+    return store.path, store.origin
 
 
 def main(argv: Sequence[str]) -> int:
     """Run one query command (`argv` without the program name); the exit status."""
-    args = parser().parse_args(argv)
+    top = parser()
+    args = top.parse_args(argv)
     prog = f"mcpr {args.command}"
+    # The subcommand's parser, so that a usage error reads `mcpr logs: ...` as argparse's own do.
+    parse = _Parser(prog=prog)
+    filters = filters_of(args, time.time(), parse)
+    path, origin = store_path(args, parse)
     try:
-        filters = filters_of(args, time.time())
-        path = store_path(args)
         db = open_reader(path)
-    except (CommandError, StoreError, QueryError) as e:
-        print(f"{prog}: {e}", file=sys.stderr)
+    except StoreError as e:
+        print(f"{prog}: {origin}: {e}", file=sys.stderr)
         return 1
     out = Output(args.json)
     try:

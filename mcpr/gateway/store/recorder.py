@@ -1,15 +1,17 @@
 """The event store's reactor side: what the proxy and the tunnel report is queued, and written in batches
 by a thread of the store's own.
 
-Nothing here waits for the disk.  A report appends to a list; every
-`FLUSH_DELAY` the list goes, as one batch, to the store's thread (a pool of
-one thread, not the reactor's, whose threads resolve host names), and the next
-batch waits until that one is written.  The list is bounded (`MAX_QUEUE`
-events, `MAX_QUEUE_BYTES` of captured bodies): when the disk cannot keep up,
-what does not fit is dropped and counted, never the request.  The count is in
+Nothing here waits for the disk.  A report's rows are made at once and added
+to a batch (`Batch.add`, here); every `FLUSH_DELAY` the batch goes to the
+store's thread (a pool of one thread, not the reactor's, whose threads resolve
+host names) to be written, and the next batch waits until that one is, and for
+`FLUSH_DELAY` after its first event.  The batch is bounded (`MAX_QUEUE` events,
+`MAX_QUEUE_BYTES` of captured bodies): when the disk cannot keep up, what does
+not fit is dropped and counted, never the request.  The count is in
 `/healthz`, in the store itself for `mcpr status`, and in a log line at most
 every `DROP_REPORT_INTERVAL` seconds.  A batch the disk refused (full,
-read-only) is dropped and counted the same way.
+read-only), or a record that cannot be encoded, is dropped and counted the
+same way.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from twisted.python.threadpool import ThreadPool
 
 from mcpr.gateway.settings import StoreSettings
 from mcpr.gateway.store.schema import Connect, StoreError, open_store
-from mcpr.gateway.store.writer import Item, RunInfo, SessionChange, StoreWriter, TunnelChange, Written
+from mcpr.gateway.store.writer import Batch, Item, RunInfo, SessionChange, StoreWriter, TunnelChange, Written
 from mcpr.proxy.events import RequestRecord
 
 log = Logger()
@@ -40,7 +42,10 @@ T = TypeVar("T")
 # Called on the reactor thread with the `requests` rows of each batch once committed.
 Watcher = Callable[[list[tuple[Any, ...]]], None]
 
-FLUSH_DELAY = 0.05  # seconds a report waits for others to share its commit
+# Seconds a report waits for others to share its commit: each commit writes every page it touched (the
+# tables and their four indexes) whatever the number of rows, so fewer, larger batches cost less per
+# request; a fifth of a second is still live for `mcpr logs -f`.
+FLUSH_DELAY = 0.2
 MAX_QUEUE = 10_000  # events waiting for the disk, beside the batch being written
 MAX_QUEUE_BYTES = 64 << 20  # captured bytes waiting for the disk
 EVENT_OVERHEAD = 512  # bytes an event is counted for besides its captured bodies
@@ -82,9 +87,11 @@ class EventStore(Service):
         self._pool = pool
         self._max_queue = max_queue
         self._max_bytes = max_queue_bytes
-        self._pending: list[Item] = []
+        self._batch = writer.batch()  # the rows of what was reported since the last batch left
         self._pending_bytes = 0
+        self._pending_since = 0.0  # when the first of `_batch` came
         self._flush_call: IDelayedCall | None = None
+        self._begin_call: IDelayedCall | None = None
         self._writing: Deferred[None] | None = None
         self._closed = False
         self.written = 0
@@ -101,13 +108,13 @@ class EventStore(Service):
     def open(cls, settings: StoreSettings, run: RunInfo, reactor: Any, *, connect: Connect | None = None,
              max_queue: int = MAX_QUEUE) -> EventStore:
         """The store of `settings`, its file created or migrated, written from a thread of its own
-        started and stopped with this service; `StoreError` if the file cannot be used."""
+        started and stopped with this service; `StoreError`, one line that names the setting and
+        says what to do, if the file cannot be used."""
         try:
             db = open_store(str(settings.path), connect=connect)
             writer = StoreWriter(db, run, reactor.seconds())
-        except (sqlite3.Error, OSError) as e:
-            raise StoreError(f"cannot use the event store {settings.path}: {e} (--no-store runs without one)") \
-                from None
+        except (sqlite3.Error, OSError, StoreError) as e:
+            raise StoreError(f"{settings.origin}: cannot use the event store {settings.path}: {_why(e)}") from None
         pool = worker_pool("mcpr-store")
 
         def in_pool(f: Callable[[], T]) -> Deferred[T]:
@@ -118,7 +125,14 @@ class EventStore(Service):
     # -- the service
 
     def startService(self) -> None:
+        """The thread starts with the reactor's first turn: a gateway whose start fails further on
+        (a port in use) stops this service before the reactor runs, and a thread asked to do
+        anything then could never say it is done, nor let the process exit."""
         super().startService()
+        self._begin_call = self._clock.callLater(0, self._begin)
+
+    def _begin(self) -> None:
+        self._begin_call = None
         if self._pool is not None:
             self._pool.start()
         self._prune()
@@ -131,14 +145,20 @@ class EventStore(Service):
 
     async def _stop(self) -> None:
         self._closed = True
-        if self._heartbeat.running:
-            self._heartbeat.stop()
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._flush_call = None
+        if self._begin_call is not None:
+            # Stopped before the reactor ran: no thread has touched the file, so this one closes it.
+            self._begin_call.cancel()
+            self._begin_call = None
+            self._close_unstarted()
+            return
+        if self._heartbeat.running:
+            self._heartbeat.stop()
         if self._writing is not None:
             await self._writing
-        if self._pending:
+        if self._batch.count:
             await self._flush()
         dropped, now = self.dropped, self._clock.seconds()
         try:
@@ -150,6 +170,16 @@ class EventStore(Service):
         self._report_dropped()
         if self._pool is not None:
             self._pool.stop()
+
+    def _close_unstarted(self) -> None:
+        now, dropped = self._clock.seconds(), self.dropped
+        try:
+            if self._batch.count:
+                self._writer.commit(self._batch, now, dropped)
+            self._writer.close(now, dropped)
+        except Exception as e:
+            log.error("store: could not close {path}: {why}", path=str(self.settings.path), why=str(e))
+        self._batch, self._pending_bytes = self._writer.batch(), 0
 
     # -- what the proxy and the tunnel report (the reactor thread)
 
@@ -180,15 +210,22 @@ class EventStore(Service):
 
     def health(self) -> dict[str, Any]:
         return {"path": str(self.settings.path), "written": self.written, "dropped": self.dropped,
-                "queued": len(self._pending), "error": self._error}
+                "queued": self._batch.count, "error": self._error}
 
     def _offer(self, item: Item, size: int) -> None:
         if self._closed:
             return
-        if len(self._pending) >= self._max_queue or self._pending_bytes + size > self._max_bytes:
+        if self._batch.count >= self._max_queue or self._pending_bytes + size > self._max_bytes:
             self._drop(1)
             return
-        self._pending.append(item)
+        try:
+            self._batch.add(item)
+        except Exception:  # a record the store cannot encode is dropped and counted, never the request
+            log.failure("store: cannot record a {item}", item=type(item).__name__)
+            self._drop(1)
+            return
+        if self._batch.count == 1:
+            self._pending_since = self._clock.seconds()
         self._pending_bytes += size
         if self._flush_call is None and self._writing is None:
             self._flush_call = self._clock.callLater(FLUSH_DELAY, self._flush)
@@ -197,22 +234,23 @@ class EventStore(Service):
 
     def _flush(self) -> Deferred[None]:
         self._flush_call = None
-        batch, self._pending, self._pending_bytes = self._pending, [], 0
+        batch, self._batch, self._pending_bytes = self._batch, self._writer.batch(), 0
         now, dropped = self._clock.seconds(), self.dropped
-        self._writing = writing = self._run(lambda: self._writer.write(batch, now, dropped))
-        writing.addCallbacks(self._written, self._failed, errbackArgs=(len(batch),))
+        self._writing = writing = self._run(lambda: self._writer.commit(batch, now, dropped))
+        writing.addCallbacks(self._written, self._failed, callbackArgs=(batch,), errbackArgs=(batch.count,))
         return writing
 
-    def _written(self, written: Written) -> None:
+    def _written(self, written: Written, batch: Batch) -> None:
         self._writing = None
         self.written += written.count
         if self._error is not None:
             log.info("store: writing to {path} again", path=str(self.settings.path))
             self._error = None
-        if written.requests:
+        if self._watchers and batch.requests:
+            rows = batch.request_rows(written)
             for watcher in list(self._watchers):
                 try:
-                    watcher(written.requests)
+                    watcher(rows)
                 except Exception:
                     log.failure("store: a watcher of new requests failed")
         self._next()
@@ -228,9 +266,13 @@ class EventStore(Service):
         self._next()
 
     def _next(self) -> None:
-        """After a batch: the events that queued meanwhile have waited long enough to go at once."""
-        if self._pending and not self._closed:
-            self._flush()
+        """After a batch, the next one goes `FLUSH_DELAY` after the first event that queued meanwhile,
+        as if the disk had been free: a batch that went as soon as the last was written would, under
+        a steady load, hold the few requests of one write's duration, and the commit and the thread's
+        wake-ups, not the rows, would be most of what the store costs."""
+        if self._batch.count and not self._closed:
+            delay = max(0.0, self._pending_since + FLUSH_DELAY - self._clock.seconds())
+            self._flush_call = self._clock.callLater(delay, self._flush)
 
     def _drop(self, count: int) -> None:
         self.dropped += count
@@ -268,3 +310,14 @@ class EventStore(Service):
     def _housekeeping_failed(self, failure: Failure) -> None:
         log.error("store: housekeeping on {path} failed: {why}", path=str(self.settings.path),
                   why=str(failure.value) or repr(failure.value))
+
+
+def _why(e: Exception) -> str:
+    """Why the file cannot be used, and what to do: the second half of `EventStore.open`'s line."""
+    if isinstance(e, StoreError):
+        return str(e)
+    if isinstance(e, OSError):
+        where = f" ({e.filename})" if e.filename else ""
+        return (f"{e.strerror or e}{where}: choose a path in a folder this user can create and write, "
+                "or --no-store to run without a store")
+    return f"{e}: choose another path, or --no-store to run without a store"

@@ -26,6 +26,7 @@ The tables, and why they are apart:
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import time
@@ -162,7 +163,11 @@ def open_store(path: str, *, connect: Connect | None = None,
     """The store at `path` (`:memory:` for tests), created or migrated to the latest schema,
     on a connection usable from the thread that opened it or any one thread after it."""
     if path != ":memory:":
-        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+        folder = os.path.dirname(path) or "."
+        try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+        except FileExistsError:  # what makedirs says of a file where the folder should be
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), folder) from None
         # Bodies and headers are private even redacted: the file (and so its -wal and -shm, which
         # SQLite gives the file's mode) is made 0600 before SQLite creates it with the umask's.
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
@@ -223,7 +228,8 @@ def open_reader(path: Path) -> sqlite3.Connection:
     of another schema version than this mcpr reads.
     """
     if not path.exists():
-        raise StoreError(f"no event store at {path} (no gateway has run with it yet; --db PATH picks another)")
+        raise StoreError(f"no event store at {path}: no gateway has written one there yet: start the gateway "
+                         "with this store first, or give --db the path of another")
     db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None,
                          check_same_thread=False)
     try:
@@ -231,7 +237,7 @@ def open_reader(path: Path) -> sqlite3.Connection:
         version = applied_version(db)
     except sqlite3.DatabaseError as e:
         db.close()
-        raise StoreError(f"{path}: not an event store ({e})") from None
+        raise StoreError(f"{path} is not an event store ({e}): give --db the path of one") from None
     if version != SCHEMA_VERSION:
         db.close()
         newer = version > SCHEMA_VERSION

@@ -1,16 +1,23 @@
-"""The store's thread side: batches of records turned into rows, one transaction per batch.
+"""Batches of records turned into rows, and written in one transaction per batch.
 
-Everything here runs on the store's own thread, never on the reactor:
-redaction, JSON encoding, hashing `*/list` answers, and SQLite itself.  The
-reactor side (`recorder.py`) only hands over lists of the objects the proxy
-made, which nobody changes once reported.
+Two halves.  `Batch.add` makes an item's rows (redaction, JSON encoding) on
+the reactor thread as it is reported; `commit` runs on the store's own
+thread and does what needs the file: SQLite, ids, and the `*/list` answers
+(hashed, compared with the last one stored).  Making the rows in the store's
+thread did not take that work off the reactor, since the GIL lets one thread
+run Python at a time: it only added the two threads handing the GIL over,
+which cost the gateway more CPU than the rows did (bench/store_cost.py); and
+made per report, the rows cost the reactor tens of microseconds after each
+response rather than milliseconds at every batch.
+SQLite lets the GIL go while it works, so the thread's half does run beside
+the reactor.
 
 A batch is one `BEGIN IMMEDIATE ... COMMIT`: under load a batch holds
-hundreds of requests, so the cost of a commit is shared, and `executemany`
-keeps the per-row work in C.  Request ids are given here, inside the
-transaction that holds the write lock, so that the row in `requests` and the
-one in `exchanges` get the same id even when another gateway of the same
-project writes to the same file.
+hundreds of requests, so the cost of a commit is shared, and each table's
+rows go in a few multi-row `INSERT`s (see `Insert`).  Request ids are given
+in `commit`, inside the transaction that holds the write lock, so that the
+row in `requests` and the one in `exchanges` get the same id even when
+another gateway of the same project writes to the same file.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import json
 import os
 import socket
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence, Union
 
 from mcpr.gateway.store import redact
@@ -46,12 +53,14 @@ Item = Union[RequestRecord, SessionChange, TunnelChange]
 
 @dataclass(frozen=True)
 class Written:
-    """What one batch wrote: the count of items, and the `requests` rows as inserted (in the order
-    of `_REQUEST_COLUMNS`, ids given), which the inspector pushes to its live page without reading
-    them back."""
+    """What one committed batch became: the count of its items, the id of its first request, and
+    the listing row of each request (by index in the batch) that carried a `*/list` answer. With the
+    batch, that gives the `requests` rows as inserted (`Batch.request_rows`), which the inspector
+    pushes to its live page without reading them back."""
 
     count: int
-    requests: list[tuple[Any, ...]]
+    first: int
+    listing_ids: dict[int, int]
 
 
 @dataclass(frozen=True)
@@ -71,9 +80,42 @@ def failed(record: RequestRecord) -> bool:
 _REQUEST_COLUMNS = ("id, request_id, run_id, started, via, method, path, route, status, outcome, session_id, "
                     "mcp_method, tool, resource, prompt, jsonrpc_id, error_code, error_message, latency_ms, "
                     "upstream_ms, downstream_ms, bytes_in, bytes_out, client_name, client_version, listing_id")
-_INSERT_REQUEST = f"INSERT INTO requests ({_REQUEST_COLUMNS}) VALUES ({', '.join('?' * 26)})"
-_INSERT_EXCHANGE = ("INSERT INTO exchanges (id, query, request_headers, response_headers, request_body, "
-                    "response_body) VALUES (?, ?, ?, ?, ?, ?)")
+# The host parameters one statement may have: SQLite's default limit, 999 before 3.32.
+_MAX_PARAMETERS = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
+
+
+class Insert:
+    """An `INSERT ... VALUES ` of many rows to a statement, their values given flat.
+
+    Not `executemany`: the sqlite3 module lets the GIL go around every step of
+    a statement, one per row there, and under load the reactor thread is
+    waiting for it; the two threads then handed the GIL back and forth twice
+    a row, and those switches cost the gateway more CPU than the rows did.
+    The values are one flat list, made as the rows were, so that the store's
+    thread does no Python per row (what it does holds the GIL too).  A batch
+    goes in statements of a few fixed sizes (256, 64, 16, 4 and 1 rows), so
+    that the prepared statements SQLite keeps are few.
+    """
+
+    def __init__(self, head: str, row: str) -> None:
+        self.width = row.count("?") - 1  # the values a row takes (?1 is the batch's own)
+        self.sizes = [n for n in (256, 64, 16, 4, 1) if n * self.width + 1 <= _MAX_PARAMETERS]
+        self.sql = {n: head + ", ".join([row] * n) for n in self.sizes}
+
+    def run(self, db: sqlite3.Connection, first: int, values: list[Any]) -> None:
+        """The rows of `values`, whose ids are `first` plus each row's first value."""
+        w, rows, done = self.width, len(values) // self.width, 0
+        for n in self.sizes:
+            while rows - done >= n:
+                db.execute(self.sql[n], [first, *values[done * w:(done + n) * w]])
+                done += n
+
+
+# Each row's id is the batch's first (?1, given in the transaction) plus the row's index in the batch,
+# its first value; a request's listing_id is set after, for the few that carried a `*/list` answer.
+_INSERT_REQUEST = Insert(f"INSERT INTO requests ({_REQUEST_COLUMNS}) VALUES ", "(?1 + ?" + ", ?" * 24 + ", NULL)")
+_INSERT_EXCHANGE = Insert("INSERT INTO exchanges (id, query, request_headers, response_headers, request_body, "
+                          "response_body) VALUES ", "(?1 + ?, ?, ?, ?, ?, ?)")
 # A batch's requests of one session: counts add up, times widen, what is known is kept.
 _UPSERT_ACTIVITY = """
     INSERT INTO sessions (id, first_seen, last_activity, state, via, client_name, client_version, requests, errors)
@@ -103,6 +145,57 @@ _UPSERT_SESSION = """
         protocol_version = coalesce(excluded.protocol_version, protocol_version)"""
 
 
+@dataclass
+class Batch:
+    """The rows of the items reported since the last batch left, made as each is reported, for
+    `StoreWriter.commit`: requests without their id (given in the transaction) nor their listing,
+    exchanges and listings by the index of their request in the batch."""
+
+    run_id: int
+    count: int = 0  # the items added
+    requests: int = 0
+    request_values: list[Any] = field(default_factory=list)  # per request: its index, then its row
+    exchange_values: list[Any] = field(default_factory=list)  # per exchange: its request's index, its row
+    listings: list[tuple[int, list[Listing], float]] = field(default_factory=list)  # (index, answers, ts)
+    sessions: list[tuple[Any, ...]] = field(default_factory=list)
+    tunnel: list[tuple[Any, ...]] = field(default_factory=list)
+    activity: dict[str, list[Any]] = field(default_factory=dict)
+
+    def add(self, item: Item) -> None:
+        """One item's rows, redacted and encoded; no SQLite here, so it runs on the reactor thread
+        (see the module's docstring), once per report."""
+        # Everything that may fail comes before the first change: an item either goes in whole or
+        # not at all, and the flat lists stay aligned.
+        if isinstance(item, RequestRecord):
+            row = _request_row(self.run_id, item)
+            exchange = _exchange_row(item.capture) if item.capture is not None else None
+            index = self.requests
+            self.requests += 1
+            self.request_values.append(index)
+            self.request_values += row
+            if exchange is not None:
+                self.exchange_values.append(index)
+                self.exchange_values += exchange
+            if item.capture is not None and item.capture.listings:
+                self.listings.append((index, item.capture.listings, item.started))
+            if item.session_id:
+                _add_activity(self.activity, item)
+        elif isinstance(item, SessionChange):
+            self.sessions.append(_session_row(item))
+        else:
+            fields = dict(item.fields)
+            state, relay = fields.pop("state", "?"), fields.pop("relay", None)
+            self.tunnel.append((item.ts, self.run_id, state, relay, json.dumps(fields, default=str)))
+        self.count += 1
+
+    def request_rows(self, written: Written) -> list[tuple[Any, ...]]:
+        """The `requests` rows as `StoreWriter.commit` inserted them (`_REQUEST_COLUMNS`, ids
+        given); made on the reactor thread, and only for someone watching."""
+        w, values = _INSERT_REQUEST.width, self.request_values
+        return [(written.first + values[i], *values[i + 1:i + w], written.listing_ids.get(values[i]))
+                for i in range(0, len(values), w)]
+
+
 class StoreWriter:
     """Owns the store's connection, used from one thread at a time (the store's)."""
 
@@ -112,41 +205,39 @@ class StoreWriter:
             "INSERT INTO runs (started, last_seen, pid, host, version, upstream, listen) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (now, now, os.getpid(), socket.gethostname(), run.version, run.upstream, json.dumps(list(run.listen)))))
 
-    def write(self, items: Sequence[Item], now: float, dropped: int) -> Written:
-        """Write one batch and the run's counters."""
+    def batch(self) -> Batch:
+        return Batch(self.run_id)
+
+    def commit(self, batch: Batch, now: float, dropped: int) -> Written:
+        """Write one prepared batch and the run's counters, in one transaction (the store's thread)."""
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
-            next_id = db.execute("SELECT coalesce(max(id), 0) + 1 FROM requests").fetchone()[0]
-            requests, exchanges = [], []
-            activity: dict[str, list[Any]] = {}
-            for item in items:
-                if isinstance(item, RequestRecord):
-                    listing_id = self._listings(item.capture.listings, next_id, item.started) \
-                        if item.capture is not None and item.capture.listings else None
-                    requests.append(_request_row(next_id, self.run_id, item, listing_id))
-                    if item.capture is not None:
-                        exchanges.append(_exchange_row(next_id, item.capture))
-                    if item.session_id:
-                        _add_activity(activity, item)
-                    next_id += 1
-                elif isinstance(item, SessionChange):
-                    db.execute(_UPSERT_SESSION, _session_row(item))
-                else:
-                    fields = dict(item.fields)
-                    state, relay = fields.pop("state", "?"), fields.pop("relay", None)
-                    db.execute("INSERT INTO tunnel_events (ts, run_id, state, relay, detail) VALUES (?, ?, ?, ?, ?)",
-                               (item.ts, self.run_id, state, relay, json.dumps(fields, default=str)))
-            db.executemany(_INSERT_REQUEST, requests)
-            db.executemany(_INSERT_EXCHANGE, exchanges)
-            db.executemany(_UPSERT_ACTIVITY, [(sid, *values) for sid, values in activity.items()])
+            first = db.execute("SELECT coalesce(max(id), 0) + 1 FROM requests").fetchone()[0]
+            _INSERT_REQUEST.run(db, first, batch.request_values)
+            _INSERT_EXCHANGE.run(db, first, batch.exchange_values)
+            listing_ids = {index: self._listings(listings, first + index, ts) for index, listings, ts in batch.listings}
+            db.executemany("UPDATE requests SET listing_id = ? WHERE id = ?",
+                           [(listing_id, first + index) for index, listing_id in listing_ids.items()])
+            db.executemany(_UPSERT_SESSION, batch.sessions)
+            db.executemany("INSERT INTO tunnel_events (ts, run_id, state, relay, detail) VALUES (?, ?, ?, ?, ?)",
+                           batch.tunnel)
+            db.executemany(_UPSERT_ACTIVITY, [(sid, *values) for sid, values in batch.activity.items()])
             db.execute("UPDATE runs SET last_seen = ?, written = written + ?, dropped = ? WHERE id = ?",
-                       (now, len(items), dropped, self.run_id))
+                       (now, batch.count, dropped, self.run_id))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        return Written(len(items), requests)
+        return Written(batch.count, first, listing_ids)
+
+    def write(self, items: Sequence[Item], now: float, dropped: int) -> Written:
+        """A batch of `items` made and committed in one go, on one thread: for a store that is not
+        being served (tests, tools)."""
+        batch = self.batch()
+        for item in items:
+            batch.add(item)
+        return self.commit(batch, now, dropped)
 
     def heartbeat(self, now: float, dropped: int) -> None:
         """The run is alive (for `mcpr status`), with its drop count."""
@@ -185,24 +276,32 @@ def _inserted(cursor: sqlite3.Cursor) -> int:
     return cursor.lastrowid
 
 
-def _request_row(row_id: int, run_id: int, r: RequestRecord, listing_id: int | None) -> tuple[Any, ...]:
-    return (row_id, r.request_id, run_id, r.started, r.via, r.method, r.path, r.route, r.status, r.outcome,
+def _request_row(run_id: int, r: RequestRecord) -> tuple[Any, ...]:
+    """The columns of `_REQUEST_COLUMNS` but the first (id) and the last (listing_id)."""
+    return (r.request_id, run_id, r.started, r.via, r.method, r.path, r.route, r.status, r.outcome,
             r.session_id, r.mcp_method, r.tool, r.resource, r.prompt,
-            None if r.jsonrpc_id is None else json.dumps(r.jsonrpc_id, default=str),
+            _json_id(r.jsonrpc_id),
             r.error_code, r.error_message, r.latency_ms, r.upstream_ms, r.downstream_ms, r.bytes_in, r.bytes_out,
-            r.client_name, r.client_version, listing_id)
+            r.client_name, r.client_version)
 
 
-def _content_type(headers: list[list[str]]) -> str | None:
-    return next((value for name, value in headers if name == "content-type"), None)
+# One encoder for every row: `json.dumps` with any option builds a new one per call.
+_encode_id = json.JSONEncoder(default=str).encode
 
 
-def _exchange_row(row_id: int, c: Capture) -> tuple[Any, ...]:
-    request_headers, response_headers = redact.headers(c.request_headers), redact.headers(c.response_headers)
-    return (row_id, redact.form(c.query).decode("latin-1"),
-            json.dumps(request_headers, ensure_ascii=False), json.dumps(response_headers, ensure_ascii=False),
-            redact.body(c.request_body.data, _content_type(request_headers)),
-            redact.body(c.response_body.data, _content_type(response_headers)))
+def _json_id(value: Any) -> str | None:
+    """A JSON-RPC id as JSON text: most are integers, whose text is their `str`."""
+    if value is None:
+        return None
+    return str(value) if type(value) is int else _encode_id(value)
+
+
+def _exchange_row(c: Capture) -> tuple[Any, ...]:
+    """The columns of an `exchanges` row but its id: redacted, encoded."""
+    request_headers, request_type = redact.headers_json(c.request_headers)
+    response_headers, response_type = redact.headers_json(c.response_headers)
+    return (redact.form(c.query).decode("latin-1"), request_headers, response_headers,
+            redact.body(c.request_body.data, request_type), redact.body(c.response_body.data, response_type))
 
 
 def _add_activity(activity: dict[str, list[Any]], r: RequestRecord) -> None:

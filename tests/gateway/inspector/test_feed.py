@@ -59,9 +59,16 @@ class FeedTests(SynchronousTestCase):
         self.writer = StoreWriter(self.db, RUN, 1000.0)
         _, self.feed = inspector(self.db)
 
+    def rows(self, *records: Any) -> list[tuple[Any, ...]]:
+        """A batch committed, and its rows as `EventStore` gives them to its watchers."""
+        batch = self.writer.batch()
+        for r in records:
+            batch.add(r)
+        return batch.request_rows(self.writer.commit(batch, 2000.0, 0))
+
     def write(self, *records: Any) -> None:
         """A batch written, and the feed told, as `EventStore` tells its watchers."""
-        self.feed.rows_written(self.writer.write(list(records), 2000.0, 0).requests)
+        self.feed.rows_written(self.rows(*records))
 
     def subscribe(self, filters: Filters = Filters(), after: int | None = None) -> StreamRequest:
         request = StreamRequest()
@@ -69,8 +76,8 @@ class FeedTests(SynchronousTestCase):
         return request
 
     def test_a_written_row_is_the_row_read_back(self) -> None:
-        written = self.writer.write([record(1001.0, session_id="s", jsonrpc_id={"k": [1]}, error_code=-1)], 2000.0, 0)
-        self.assertEqual(row_of_written(written.requests[0]), queries.requests(self.db)[0])
+        rows = self.rows(record(1001.0, session_id="s", jsonrpc_id={"k": [1]}, error_code=-1), record(1002.0))
+        self.assertEqual([row_of_written(row) for row in rows], sorted(queries.requests(self.db), key=lambda r: r.id))
 
     def test_new_rows_go_to_the_pages_that_selected_them(self) -> None:
         everything, errors, adds = self.subscribe(), self.subscribe(Filters(status="error")), \

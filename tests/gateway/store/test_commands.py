@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -140,24 +142,56 @@ class CommandTests(SynchronousTestCase):
         self.assertEqual([listing["names"] for listing in self.ndjson("schema", "--session", "5e551")],
                          [["add"]])
 
-    def test_errors_are_one_line(self) -> None:
-        missing = Path(self.mktemp()).resolve() / "none.sqlite3"
-        for argv, status, message in (
-            (("logs", "--db", str(missing)), 1, f"mcpr logs: no event store at {missing} (no gateway has run "
-                                                f"with it yet; --db PATH picks another)\n"),
-            (("logs", "--db", str(self.path), "--since", "yesterday"), 1,
-             "mcpr logs: --since: expected a duration such as 10m or 7d, or a time such as 2026-12-01T10:30, "
-             "got 'yesterday'\n"),
-            (("slow", "--db", str(self.path), "--threshold", "fast"), 2,
-             "mcpr slow: argument --threshold: expected a duration such as 500ms or 2s, got 'fast'\n"),
-            (("logs", "--status", "meh"), 2, None),
-            (("session",), 2, None),
+    def assertOneLine(self, argv: tuple[str, ...], status: int, line: str) -> None:
+        code, out, err = self.run_command(*argv)
+        self.assertEqual((code, out, err), (status, "", line + "\n"), argv)
+
+    def test_a_mistake_in_the_options_is_one_line_and_status_64(self) -> None:
+        db = ("--db", str(self.path))
+        expected_time = "expected a duration such as 10m or 7d, or a time such as 2026-12-01T10:30"
+        for argv, line in (
+            (("logs", *db, "--since", "yesterday"), f"mcpr logs: option --since: {expected_time}, got 'yesterday'"),
+            (("sessions", *db, "--until", "3x"), f"mcpr sessions: option --until: {expected_time}, got '3x'"),
+            (("logs", *db, "--status", "maybe"), "mcpr logs: option --status: expected ok, error or timeout, "
+                                                 "got 'maybe'"),
+            (("logs", *db, "--error-code", "x"), "mcpr logs: option --error-code: expected a JSON-RPC error code "
+                                                 "such as -32602, got 'x'"),
+            (("slow", *db, "--threshold", "fast"), "mcpr slow: option --threshold: expected a duration such as "
+                                                   "500ms or 2s, got 'fast'"),
+            (("logs", *db, "-n", "0"), "mcpr logs: option -n/--limit: expected a positive number, got '0'"),
+            (("session", *db), "mcpr session: the following arguments are required: id"),
         ):
-            code, out, err = self.run_command(*argv)
-            self.assertEqual((code, out), (status, ""), argv)
-            self.assertEqual(err.count("\n"), 1, err)
-            if message is not None:
-                self.assertEqual(err, message)
+            self.assertOneLine(argv, 64, line)
+
+    def test_a_store_that_cannot_answer_is_one_line_and_status_1(self) -> None:
+        missing = Path(self.mktemp()).resolve() / "none.sqlite3"
+        self.assertOneLine(("logs", "--db", str(missing)), 1,
+                           f"mcpr logs: option --db: no event store at {missing}: no gateway has written one there "
+                           "yet: start the gateway with this store first, or give --db the path of another")
+        self.assertFalse(missing.exists(), "a query never creates the store")
+        self.patch(os, "environ", {**os.environ, "MCPR_DB": "/nope/x.db"})
+        self.assertOneLine(("logs",), 1,
+                           "mcpr logs: environment variable MCPR_DB: no event store at /nope/x.db: no gateway has "
+                           "written one there yet: start the gateway with this store first, or give --db the path "
+                           "of another")
+        text = Path(self.mktemp()).resolve()
+        text.write_text("notes, not a store" * 100)
+        self.assertOneLine(("status", "--db", str(text)), 1,
+                           f"mcpr status: option --db: {text} is not an event store (file is not a database): give "
+                           "--db the path of one")
+        self.assertOneLine(("session", "--db", str(self.path), "f00"), 1, "mcpr session: no session starts with 'f00'")
+
+    def test_the_default_store_not_there_yet(self) -> None:
+        """No --db and no setting: the store of a gateway started in this folder, which none has been."""
+        home, project = Path(self.mktemp()).resolve(), Path(self.mktemp()).resolve()
+        project.mkdir()
+        self.patch(os, "environ", {k: v for k, v in os.environ.items() if k != "MCPR_DB"} | {"XDG_STATE_HOME": str(home)})
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(project)
+        code, out, err = self.run_command("clients")
+        self.assertEqual((code, out, err.count("\n")), (1, "", 1), err)
+        self.assertRegex(err, r"^mcpr clients: the default store path \(one per project under \$XDG_STATE_HOME/mcpr/\): "
+                              rf"no event store at {re.escape(str(home))}/mcpr/{project.name}-[0-9a-f]{{8}}\.sqlite3: ")
 
     def test_store_found_as_the_gateway_finds_it(self) -> None:
         """No --db: the `[store] path` of the mcpr.toml given (relative to the file), as the gateway reads it."""
@@ -168,6 +202,6 @@ class CommandTests(SynchronousTestCase):
         self.assertEqual((code, err), (0, ""))
         self.assertEqual(len(out.splitlines()), 6)
         (project / "mcpr.toml").write_text('mcp = "http://x/mcp"\n[store]\nenabled = false\n')
-        code, out, err = self.run_command("logs", "--config", str(project / "mcpr.toml"))
-        self.assertEqual(code, 1)
-        self.assertIn("keeps no store", err)
+        self.assertOneLine(("logs", "--config", str(project / "mcpr.toml")), 64,
+                           "mcpr logs: the gateway started here keeps no store ([store] enabled = false or "
+                           "no_store); --db PATH reads one")

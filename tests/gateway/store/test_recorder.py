@@ -53,10 +53,13 @@ class RecorderTests(SynchronousTestCase):
         self.db = open_store(":memory:")
         self.writer = StoreWriter(self.db, RUN, self.clock.seconds())
         self.disk = Disk()
-        settings = StoreSettings(Path("/nowhere/store.sqlite3"), retain=600.0, max_size=1 << 30, capture=1024)
+        settings = StoreSettings(Path("/nowhere/store.sqlite3"), retain=600.0, max_size=1 << 30, capture=1024,
+                                 origin="option --db")
         self.store = EventStore(self.writer, settings, self.clock, self.disk, max_queue=5, max_queue_bytes=10_000)
         self.store.startService()
-        self.disk.run()  # the retention pass at start
+        self.clock.advance(0)  # the reactor's first turn: the thread starts, with a retention pass
+        self.assertEqual(len(self.disk.jobs), 1)
+        self.disk.run()
         self.addCleanup(self.stop)
 
     def stop(self) -> None:
@@ -86,9 +89,25 @@ class RecorderTests(SynchronousTestCase):
         self.clock.advance(10)
         self.assertEqual(len(self.disk.jobs), 1, "the second batch waits for the first")
         self.disk.run(1)
-        self.assertEqual(len(self.disk.jobs), 1, "and goes as soon as the first is written")
+        self.clock.advance(0)
+        self.assertEqual(len(self.disk.jobs), 1, "and goes once the first is written, its events having waited")
         self.disk.run(1)
         self.assertEqual(self.stored(), 3)
+
+    def test_a_batch_behind_a_quick_one_still_waits_for_company(self) -> None:
+        """Under a steady load the batches stay FLUSH_DELAY apart, not one write's duration."""
+        self.store.request(record())
+        self.clock.advance(recorder.FLUSH_DELAY)
+        self.clock.advance(0.01)
+        self.store.request(record())  # queued while the disk writes the first
+        self.disk.run(1)
+        self.clock.advance(recorder.FLUSH_DELAY - 0.02)
+        self.store.request(record())
+        self.assertEqual(self.disk.jobs, [], "the second is not yet FLUSH_DELAY old")
+        self.clock.advance(0.03)
+        self.assertEqual(len(self.disk.jobs), 1)
+        self.disk.run()
+        self.assertEqual((self.stored(), self.store.written), (3, 3))
 
     def test_a_full_queue_drops_counts_and_says_so_at_most_every_interval(self) -> None:
         self.store.request(record())
@@ -110,6 +129,8 @@ class RecorderTests(SynchronousTestCase):
         self.assertIn("requests are not affected", lines[0])
         health = self.store.health()
         self.assertEqual((health["dropped"], health["queued"], health["path"]), (8, 5, "/nowhere/store.sqlite3"))
+        self.disk.run()
+        self.clock.advance(0)  # what queued behind the held batch has waited long enough
         self.disk.run()
         self.assertEqual(self.stored(), 6)
         self.assertEqual(self.db.execute("SELECT dropped FROM runs").fetchone()[0], 8,
@@ -206,6 +227,51 @@ class RecorderTests(SynchronousTestCase):
     def test_open_refuses_a_store_it_cannot_use(self) -> None:
         blocker = Path(self.mktemp())
         blocker.write_text("a file where the store's folder would go")
-        settings = StoreSettings(blocker / "store.sqlite3", 1.0, 1 << 20, 0)
+        settings = StoreSettings(blocker / "store.sqlite3", 1.0, 1 << 20, 0, "option --db")
         e = self.assertRaises(StoreError, EventStore.open, settings, RUN, self.clock)
-        self.assertRegex(str(e), r"^cannot use the event store .*store\.sqlite3: .* \(--no-store runs without one\)$")
+        self.assertEqual(str(e), f"option --db: cannot use the event store {blocker}/store.sqlite3: Not a directory "
+                                 f"({blocker}): choose a path in a folder this user can create and write, or "
+                                 "--no-store to run without a store")
+
+    def test_stopped_before_the_reactor_ran_it_closes_the_file_itself(self) -> None:
+        """As when a port in use stops the gateway's start: nothing may wait for the thread, which
+        a reactor that never runs cannot hear from."""
+        path = str(Path(self.mktemp()).resolve())
+        db = open_store(path)
+        writer = StoreWriter(db, RUN, self.clock.seconds())
+        disk = Disk()
+        store = EventStore(writer, self.store.settings, self.clock, disk)
+        store.startService()
+        store.session(1000.0, {"session_id": "s", "state": "active"})  # a service that started before
+        stopped_at = self.clock.seconds()
+        self.successResultOf(store.stopService())
+        self.assertEqual(disk.jobs, [], "the thread was never asked")
+        self.assertRaises(Exception, db.execute, "SELECT 1")  # closed
+        self.clock.advance(recorder.HEARTBEAT_INTERVAL)
+        self.assertEqual(disk.jobs, [], "nor is it later")
+        again = open_store(path)
+        self.addCleanup(again.close)
+        self.assertEqual(again.execute("SELECT id FROM sessions").fetchall(), [("s",)])
+        self.assertEqual(again.execute("SELECT stopped FROM runs").fetchone()[0], stopped_at)
+
+
+class UnencodableRecordTests(SynchronousTestCase):
+    def test_a_record_that_cannot_be_encoded_is_dropped_not_the_request(self) -> None:
+        clock = Clock()
+        db = open_store(":memory:")
+        self.addCleanup(db.close)
+        disk = Disk()
+        settings = StoreSettings(Path("/nowhere/store.sqlite3"), 600.0, 1 << 30, 1024, "option --db")
+        store = EventStore(StoreWriter(db, RUN, 0.0), settings, clock, disk)
+        bad = record()
+        bad.capture.request_headers = [(b"x-odd", [object()])]  # type: ignore[union-attr, list-item]
+        with capturedLogs() as events:
+            store.request(bad)
+        store.request(record())
+        self.assertEqual((store.dropped, store.health()["queued"]), (1, 1))
+        self.assertTrue(any("cannot record a RequestRecord" in formatEvent(e) for e in events))
+        self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
+        clock.advance(recorder.FLUSH_DELAY)
+        disk.run()
+        self.assertEqual(db.execute("SELECT count(*) FROM requests").fetchone()[0], 1)
+        self.assertEqual(db.execute("SELECT count(*) FROM exchanges").fetchone()[0], 1)

@@ -18,14 +18,17 @@ class RedactTests(SynchronousTestCase):
             self.assertFalse(redact.secret_name(name), name)
 
     def test_headers_keep_their_shape(self) -> None:
-        got = redact.headers([
+        text, content_type = redact.headers_json([
             (b"Authorization", [b"Bearer eyJhbGciOi.secret"]),
             (b"Proxy-Authorization", [b"opaque"]),
             (b"Cookie", [b"sid=abc; theme=dark"]),
             (b"Set-Cookie", [b"sid=abc; Path=/; HttpOnly", b"csrf=xyz"]),
             (b"X-Api-Key", [b"k-123"]),
             (b"Content-Type", [b"application/json"]),
+            (b"X-Note", [b'say "h\xe9" \\ \x01']),
         ])
+        self.assertEqual(content_type, "application/json")
+        got = json.loads(text)
         self.assertEqual(got, [
             ["authorization", "Bearer [redacted]"],
             ["proxy-authorization", "[redacted]"],
@@ -34,8 +37,10 @@ class RedactTests(SynchronousTestCase):
             ["set-cookie", "csrf=[redacted]"],
             ["x-api-key", "[redacted]"],
             ["content-type", "application/json"],
+            ["x-note", 'say "h\xe9" \\ \x01'],
         ])
-        self.assertNotIn("secret", json.dumps(got).replace("[redacted]", ""))
+        self.assertEqual(text, json.dumps(got, ensure_ascii=False, separators=(",", ":")))
+        self.assertNotIn("secret", text.replace("[redacted]", ""))
 
     def test_query_and_form(self) -> None:
         self.assertEqual(redact.form(b"access_token=abc&page=2&api%5Fkey=k"),

@@ -123,3 +123,18 @@ class WriterTests(SynchronousTestCase):
         db = open_store(path)
         self.addCleanup(db.close)
         self.assertEqual(db.execute("SELECT last_seen, stopped, dropped FROM runs").fetchone(), (700.0, 700.0, 2))
+
+    def test_a_large_batch_in_statements_of_several_sizes(self) -> None:
+        """341 = 256 + 64 + 16 + 4 + 1: every statement size once, ids in order, each exchange with
+        its request, the listing of the one that carried it."""
+        items = [record(1000.0 + i, request_body=b'{"n":%d}' % i, tool=f"t{i}") for i in range(341)]
+        items[300] = record(1300.0, mcp_method="tools/list", tool=None, request_body=b'{"n":300}',
+                            listings=(Listing("tools/list", None, tools("add")),))
+        self.writer.write(items, 2000.0, 0)
+        rows = self.db.execute("SELECT r.id, r.tool, r.listing_id IS NOT NULL, e.request_body FROM requests r "
+                               "JOIN exchanges e ON e.id = r.id ORDER BY r.id").fetchall()
+        self.assertEqual(len(rows), 341)
+        self.assertEqual([r[0] for r in rows], list(range(1, 342)))
+        self.assertEqual([r[3] for r in rows], [b'{"n":%d}' % i for i in range(341)])
+        self.assertEqual([r[1] for r in rows if r[1] is not None], [f"t{i}" for i in range(341) if i != 300])
+        self.assertEqual([r[0] for r in rows if r[2]], [301])
