@@ -20,3 +20,7 @@ atexit.register(shutil.rmtree, _workdir, True)
 # but one would warn that it is taken (or take a developer's own inspector's place): tests that
 # want an inspector ask for one with --inspector tcp:0:interface=127.0.0.1, which wins over this.
 os.environ.setdefault("MCPR_INSPECTOR", "off")
+
+# Every gateway the tests start keeps an event store under $XDG_STATE_HOME/mcpr/: in the tests'
+# own folder, not the developer's ~/.local/state (tests that check the default set their own).
+os.environ["XDG_STATE_HOME"] = os.path.join(_workdir, "state")

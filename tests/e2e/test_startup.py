@@ -191,15 +191,6 @@ class OneLineErrorTests(SynchronousTestCase):
                                    "below 1024 need root or CAP_NET_BIND_SERVICE: use a port from 1024 up, or start "
                                    "the relay with its systemd unit, which grants the capability")
 
-    def test_store_cannot_be_opened(self) -> None:
-        folder = shared_folder()
-        self.addCleanup(shutil.rmtree, folder)
-        (folder / "file").write_text("")
-        db = folder / "file" / "store.sqlite3"
-        result = run(bare_twist("mcpr", "--mcp", MCP, "--listen", "tcp:0:interface=127.0.0.1", "--db", str(db)))
-        self.assertOneLine(result, f"mcpr: cannot use the event store {db}: [Errno 17] File exists: "
-                                   f"'{folder / 'file'}' (--no-store runs without one)")
-
     def test_token_cannot_be_saved(self) -> None:
         """A gateway with a relay and no token, in a folder it may not write (the `mcpr@` unit's
         read-only /etc/mcpr): it says to configure one."""
