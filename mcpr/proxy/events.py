@@ -183,12 +183,14 @@ def _ms_text(ms: float | None) -> str:
     return "-" if ms is None else f"{ms:.0f}ms"
 
 
-def human_bytes(n: int) -> str:
+def human_bytes(n: int, *, iec: bool = False) -> str:
+    """`2.1KB` for the console line; with `iec`, `2.1 KiB` (the query commands' tables)."""
+    units, sep = (("B", "KiB", "MiB", "GiB"), " ") if iec else (("B", "KB", "MB", "GB"), "")
     if n < 1024:
-        return f"{n}B"
+        return f"{n}{sep}{units[0]}"
     value = n / 1024
-    for unit in ("KB", "MB"):
+    for unit in units[1:3]:
         if value < 1024:
-            return f"{value:.1f}{unit}"
+            return f"{value:.1f}{sep}{unit}"
         value /= 1024
-    return f"{value:.1f}GB"
+    return f"{value:.1f}{sep}{units[3]}"

@@ -55,3 +55,5 @@ class EventTests(SynchronousTestCase):
     def test_human_bytes(self) -> None:
         self.assertEqual([human_bytes(n) for n in (0, 1023, 1536, 5 << 20, 3 << 30)],
                          ["0B", "1023B", "1.5KB", "5.0MB", "3.0GB"])
+        self.assertEqual([human_bytes(n, iec=True) for n in (0, 1023, 1536, 5 << 20, 3 << 30)],
+                         ["0 B", "1023 B", "1.5 KiB", "5.0 MiB", "3.0 GiB"])

@@ -38,6 +38,7 @@ from mcpr.gateway.settings import store_location
 from mcpr.gateway.store import queries
 from mcpr.gateway.store.queries import Filters, QueryError, RequestRow
 from mcpr.gateway.store.schema import StoreError, open_reader
+from mcpr.proxy.events import human_bytes
 
 FOLLOW_INTERVAL = 0.25
 STATUS_SPAN = 3600.0  # `status` sums up the last hour unless --since says otherwise
@@ -212,6 +213,18 @@ class Output:
     def record(self, kind: str, value: dict[str, Any], *, flush: bool = False) -> None:
         self.line(_json_line(kind, value), flush=flush)
 
+    def listed(self, kind: str, rows: Sequence[Any], empty: str) -> bool:
+        """Whether `rows` are said already: as records under --json, or as `empty` when there is
+        none; else the command prints its table."""
+        if self.json:
+            for row in rows:
+                self.record(kind, row.as_dict())
+            return True
+        if not rows:
+            self.line(empty)
+            return True
+        return False
+
 
 # -- the commands
 
@@ -241,12 +254,7 @@ def run_logs(db: sqlite3.Connection, filters: Filters, args: argparse.Namespace,
 
 def run_slow(db: sqlite3.Connection, filters: Filters, args: argparse.Namespace, out: Output) -> None:
     rows = queries.slow(db, filters, threshold_ms=args.threshold, limit=args.limit)
-    if out.json:
-        for r in rows:
-            out.record("request", r.as_dict())
-        return
-    if not rows:
-        out.line(f"no request took {ms(args.threshold)} or more")
+    if out.listed("request", rows, f"no request took {ms(args.threshold)} or more"):
         return
     out.line(LOG_HEADER)
     for r in rows:
@@ -259,12 +267,7 @@ def _client(name: str | None, version: str | None) -> str:
 
 def run_sessions(db: sqlite3.Connection, filters: Filters, args: argparse.Namespace, out: Output) -> None:
     rows = queries.sessions(db, filters, now=time.time(), active=args.active, limit=args.limit)
-    if out.json:
-        for s in rows:
-            out.record("session", s.as_dict())
-        return
-    if not rows:
-        out.line("no active session" if args.active else "no session")
+    if out.listed("session", rows, "no active session" if args.active else "no session"):
         return
     out.line("\n".join(table(
         ("SESSION", "CLIENT", "SERVER", "VIA", "STARTED", "LAST", "REQS", "ERRS", "STATE"),
@@ -300,28 +303,12 @@ def run_session(db: sqlite3.Connection, filters: Filters, args: argparse.Namespa
 
 def run_clients(db: sqlite3.Connection, filters: Filters, args: argparse.Namespace, out: Output) -> None:
     rows = queries.clients(db, filters, limit=args.limit)
-    if out.json:
-        for c in rows:
-            out.record("client", c.as_dict())
-        return
-    if not rows:
-        out.line("no request")
+    if out.listed("client", rows, "no request"):
         return
     out.line("\n".join(table(("CLIENT", "VERSION", "SESSIONS", "REQUESTS", "ERRORS", "FIRST", "LAST", "VIA"),
                              ((c.client_name or "(unknown)", c.client_version or "-", str(c.sessions),
                                str(c.requests), str(c.errors), when(c.first_seen), when(c.last_seen), ",".join(c.via))
                               for c in rows), right=(2, 3, 4))))
-
-
-def _size(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    value = n / 1024
-    for unit in ("KiB", "MiB"):
-        if value < 1024:
-            return f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GiB"
 
 
 def _span(seconds: float) -> str:
@@ -340,7 +327,7 @@ def run_status(db: sqlite3.Connection, filters: Filters, args: argparse.Namespac
     if out.json:
         out.record("status", {"path": str(path), **st.as_dict()})
         return
-    out.line(f"store     {path} (schema {st.schema_version}, {_size(st.size_bytes)}, {st.stored_requests} requests"
+    out.line(f"store     {path} (schema {st.schema_version}, {human_bytes(st.size_bytes, iec=True)}, {st.stored_requests} requests"
              + (f" since {when(st.oldest)})" if st.oldest else ")"))
     run = st.run
     if run is None:
@@ -388,12 +375,8 @@ def _description(item: dict[str, Any]) -> str:
 def run_schema(db: sqlite3.Connection, filters: Filters, args: argparse.Namespace, out: Output) -> None:
     if args.changes:
         changes = queries.schema_changes(db, filters, limit=args.limit)
-        if out.json:
-            for c in changes:
-                out.record("schema_change", c.as_dict())
+        if out.listed("schema_change", changes, "no list answer stored" if filters == Filters() else "no change"):
             return
-        if not changes:
-            out.line("no list answer stored" if filters == Filters() else "no change")
         for c in changes:
             page = f" (cursor {c.cursor})" if c.cursor else ""
             was = f", was #{c.previous_id}" if c.previous_id is not None else ", the first seen"
@@ -402,12 +385,8 @@ def run_schema(db: sqlite3.Connection, filters: Filters, args: argparse.Namespac
                                + [f"  ~ {_item_change(ch)}" for ch in c.changed]))
         return
     rows = queries.listings(db, filters, latest=True, limit=args.limit)
-    if out.json:
-        for listing in rows:
-            out.record("listing", listing.as_dict())
+    if out.listed("listing", rows, "no list answer stored"):
         return
-    if not rows:
-        out.line("no list answer stored")
     for listing in rows:
         items = listing.items
         if filters.tool is not None:
