@@ -8,6 +8,7 @@ scripts, so this file's folder is on sys.path.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import contextlib
 import math
@@ -471,3 +472,11 @@ def col(value: float | None, spec: str) -> str:
 def ratio(a: float | None, b: float | None) -> float | None:
     """a / b; None without both, or when b <= 0 (an added latency that noise made negative has no ratio)."""
     return None if a is None or b is None or b <= 0 or a in (float("inf"), float("-inf")) else round(a / b, 3)
+
+
+def positive_ints(text: str) -> list[int]:
+    """An argparse type: a comma-separated list of positive integers (the bench's --concurrency)."""
+    values = [int(v) for v in text.split(",") if v.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("a comma-separated list of positive integers")
+    return values

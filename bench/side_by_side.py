@@ -66,6 +66,7 @@ from _common import (
     median,
     mib,
     one_post,
+    positive_ints,
     ratio,
     readline,
     rss_of,
@@ -1063,13 +1064,6 @@ def _choices(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
     return parse
 
 
-def _ints(text: str) -> list[int]:
-    values = [int(v) for v in text.split(",") if v.strip()]
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError("a comma-separated list of positive integers")
-    return values
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
@@ -1082,7 +1076,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, help="rounds per phase (3; --quick 1)")
     parser.add_argument("--duration", type=int, help="measured seconds per small-request cell (5; --quick 1)")
     parser.add_argument("--warmup", type=int, help="unmeasured seconds of load before each cell (1; --quick 0)")
-    parser.add_argument("--concurrency", type=_ints, default=[16, 64, 1], help="wrk connections per cell (16,64,1)")
+    parser.add_argument("--concurrency", type=positive_ints, default=[16, 64, 1], help="wrk connections per cell (16,64,1)")
     parser.add_argument("--sse-rate", type=float, default=200.0, help="SSE events per second (200)")
     parser.add_argument("--sse-seconds", type=float, help="measured seconds per SSE stream (3; --quick 0.5)")
     parser.add_argument("--sse-warmup", type=float, help="unmeasured seconds at the start of a stream (0.5; --quick 0.2)")

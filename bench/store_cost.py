@@ -51,6 +51,7 @@ from _common import (
     loadavg,
     median,
     one_post,
+    positive_ints,
     ratio,
     readline,
     run_guarded,
@@ -253,13 +254,6 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _ints(text: str) -> list[int]:
-    values = [int(v) for v in text.split(",") if v.strip()]
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError("a comma-separated list of positive integers")
-    return values
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -268,7 +262,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, help="rounds (9; --quick 1)")
     parser.add_argument("--duration", type=int, help="measured seconds per cell (2; --quick 1)")
     parser.add_argument("--warmup", type=int, help="unmeasured seconds of load before each cell (1; --quick 0)")
-    parser.add_argument("--concurrency", type=_ints, help="wrk connections per cell (1,16; --quick 16)")
+    parser.add_argument("--concurrency", type=positive_ints, help="wrk connections per cell (1,16; --quick 16)")
     parser.add_argument("--keep", action="store_true", help="keep the working directory (logs, the store)")
     parser.add_argument("--json", action="store_true", help="all figures as JSON on stdout, the report on stderr")
     args = parser.parse_args()
