@@ -163,12 +163,18 @@ def parse_filters(request: Request, extra: tuple[str, ...]) -> tuple[Filters, di
     return filters, {name: values[name] for name in extra}
 
 
+def parse_limit(text: str | None) -> int:
+    """A page's size: `limit`, 1 to MAX_LIMIT, DEFAULT_LIMIT when not given."""
+    if text is None:
+        return DEFAULT_LIMIT
+    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+        raise BadRequest(f"limit: expected 1 to {MAX_LIMIT}, got {text!r}")
+    return int(text)
+
+
 def parse_list(request: Request) -> ListQuery:
     filters, extra = parse_filters(request, ("before", "limit"))
-    limit_text = extra["limit"]
-    if limit_text is not None and (not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_LIMIT):
-        raise BadRequest(f"limit: expected 1 to {MAX_LIMIT}, got {limit_text!r}")
-    return ListQuery(filters, _id(extra["before"], "before"), int(limit_text) if limit_text else DEFAULT_LIMIT)
+    return ListQuery(filters, _id(extra["before"], "before"), parse_limit(extra["limit"]))
 
 
 def parse_replay(body: bytes) -> tuple[str | None, list[list[str]] | None]:
@@ -235,10 +241,7 @@ class InspectorResource(Resource):
         if parts == ["sessions"]:
             self._allow(request, b"GET")
             _check_names(request, ("limit",))
-            limit = _one(request, "limit")
-            if limit is not None and (not limit.isdigit() or not 1 <= int(limit) <= MAX_LIMIT):
-                raise BadRequest(f"limit: expected 1 to {MAX_LIMIT}, got {limit!r}")
-            return self._later(request, self._sessions(int(limit) if limit else DEFAULT_LIMIT))
+            return self._later(request, self._sessions(parse_limit(_one(request, "limit"))))
         if parts == ["live"]:
             self._allow(request, b"GET")
             return self._live(request)

@@ -90,6 +90,9 @@ class InspectorWebTests(SynchronousTestCase):
             self.assertEqual(code, 400, query)
             self.assertIn(error, body["error"])
             self.assertNotIn("\n", body["error"])
+        for query in ("?limit=0", "?limit=501", "?limit=x"):
+            code, body = self.get("/api/sessions" + query)
+            self.assertEqual((code, body["error"]), (400, f"limit: expected 1 to 500, got {query[7:]!r}"))
         self.assertEqual(self.get("/api/requests/abc")[0], 400)
         self.assertEqual(self.get("/api/requests/99")[0], 404)
         self.assertEqual(self.get("/api/info?x=1")[0], 400)
