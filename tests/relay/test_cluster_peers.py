@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from twisted.internet import reactor
@@ -64,12 +65,14 @@ class Sink:
         self.producer: IPushProducer | None = None
         self.calls: list[str] = []
         self.done: Deferred[None] = Deferred()
+        self.on_head: Callable[[], None] = lambda: None
         self._pause = pause
         self._keep = keep
 
     def head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.calls.append("head")
         self.status, self.headers = status, headers
+        self.on_head()
 
     def data(self, chunk: bytes) -> None:
         self.calls.append("data")
@@ -339,6 +342,18 @@ class PeerTests(TestCase):
         arrival.request.finish()
         await again.done
         self.assertEqual((again.body, again.outcome), (b"second", "end"))
+
+    async def test_cancel_by_the_sink_as_it_gets_the_head(self) -> None:
+        """As PublicResponse does with a head it cannot pass on: the body is never read."""
+        await self.start()
+        sink = Sink()
+        stream = self.client.open_stream(self.url, "a", get(), sink)
+        sink.on_head = stream.cancel
+        arrival = await self.node.next()
+        arrival.request.setHeader(b"content-length", b"%d" % MiB)
+        arrival.request.write(b"x" * MiB)
+        await until(lambda: arrival.gone)
+        self.assertEqual((sink.calls, sink.producer), (["head"], None))
 
     async def test_cancel_while_connecting(self) -> None:
         await self.start()
