@@ -39,6 +39,7 @@ class CloseCode(enum.IntEnum):
     PROTOCOL_ERROR = (1002, "protocol_error")
     POLICY = (1008, "policy")
     INTERNAL_ERROR = (1011, "internal_error")
+    TRY_AGAIN_LATER = (1013, "try_again_later")
     AUTH_FAILED = (4001, "auth_failed", True)
     EVICTED = (4002, "evicted", True)
     IN_USE = (4003, "in_use")
@@ -77,6 +78,10 @@ class Refused(Exception):
 PROVIDER_UNAVAILABLE = "auth provider unavailable"
 
 EVICTED_REASON = "evicted: another client registered with the same tunnel"
+
+# 1013's reason when a cluster node cannot reach the cluster's registry (Redis): it keeps serving
+# the tunnels it holds but cannot tell whether a name is free elsewhere, so it takes no new ones.
+REGISTRY_UNAVAILABLE = "cluster registry unavailable, retry later"
 
 # The relay grants each stream this much unacknowledged response data, and
 # the whole tunnel at most CONNECTION_WINDOW: a slow public reader stalls its

@@ -83,6 +83,8 @@ WHY_WAITING: dict[int, str] = {
                         "at most); close other tunnels of this token or ask the relay's operator",
     CloseCode.AUTH_FAILED: "tunnel: the relay cannot check tokens now ({reason}). Retrying (every {cap:.0f} s "
                            "at most)",
+    CloseCode.TRY_AGAIN_LATER: "tunnel: the relay takes no new tunnels now ({reason}). Retrying (every "
+                               "{cap:.0f} s at most)",
 }
 
 

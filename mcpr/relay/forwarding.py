@@ -18,8 +18,9 @@ a 502, and a declared length is held to (`PublicResponse`).
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Callable
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.http import NO_BODY_CODES
@@ -28,13 +29,17 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from mcpr.common.headers import HOP_BY_HOP, add_forwarded, end_to_end
 from mcpr.common.web import body_length
+from mcpr.relay.cluster.directory import DirectoryUnavailable
+from mcpr.relay.cluster.node import ClusterNode
+from mcpr.relay.cluster.peers import SECRET_HEADER, SUBDOMAIN_HEADER, internal_request
 from mcpr.relay.metrics import RequestStats
 from mcpr.relay.registry import Registry
 from mcpr.relay.tunnels.contract import Stream, TunnelRequest
 
 # Recomputed for the tunnel: its framing carries the body's length itself; Host is the routing
-# authority, set again below (a `Connection: host` must not strip it).
-_REQUEST_DROPPED = frozenset({b"content-length", b"expect", b"host"})
+# authority, set again below (a `Connection: host` must not strip it).  The cluster's own fields
+# are never a public client's to send.
+_REQUEST_DROPPED = frozenset({b"content-length", b"expect", b"host", SECRET_HEADER, SUBDOMAIN_HEADER})
 # Claims about the client that only the edge (or a trusted proxy in front of it) may make.
 _CLIENT_CLAIMS = frozenset({b"forwarded", b"x-real-ip"})
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+\Z")
@@ -328,12 +333,14 @@ class TunnelForwarder:
     """Forwards public requests into the tunnel registered for their label, within the limits."""
 
     def __init__(self, clock: IReactorTime, registry: Registry, stats: RequestStats, *, max_in_flight: int,
-                 headers_timeout: float) -> None:
+                 headers_timeout: float, cluster: ClusterNode | None = None) -> None:
+        """`cluster`: this node's part in a cluster, where names it does not hold are looked for."""
         self._clock = clock
         self._registry = registry
         self._stats = stats
         self._max_in_flight = max_in_flight
         self._headers_timeout = headers_timeout
+        self._cluster = cluster
         self.draining = False
         """Set by the relay's drain: responses then ask clients to close their connection."""
 
@@ -341,6 +348,22 @@ class TunnelForwarder:
         return _TunnelHost(self, subdomain)
 
     def forward(self, request: Request, subdomain: str) -> Any:
+        """A public request: into the tunnel held here, or to the cluster node that holds it."""
+        if self._registry.get(subdomain) is None and self._cluster is not None:
+            response = PublicResponse(request, subdomain, self._stats, self._clock)
+            forwarded = tunnel_request(request)
+            self._prepare(request, response, forwarded)
+            Deferred.fromCoroutine(self._to_node(self._cluster, subdomain, forwarded, response))
+            return NOT_DONE_YET
+        return self._into_tunnel(request, subdomain, tunnel_request)
+
+    def forward_internal(self, request: Request, subdomain: str) -> Any:
+        """A request another node forwarded (its internal listener's only job): into the tunnel
+        held here, never to a third node, so a stale directory cannot make a loop."""
+        self._stats.forwarded("in")
+        return self._into_tunnel(request, subdomain, internal_request)
+
+    def _into_tunnel(self, request: Request, subdomain: str, build: Callable[[Request], TunnelRequest]) -> Any:
         response = PublicResponse(request, subdomain, self._stats, self._clock)
         tunnel = self._registry.get(subdomain)
         if tunnel is None:
@@ -349,9 +372,31 @@ class TunnelForwarder:
         if tunnel.in_flight >= self._max_in_flight:
             response.answer(503, "tunnel overloaded")
             return NOT_DONE_YET
-        if self.draining:
-            request.setHeader(b"connection", b"close")
-        forwarded = tunnel_request(request)
-        response.start(self._headers_timeout, forwarded.body_length)
+        forwarded = build(request)
+        self._prepare(request, response, forwarded)
         response.stream = tunnel.open_stream(forwarded, response)
         return NOT_DONE_YET
+
+    def _prepare(self, request: Request, response: PublicResponse, forwarded: TunnelRequest) -> None:
+        if self.draining:
+            request.setHeader(b"connection", b"close")
+        response.start(self._headers_timeout, forwarded.body_length)
+
+    async def _to_node(self, cluster: ClusterNode, subdomain: str, forwarded: TunnelRequest,
+                       response: PublicResponse) -> None:
+        """Look `subdomain` up in the directory and stream the request through its node.  The
+        request is in flight (and under the headers timeout) from the start, so a client that
+        leaves during the lookup is seen like any other."""
+        try:
+            node = await cluster.locate(subdomain)
+        except DirectoryUnavailable:
+            if not response.done:
+                response.answer(503, "cluster registry unavailable")
+            return
+        if response.done:
+            return
+        if node is None:
+            response.answer(502, "tunnel not found")
+            return
+        self._stats.forwarded("out")
+        response.stream = cluster.peers.open_stream(node, subdomain, forwarded, response)

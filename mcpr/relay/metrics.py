@@ -8,6 +8,8 @@ a registry of their own, since tests run several relays in one process.
 
 from __future__ import annotations
 
+from typing import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.twisted import MetricsResource
 from twisted.internet.defer import Deferred, succeed
@@ -42,11 +44,19 @@ class RelayMetrics:
                                 registry=self.registry)
         self.bytes = Counter("mcpr_relay_bytes", "Body bytes relayed.", ["direction"], registry=self.registry)
         self.in_flight = Gauge("mcpr_relay_in_flight", "Public requests being served.", registry=self.registry)
+        self.cluster_forwarded = Counter(
+            "mcpr_relay_cluster_forwarded", "Requests between cluster nodes: out, sent to the node holding "
+            "the tunnel; in, received for a tunnel held here.", ["direction"], registry=self.registry)
         # Children looked up once: they are counted per request and per chunk, and a label lookup
         # costs a lock and a dict.
         self._by_class = [self.requests.labels(label) for label in ("none", "1xx", "2xx", "3xx", "4xx", "5xx")]
         self._bytes_in = self.bytes.labels("in")
         self._bytes_out = self.bytes.labels("out")
+
+    def watch_registry(self, up: Callable[[], bool]) -> None:
+        """In cluster mode: whether the cluster's registry answers, as of the last heartbeat."""
+        Gauge("mcpr_relay_cluster_registry_up", "1 while the cluster's registry (Redis) answered the last "
+              "heartbeat, else 0.", registry=self.registry).set_function(lambda: float(up()))
 
     def request(self, status: int | None) -> None:
         self._by_class[status // 100 if status and 1 <= status // 100 <= 5 else 0].inc()
@@ -76,6 +86,11 @@ class RequestStats:
         self.in_flight = 0
         self._idle: list[Deferred[None]] = []
         self.bytes_out = metrics.bytes_out  # per chunk: no call in between
+        self._forwarded = {direction: metrics.cluster_forwarded.labels(direction) for direction in ("in", "out")}
+
+    def forwarded(self, direction: str) -> None:
+        """A request sent to (`out`) or received from (`in`) another cluster node."""
+        self._forwarded[direction].inc()
 
     def started(self, body_length: int) -> None:
         """A request went into a tunnel (one that was answered by the relay itself never starts)."""

@@ -26,6 +26,7 @@ from mcpr.common import protocol as wire
 from mcpr.common.protocol import CloseCode, Refused, fit_reason
 from mcpr.common.web import TrustedProxies, peer_key
 from mcpr.relay.auth import Authenticator, Grant, authorize
+from mcpr.relay.cluster.node import ClusterNode
 from mcpr.relay.identity import token_hint
 from mcpr.relay.registry import Registry
 from mcpr.relay.tunnels.contract import Tunnel
@@ -234,6 +235,8 @@ class RegistrationProtocol(WebSocketServerProtocol):
         tunnel, self.tunnel = self.tunnel, None
         if tunnel is not None:
             self.factory.observer.unregistered(tunnel, self.factory.registry.release(tunnel))
+            if self.factory.cluster is not None:
+                self.factory.cluster.released(tunnel)
             tunnel.closed()
 
     # -- registration
@@ -273,11 +276,35 @@ class RegistrationProtocol(WebSocketServerProtocol):
         assert self._grant is not None and self._token is not None
         tunnel = self._new_tunnel(subdomain, self._grant.owner)
         assigned = subdomain in (self._grant.patterns or ())  # a concrete pattern: assigned by name
+        cluster = self.factory.cluster
+        if cluster is not None:
+            # Not cancelled if the socket closes: the claim is seen through and then given back.
+            Deferred.fromCoroutine(self._claim_in_cluster(cluster, tunnel, assigned)).addErrback(self._crashed)
+            return
         try:
             self.factory.registry.claim(tunnel, peer=self._address, assigned=assigned)
         except Refused as e:
             self._refuse(e.code, e.reason, self._token)
             return
+        self._registered(tunnel)
+
+    async def _claim_in_cluster(self, cluster: ClusterNode, tunnel: LegacyTunnel | H2Tunnel, assigned: bool) -> None:
+        """The same claim across the cluster; the directory may take a while, and the socket may
+        close meanwhile (its claim is then given back)."""
+        try:
+            await cluster.claim(tunnel, peer=self._address, assigned=assigned)
+        except Refused as e:
+            if self._state is _State.CLAIMING:
+                self._refuse(e.code, e.reason, self._token)
+            return
+        if self._state is not _State.CLAIMING:
+            cluster.abandon(tunnel)
+            return
+        self._registered(tunnel)
+
+    def _registered(self, tunnel: LegacyTunnel | H2Tunnel) -> None:
+        assert self._token is not None
+        subdomain = tunnel.subdomain
         self._cancel_timer()
         self._state = _State.REGISTERED
         url = self.factory.public_url(subdomain)
@@ -393,8 +420,10 @@ class RegistrationFactory(WebSocketServerFactory):
     def __init__(self, reactor: Any, registry: Registry, auth: Authenticator, observer: RegistrationObserver, *,
                  rate: RegistrationRate, public_url: str, registration_timeout: float, max_message_size: int,
                  ping_interval: float, ping_timeout: float, limits: TunnelLimits = TunnelLimits(),
-                 trusted: TrustedProxies | None = None) -> None:
+                 trusted: TrustedProxies | None = None, cluster: ClusterNode | None = None) -> None:
+        """`cluster`: this node's part in a cluster, which every claim then goes through."""
         super().__init__(None, reactor=reactor)
+        self.cluster = cluster
         self.limits = limits
         self.registry = registry
         self.auth = auth

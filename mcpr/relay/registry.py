@@ -45,6 +45,11 @@ TOO_MANY_FROM_ADDRESS = "too many tunnels from this address"
 RELAY_FULL = "relay full: too many tunnels"
 
 
+def reserved(seconds_left: int) -> Refused:
+    """The refusal of a name kept for its last owner (here, or cluster-wide in Redis)."""
+    return Refused(CloseCode.IN_USE, f"subdomain reserved for another token for {seconds_left} s")
+
+
 class Reservation(NamedTuple):
     owner: str
     expires: float
@@ -104,17 +109,10 @@ class Registry:
         current = self._tunnels.get(name)
         if current is tunnel:
             return
+        self.admits(tunnel, peer=peer, assigned=assigned)
         if current is not None:
-            if current.owner != owner:
-                raise Refused(CloseCode.IN_USE, IN_USE)
             self._drop(name, current)
         else:
-            self._prune()
-            reservation = self.reservation(name)
-            if reservation is not None and reservation.owner != owner and not assigned:
-                left = math.ceil(reservation.expires - self._clock.seconds())
-                raise Refused(CloseCode.IN_USE, f"subdomain reserved for another token for {left} s")
-            self._check_caps(owner, peer)
             self._reserved.pop(name, None)
             if self._store is not None:
                 self._store.held(name, owner)
@@ -124,6 +122,22 @@ class Registry:
         self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
         if current is not None:
             current.evict()
+
+    def admits(self, tunnel: Tunnel, *, peer: str, assigned: bool = False) -> None:
+        """Raise the `Refused` that `claim` would raise, changing nothing else: a cluster node asks
+        before it claims the name cluster-wide, so that a refusal here never leaves a claim there."""
+        name, owner = tunnel.subdomain, tunnel.owner
+        current = self._tunnels.get(name)
+        if current is not None:
+            if current.owner != owner:
+                raise Refused(CloseCode.IN_USE, IN_USE)
+            return
+        self._prune()
+        reservation = self.reservation(name)
+        if reservation is not None and reservation.owner != owner and not assigned:
+            left = math.ceil(reservation.expires - self._clock.seconds())
+            raise reserved(left)
+        self._check_caps(owner, peer)
 
     def _check_caps(self, owner: str, peer: str) -> None:
         if len(self._tunnels) >= self._max_tunnels:

@@ -25,6 +25,7 @@ from mcpr.common.protocol import CloseCode
 from mcpr.common.settings import ConfigError
 from mcpr.common.startup import Daemon
 from mcpr.relay.auth import Authenticator
+from mcpr.relay.cluster.node import ClusterNode
 from mcpr.relay.forwarding import TunnelForwarder
 from mcpr.relay.metrics import RequestStats
 from mcpr.relay.registry import Registry
@@ -44,9 +45,11 @@ class RelayService(Daemon):
 
     def __init__(self, clock: IReactorTime, settings: RelaySettings, *, auth: Authenticator, registry: Registry,
                  forwarder: TunnelForwarder, stats: RequestStats,
-                 read: Callable[[], RelaySettings] | None = None, store: ReservationStore | None = None) -> None:
+                 read: Callable[[], RelaySettings] | None = None, store: ReservationStore | None = None,
+                 cluster: ClusterNode | None = None) -> None:
         """`read` gives fresh settings for a reload (None: only certificates are reloaded); `store`
-        keeps the registry's reservations across restarts (None: in memory only)."""
+        keeps the registry's reservations across restarts (None: in memory only); `cluster`: this
+        node's part in a cluster, which the drain leaves first."""
         super().__init__("mcpr-relay")
         self._clock = clock
         self._settings = settings
@@ -58,6 +61,7 @@ class RelayService(Daemon):
         self._listeners: list[StreamServerEndpointService] = []
         self.certificates: list[CertificateStore] = []
         self._store = store
+        self._cluster = cluster
         if store is not None:
             store.setServiceParent(self)  # the first child: stopped last, once the tunnels are closed
 
@@ -114,6 +118,8 @@ class RelayService(Daemon):
         self._forwarder.draining = True
         log.info("draining: {n} request(s) in flight, {t} tunnel(s)", n=self._stats.in_flight,
                  t=len(self._registry))
+        if self._cluster is not None:
+            await self._cluster.leave()
         await DeferredList([listener.stopService() for listener in self._listeners if listener.running])
         idle = self._stats.when_idle()
         idle.addTimeout(self._settings.drain_timeout, self._clock)
@@ -131,3 +137,5 @@ class RelayService(Daemon):
         await super().stopService()
         self._stats.access_log.close()
         await self._auth.close()
+        if self._cluster is not None:
+            await self._cluster.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from urllib.parse import urlsplit
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -29,6 +30,8 @@ from mcpr.common.settings import (
     show_value,
 )
 from mcpr.relay.auth import StaticToken, parse_static_token
+from mcpr.relay.cluster.directory import parse_redis_url
+from mcpr.relay.cluster.peers import parse_secret
 
 _DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
 
@@ -46,6 +49,24 @@ def parse_network(value: Any) -> str:
         return str(ipaddress.ip_network(parse_text(value), strict=False))
     except ValueError:
         raise ValueError("expected an IP address or network, e.g. 10.0.0.0/8 or 2001:db8::/32") from None
+
+
+def parse_node_url(value: Any) -> str:
+    """`http://ADDR:PORT` with an IP address that is loopback or private: the node listens there
+    for requests from the other nodes, which must never be reachable from the internet."""
+    text = parse_text(value).rstrip("/")
+    parts = urlsplit(text)
+    fix = "expected http://ADDR:PORT with a loopback or private IP address, e.g. http://10.0.0.5:7000"
+    try:
+        port = parts.port
+        address = ipaddress.ip_address(parts.hostname or "")
+    except ValueError:
+        raise ValueError(fix) from None
+    if parts.scheme != "http" or port is None or parts.path or parts.query or parts.username:
+        raise ValueError(fix)
+    if not (address.is_loopback or address.is_private) or address.is_unspecified:
+        raise ValueError(f"{address} is not a loopback or private address: {fix}")
+    return text
 
 
 def _parse_static_tokens(specs: Any) -> tuple[StaticToken, ...]:
@@ -149,6 +170,20 @@ RELAY_SETTINGS: tuple[Setting, ...] = (
                  "closes, so the client reads the answer (default 5)."),
     Setting("lingering_size", parse_size, 64 << 20, ("relay", "lingering_size"),
             help="Bytes read and dropped that way at most (default 64MiB)."),
+    # Several relay nodes behind one wildcard name, sharing a Redis registry (docs/cluster.md).
+    Setting("cluster", parse_redis_url, None, ("relay", "cluster", "redis"), env="MCPR_CLUSTER", secret=True,
+            help="Join a cluster of relays whose registry is this Redis: redis://[:PASSWORD@]HOST[:PORT][/DB] "
+                 "(env MCPR_CLUSTER); needs --node-url and --cluster-secret."),
+    Setting("node_url", parse_node_url, None, ("relay", "cluster", "node_url"),
+            help="Where the other nodes reach this one's internal listener: http://ADDR:PORT with a "
+                 "loopback or private address (the relay listens there)."),
+    Setting("cluster_secret", parse_secret, None, ("relay", "cluster", "secret"), env="MCPR_CLUSTER_SECRET",
+            secret=True,
+            help="Secret shared by the cluster's nodes, sent on every request between them (env "
+                 "MCPR_CLUSTER_SECRET; 16 visible ASCII characters or more, e.g. `openssl rand -hex 32`)."),
+    Setting("cluster_ttl", parse_seconds, 15.0, ("relay", "cluster", "ttl"),
+            help="Seconds a node's claim on a name lasts in Redis unless refreshed (default 15): how long "
+                 "the names of a node that died point to it."),
 )
 
 RELAY_SHARED_KEYS: tuple[tuple[str, ...], ...] = (
@@ -197,6 +232,10 @@ class RelaySettings:
     trusted_proxies: tuple[str, ...]
     lingering_time: float
     lingering_size: int
+    cluster: str | None
+    node_url: str | None
+    cluster_secret: str | None
+    cluster_ttl: float
     config_path: Path | None
     warnings: tuple[str, ...] = ()
     sources: Mapping[str, str] = field(default_factory=dict)  # `Loaded.sources`
@@ -240,6 +279,22 @@ def _file_tokens(document: Mapping[str, Any], source: str) -> list[StaticToken]:
     return out
 
 
+def _check_cluster(v: Mapping[str, Any]) -> None:
+    """The cluster's settings come together or not at all."""
+    if v["cluster"] is None:
+        stray = [name for name in ("node_url", "cluster_secret") if v[name] is not None]
+        if stray:
+            raise ConfigError(f"--{stray[0].replace('_', '-')} is set but --cluster is not: pass --cluster "
+                              "redis://HOST:PORT/DB to join a cluster, or drop it")
+        return
+    if v["node_url"] is None:
+        raise ConfigError("--cluster needs --node-url http://ADDR:PORT (where the other nodes reach this one)")
+    if not v["cluster_secret"]:
+        raise ConfigError("--cluster needs --cluster-secret (or MCPR_CLUSTER_SECRET): the same secret on every node")
+    if v["cluster_ttl"] < 1:
+        raise ConfigError(f"--cluster-ttl: expected 1 second or more, got {v['cluster_ttl']:g}")
+
+
 def load_relay(
     cli: Mapping[str, Any],
     *,
@@ -266,6 +321,7 @@ def load_relay(
     warnings = list(loaded.warnings)
     if tokens and v["auth_provider"]:
         warnings.append("static tokens are configured, so --auth-provider is not consulted")
+    _check_cluster(v)
     public_url_set = v["public_url"] is not None
     public_url = v["public_url"] = v["public_url"] or f"https://*.{v['domain']}"
     if public_url.count("*") != 1 or not public_url.startswith(("http://", "https://")):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 import sys
+from urllib.parse import urlsplit
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
@@ -20,6 +21,9 @@ from mcpr.common.settings import ConfigError, cli_values, listen_origin, options
 from mcpr.common.startup import DaemonOptions, SettingError, one_line_errors
 from mcpr.common.web import CappedSite, ChannelTimeouts, ConnectionLimits, TrustedProxies
 from mcpr.relay.auth import Authenticator
+from mcpr.relay.cluster.directory import Directory, Heartbeat, redacted_redis_url, redis_connection
+from mcpr.relay.cluster.node import ClusterNode
+from mcpr.relay.cluster.peers import InternalResource, PeerClient
 from mcpr.relay.forwarding import TunnelForwarder
 from mcpr.relay.front import RelayFront
 from mcpr.relay.metrics import RegistrationStats, RelayMetrics, RequestStats
@@ -87,8 +91,9 @@ def _service_tree(options: usage.Options, reactor: Any) -> RelayService:
     auth = Authenticator(reactor, settings.tokens, settings.auth_provider, settings.auth_provider_secret)
     access_log = LineWriter(sys.stdout if settings.access_log == "-" else None, reactor, stamped=True)
     stats = RequestStats(metrics, reactor, access_log)
+    cluster = _cluster_node(settings, reactor, registry) if settings.cluster else None
     forwarder = TunnelForwarder(reactor, registry, stats, max_in_flight=settings.max_in_flight,
-                                headers_timeout=settings.headers_timeout)
+                                headers_timeout=settings.headers_timeout, cluster=cluster)
     registration = RegistrationFactory(
         reactor, registry, auth, RegistrationStats(metrics, registry),
         rate=RegistrationRate(reactor, per_minute=settings.registration_rate, burst=settings.registration_burst),
@@ -96,12 +101,12 @@ def _service_tree(options: usage.Options, reactor: Any) -> RelayService:
         registration_timeout=settings.registration_timeout, max_message_size=settings.max_message_size,
         ping_interval=settings.ping_interval, ping_timeout=settings.ping_timeout,
         limits=TunnelLimits(control_rate=settings.control_frame_rate, backlog=settings.gateway_backlog),
-        trusted=TrustedProxies(settings.trusted_proxies))
+        trusted=TrustedProxies(settings.trusted_proxies), cluster=cluster)
     front = RelayFront(reactor, settings.domain, registry, forwarder, stats, WebSocketResource(registration),
                        public_url=settings.public_url, public_url_set=settings.public_url_set)
     site = public_site(front, settings, reactor, connection_budget(settings.max_connections))
     relay = RelayService(reactor, settings, auth=auth, registry=registry, forwarder=forwarder, stats=stats,
-                         read=lambda: load_relay(**reload_args), store=store)
+                         read=lambda: load_relay(**reload_args), store=store, cluster=cluster)
 
     def announce(port: IListeningPort) -> None:
         log.info("mcpr relay {version} for {domain}: listening on {address}", version=__version__,
@@ -115,6 +120,8 @@ def _service_tree(options: usage.Options, reactor: Any) -> RelayService:
             relay.certificates.append(endpoint.store)
             CertificateWatcher(endpoint.store, clock=reactor).setServiceParent(relay)
         relay.add_listener(service)
+    if cluster is not None:
+        _join_cluster(relay, cluster, settings, reactor, forwarder, metrics)
     if settings.metrics:
         metrics_site = Site(metrics.resource())
         metrics_site.noisy = False
@@ -122,6 +129,41 @@ def _service_tree(options: usage.Options, reactor: Any) -> RelayService:
                  where=settings.sources.get("metrics", "--metrics")).setServiceParent(relay)
     SighupService(reactor, relay.reload).setServiceParent(relay)
     return relay
+
+
+def _cluster_node(settings: RelaySettings, reactor: Any, registry: Registry) -> ClusterNode:
+    assert settings.cluster and settings.node_url and settings.cluster_secret
+    directory = Directory(redis_connection(settings.cluster, reactor), settings.node_url, ttl=settings.cluster_ttl,
+                          grace=settings.reservation_grace, clock=reactor)
+    return ClusterNode(settings.node_url, registry, directory, PeerClient(reactor, settings.cluster_secret))
+
+
+def _join_cluster(relay: RelayService, cluster: ClusterNode, settings: RelaySettings, reactor: Any,
+                  forwarder: TunnelForwarder, metrics: RelayMetrics) -> None:
+    """The cluster's parts of the tree: the heartbeat that keeps this node's claims alive, and
+    the internal listener at `node_url`, where the other nodes forward requests and evictions."""
+    assert settings.cluster_secret and settings.node_url
+    heartbeat = Heartbeat(cluster.directory, cluster.placements, cluster.lost, reactor)
+    heartbeat.setServiceParent(relay)
+    metrics.watch_registry(lambda: heartbeat.available)
+    internal = CappedSite(InternalResource(settings.cluster_secret, forwarder.forward_internal, cluster.evict),
+                          max_request_body=settings.max_request_body, via="relay", reactor=reactor)
+    internal.displayTracebacks = False
+    internal.noisy = False
+
+    def announce(port: IListeningPort) -> None:
+        log.info("cluster node {node}: internal listener on {address}, registry {registry}", node=settings.node_url,
+                 address=address_of(port), registry=redacted_redis_url(settings.cluster or ""))
+
+    relay.add_listener(listener(node_endpoint(settings.node_url), internal, announce, reactor,
+                                where=settings.sources.get("node_url", "--node-url")))
+
+
+def node_endpoint(node_url: str) -> str:
+    """The endpoint string of the internal listener: the node URL's address and port, nothing wider."""
+    parts = urlsplit(node_url)
+    interface = (parts.hostname or "").replace(":", "\\:")
+    return f"tcp:{parts.port}:interface={interface}"
 
 
 # File descriptors kept out of the public connections' budget: listeners, logs, the auth provider's

@@ -119,6 +119,42 @@ class RelaySettingsTests(SynchronousTestCase):
         e = self.assertRaises(ConfigError, self.load, {"domain": "t.example", "public_url": "https://t.example"})
         self.assertIn("public_url: expected a URL with one '*'", str(e))
 
+    def test_cluster_settings_come_together(self) -> None:
+        """--cluster needs a node URL and a secret; either without --cluster is a mistake; the
+        secret and the Redis URL (which may hold a password) are never repeated in an error."""
+        base = {"domain": "t.example"}
+        secret = {"MCPR_CLUSTER_SECRET": "0123456789abcdef0123"}
+        s = self.load({**base, "cluster": "redis://:pw@10.0.0.2:6380/3", "node_url": "http://10.0.0.5:7000/"}, secret)
+        self.assertEqual((s.cluster, s.node_url, s.cluster_secret, s.cluster_ttl),
+                         ("redis://:pw@10.0.0.2:6380/3", "http://10.0.0.5:7000", "0123456789abcdef0123", 15.0))
+        self.write('[relay.cluster]\nredis = "redis://127.0.0.1"\nnode_url = "http://127.0.0.1:7001"\n'
+                   'secret = "a-secret-of-16-chars"\nttl = 5\n')
+        s = self.load(base)
+        self.assertEqual((s.cluster, s.node_url, s.cluster_ttl), ("redis://127.0.0.1", "http://127.0.0.1:7001", 5.0))
+        (self.dir / "mcpr.toml").unlink()
+
+        cases = [
+            ({"node_url": "http://10.0.0.5:7000"}, {}, "--node-url is set but --cluster is not"),
+            ({}, secret, "--cluster-secret is set but --cluster is not"),
+            ({"cluster": "redis://127.0.0.1"}, secret, "--cluster needs --node-url http://ADDR:PORT"),
+            ({"cluster": "redis://127.0.0.1", "node_url": "http://10.0.0.5:7000"}, {},
+             "--cluster needs --cluster-secret"),
+            ({"cluster": "redis://127.0.0.1", "node_url": "http://10.0.0.5:7000"}, {"MCPR_CLUSTER_SECRET": "short"},
+             "expected at least 16 visible ASCII characters"),
+        ]
+        for cli, env, message in cases:
+            e = self.assertRaises(ConfigError, self.load, {**base, **cli}, env)
+            self.assertIn(message, str(e))
+            self.assertNotIn("short", str(e))
+        for bad in ("http://8.8.8.8:7000", "http://node.internal:7000", "https://10.0.0.5:7000",
+                    "http://10.0.0.5", "http://0.0.0.0:7000", "http://10.0.0.5:7000/path"):
+            e = self.assertRaises(ConfigError, self.load, {**base, "cluster": "redis://127.0.0.1", "node_url": bad},
+                                  secret)
+            self.assertIn("expected http://ADDR:PORT with a loopback or private IP address", str(e))
+        e = self.assertRaises(ConfigError, self.load, {**base, "cluster": "http://:hunter2@10.0.0.2"}, secret)
+        self.assertIn("--cluster", str(e))
+        self.assertNotIn("hunter2", str(e))
+
 
 class OptionsTests(SynchronousTestCase):
     """`twist mcpr-relay`'s usage.Options, generated from the relay's settings table."""

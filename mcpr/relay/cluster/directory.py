@@ -53,7 +53,7 @@ from twisted.python.failure import Failure
 
 from mcpr.common.protocol import CloseCode, Refused
 from mcpr.common.settings import parse_text
-from mcpr.relay.registry import IN_USE
+from mcpr.relay.registry import IN_USE, reserved
 
 log = Logger()
 
@@ -147,6 +147,13 @@ def parse_redis_url(value: Any) -> str:
     """
     _address(value)
     return parse_text(value)
+
+
+def redacted_redis_url(url: str) -> str:
+    """`url` as logs may show it: host, port and database, no user name or password."""
+    address = _address(url)
+    host = f"[{address.host}]" if ":" in address.host else address.host
+    return f"redis://{host}:{address.port}/{address.db}"
 
 
 def redis_connection(url: str, reactor: Any, *, timeout: float = 2.0) -> RedisClient:
@@ -303,6 +310,10 @@ class Directory:
         self._timeout = timeout
         self._clock = clock
 
+    async def close(self) -> None:
+        """The relay stops (after the heartbeat): the connection to Redis goes for good."""
+        await self._redis.disconnect()
+
     def _keys(self, name: str) -> list[str]:
         return [f"{self._prefix}live:{name}", f"{self._prefix}owner:{name}"]
 
@@ -334,7 +345,7 @@ class Directory:
             raise Refused(CloseCode.IN_USE, IN_USE)
         if reply[0] == "reserved":
             left = max(1, math.ceil(reply[1] / 1000))
-            raise Refused(CloseCode.IN_USE, f"subdomain reserved for another token for {left} s")
+            raise reserved(left)
         _, epoch, value, previous = reply
         placement = Placement(name=name, node=self.node, owner=owner, epoch=int(epoch), value=value)
         return Claimed(placement, previous if previous and previous != self.node else None)
