@@ -1,0 +1,241 @@
+"""Three relay processes on one real Redis: a tunnel held by one node is served through the others.
+
+Every part is a real process on loopback: redis-server, three `twist
+mcpr-relay --cluster` nodes (each with its own public port, internal listener
+and metrics), `twist mcpr` gateways or the test's legacy-protocol gateways,
+the example MCP server or the bulk upstream, and the official SDK client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import signal
+import time
+from pathlib import Path
+
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import TestCase
+from twisted.web.client import ResponseDone, readBody
+from twisted.web.http_headers import Headers
+
+from mcpr.common.protocol import CloseCode
+from tests.e2e.test_tunnel import Drain
+from tests.support.legacy_gateway import Closed, LegacyGateway
+from tests.support.loopback import client_agent, sleep
+from tests.support.processes import ROOT, PeakRSS, Process, free_port, python, run_session, start_upstream, twist
+from tests.support.redis import RedisServer
+
+DOMAIN = "localhost"
+SECRET = "cluster-secret-for-tests-0123456789"
+
+
+class Node:
+    """One relay node: its process and ports."""
+
+    def __init__(self, testcase: TestCase, name: str, redis: str, *extra: str, public: int | None = None,
+                 listen: str | None = None) -> None:
+        self.name = name
+        self.port = public or free_port()
+        self.internal = free_port()
+        self.metrics = free_port()
+        self.args = ["mcpr-relay", "--domain", DOMAIN,
+                     "--listen", listen or f"tcp:{self.port}:interface=127.0.0.1",
+                     "--public-url", f"http://*.{DOMAIN}",
+                     "--metrics", f"tcp:{self.metrics}:interface=127.0.0.1",
+                     "--cluster", redis, "--node-url", f"http://127.0.0.1:{self.internal}",
+                     "--cluster-ttl", "3", "--max-request-body", "200MiB", *extra]
+        self.testcase = testcase
+        self.process = self.start()
+
+    def start(self) -> Process:
+        process = Process(self.testcase, twist(*self.args), name=f"relay-{self.name}",
+                          env={"MCPR_CLUSTER_SECRET": SECRET})
+        process.wait_for("internal listener on")
+        self.process = process
+        return process
+
+    async def counter(self, name: str, **labels: str) -> float:
+        """A metric's value on this node (0 when it has no sample yet)."""
+        response = await client_agent(self.testcase).request(b"GET", f"http://127.0.0.1:{self.metrics}/metrics".encode())
+        text = (await readBody(response)).decode()
+        selector = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        pattern = rf"^{re.escape(name)}{re.escape('{' + selector + '}') if selector else ''} (\S+)$"
+        match = re.search(pattern, text, re.M)
+        return float(match.group(1)) if match else 0.0
+
+
+class ClusterTestBase(TestCase):
+    timeout = 120
+
+    def mktemp_dir(self) -> str:
+        path = Path(self.mktemp())
+        path.mkdir(parents=True)
+        return str(path)
+
+    def cluster(self, n: int = 3, *extra: str) -> tuple[RedisServer, list[Node]]:
+        redis = RedisServer(self)
+        return redis, [Node(self, "ABC"[i], redis.url, *extra) for i in range(n)]
+
+    async def public(self, node: Node, host: str, path: str, method: bytes = b"GET", body=None,
+                     headers: dict | None = None):
+        h = Headers({b"host": [host.encode()]})
+        for k, v in (headers or {}).items():
+            h.setRawHeaders(k.encode(), [v.encode()])
+        return await client_agent(self).request(method, f"http://127.0.0.1:{node.port}{path}".encode(), h, body)
+
+    async def register(self, node: Node, token: str, subdomain: str) -> LegacyGateway:
+        gateway = LegacyGateway(node.port, token, subdomain)
+        self.addCleanup(gateway.close)
+        await gateway.connect()
+        return gateway
+
+    async def refused(self, node: Node, token: str, subdomain: str) -> Closed:
+        gateway = LegacyGateway(node.port, token, subdomain)
+        try:
+            await gateway.connect()
+        except Closed as e:
+            return e
+        await gateway.close()
+        raise AssertionError(f"{subdomain} was given to {token} on node {node.name}")
+
+    async def answered_by(self, node: Node, gateway: LegacyGateway, host: str, text: bytes) -> None:
+        """A public request through `node` reaches `gateway`'s socket and its answer comes back."""
+        pending = Deferred.fromCoroutine(self.public(node, host, "/who"))
+        request = await gateway.requests.get()
+        gateway.respond(request, 200, text)
+        response = await pending
+        self.assertEqual((response.code, await readBody(response)), (200, text))
+
+
+class ClusterServingTests(ClusterTestBase):
+    async def test_a_tunnel_on_one_node_is_served_through_the_others(self) -> None:
+        """An SDK session (with SSE) and a 100 MiB download through nodes B and C of a tunnel on A;
+        unknown names are still 502; the forwarded requests are counted on both sides."""
+        _, (a, b, c) = self.cluster()
+        _, upstream = start_upstream(self)
+        gateway = Process(self, twist("mcpr", "--mcp", upstream, "--listen", "tcp:0:interface=127.0.0.1",
+                                      "--relay-url", f"http://127.0.0.1:{a.port}", "--subdomain", "shared"),
+                          name="gateway", cwd=self.mktemp_dir(), env={"MCPR_TUNNEL_TOKEN": "sdk-owner"})
+        gateway.wait_for("Tunnel: ")
+        host = f"shared.{DOMAIN}"
+        for node in (b, c):
+            result = await run_session(f"http://127.0.0.1:{node.port}/mcp", "--header", f"Host: {host}")
+            self.assertEqual(result["add_result"], 5, node.name)
+            self.assertTrue(result["progress_streamed"], node.name)
+            self.assertEqual(result["get_stream_notification"], "notifications/resources/list_changed")
+        self.assertGreater(await b.counter("mcpr_relay_cluster_forwarded_total", direction="out"), 0)
+        self.assertGreater(await c.counter("mcpr_relay_cluster_forwarded_total", direction="out"), 0)
+        self.assertGreater(await a.counter("mcpr_relay_cluster_forwarded_total", direction="in"), 0)
+        self.assertEqual(await a.counter("mcpr_relay_cluster_forwarded_total", direction="out"), 0)
+
+        missing = await self.public(b, f"nobody.{DOMAIN}", "/")
+        self.assertEqual((missing.code, await readBody(missing)), (502, b"tunnel not found\n"))
+
+    async def test_a_100_mib_download_through_another_node_in_bounded_memory(self) -> None:
+        _, (a, b) = self.cluster(2)
+        bulk = Process(self, python(str(ROOT / "tests" / "support" / "bulk_server.py")), name="bulk")
+        bulk_port = int(bulk.wait_for("LISTENING").split()[-1])
+        gateway = Process(self, twist("mcpr", "--mcp", f"http://127.0.0.1:{bulk_port}/mcp", "--listen",
+                                      "tcp:0:interface=127.0.0.1", "--relay-url", f"http://127.0.0.1:{a.port}",
+                                      "--subdomain", "bulk", "--no-store"),
+                          name="gateway", cwd=self.mktemp_dir(), env={"MCPR_TUNNEL_TOKEN": "bulk-owner"})
+        gateway.wait_for("Tunnel: ")
+        size = 100 << 20
+        rss = {"owner": PeakRSS(a.process.popen.pid), "forwarder": PeakRSS(b.process.popen.pid)}
+        started = time.monotonic()
+        response = await self.public(b, f"bulk.{DOMAIN}", f"/bulk?size={size}")
+        drain = Drain()
+        response.deliverBody(drain)
+        await drain.done
+        elapsed = time.monotonic() - started
+        self.assertTrue(drain.reason.check(ResponseDone), drain.reason)
+        self.assertEqual(drain.size, size)
+        self.assertEqual(drain.digest.hexdigest(), hashlib.sha256(b"x" * size).hexdigest())
+        grew = {name: sampler.stop() for name, sampler in rss.items()}
+        print(f"\n100 MiB through a second node: {size / elapsed / 1e6:.0f} MB/s; RSS growth MiB {grew}")
+        for name, mib in grew.items():
+            self.assertLess(mib, 40, f"the {name} node's RSS grew by {mib} MiB moving 100 MiB")
+
+
+class ClusterOwnershipTests(ClusterTestBase):
+    async def test_owner_takes_over_across_nodes_and_strangers_are_refused(self) -> None:
+        _, (a, b, c) = self.cluster()
+        host = f"owned.{DOMAIN}"
+        first = await self.register(a, "owner-token", "owned")
+        await self.answered_by(c, first, host, b"first")
+
+        stranger = await self.refused(c, "stranger-token", "owned")
+        self.assertEqual(stranger.code, CloseCode.IN_USE)
+
+        second = await self.register(b, "owner-token", "owned")
+        code, _ = await first.closed
+        self.assertEqual(code, CloseCode.EVICTED)
+        for node in (a, b, c):
+            await self.answered_by(node, second, host, b"second via " + node.name.encode())
+
+        # Dropped: the name stays reserved for its owner on every node.
+        await second.close()
+        stranger = await self.refused(a, "stranger-token", "owned")
+        self.assertEqual(stranger.code, CloseCode.IN_USE)
+        self.assertIn("reserved", stranger.reason)
+        back = await self.register(c, "owner-token", "owned")
+        await self.answered_by(a, back, host, b"back")
+
+
+class ClusterFailureTests(ClusterTestBase):
+    async def test_a_killed_node_loses_only_its_tunnels_and_its_gateway_gets_its_url_back(self) -> None:
+        """Nodes A and B share one public port (SO_REUSEPORT, as behind a load balancer); the
+        gateway's node is killed, and within 5 s it is registered on the other with the same URL."""
+        redis = RedisServer(self)
+        shared = free_port()
+        listen = f"reuseport:{shared}:interface=127.0.0.1"
+        a = Node(self, "A", redis.url, public=shared, listen=listen)
+        b = Node(self, "B", redis.url, public=shared, listen=listen)
+        c = Node(self, "C", redis.url)
+        bystander = await self.register(c, "bystander-token", "bystander")
+        _, upstream = start_upstream(self)
+        gateway = Process(self, twist("mcpr", "--mcp", upstream, "--listen", "tcp:0:interface=127.0.0.1",
+                                      "--relay-url", f"http://127.0.0.1:{shared}", "--subdomain", "moving"),
+                          name="gateway", cwd=self.mktemp_dir(), env={"MCPR_TUNNEL_TOKEN": "moving-owner"})
+        url = re.search(r"Tunnel: (\S+)", gateway.wait_for("Tunnel: ")).group(1)
+        holder, other = (a, b) if await a.counter("mcpr_relay_tunnels_connected") == 1 else (b, a)
+        self.assertEqual(await holder.counter("mcpr_relay_tunnels_connected"), 1)
+        result = await run_session(f"http://127.0.0.1:{c.port}/mcp", "--header", f"Host: moving.{DOMAIN}")
+        self.assertEqual(result["add_result"], 5)
+
+        holder.process.popen.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        while await other.counter("mcpr_relay_tunnels_connected") < 1:
+            self.assertLess(time.monotonic() - killed, 5, "the gateway did not get its name back within 5 s")
+            await sleep(0.1)
+        print(f"\nre-registered on the other node {time.monotonic() - killed:.2f} s after the kill")
+        result = await run_session(f"http://127.0.0.1:{c.port}/mcp", "--header", f"Host: moving.{DOMAIN}")
+        self.assertEqual(result["add_result"], 5)
+        self.assertIn(f"Tunnel: {url}", gateway.output())
+        await self.answered_by(other, bystander, f"bystander.{DOMAIN}", b"unaffected")
+
+    async def test_redis_restart(self) -> None:
+        """Redis down: the nodes serve what they hold, refuse new registrations with 1013 and
+        answer 503 for tunnels held elsewhere; back (empty), everything works again."""
+        redis, (a, b) = self.cluster(2)
+        held = await self.register(a, "held-token", "held")
+        await self.answered_by(b, held, f"held.{DOMAIN}", b"before")
+
+        redis.stop()
+        await self.answered_by(a, held, f"held.{DOMAIN}", b"local, redis down")
+        refused = await self.refused(b, "new-token", "newcomer")
+        self.assertEqual(refused.code, CloseCode.TRY_AGAIN_LATER)
+        response = await self.public(b, f"held.{DOMAIN}", "/who")
+        self.assertEqual((response.code, await readBody(response)), (503, b"cluster registry unavailable\n"))
+        while await b.counter("mcpr_relay_cluster_registry_up") != 0:
+            await sleep(0.2)
+
+        redis.start()  # empty: the heartbeat writes the held names again
+        deadline = time.monotonic() + 10
+        while await a.counter("mcpr_relay_cluster_registry_up") != 1:
+            self.assertLess(time.monotonic(), deadline, "node A did not see Redis back within 10 s")
+            await sleep(0.2)
+        await self.answered_by(b, held, f"held.{DOMAIN}", b"after")
+        newcomer = await self.register(b, "new-token", "newcomer")
+        await self.answered_by(a, newcomer, f"newcomer.{DOMAIN}", b"new after the restart")
