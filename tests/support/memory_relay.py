@@ -15,6 +15,7 @@ from twisted.web.resource import Resource
 
 from mcpr.common.accesslog import LineWriter
 from mcpr.relay.auth import Authenticator
+from mcpr.relay.cluster.node import ClusterNode
 from mcpr.relay.forwarding import TunnelForwarder
 from mcpr.relay.front import RelayFront
 from mcpr.relay.metrics import RelayMetrics, RequestStats
@@ -104,7 +105,9 @@ class Client:
 class MemoryRelay:
     """A relay without listeners (as `makeService` builds it), serving requests sent with `request`."""
 
-    def __init__(self, settings: RelaySettings, read: Callable[[], RelaySettings] | None = None) -> None:
+    def __init__(self, settings: RelaySettings, read: Callable[[], RelaySettings] | None = None,
+                 cluster: Callable[[Registry], ClusterNode] | None = None) -> None:
+        """`cluster` makes this relay a cluster node, given its registry."""
         self.clock = Clock()
         self.settings = settings
         self.metrics = RelayMetrics()
@@ -113,7 +116,8 @@ class MemoryRelay:
         self.stats = RequestStats(self.metrics, self.clock, LineWriter(self.access, self.clock))
         self.forwarder = TunnelForwarder(self.clock, self.registry, self.stats,
                                          max_in_flight=settings.max_in_flight,
-                                         headers_timeout=settings.headers_timeout)
+                                         headers_timeout=settings.headers_timeout,
+                                         cluster=cluster(self.registry) if cluster else None)
         self.front = RelayFront(self.clock, DOMAIN, self.registry, self.forwarder, self.stats, Resource(),
                                 public_url=settings.public_url, public_url_set=settings.public_url_set)
         # The channels' deadlines go on the Clock too, never on the global reactor.
