@@ -102,7 +102,9 @@ def cannot_listen(where: str, description: str, error: CannotListenError) -> str
 # (or gateways reconnecting after a relay restart) then loses SYNs and waits out their 1, 3, 7 s
 # retransmits.  Like nginx (511), ask for more; the kernel caps it at net.core.somaxconn.
 DEFAULT_BACKLOG = 1024
-_BACKLOG_TYPES = ("tcp", "tcp6", "ssl", "sni", "tls", "unix")
+# `sni` and `reuseport` are the relay's parser plugins, known here by name only (common never
+# imports the relay); their `backlog=` means what it means for `tcp`.
+_BACKLOG_TYPES = ("tcp", "tcp6", "ssl", "tls", "unix", "sni", "reuseport")
 
 
 def with_backlog(description: str, backlog: int = DEFAULT_BACKLOG) -> str:

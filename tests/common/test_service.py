@@ -159,6 +159,7 @@ class BacklogTests(SynchronousTestCase):
     def test_added_where_the_endpoint_takes_one(self) -> None:
         self.assertEqual(with_backlog("tcp:8080"), f"tcp:8080:backlog={DEFAULT_BACKLOG}")
         self.assertEqual(with_backlog("sni:/etc/certs:port=443"), f"sni:/etc/certs:port=443:backlog={DEFAULT_BACKLOG}")
+        self.assertEqual(with_backlog("reuseport:8080"), f"reuseport:8080:backlog={DEFAULT_BACKLOG}")
         self.assertEqual(with_backlog("tcp:8080:backlog=10"), "tcp:8080:backlog=10")
         self.assertEqual(with_backlog("systemd:domain=INET:index=0"), "systemd:domain=INET:index=0")
 

@@ -1,8 +1,9 @@
-"""The `twist mcpr` and `twist mcpr-relay` commands, and the relay's `sni:` endpoint strings.
+"""The `twist mcpr` and `twist mcpr-relay` commands, and the relay's `sni:` and `reuseport:`
+endpoint strings.
 
 Nothing but pointers: the ServiceMaker imports the tap module lazily, and the
-endpoint parser imports `mcpr.relay.tls` only when a description uses it, so a
-broken import never hides the commands from `twist --help`.
+endpoint parsers import `mcpr.relay.tls` or `mcpr.relay.reuseport` only when a
+description uses them, so a broken import never hides the commands from `twist --help`.
 """
 
 from twisted.application.service import ServiceMaker
@@ -40,3 +41,18 @@ class _SNIDirectoryParser:
 
 
 mcprSNI = _SNIDirectoryParser()
+
+
+@implementer(IPlugin, IStreamServerEndpointStringParser)
+class _ReusePortParser:
+    """`reuseport:<port>[:interface=][:backlog=]`: TCP with SO_REUSEPORT, several relay processes on one port."""
+
+    prefix = "reuseport"
+
+    def parseStreamServer(self, reactor, *args, **kwargs):
+        from mcpr.relay.reuseport import reuseport_endpoint
+
+        return reuseport_endpoint(reactor, *args, **kwargs)
+
+
+mcprReusePort = _ReusePortParser()
