@@ -83,7 +83,8 @@ RELAY_SETTINGS: tuple[Setting, ...] = (
     Setting("port", parse_port, 8080, ("port",), help="Shorthand for --listen tcp:N (default 8080)."),
     Setting("listen", parse_list(parse_text), (), ("relay", "listen"), repeatable=True,
             help="Endpoint to serve on (repeatable): tcp:8080, or tls:/etc/mcpr/certs:port=443 "
-                 "(SNI over a PEM directory)."),
+                 "(SNI over a PEM directory), or reuseport:8080 (a port shared by several relay "
+                 "processes; tls:...:reuseport=yes likewise)."),
     Setting("static_tokens", _parse_static_tokens, (), option="static-token", repeatable=True, secret=True,
             help="TOKEN:PATTERN[,PATTERN] a gateway may register with (repeatable)."),
     Setting("auth_provider", parse_http_url, None, ("relay", "auth_provider"), env="MCPR_AUTH_PROVIDER",

@@ -37,10 +37,12 @@ So we keep Twisted's TLS layer (`wrapServerTLS`) and supply our own
   and ones expiring within `EXPIRY_WARNING`, are warned about at every load,
   and the watcher repeats the warning once a day.
 
-Wiring: the endpoint string `sni:<directory>[:<port>][:interface=][:backlog=]`
+Wiring: the endpoint string
+`sni:<directory>[:<port>][:interface=][:backlog=][:reuseport=yes|no]`
 reaches `sni_endpoint` through the parser plugin in
 `twisted/plugins/mcpr_plugins.py`, so `serverFromString` and
-`strports.service` build it like any other listener.  It has its own prefix
+`strports.service` build it like any other listener (`reuseport=yes`: over
+`mcpr.relay.reuseport`, for several relay processes on one port).  It has its own prefix
 because Twisted's built-in `tls:` parser wins over plugins; the relay accepts
 `tls:` too, as an alias (`listen_description`).  `sni_endpoint` loads the
 certificates right away (or raises), and the `SNIServerEndpoint` it returns
@@ -88,6 +90,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from mcpr.relay.reuseport import ReusePortEndpoint, listen_backlog, listen_port
 
 __all__ = [
     "CertificateDirectoryError",
@@ -345,34 +349,40 @@ class SNIServerEndpoint:
 
 
 def sni_endpoint(reactor: Any, directory: str = "", *args: str, **kwargs: str) -> SNIServerEndpoint:
-    r"""The endpoint of `sni:<directory>[:<port>][:port=][:interface=][:backlog=]` (the parser plugin's job).
+    r"""The endpoint of `sni:<directory>[:<port>][:port=][:interface=][:backlog=][:reuseport=yes|no]`
+    (the parser plugin's job).
 
     `reactor` must provide IReactorTCP and IReactorThreads.  The port defaults
     to 443, the interface to `::` (which on Linux also accepts IPv4), the
-    backlog to 50.  Escape `:` and `\` in values with a backslash, as in every
-    Twisted endpoint string: `sni:C\:\\certs:443` for `C:\certs`, `interface=\:\:1`.
+    backlog to 50.  `reuseport=yes` listens with `SO_REUSEPORT`
+    (L{ReusePortEndpoint}), so that several relay processes serve one port.
+    Escape `:` and `\` in values with a backslash, as in every Twisted
+    endpoint string: `sni:C\:\\certs:443` for `C:\certs`, `interface=\:\:1`.
 
     The certificates are loaded right here, synchronously, so a directory with
     nothing usable fails startup with L{CertificateDirectoryError}; a malformed
-    description raises ValueError saying what is wrong.
+    description raises ValueError saying what is wrong, before any file is read.
     """
-    unknown = sorted(set(kwargs) - {"port", "interface", "backlog"})
+    unknown = sorted(set(kwargs) - {"port", "interface", "backlog", "reuseport"})
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(unknown)} in an sni: listener")
     if not directory or len(args) > 1:
         raise ValueError("expected sni:<directory>[:<port>] (or tls:<directory>[:<port>])")
     if args and "port" in kwargs:
         raise ValueError(f"port given twice in the sni: listener of {directory}")
-    port = args[0] if args else kwargs.get("port", "443")
-    backlog = kwargs.get("backlog", "50")
+    where = f"the sni: listener of {directory}"
+    port = listen_port(args[0] if args else kwargs.get("port", "443"), where)
+    backlog = listen_backlog(kwargs.get("backlog", "50"), where)
     interface = kwargs.get("interface", "::")
-    if not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"bad port {port!r} in the sni: listener of {directory}")
-    if not backlog.isdigit():
-        raise ValueError(f"bad backlog {backlog!r} in the sni: listener of {directory}")
-    store = CertificateStore(directory, reactor)
-    tcp = TCP6ServerEndpoint if ":" in interface else TCP4ServerEndpoint
-    return SNIServerEndpoint(store, tcp(reactor, int(port), int(backlog), interface), reactor)
+    reuseport = kwargs.get("reuseport", "no").lower()
+    tcp: IStreamServerEndpoint
+    if reuseport == "yes":
+        tcp = ReusePortEndpoint(reactor, port, backlog, interface)
+    elif reuseport == "no":
+        tcp = (TCP6ServerEndpoint if ":" in interface else TCP4ServerEndpoint)(reactor, port, backlog, interface)
+    else:
+        raise ValueError(f"bad reuseport {kwargs['reuseport']!r} in {where}: expected yes or no")
+    return SNIServerEndpoint(CertificateStore(directory, reactor), tcp, reactor)
 
 
 def listen_description(description: str) -> str:

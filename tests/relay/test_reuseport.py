@@ -1,7 +1,7 @@
 """Several listeners on one port (`SO_REUSEPORT`): real sockets on loopback, then two real relays.
 
 The listeners are built from endpoint strings, through the `reuseport:` parser
-plugin, as the relay builds them.
+plugin (and `sni:...:reuseport=yes`), as the relay builds them.
 """
 
 from __future__ import annotations
@@ -25,18 +25,23 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     connectProtocol,
     serverFromString,
+    wrapClientTLS,
 )
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.testing import MemoryReactor
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.client import readBody
 from twisted.web.http_headers import Headers
+from twisted.web.server import Site
 
 from mcpr.common.service import DEFAULT_BACKLOG, listener
 from mcpr.relay.reuseport import ReusePortEndpoint
+from tests.relay.test_tls import BODY, Connections, Hello, Probe, certificate_directory
+from tests.support.certificates import TRUST, escape
 from tests.support.loopback import client_agent
 from tests.support.processes import Process, free_port, twist
 
@@ -198,6 +203,47 @@ class DescriptionTests(SynchronousTestCase):
             self.assertIn("reuseport needs Linux", str(error))
             self.assertIn("this is darwin", str(error))
             self.assertNotIn("\n", str(error))
+
+
+class SNITests(TestCase):
+    """`sni:...:reuseport=yes`: the relay's TLS over a shared port."""
+
+    timeout = 10
+
+    async def test_two_tls_listeners_share_a_port(self) -> None:
+        directory = escape(certificate_directory(self))
+        sites = [Connections(Site(Hello())) for _ in range(2)]
+        first = await self.listen(f"sni:{directory}:0:interface=127.0.0.1:reuseport=yes", sites[0])
+        number = first.getHost().port
+        await self.listen(f"sni:{directory}:{number}:interface=127.0.0.1:reuseport=YES", sites[1])
+        refused = serverFromString(reactor, f"sni:{directory}:{number}:interface=127.0.0.1:reuseport=no")
+        await self.assertFailure(refused.listen(sites[0]), CannotListenError)
+
+        creator = optionsForClientTLS("abc.tunnel.example.test", trustRoot=TRUST)
+        probe = await connectProtocol(wrapClientTLS(creator, TCP4ClientEndpoint(reactor, "127.0.0.1", number)),
+                                      Probe())
+        self.addCleanup(lambda: Deferred.fromCoroutine(self.close(probe)))
+        await probe.handshake  # verified for the name: the certificate came from the directory
+        self.assertTrue((await probe.get()).endswith(BODY))
+
+    def test_wrong_reuseport_value(self) -> None:
+        """Refused before the directory is read (there is no `certs` here)."""
+        error = self.assertRaises(ValueError, serverFromString, MemoryReactor(), "sni:certs:443:reuseport=maybe")
+        self.assertEqual(str(error), "bad reuseport 'maybe' in the sni: listener of certs: expected yes or no")
+
+    async def listen(self, description: str, site: Connections) -> IListeningPort:
+        port = await serverFromString(reactor, description).listen(site)
+
+        async def close() -> None:
+            await port.stopListening()
+            await site.whenIdle()
+
+        self.addCleanup(lambda: Deferred.fromCoroutine(close()))
+        return port
+
+    async def close(self, probe: Probe) -> None:
+        probe.transport.loseConnection()
+        await probe.closed
 
 
 class TwoRelaysTests(TestCase):
