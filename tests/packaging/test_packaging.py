@@ -48,10 +48,14 @@ from mcpr.relay.settings import RELAY_SETTINGS, load_relay
 from tests.support.processes import ROOT
 
 RELAY_UNIT = ROOT / "systemd" / "mcpr-relay.service"
+RELAYS_UNIT = ROOT / "systemd" / "mcpr-relay@.service"  # N relays on one machine, one port
 GATEWAY_UNIT = ROOT / "systemd" / "mcpr@.service"
+UNITS = (RELAY_UNIT, RELAYS_UNIT, GATEWAY_UNIT)
 CONFFILE = ROOT / "etc" / "mcpr" / "relay.toml"
 VENV = "/opt/venvs/mcpr"
 RELAY_COMMAND = f"{VENV}/bin/twist --log-format=text mcpr-relay --config /etc/mcpr/relay.toml"
+RELAYS_COMMAND = (f"{RELAY_COMMAND} --node-url http://${{NODE_ADDRESS}}:700%i "
+                  "--metrics tcp:910%i:interface=127.0.0.1")
 GATEWAY_COMMAND = f"{VENV}/bin/twist --log-format=text mcpr --config /etc/mcpr/%i.toml"
 
 
@@ -257,22 +261,52 @@ class UnitTests(SynchronousTestCase):
         self.assertEqual(one(settings, "Type"), "exec")
 
     def test_relay_lifecycle(self) -> None:
-        settings = unit_settings(RELAY_UNIT)
-        self.assertEqual(one(settings, "ExecReload"), "/bin/kill -HUP $MAINPID")
-        self.assertEqual(one(settings, "KillSignal"), "SIGTERM")
-        self.assertGreater(seconds(one(settings, "TimeoutStopSec")), relay_default("drain_timeout") + 5)
-        self.assertEqual(one(settings, "Restart"), "on-failure")
+        for unit in (RELAY_UNIT, RELAYS_UNIT):
+            settings = unit_settings(unit)
+            self.assertEqual(one(settings, "ExecReload"), "/bin/kill -HUP $MAINPID", unit.name)
+            self.assertEqual(one(settings, "KillSignal"), "SIGTERM", unit.name)
+            self.assertGreater(seconds(one(settings, "TimeoutStopSec")), relay_default("drain_timeout") + 5, unit.name)
+            self.assertEqual(one(settings, "Restart"), "on-failure", unit.name)
+
+    def test_relays_template(self) -> None:
+        """Instance N: the shared config and ports, its own node URL, metrics and state; the cluster
+        settings from an environment file the relay's own user cannot read; never beside the
+        single relay, which reads the same config."""
+        settings = unit_settings(RELAYS_UNIT)
+        self.assertEqual(one(settings, "ExecStart"), RELAYS_COMMAND)
+        self.assertEqual(one(settings, "Type"), "exec")
+        self.assertEqual(one(settings, "EnvironmentFile"), "/etc/mcpr/relay-cluster.env")
+        self.assertEqual(one(settings, "Environment"), "NODE_ADDRESS=127.0.0.1")
+        self.assertEqual(one(settings, "StateDirectory"), "mcpr/relay-%i")
+        self.assertEqual(one(settings, "Conflicts"), RELAY_UNIT.name)
+        names = {s.name for s in RELAY_SETTINGS}
+        self.assertLessEqual({"cluster", "cluster_secret", "node_url", "metrics"}, names)
+        env = {s.env for s in RELAY_SETTINGS if s.name in ("cluster", "cluster_secret")}
+        self.assertEqual(env, {"MCPR_CLUSTER", "MCPR_CLUSTER_SECRET"})  # what the unit's comment says to set
+        for variable in env:
+            self.assertIn(f"#   {variable}=", RELAYS_UNIT.read_text())
+
+    def test_relays_template_is_the_relay_unit_hardened_alike(self) -> None:
+        """Every setting of mcpr-relay.service is in the template with the same values, but for
+        what makes an instance one of several."""
+        own = {"Description", "ExecStart", "StateDirectory", "After", "Conflicts", "Environment", "EnvironmentFile"}
+        single, template = unit_settings(RELAY_UNIT), unit_settings(RELAYS_UNIT)
+        for key, values in single.items():
+            if key not in own:
+                self.assertEqual(template.get(key), values, key)
+        self.assertEqual(set(template) - set(single), {"Conflicts", "Environment", "EnvironmentFile"})
 
     def test_a_mistake_is_not_retried(self) -> None:
         """Both daemons end with `EXIT_STATUS` for a mistake in their settings: retrying cannot help,
         and `systemctl status` shows the last run's log only, which must be the run that says why."""
-        for unit in (RELAY_UNIT, GATEWAY_UNIT):
+        for unit in UNITS:
             self.assertEqual(one(unit_settings(unit), "RestartPreventExitStatus"), str(EXIT_STATUS), unit)
 
     def test_relay_may_bind_443_and_nothing_more(self) -> None:
-        settings = unit_settings(RELAY_UNIT)
-        self.assertEqual(one(settings, "AmbientCapabilities"), "CAP_NET_BIND_SERVICE")
-        self.assertEqual(one(settings, "CapabilityBoundingSet"), "CAP_NET_BIND_SERVICE")
+        for unit in (RELAY_UNIT, RELAYS_UNIT):
+            settings = unit_settings(unit)
+            self.assertEqual(one(settings, "AmbientCapabilities"), "CAP_NET_BIND_SERVICE", unit.name)
+            self.assertEqual(one(settings, "CapabilityBoundingSet"), "CAP_NET_BIND_SERVICE", unit.name)
 
     def test_gateway_command_line(self) -> None:
         settings = unit_settings(GATEWAY_UNIT)
@@ -280,7 +314,7 @@ class UnitTests(SynchronousTestCase):
         self.assertEqual(one(settings, "CapabilityBoundingSet"), "")
 
     def test_hardening(self) -> None:
-        for unit in (RELAY_UNIT, GATEWAY_UNIT):
+        for unit in UNITS:
             settings = unit_settings(unit)
             for key, value in [("User", "mcpr"), ("ProtectSystem", "strict"), ("ProtectHome", "yes"),
                                ("PrivateTmp", "yes"), ("NoNewPrivileges", "yes"),
@@ -296,7 +330,8 @@ class UnitTests(SynchronousTestCase):
         rules = (ROOT / "debian" / "rules").read_text()
         self.assertIn("DH_VIRTUALENV_INSTALL_ROOT := /opt/venvs", rules)
         install = (ROOT / "debian" / "mcpr.install").read_text().split("\n")
-        for source in ("systemd/mcpr-relay.service", "systemd/mcpr@.service", "etc/mcpr/relay.toml"):
+        for source in ("systemd/mcpr-relay.service", "systemd/mcpr-relay@.service", "systemd/mcpr@.service",
+                       "etc/mcpr/relay.toml"):
             self.assertTrue(any(line.startswith(source + " ") for line in install), source)
         for line in filter(None, install):
             self.assertTrue((ROOT / line.split()[0]).exists(), line)
@@ -315,7 +350,7 @@ class UnitTests(SynchronousTestCase):
         self.addCleanup(shutil.rmtree, root, True)
         shutil.copytree(system, root / "lib/systemd/system", symlinks=True,
                         ignore=shutil.ignore_patterns("mcpr*"))
-        for unit in (RELAY_UNIT, GATEWAY_UNIT):
+        for unit in UNITS:
             shutil.copy(unit, root / "lib/systemd/system" / unit.name)
             for key in ("ExecStart", "ExecReload"):
                 for command in unit_settings(unit).get(key, []):
@@ -323,8 +358,8 @@ class UnitTests(SynchronousTestCase):
                     program.parent.mkdir(parents=True, exist_ok=True)
                     program.write_text("#!/bin/sh\n")
                     program.chmod(0o755)
-        result = subprocess.run([analyze, "verify", f"--root={root}", "mcpr-relay.service", "mcpr@example.service"],
-                                capture_output=True, text=True)
+        result = subprocess.run([analyze, "verify", f"--root={root}", "mcpr-relay.service", "mcpr-relay@1.service",
+                                 "mcpr@example.service"], capture_output=True, text=True)
         self.assertEqual((result.returncode, result.stdout + result.stderr), (0, ""))
 
 
@@ -416,7 +451,8 @@ class DebianPackageTests(SynchronousTestCase):
         self.addCleanup(shutil.rmtree, root, True)
         self.run_command("dpkg-deb", "-x", str(deb), str(root))
         for path in (f"{VENV}/bin/twist", f"{VENV}/bin/mcpr", "usr/bin/mcpr", "etc/mcpr/relay.toml",
-                     "lib/systemd/system/mcpr-relay.service", "lib/systemd/system/mcpr@.service",
+                     "lib/systemd/system/mcpr-relay.service", "lib/systemd/system/mcpr-relay@.service",
+                     "lib/systemd/system/mcpr@.service",
                      "usr/share/mcpr/certbot-deploy-hook", "usr/share/man/man1/mcpr.1.gz"):
             self.assertTrue((root / path.lstrip("/")).exists() or (root / path.lstrip("/")).is_symlink(), path)
         self.assertEqual((root / "etc/mcpr/relay.toml").read_bytes(), CONFFILE.read_bytes())
@@ -456,7 +492,8 @@ class DebianPackageTests(SynchronousTestCase):
         self.assertEqual(version.strip(), f"mcpr {setup_cfg_version()}")
         if shutil.which("systemd-analyze") and Path("/lib/systemd/system/sysinit.target").exists():
             result = subprocess.run(["systemd-analyze", "verify", "/lib/systemd/system/mcpr-relay.service",
-                                     "/lib/systemd/system/mcpr@.service"], capture_output=True, text=True)
+                                     "/lib/systemd/system/mcpr-relay@.service", "/lib/systemd/system/mcpr@.service"],
+                                    capture_output=True, text=True)
             self.assertEqual((result.returncode, result.stdout + result.stderr), (0, ""))
 
     def free_privileged_port(self) -> int:
