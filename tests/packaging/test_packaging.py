@@ -43,8 +43,10 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from mcpr.common.settings import cli_values
 from mcpr.common.startup import EXIT_STATUS
 from mcpr.relay.settings import RELAY_SETTINGS, load_relay
+from mcpr.relay.tap import Options as RelayOptions
 from tests.support.processes import ROOT
 
 RELAY_UNIT = ROOT / "systemd" / "mcpr-relay.service"
@@ -122,6 +124,14 @@ def uncommented_example(text: str) -> str:
             chosen[(table, match.group(1))] = i
     enable = set(chosen.values()) | set(headers)
     return "\n".join(line.strip()[2:] if i in enable else line for i, line in enumerate(lines)) + "\n"
+
+
+class _UncheckedRelayOptions(RelayOptions):
+    """`twist mcpr-relay`'s options, parsed without loading the settings (the test does, with its
+    own environment and config)."""
+
+    def postOptions(self) -> None:
+        pass
 
 
 class ReleaseTests(SynchronousTestCase):
@@ -279,12 +289,30 @@ class UnitTests(SynchronousTestCase):
         self.assertEqual(one(settings, "Environment"), "NODE_ADDRESS=127.0.0.1")
         self.assertEqual(one(settings, "StateDirectory"), "mcpr/relay-%i")
         self.assertEqual(one(settings, "Conflicts"), RELAY_UNIT.name)
-        names = {s.name for s in RELAY_SETTINGS}
-        self.assertLessEqual({"cluster", "cluster_secret", "node_url", "metrics"}, names)
-        env = {s.env for s in RELAY_SETTINGS if s.name in ("cluster", "cluster_secret")}
-        self.assertEqual(env, {"MCPR_CLUSTER", "MCPR_CLUSTER_SECRET"})  # what the unit's comment says to set
-        for variable in env:
-            self.assertIn(f"#   {variable}=", RELAYS_UNIT.read_text())
+
+    def test_relays_template_makes_cluster_nodes(self) -> None:
+        """The command line of instances 1 and 9, as systemd expands it, with the environment file
+        the unit's comment describes and a relay.toml with its `listen` example: valid relay settings,
+        a cluster node of its own (node URL, metrics) on the shared listeners."""
+        text = RELAYS_UNIT.read_text()
+        listen = re.search(r"^#   (listen = .*)$", text, re.MULTILINE).group(1)
+        env_file = dict(re.findall(r"^#   ([A-Z_]+)=(\S+)", text, re.MULTILINE))
+        self.assertEqual(set(env_file), {"MCPR_CLUSTER", "MCPR_CLUSTER_SECRET", "NODE_ADDRESS"})
+        config = Path(self.mktemp())
+        config.write_text(f'mode = "relay"\n[relay]\ndomain = "tunnel.example.com"\n{listen}\n')
+        config.chmod(0o600)
+        env = {"MCPR_CLUSTER": env_file["MCPR_CLUSTER"], "MCPR_CLUSTER_SECRET": "s" * 64}
+        command = one(unit_settings(RELAYS_UNIT), "ExecStart")
+        for instance, address in (("1", "127.0.0.1"), ("9", "10.0.0.5")):
+            argv = shlex.split(command.replace("%i", instance).replace("${NODE_ADDRESS}", address))
+            options = _UncheckedRelayOptions()
+            options.parseOptions(argv[argv.index("mcpr-relay") + 1:])
+            settings = load_relay(cli_values(RELAY_SETTINGS, options), config=str(config), env=env)
+            self.assertEqual(settings.listen, ("tls:/etc/mcpr/certs:port=443:reuseport=yes",
+                                               "reuseport:8080:interface=127.0.0.1"))
+            self.assertEqual(settings.node_url, f"http://{address}:700{instance}")
+            self.assertEqual(settings.metrics, f"tcp:910{instance}:interface=127.0.0.1")
+            self.assertEqual(settings.cluster, env_file["MCPR_CLUSTER"])
 
     def test_relays_template_is_the_relay_unit_hardened_alike(self) -> None:
         """Every setting of mcpr-relay.service is in the template with the same values, but for
