@@ -9,6 +9,7 @@ the example MCP server or the bulk upstream, and the official SDK client.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import signal
 import time
@@ -132,7 +133,8 @@ class ClusterServingTests(ClusterTestBase):
         missing = await self.public(b, f"nobody.{DOMAIN}", "/")
         self.assertEqual((missing.code, await readBody(missing)), (502, b"tunnel not found\n"))
 
-    async def test_a_100_mib_download_through_another_node_in_bounded_memory(self) -> None:
+    async def test_a_100_mib_download_and_a_cancelled_stream_through_another_node(self) -> None:
+        """Bounded memory on both nodes; a client that leaves is gone at the upstream too."""
         _, (a, b) = self.cluster(2)
         bulk = Process(self, python(str(ROOT / "tests" / "support" / "bulk_server.py")), name="bulk")
         bulk_port = int(bulk.wait_for("LISTENING").split()[-1])
@@ -156,6 +158,20 @@ class ClusterServingTests(ClusterTestBase):
         print(f"\n100 MiB through a second node: {size / elapsed / 1e6:.0f} MB/s; RSS growth MiB {grew}")
         for name, mib in grew.items():
             self.assertLess(mib, 40, f"the {name} node's RSS grew by {mib} MiB moving 100 MiB")
+
+        # A public client that leaves an SSE stream on node B ends it at the upstream behind node A.
+        response = await self.public(b, f"bulk.{DOMAIN}", "/mcp", headers={"accept": "text/event-stream"})
+        stream = Drain()
+        response.deliverBody(stream)
+        await stream.first
+        self.assertEqual(await self.sse_status(bulk_port), {"sse_open": 1, "sse_closed": 0})
+        stream.transport.stopProducing()
+        self.assertEqual(await self.sse_status(bulk_port, closed=1), {"sse_open": 0, "sse_closed": 1})
+
+    async def sse_status(self, port: int, closed: int = 0) -> dict:
+        """The bulk upstream's SSE counts, once at least `closed` of its streams have closed."""
+        response = await client_agent(self).request(b"GET", f"http://127.0.0.1:{port}/status?closed={closed}".encode())
+        return json.loads(await readBody(response))
 
 
 class ClusterOwnershipTests(ClusterTestBase):
