@@ -190,6 +190,18 @@ class ClusterOwnershipTests(ClusterTestBase):
         for node in (a, b, c):
             await self.answered_by(node, second, host, b"second via " + node.name.encode())
 
+        # A's internal listener serves only A's own tunnels: a request for one held by B is not sent
+        # on (no loops, whatever the directory says); one without the secret is refused.
+        async def internal(node: Node, secret: str) -> tuple[int, bytes]:
+            headers = Headers({b"host": [host.encode()], b"x-mcpr-cluster-secret": [secret.encode()],
+                               b"x-mcpr-subdomain": [b"owned"]})
+            response = await client_agent(self).request(b"GET", f"http://127.0.0.1:{node.internal}/who".encode(),
+                                                        headers)
+            return response.code, await readBody(response)
+
+        self.assertEqual(await internal(a, SECRET), (502, b"tunnel not found\n"))
+        self.assertEqual((await internal(b, "not-the-secret-0123456789"))[0], 403)
+
         # Dropped: the name stays reserved for its owner on every node.
         await second.close()
         stranger = await self.refused(a, "stranger-token", "owned")
