@@ -203,7 +203,7 @@ class PeerClient:
     def _unreachable(self, node: str, error: BaseException) -> None:
         if node not in self._down:
             self._down.add(node)
-            log.warn("cluster node {node} unreachable: {why}", node=node, why=describe(error))  # noqa: G010
+            log.warn("cluster node {node} unreachable: {why}", node=node, why=describe(error))
 
     def evict(self, node: str, subdomain: str, value: str) -> Deferred[None]:
         """Tell `node`, the previous holder of `subdomain`, to evict its tunnel of that name unless it
@@ -222,13 +222,13 @@ class PeerClient:
             answer = await readBody(response).addTimeout(EVICT_TIMEOUT, self._reactor)
         except TimeoutError:
             why = f"no answer within {EVICT_TIMEOUT:g} s"
-        except Exception as e:  # noqa: BLE001  (logged, never raised)
+        except Exception as e:  # logged, never raised
             why = describe(e)
         else:
             if response.code == 204:
                 return
             why = f"it answered {response.code} {answer[:100].decode('utf-8', 'replace').strip()}"
-        log.warn("could not tell cluster node {node} to evict {subdomain}: {why}",  # noqa: G010
+        log.warn("could not tell cluster node {node} to evict {subdomain}: {why}",
                  node=node, subdomain=subdomain, why=why)
 
     async def close(self) -> None:
@@ -308,7 +308,7 @@ class _Exchange(Protocol):
             self._client._unreachable(self._node, error)
             self._sink.fail("cluster node unreachable")
             return
-        log.warn("cluster node {node} failed before the response head: {why}", node=self._node,  # noqa: G010
+        log.warn("cluster node {node} failed before the response head: {why}", node=self._node,
                  why=describe(error))
         self._sink.fail("cluster node failed")
 
@@ -376,7 +376,7 @@ class InternalResource(Resource):
         given = request.requestHeaders.getRawHeaders(SECRET_HEADER)
         if given is None or len(given) != 1 or not hmac.compare_digest(given[0], self._secret):
             peer = getattr(request.getClientAddress(), "host", "-")
-            log.warn("refused a cluster request from {peer}: wrong or missing secret", peer=peer)  # noqa: G010
+            log.warn("refused a cluster request from {peer}: wrong or missing secret", peer=peer)
             return _answer(request, 403, "forbidden")
         labels = request.requestHeaders.getRawHeaders(SUBDOMAIN_HEADER)
         if labels is None:
