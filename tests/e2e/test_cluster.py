@@ -22,7 +22,7 @@ from twisted.web.http_headers import Headers
 
 from mcpr.common.protocol import CloseCode
 from tests.e2e.test_tunnel import Drain
-from tests.support.legacy_gateway import Closed, LegacyGateway
+from tests.support.legacy_gateway import LegacyGateway, refused
 from tests.support.loopback import client_agent, sleep
 from tests.support.processes import ROOT, PeakRSS, Process, free_port, python, run_session, start_upstream, twist
 from tests.support.redis import RedisServer
@@ -90,15 +90,6 @@ class ClusterTestBase(TestCase):
         self.addCleanup(gateway.close)
         await gateway.connect()
         return gateway
-
-    async def refused(self, node: Node, token: str, subdomain: str) -> Closed:
-        gateway = LegacyGateway(node.port, token, subdomain)
-        try:
-            await gateway.connect()
-        except Closed as e:
-            return e
-        await gateway.close()
-        raise AssertionError(f"{subdomain} was given to {token} on node {node.name}")
 
     async def answered_by(self, node: Node, gateway: LegacyGateway, host: str, text: bytes) -> None:
         """A public request through `node` reaches `gateway`'s socket and its answer comes back."""
@@ -181,7 +172,7 @@ class ClusterOwnershipTests(ClusterTestBase):
         first = await self.register(a, "owner-token", "owned")
         await self.answered_by(c, first, host, b"first")
 
-        stranger = await self.refused(c, "stranger-token", "owned")
+        stranger = await refused(c.port, "stranger-token", "owned")
         self.assertEqual(stranger.code, CloseCode.IN_USE)
 
         second = await self.register(b, "owner-token", "owned")
@@ -204,7 +195,7 @@ class ClusterOwnershipTests(ClusterTestBase):
 
         # Dropped: the name stays reserved for its owner on every node.
         await second.close()
-        stranger = await self.refused(a, "stranger-token", "owned")
+        stranger = await refused(a.port, "stranger-token", "owned")
         self.assertEqual(stranger.code, CloseCode.IN_USE)
         self.assertIn("reserved", stranger.reason)
         back = await self.register(c, "owner-token", "owned")
@@ -252,8 +243,8 @@ class ClusterFailureTests(ClusterTestBase):
 
         redis.stop()
         await self.answered_by(a, held, f"held.{DOMAIN}", b"local, redis down")
-        refused = await self.refused(b, "new-token", "newcomer")
-        self.assertEqual(refused.code, CloseCode.TRY_AGAIN_LATER)
+        refusal = await refused(b.port, "new-token", "newcomer")
+        self.assertEqual(refusal.code, CloseCode.TRY_AGAIN_LATER)
         response = await self.public(b, f"held.{DOMAIN}", "/who")
         self.assertEqual((response.code, await readBody(response)), (503, b"cluster registry unavailable\n"))
         while await b.counter("mcpr_relay_cluster_registry_up") != 0:

@@ -18,7 +18,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from mcpr.relay.registration import RATE_LIMITED
 from tests.support.bystander import Bystander
-from tests.support.legacy_gateway import Closed, LegacyGateway
+from tests.support.legacy_gateway import Closed, LegacyGateway, refused
 from tests.support.loopback import TrackingSite, listen, sleep
 from tests.support.processes import ROOT, PeakRSS, Process, python, start_relay
 
@@ -39,15 +39,6 @@ class FloodTests(TestCase):
         self.addCleanup(gateway.close)
         await gateway.connect()
         return gateway
-
-    async def refused(self, port: int, token: str, subdomain: str, source: str = "127.0.0.1") -> Closed:
-        gateway = LegacyGateway(port, token, subdomain, source=source)
-        try:
-            await gateway.connect()
-        except Closed as e:
-            return e
-        await gateway.close()
-        raise AssertionError(f"{subdomain} was registered from {source}")
 
     async def test_a_flood_from_one_address_is_refused(self) -> None:
         relay, port = start_relay(self, DOMAIN)
@@ -88,11 +79,11 @@ class FloodTests(TestCase):
         bystander = await Bystander(port, DOMAIN).start(self)  # from 127.0.0.1
         await self.register(port, "tok-a", "a1")
         old = await self.register(port, "tok-a", "a2")
-        e = await self.refused(port, "tok-b", "b1")
+        e = await refused(port, "tok-b", "b1")
         self.assertEqual((e.code, e.reason), (4008, "too many tunnels from this address"))
         for name in ("c1", "c2", "c3"):
             await self.register(port, f"tok-{name}", name, source="127.0.0.2")
-        e = await self.refused(port, "tok-d", "d1", source="127.0.0.3")
+        e = await refused(port, "tok-d", "d1", source="127.0.0.3")
         self.assertEqual((e.code, e.reason), (4008, "relay full: too many tunnels"))
         # A gateway taking over its own name (its old socket went stale) is not refused by a cap.
         new = await self.register(port, "tok-a", "a2")

@@ -18,7 +18,7 @@ from twisted.trial.unittest import TestCase
 from mcpr.relay.identity import open_subdomain
 from mcpr.relay.reservations import FILE_NAME
 from tests.support.bystander import Bystander
-from tests.support.legacy_gateway import Closed, LegacyGateway
+from tests.support.legacy_gateway import LegacyGateway, refused
 from tests.support.loopback import sleep
 from tests.support.processes import ROOT, Process, python, start_relay, twist
 from tests.support.public import exchange
@@ -34,15 +34,6 @@ class SquattingTests(TestCase):
         self.addCleanup(gateway.close)
         await gateway.connect()
         return gateway
-
-    async def refused(self, port: int, token: str, subdomain: str | None) -> Closed:
-        gateway = LegacyGateway(port, token, subdomain)
-        try:
-            await gateway.connect()
-        except Closed as e:
-            return e
-        await gateway.close()
-        raise AssertionError(f"{subdomain} was given to {token}")
 
     async def held_on_disk(self, state: str, subdomain: str) -> None:
         """Until the relay has written the registration of `subdomain` (it does not wait for the
@@ -61,7 +52,7 @@ class SquattingTests(TestCase):
         owner = await self.register(port, "tok-owner", "mine")
         owner.proto.transport.abortConnection()  # the owner's gateway crashed
         await owner.closed
-        e = await self.refused(port, "tok-stranger", "mine")
+        e = await refused(port, "tok-stranger", "mine")
         self.assertEqual(e.code, 4003)
         self.assertRegex(e.reason, r"^subdomain reserved for another token for \d+ s$")
         back = await self.register(port, "tok-owner", "mine")
@@ -81,7 +72,7 @@ class SquattingTests(TestCase):
         # A short drain below: the bystander's SSE stream would hold it for the whole drain_timeout.
         relay, port = start_relay(self, DOMAIN, "--state-dir", state, "--drain-timeout", "0.5")
         bystander = await Bystander(port, DOMAIN).start(self)
-        self.assertEqual((await self.refused(port, "tok-stranger", "mine")).code, 4003)
+        self.assertEqual((await refused(port, "tok-stranger", "mine")).code, 4003)
         owner = await self.register(port, "tok-owner", "mine")
         self.assertEqual(owner.ack["subdomain"], "mine")
         await bystander.unaffected()
@@ -90,7 +81,7 @@ class SquattingTests(TestCase):
         self.assertEqual((await owner.closed)[0], 1001)
         relay.popen.wait()
         relay, port = start_relay(self, DOMAIN, "--state-dir", state)
-        self.assertEqual((await self.refused(port, "tok-stranger", "mine")).code, 4003)
+        self.assertEqual((await refused(port, "tok-stranger", "mine")).code, 4003)
         self.assertEqual((await self.register(port, "tok-owner", "mine")).ack["subdomain"], "mine")
 
     async def test_a_token_derived_name_is_only_its_tokens(self) -> None:
@@ -98,7 +89,7 @@ class SquattingTests(TestCase):
         relay, port = start_relay(self, DOMAIN, "--state-dir", self.mktemp())
         bystander = await Bystander(port, DOMAIN).start(self)
         victim_default = open_subdomain("tok-victim")
-        e = await self.refused(port, "tok-stranger", victim_default)
+        e = await refused(port, "tok-stranger", victim_default)
         self.assertEqual((e.code, e.reason),
                          (4001, f"subdomain '{victim_default}' is reserved for the token it is derived from"))
         self.assertEqual((await self.register(port, "tok-victim", None)).ack["subdomain"], victim_default)

@@ -110,5 +110,16 @@ class LegacyGateway:
             await close_cleanly(self.proto, self.closed)
 
 
+async def refused(port: int, token: str | None, subdomain: str | None, source: str = "127.0.0.1") -> Closed:
+    """The relay's refusal of this registration; fails the test if it was accepted instead."""
+    gateway = LegacyGateway(port, token, subdomain, source=source)
+    try:
+        await gateway.connect()
+    except Closed as e:
+        return e
+    await gateway.close()
+    raise AssertionError(f"{subdomain} was given to {token} (from {source})")
+
+
 def body_of(request: dict) -> bytes:
     return base64.b64decode(request["body"]) if request.get("body") else b""
