@@ -234,6 +234,22 @@ class ClusterFailureTests(ClusterTestBase):
         self.assertIn(f"Tunnel: {url}", gateway.output())
         await self.answered_by(other, bystander, f"bystander.{DOMAIN}", b"unaffected")
 
+    async def test_a_draining_node_gives_its_names_back_first(self) -> None:
+        """SIGTERM: the node releases its names in Redis before it stops listening, so the other
+        nodes answer "not found" (not "unreachable") at once, and the names stay their owners'."""
+        _, (a, b) = self.cluster(2)
+        held = await self.register(a, "draining-token", "draining")
+        await self.answered_by(b, held, f"draining.{DOMAIN}", b"before")
+        a.process.popen.send_signal(signal.SIGTERM)
+        code, _ = await held.closed
+        self.assertEqual(code, CloseCode.GOING_AWAY)
+        response = await self.public(b, f"draining.{DOMAIN}", "/who")
+        self.assertEqual((response.code, await readBody(response)), (502, b"tunnel not found\n"))
+        stranger = await refused(b.port, "stranger-token", "draining")
+        self.assertIn("reserved", stranger.reason)
+        back = await self.register(b, "draining-token", "draining")
+        await self.answered_by(b, back, f"draining.{DOMAIN}", b"back on B")
+
     async def test_redis_restart(self) -> None:
         """Redis down: the nodes serve what they hold, refuse new registrations with 1013 and
         answer 503 for tunnels held elsewhere; back (empty), everything works again."""
