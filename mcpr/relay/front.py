@@ -63,9 +63,10 @@ class RelayFront(Resource):
 
     def __init__(self, clock: IReactorTime, domain: str, registry: Registry, forwarder: TunnelForwarder,
                  stats: RequestStats, register: IResource, *, public_url: str | None = None,
-                 public_url_set: bool = False) -> None:
+                 public_url_set: bool = False, cluster: Callable[[], dict[str, Any]] | None = None) -> None:
         """`public_url` is the tunnels' URL template (default `https://*.<domain>`); `public_url_set`
-        whether the operator configured it, in which case it also says how gateways reach the relay."""
+        whether the operator configured it, in which case it also says how gateways reach the relay;
+        `cluster` describes this node's part in a cluster for /healthz (its `registry` "up" or "down")."""
         super().__init__()
         self._clock = clock
         self.domain = domain
@@ -75,6 +76,7 @@ class RelayFront(Resource):
         self._forwarder = forwarder
         self._stats = stats
         self._started = clock.seconds()
+        self._cluster = cluster
         self._health = _Page(self._health_json)
         self._status = _Page(self._status_html)
         self._tunnel_dir = Resource()
@@ -96,7 +98,9 @@ class RelayFront(Resource):
         return self.getChildWithDefault(b"", request).render(request)
 
     def health(self) -> dict[str, Any]:
-        return {
+        """Always answered 200, even degraded: a load balancer that took every node out of service
+        because their shared Redis is down would stop the tunnels they still serve."""
+        health: dict[str, Any] = {
             "status": "draining" if self._forwarder.draining else "ok",
             "domain": self.domain,
             "tunnels": len(self._registry),
@@ -104,6 +108,11 @@ class RelayFront(Resource):
             "uptime_s": round(self._clock.seconds() - self._started, 3),
             "version": __version__,
         }
+        if self._cluster is not None:
+            cluster = health["cluster"] = self._cluster()
+            if cluster["registry"] != "up" and health["status"] == "ok":
+                health["status"] = "degraded"
+        return health
 
     def too_large(self, request: Request, method: bytes, path: bytes) -> None:
         """The body cap refused a request (CappedSite's report): counted and logged like any other."""

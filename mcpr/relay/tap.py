@@ -5,7 +5,7 @@ from __future__ import annotations
 import resource
 import sys
 from urllib.parse import urlsplit
-from typing import Any
+from typing import Any, Callable
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.application.service import IService
@@ -102,8 +102,10 @@ def _service_tree(options: usage.Options, reactor: Any) -> RelayService:
         ping_interval=settings.ping_interval, ping_timeout=settings.ping_timeout,
         limits=TunnelLimits(control_rate=settings.control_frame_rate, backlog=settings.gateway_backlog),
         trusted=TrustedProxies(settings.trusted_proxies), cluster=cluster)
+    heartbeat = Heartbeat(cluster.directory, cluster.placements, cluster.lost, reactor) if cluster is not None else None
     front = RelayFront(reactor, settings.domain, registry, forwarder, stats, WebSocketResource(registration),
-                       public_url=settings.public_url, public_url_set=settings.public_url_set)
+                       public_url=settings.public_url, public_url_set=settings.public_url_set,
+                       cluster=_cluster_health(settings, heartbeat) if heartbeat is not None else None)
     site = public_site(front, settings, reactor, connection_budget(settings.max_connections))
     relay = RelayService(reactor, settings, auth=auth, registry=registry, forwarder=forwarder, stats=stats,
                          read=lambda: load_relay(**reload_args), store=store, cluster=cluster)
@@ -120,8 +122,8 @@ def _service_tree(options: usage.Options, reactor: Any) -> RelayService:
             relay.certificates.append(endpoint.store)
             CertificateWatcher(endpoint.store, clock=reactor).setServiceParent(relay)
         relay.add_listener(service)
-    if cluster is not None:
-        _join_cluster(relay, cluster, settings, reactor, forwarder, metrics)
+    if cluster is not None and heartbeat is not None:
+        _join_cluster(relay, cluster, heartbeat, settings, reactor, forwarder, metrics)
     if settings.metrics:
         metrics_site = Site(metrics.resource())
         metrics_site.noisy = False
@@ -138,12 +140,18 @@ def _cluster_node(settings: RelaySettings, reactor: Any, registry: Registry) -> 
     return ClusterNode(settings.node_url, registry, directory, PeerClient(reactor, settings.cluster_secret))
 
 
-def _join_cluster(relay: RelayService, cluster: ClusterNode, settings: RelaySettings, reactor: Any,
-                  forwarder: TunnelForwarder, metrics: RelayMetrics) -> None:
+def _cluster_health(settings: RelaySettings, heartbeat: Heartbeat) -> Callable[[], dict[str, Any]]:
+    def health() -> dict[str, Any]:
+        return {"node": settings.node_url, "registry": "up" if heartbeat.available else "down"}
+
+    return health
+
+
+def _join_cluster(relay: RelayService, cluster: ClusterNode, heartbeat: Heartbeat, settings: RelaySettings,
+                  reactor: Any, forwarder: TunnelForwarder, metrics: RelayMetrics) -> None:
     """The cluster's parts of the tree: the heartbeat that keeps this node's claims alive, and
     the internal listener at `node_url`, where the other nodes forward requests and evictions."""
     assert settings.cluster_secret and settings.node_url
-    heartbeat = Heartbeat(cluster.directory, cluster.placements, cluster.lost, reactor)
     heartbeat.setServiceParent(relay)
     metrics.watch_registry(lambda: heartbeat.available)
     internal = CappedSite(InternalResource(settings.cluster_secret, forwarder.forward_internal, cluster.evict),

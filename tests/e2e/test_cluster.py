@@ -265,6 +265,10 @@ class ClusterFailureTests(ClusterTestBase):
         self.assertEqual((response.code, await readBody(response)), (503, b"cluster registry unavailable\n"))
         while await b.counter("mcpr_relay_cluster_registry_up") != 0:
             await sleep(0.2)
+        health = await self.public(b, "127.0.0.1", "/healthz")
+        self.assertEqual(health.code, 200)  # degraded, not out of service: B still serves what it holds
+        self.assertEqual(json.loads(await readBody(health))["cluster"],
+                         {"node": f"http://127.0.0.1:{b.internal}", "registry": "down"})
 
         redis.start()  # empty: the heartbeat writes the held names again
         deadline = time.monotonic() + 10
@@ -272,5 +276,7 @@ class ClusterFailureTests(ClusterTestBase):
             self.assertLess(time.monotonic(), deadline, "node A did not see Redis back within 10 s")
             await sleep(0.2)
         await self.answered_by(b, held, f"held.{DOMAIN}", b"after")
+        health = json.loads(await readBody(await self.public(a, "127.0.0.1", "/healthz")))
+        self.assertEqual((health["status"], health["cluster"]["registry"], health["tunnels"]), ("ok", "up", 1))
         newcomer = await self.register(b, "new-token", "newcomer")
         await self.answered_by(a, newcomer, f"newcomer.{DOMAIN}", b"new after the restart")

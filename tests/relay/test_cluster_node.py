@@ -125,7 +125,7 @@ class ClusterNodeTests(TestCase):
             await a.claim(FakeTunnel(name, OWNER), peer="p", assigned=False)
         await a.leave()
         self.assertEqual([await a.directory.locate(name) for name in ("one", "two")], [None, None])
-        self.assertEqual(len(a), 0)
+        self.assertEqual(list(a.placements()), [])
 
     async def test_located_elsewhere_or_not_at_all(self) -> None:
         a, _, _ = self.node(NODE_A)

@@ -121,6 +121,3 @@ class ClusterNode:
         if placement is None or placement.node == self.node:
             return None
         return placement.node
-
-    def __len__(self) -> int:
-        return len(self._held)
