@@ -225,19 +225,27 @@ class Children:
         return proc
 
     def stop(self, proc: subprocess.Popen, timeout: float = 5.0) -> int | None:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
+        self.stop_together([proc], timeout)
+        return proc.returncode
+
+    def stop_together(self, procs: list[subprocess.Popen], timeout: float = 5.0) -> None:
+        """SIGTERM to all of `procs`, then each waited for (KILL after `timeout`): their shutdowns
+        overlap instead of adding up (bench/cluster.py stops a whole cluster after every cell)."""
+        for proc in procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in procs:
             try:
-                proc.wait(timeout)
+                proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
         for name, p in self.procs:
-            if p is proc:
-                self.exit_codes[name] = proc.returncode
-        self.procs = [(n, p) for n, p in self.procs if p is not proc]
-        return proc.returncode
+            if any(p is proc for proc in procs):
+                self.exit_codes[name] = p.returncode
+        self.procs = [(n, p) for n, p in self.procs if not any(p is proc for proc in procs)]
 
     def close(self) -> None:
         for _, proc in reversed(list(self.procs)):
