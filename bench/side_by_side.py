@@ -394,8 +394,11 @@ class Session:
             port = free_port()
             cmd = [sys.executable, "-m", "twisted", "--log-format=text", "mcpr-relay", "--domain", DOMAIN,
                    "--listen", f"tcp:{port}:interface={HOST}", "--public-url", f"http://*.{DOMAIN}:{port}", *extra]
+            # Its reservations in the working directory, not in ~/.local/state/mcpr-relay, where every
+            # relay of every session would load the names of the last ones (10,000 after the idle phase).
             with open(log_path, "wb") as log:
-                proc = self.children.start(name, cmd, cwd=self.workdir, env=env or _env(), stdout=log,
+                proc = self.children.start(name, cmd, cwd=self.workdir,
+                                           env=(env or _env()) | {"XDG_STATE_HOME": str(self.workdir)}, stdout=log,
                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             try:
                 match = wait_for_log(proc, log_path, RELAY_LISTENING, f"the relay ({name})")
