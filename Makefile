@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test bench bench-quick bench-store bench-peers clean venv wheel
+.PHONY: demo test bench bench-quick bench-store bench-cluster bench-peers clean venv wheel
 
 # The venv is made (again) unless its python runs and has pip: `python3 -m venv` without Debian's
 # python3-venv stops after .venv/bin/python, and an upgraded system Python leaves .venv/bin/python
@@ -48,6 +48,11 @@ bench-quick: $(STAMP)
 # What the event store costs per request: the gateway with and without it, interleaved (about 2 minutes; wrk).
 bench-store: $(STAMP)
 	$(BIN)/python bench/store_cost.py
+
+# The relay cluster: a request through a node that does not hold its tunnel against one through the
+# node that does, and 1, 2, 3 relay processes on one port (about 5 minutes; wrk, redis-server).
+bench-cluster: $(STAMP)
+	$(BIN)/python bench/cluster.py
 
 # The peers and tools of `make bench`: nginx and wrk (Debian packages; needs root), node, the npm
 # peers into bench/peers/ (git-ignored; versions pinned by bench/peers.package-lock.json, install

@@ -1,9 +1,10 @@
-"""What bench/side_by_side.py and its child-process roles (bench/_roles.py) share.
+"""What the benchmarks (bench/side_by_side.py, store_cost.py, cluster.py) and the child-process
+roles (bench/_roles.py) share.
 
 HTTP/1.1 framing (just enough: keep-alive, Content-Length, chunked), child
-processes that are stopped whatever happens, and what /proc says about a
-process (CPU time, resident memory, its children).  Both scripts run as
-scripts, so this file's folder is on sys.path.
+processes that are stopped whatever happens, wrk runs and their figures, and
+what /proc says about a process (CPU time, resident memory, its children).
+Every script runs as a script, so this file's folder is on sys.path.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import json
 import math
 import os
 import re
@@ -223,19 +225,27 @@ class Children:
         return proc
 
     def stop(self, proc: subprocess.Popen, timeout: float = 5.0) -> int | None:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
+        self.stop_together([proc], timeout)
+        return proc.returncode
+
+    def stop_together(self, procs: list[subprocess.Popen], timeout: float = 5.0) -> None:
+        """SIGTERM to all of `procs`, then each waited for (KILL after `timeout`): their shutdowns
+        overlap instead of adding up (bench/cluster.py stops a whole cluster after every cell)."""
+        for proc in procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in procs:
             try:
-                proc.wait(timeout)
+                proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
         for name, p in self.procs:
-            if p is proc:
-                self.exit_codes[name] = proc.returncode
-        self.procs = [(n, p) for n, p in self.procs if p is not proc]
-        return proc.returncode
+            if any(p is proc for proc in procs):
+                self.exit_codes[name] = p.returncode
+        self.procs = [(n, p) for n, p in self.procs if not any(p is proc for proc in procs)]
 
     def close(self) -> None:
         for _, proc in reversed(list(self.procs)):
@@ -302,6 +312,54 @@ def run_guarded(run: Callable[[Any], int], args: Any) -> int:
     except (RuntimeError, TimeoutError, OSError) as e:
         print(f"benchmark failed: {e}", file=sys.stderr)
         return 1
+
+
+# ---------------------------------------------------------------------------
+# wrk, the load of every small-request cell.
+
+# POSTs the small tools/call (or `%(body)s`) to the URL; at the end one WRKJSON line with its figures.
+# A script may add a request() of its own (bench/cluster.py rotates the Host header with one).
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = '%(body)s'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Accept"] = "application/json, text/event-stream"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('WRKJSON {"requests":%%d,"duration_us":%%d,"connect":%%d,"read":%%d,' ..
+    '"write":%%d,"status":%%d,"timeout":%%d,"p50_us":%%f,"p90_us":%%f,"p99_us":%%f,"max_us":%%f,' ..
+    '"mean_us":%%f}\\n', summary.requests, summary.duration, e.connect, e.read, e.write, e.status,
+    e.timeout, latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max,
+    latency.mean))
+end
+"""
+
+
+def run_wrk(children: Children, script: Path, port: int, concurrency: int, seconds: int,
+            host: str | None = None) -> tuple[dict, float]:
+    """One wrk run (one thread, keep-alive) of `script` against MCP_PATH on `port`: the figures of
+    its WRKJSON line, and wrk's own CPU seconds (from its rusage: what the load itself cost)."""
+    cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "10s", "-s", str(script)]
+    cmd += ["-H", f"Host: {host}"] if host else []
+    cmd.append(f"http://{HOST}:{port}{MCP_PATH}")
+    proc = children.start("wrk", cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = proc.stdout.read()  # type: ignore[union-attr]  # to EOF: wrk has exited (or closed its output)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    children.stop(proc)
+    text = out.decode(errors="replace")
+    line = next((l for l in text.splitlines() if l.startswith("WRKJSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk gave no result ({' '.join(cmd)}):\n{text}")
+    return json.loads(line[len("WRKJSON "):]), usage.ru_utime + usage.ru_stime
+
+
+def wrk_figures(w: dict) -> dict:
+    """What every benchmark quotes of a wrk run: requests, req/s, p50, p99 and its errors (those seen)."""
+    n, seconds = w["requests"], w["duration_us"] / 1e6
+    return {"requests": n, "rps": round(n / seconds, 1) if seconds else 0.0,
+            "p50_ms": round(w["p50_us"] / 1000, 4), "p99_ms": round(w["p99_us"] / 1000, 4),
+            "errors": {k: w[k] for k in ("connect", "read", "write", "status", "timeout") if w[k]}}
 
 
 # ---------------------------------------------------------------------------

@@ -52,6 +52,7 @@ from _common import (
     REQUEST_BODY,
     RESULT_BODY,
     STARTUP_TIMEOUT,
+    WRK_SCRIPT,
     Children,
     PeakRSS,
     col,
@@ -71,8 +72,10 @@ from _common import (
     readline,
     rss_of,
     run_guarded,
+    run_wrk,
     wait_for_log,
     wait_for_port,
+    wrk_figures,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -130,21 +133,6 @@ RELAY_REQUEST_LINE = re.compile(r"^\S+ " + SUBDOMAIN + r" \S+ \S+ (\d{3}) \d+B \
 GATEWAY_ANNOUNCE = re.compile(r"mcpr (\S+): http://127\.0\.0\.1:(\d+) -> ")
 GATEWAY_TUNNEL = re.compile(r"Tunnel: (\S+)")
 GATEWAY_REQUEST_LINE = re.compile(r"^\d\d:\d\d:\d\d [A-Z]+ (\d{3}) .*?(?: \(([\w -]+)\))?$")
-
-WRK_SCRIPT = """
-wrk.method = "POST"
-wrk.body = '%(body)s'
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Accept"] = "application/json, text/event-stream"
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format('WRKJSON {"requests":%%d,"duration_us":%%d,"connect":%%d,"read":%%d,' ..
-    '"write":%%d,"status":%%d,"timeout":%%d,"p50_us":%%f,"p90_us":%%f,"p99_us":%%f,"max_us":%%f,' ..
-    '"mean_us":%%f}\\n', summary.requests, summary.duration, e.connect, e.read, e.write, e.status,
-    e.timeout, latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max,
-    latency.mean))
-end
-"""
 
 
 # ---------------------------------------------------------------------------
@@ -207,6 +195,30 @@ def upstream_body(bulk_file: Path) -> str:
 
 HOP_BODY = f"""
         location / {{ proxy_pass http://origin;{PROXY_COMMON} }}"""
+
+
+def start_upstream(children: Children, workdir: Path, say: Callable[[str], None]) -> tuple[int, str]:
+    """The upstream of the benchmarks smaller than the session (store_cost.py, cluster.py): an nginx
+    answering the small tools/call POST as the session's does, bench/_roles.py's origin behind it
+    for the rest; without nginx the origin alone, saying so.  Its port, and "nginx" or "python"."""
+    with open(workdir / "origin.log", "wb") as log:
+        origin = children.start("origin", [sys.executable, str(ROLES), "origin"], stdout=subprocess.PIPE, stderr=log,
+                                bufsize=0)
+    origin_port = int(readline(origin.stdout, time.monotonic() + STARTUP_TIMEOUT))
+    if shutil.which("nginx") is None:
+        say(f"no nginx ({INSTALL['nginx']}): the upstream is bench/_roles.py's asyncio origin")
+        return origin_port, "python"
+    prefix = workdir / "nginx"
+    prefix.mkdir()
+    bulk = prefix / "bulk.bin"
+    bulk.touch()
+    port = free_port()
+    conf = prefix / "nginx.conf"
+    conf.write_text(nginx_conf(prefix, port, ("streams", origin_port), upstream_body(bulk)))
+    proc = children.start("nginx", ["nginx", "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(conf)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    wait_for_port(port, proc, "nginx")
+    return port, "nginx"
 
 
 # ---------------------------------------------------------------------------
@@ -382,8 +394,11 @@ class Session:
             port = free_port()
             cmd = [sys.executable, "-m", "twisted", "--log-format=text", "mcpr-relay", "--domain", DOMAIN,
                    "--listen", f"tcp:{port}:interface={HOST}", "--public-url", f"http://*.{DOMAIN}:{port}", *extra]
+            # Its reservations in the working directory, not in ~/.local/state/mcpr-relay, where every
+            # relay of every session would load the names of the last ones (10,000 after the idle phase).
             with open(log_path, "wb") as log:
-                proc = self.children.start(name, cmd, cwd=self.workdir, env=env or _env(), stdout=log,
+                proc = self.children.start(name, cmd, cwd=self.workdir,
+                                           env=(env or _env()) | {"XDG_STATE_HOME": str(self.workdir)}, stdout=log,
                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             try:
                 match = wait_for_log(proc, log_path, RELAY_LISTENING, f"the relay ({name})")
@@ -472,24 +487,12 @@ class Session:
         return json.loads(line)
 
     def wrk(self, path: str, concurrency: int, seconds: int) -> tuple[dict, float]:
-        """One wrk run: its figures and its own CPU seconds (from its rusage)."""
+        """One wrk run on `path`: its figures and its own CPU seconds."""
         port, host = self.paths[path]
         script = self.workdir / "post.lua"
         if not script.exists():
             script.write_text(WRK_SCRIPT % {"body": REQUEST_BODY.decode()})
-        cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "10s", "-s", str(script)]
-        cmd += ["-H", f"Host: {host}"] if host else []
-        cmd.append(f"http://{HOST}:{port}{MCP_PATH}")
-        proc = self.children.start("wrk", cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        out = proc.stdout.read()  # to EOF: wrk has exited (or closed its output)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        self.children.stop(proc)
-        text = out.decode(errors="replace")
-        line = next((l for l in text.splitlines() if l.startswith("WRKJSON ")), None)
-        if line is None:
-            raise RuntimeError(f"wrk gave no result ({' '.join(cmd)}):\n{text}")
-        return json.loads(line[len("WRKJSON "):]), usage.ru_utime + usage.ru_stime
+        return run_wrk(self.children, script, port, concurrency, seconds, host)
 
     def small_cell(self, path: str, concurrency: int, round_no: int) -> dict:
         a = self.args
@@ -512,14 +515,10 @@ class Session:
         ours = sum(v for v in cpu.values() if v is not None) + client_cpu
         machine = (after["_machine"] - before["_machine"]) if after["_machine"] is not None else None  # type: ignore[operator]
         charged = [per_request.get(g) for g in PROCESSES[path]]
-        seconds = w["duration_us"] / 1e6
         return {
-            "round": round_no, "path": path, "concurrency": concurrency, "requests": n,
-            "rps": round(n / seconds, 1) if seconds else 0.0,
-            "p50_ms": round(w["p50_us"] / 1000, 4), "p90_ms": round(w["p90_us"] / 1000, 4),
-            "p99_ms": round(w["p99_us"] / 1000, 4), "max_ms": round(w["max_us"] / 1000, 3),
-            "errors": {k: w[k] for k in ("connect", "read", "write", "status", "timeout") if w[k]},
-            "seconds": round(seconds, 3), "cpu_s": cpu, "cpu_us_per_request": per_request,
+            "round": round_no, "path": path, "concurrency": concurrency, **wrk_figures(w),
+            "p90_ms": round(w["p90_us"] / 1000, 4), "max_ms": round(w["max_us"] / 1000, 3),
+            "seconds": round(w["duration_us"] / 1e6, 3), "cpu_s": cpu, "cpu_us_per_request": per_request,
             "path_cpu_us_per_request": (round(sum(charged), 1) if charged and None not in charged else None),  # type: ignore[arg-type]
             "client_cpu_us_per_request": round(client_cpu / n * 1e6, 1) if n else None,
             "other_share": round(max(0.0, machine - ours) / wall, 3) if machine is not None and wall > 0 else None,

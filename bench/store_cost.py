@@ -44,21 +44,20 @@ from _common import (
     HOST,
     MCP_PATH,
     REQUEST_BODY,
-    STARTUP_TIMEOUT,
+    WRK_SCRIPT,
     Children,
     cpu_seconds,
-    free_port,
     loadavg,
     median,
     one_post,
     positive_ints,
     ratio,
-    readline,
     run_guarded,
+    run_wrk,
     wait_for_log,
-    wait_for_port,
+    wrk_figures,
 )
-from side_by_side import GATEWAY_ANNOUNCE, INSTALL, ROLES, WRK_SCRIPT, _env, nginx_conf, upstream_body
+from side_by_side import GATEWAY_ANNOUNCE, INSTALL, _env, start_upstream
 
 MODES = ("store", "no-store")
 TARGET = 1.10  # issue 13: the store costs under 10 % of the gateway's CPU per request
@@ -78,35 +77,13 @@ class Run:
         self.upstream = "nginx"
 
     def start(self) -> None:
-        origin = self.children.start("origin", [sys.executable, str(ROLES), "origin"], stdout=subprocess.PIPE,
-                                     stderr=open(self.workdir / "origin.log", "wb"), bufsize=0)
-        port = int(readline(origin.stdout, time.monotonic() + STARTUP_TIMEOUT))
-        if shutil.which("nginx") is None:
-            self.upstream = "python"
-            print(f"no nginx ({INSTALL['nginx']}): the upstream is bench/_roles.py's asyncio origin",
-                  file=sys.stderr)
-        else:
-            port = self._start_nginx(port)
+        port, self.upstream = start_upstream(self.children, self.workdir, lambda text: print(text, file=sys.stderr))
         for mode in MODES:
             self._start_gateway(mode, port)
         for mode in MODES:
             status, body = one_post(self.ports[mode], None)
             if status != 200 or b'"result"' not in body:
                 raise RuntimeError(f"a tools/call through the {mode} gateway failed: {status} {body[:300]!r}")
-
-    def _start_nginx(self, origin_port: int) -> int:
-        prefix = self.workdir / "nginx"
-        prefix.mkdir()
-        bulk = prefix / "bulk.bin"
-        bulk.touch()
-        port = free_port()
-        conf = prefix / "nginx.conf"
-        conf.write_text(nginx_conf(prefix, port, ("streams", origin_port), upstream_body(bulk)))
-        proc = self.children.start("nginx", ["nginx", "-p", str(prefix), "-e", str(prefix / "error.log"),
-                                             "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL)
-        wait_for_port(port, proc, "nginx")
-        return port
 
     def _start_gateway(self, mode: str, up_port: int) -> None:
         home = self.workdir / mode
@@ -125,13 +102,7 @@ class Run:
         script = self.workdir / "post.lua"
         if not script.exists():
             script.write_text(WRK_SCRIPT % {"body": REQUEST_BODY.decode()})
-        cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "10s", "-s", str(script),
-               f"http://{HOST}:{self.ports[mode]}{MCP_PATH}"]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30)
-        line = next((l for l in done.stdout.splitlines() if l.startswith("WRKJSON ")), None)
-        if line is None:
-            raise RuntimeError(f"wrk gave no result ({' '.join(cmd)}):\n{done.stdout}{done.stderr}")
-        return json.loads(line[len("WRKJSON "):])
+        return run_wrk(self.children, script, self.ports[mode], concurrency, seconds)[0]
 
     def cell(self, mode: str, concurrency: int, round_no: int) -> dict:
         warm = self.wrk(mode, concurrency, self.args.warmup)["requests"] if self.args.warmup else 0
@@ -141,13 +112,9 @@ class Run:
         after = cpu_seconds(pid)
         if before is None or after is None:
             raise RuntimeError(f"the {mode} gateway exited during the run")
-        n, seconds = w["requests"], w["duration_us"] / 1e6
-        errors = {k: w[k] for k in ("connect", "read", "write", "status", "timeout") if w[k]}
-        return {"mode": mode, "concurrency": concurrency, "round": round_no, "requests": n, "warmup_requests": warm,
-                "rps": round(n / seconds, 1) if seconds else 0.0,
-                "cpu_us_per_request": round((after - before) / n * 1e6, 1) if n else None,
-                "p50_ms": round(w["p50_us"] / 1000, 4), "p99_ms": round(w["p99_us"] / 1000, 4),
-                "errors": errors}
+        n = w["requests"]
+        return {"mode": mode, "concurrency": concurrency, "round": round_no, **wrk_figures(w), "warmup_requests": warm,
+                "cpu_us_per_request": round((after - before) / n * 1e6, 1) if n else None}
 
     def stored(self) -> dict:
         """`mcpr status` of the store, once the gateway has stopped (and so written all it had)."""
