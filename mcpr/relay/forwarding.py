@@ -40,6 +40,8 @@ from mcpr.relay.tunnels.contract import Stream, TunnelRequest
 # authority, set again below (a `Connection: host` must not strip it).  The cluster's own fields
 # are never a public client's to send.
 _REQUEST_DROPPED = frozenset({b"content-length", b"expect", b"host", SECRET_HEADER, SUBDOMAIN_HEADER})
+# The internal listener's mark on its 502 for a name this node does not hold (a moved tunnel).
+NOT_HELD = b"x-mcpr-not-held"
 # Claims about the client that only the edge (or a trusted proxy in front of it) may make.
 _CLIENT_CLAIMS = frozenset({b"forwarded", b"x-real-ip"})
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+\Z")
@@ -367,6 +369,8 @@ class TunnelForwarder:
         response = PublicResponse(request, subdomain, self._stats, self._clock)
         tunnel = self._registry.get(subdomain)
         if tunnel is None:
+            if build is internal_request:
+                request.setHeader(NOT_HELD, b"1")  # the forwarding node asks the directory again
             response.answer(502, "tunnel not found")
             return NOT_DONE_YET
         if tunnel.in_flight >= self._max_in_flight:
@@ -383,7 +387,7 @@ class TunnelForwarder:
         response.start(self._headers_timeout, forwarded.body_length)
 
     async def _to_node(self, cluster: ClusterNode, subdomain: str, forwarded: TunnelRequest,
-                       response: PublicResponse) -> None:
+                       response: PublicResponse, *, retried: bool = False) -> None:
         """Look `subdomain` up in the directory and stream the request through its node.  The
         request is in flight (and under the headers timeout) from the start, so a client that
         leaves during the lookup is seen like any other."""
@@ -399,4 +403,49 @@ class TunnelForwarder:
             response.answer(502, "tunnel not found")
             return
         self._stats.forwarded("out")
-        response.stream = cluster.peers.open_stream(node, subdomain, forwarded, response)
+
+        def again() -> None:
+            Deferred.fromCoroutine(self._to_node(cluster, subdomain, forwarded, response, retried=True))
+
+        attempt = _Attempt(response, lambda: cluster.stale(subdomain), None if retried else again)
+        response.stream = cluster.peers.open_stream(node, subdomain, forwarded, attempt)
+
+
+class _Attempt:
+    """One node's answer to a forwarded request, passed on to the public response unless the node
+    says it does not hold the tunnel (any more: its gateway moved since the directory was last
+    asked), in which case the request goes once more to the node the directory names now."""
+
+    def __init__(self, sink: PublicResponse, stale: Callable[[], None], again: Callable[[], None] | None) -> None:
+        self._sink = sink
+        self._stale = stale
+        self._again = again
+        self._dropped = False
+
+    def head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        if status == 502:
+            self._stale()
+            if (NOT_HELD, b"1") in headers:
+                if self._again is not None:
+                    self._dropped = True
+                    self._again()
+                    return
+                headers = [(name, value) for name, value in headers if name != NOT_HELD]
+        self._sink.head(status, headers)
+
+    def data(self, chunk: bytes) -> None:
+        if not self._dropped:
+            self._sink.data(chunk)
+
+    def end(self) -> None:
+        if not self._dropped:
+            self._sink.end()
+
+    def fail(self, reason: str) -> None:
+        self._stale()
+        if not self._dropped:
+            self._sink.fail(reason)
+
+    def register(self, producer: IPushProducer) -> None:
+        if not self._dropped:
+            self._sink.register(producer)

@@ -137,7 +137,8 @@ def _cluster_node(settings: RelaySettings, reactor: Any, registry: Registry) -> 
     assert settings.cluster and settings.node_url and settings.cluster_secret
     directory = Directory(redis_connection(settings.cluster, reactor), settings.node_url, ttl=settings.cluster_ttl,
                           grace=settings.reservation_grace, clock=reactor)
-    return ClusterNode(settings.node_url, registry, directory, PeerClient(reactor, settings.cluster_secret))
+    return ClusterNode(settings.node_url, registry, directory, PeerClient(reactor, settings.cluster_secret),
+                       reactor)
 
 
 def _cluster_health(settings: RelaySettings, heartbeat: Heartbeat) -> Callable[[], dict[str, Any]]:

@@ -21,6 +21,7 @@ from twisted.web.client import ResponseDone, readBody
 from twisted.web.http_headers import Headers
 
 from mcpr.common.protocol import CloseCode
+from mcpr.relay.cluster.node import LOCATION_TTL
 from tests.e2e.test_tunnel import Drain
 from tests.support.legacy_gateway import LegacyGateway, refused
 from tests.support.loopback import client_agent, sleep
@@ -261,6 +262,7 @@ class ClusterFailureTests(ClusterTestBase):
         await self.answered_by(a, held, f"held.{DOMAIN}", b"local, redis down")
         refusal = await refused(b.port, "new-token", "newcomer")
         self.assertEqual(refusal.code, CloseCode.TRY_AGAIN_LATER)
+        await sleep(LOCATION_TTL)  # B no longer remembers where the tunnel was
         response = await self.public(b, f"held.{DOMAIN}", "/who")
         self.assertEqual((response.code, await readBody(response)), (503, b"cluster registry unavailable\n"))
         while await b.counter("mcpr_relay_cluster_registry_up") != 0:

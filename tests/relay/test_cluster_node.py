@@ -9,11 +9,13 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.trial.unittest import TestCase
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mcpr.common.protocol import CloseCode, Refused
 from mcpr.relay.cluster.directory import Directory, redis_connection
-from mcpr.relay.cluster.node import ClusterNode
+from mcpr.relay.cluster.node import LOCATION_TTL, ClusterNode, Locations
+from mcpr.relay.forwarding import NOT_HELD
 from mcpr.relay.registry import Registry
 from mcpr.relay.tunnels.contract import TunnelRequest
 from tests.support.loopback import sleep
@@ -22,6 +24,7 @@ from tests.support.redis import RedisServer
 
 NODE_A = "http://10.0.0.1:7000"
 NODE_B = "http://10.0.0.2:7000"
+NODE_C = "http://10.0.0.3:7000"
 OWNER = "a" * 64
 STRANGER = "b" * 64
 
@@ -32,6 +35,7 @@ class RecordingPeers:
     def __init__(self) -> None:
         self.evictions: list[tuple[str, str, str]] = []
         self.streams: list[tuple[str, str, TunnelRequest]] = []
+        self.sinks: list[Any] = []
 
     def evict(self, node: str, subdomain: str, value: str) -> Deferred[None]:
         self.evictions.append((node, subdomain, value))
@@ -39,6 +43,7 @@ class RecordingPeers:
 
     def open_stream(self, node: str, subdomain: str, request: TunnelRequest, sink: Any) -> Any:
         self.streams.append((node, subdomain, request))
+        self.sinks.append(sink)
         return None
 
     async def close(self) -> None:
@@ -56,7 +61,7 @@ class ClusterNodeTests(TestCase):
         registry = Registry(reactor, max_per_owner=max_per_owner, max_per_peer=32, max_tunnels=100, grace=30,
                             max_reservations=100)
         peers = RecordingPeers()
-        return ClusterNode(url, registry, directory, peers), registry, peers  # type: ignore[arg-type]
+        return ClusterNode(url, registry, directory, peers, reactor), registry, peers  # type: ignore[arg-type]
 
     async def test_a_claim_the_registry_refuses_never_reaches_redis(self) -> None:
         a, registry, _ = self.node(NODE_A, max_per_owner=1)
@@ -137,6 +142,23 @@ class ClusterNodeTests(TestCase):
         self.assertIsNone(await b.locate("there"))
 
 
+class LocationsTests(SynchronousTestCase):
+    def test_names_are_remembered_for_a_while_and_a_bounded_few(self) -> None:
+        clock = Clock()
+        locations = Locations(clock, ttl=1.0, limit=2)
+        locations.put("a", NODE_A)
+        clock.advance(0.5)
+        locations.put("b", NODE_B)
+        self.assertEqual((locations.get("a"), locations.get("b")), (NODE_A, NODE_B))
+        clock.advance(0.5)
+        self.assertEqual((locations.get("a"), locations.get("b")), (None, NODE_B))
+        locations.put("c", NODE_A)
+        locations.put("d", NODE_A)  # over the limit: the oldest ("b") goes
+        self.assertEqual([locations.get(name) for name in "bcd"], [None, NODE_A, NODE_A])
+        locations.forget("c")
+        self.assertIsNone(locations.get("c"))
+
+
 class FrontInClusterTests(TestCase):
     """The public front's answers for names this node does not hold."""
 
@@ -148,7 +170,7 @@ class FrontInClusterTests(TestCase):
 
         def node(registry: Registry) -> ClusterNode:
             directory = Directory(connection, NODE_A, ttl=5, grace=30, timeout=0.5, clock=reactor)
-            return ClusterNode(NODE_A, registry, directory, peers)  # type: ignore[arg-type]
+            return ClusterNode(NODE_A, registry, directory, peers, reactor)  # type: ignore[arg-type]
 
         relay = MemoryRelay(relay_settings(self), cluster=node)
         other = Directory(redis_connection(redis.url, reactor, timeout=0.5), NODE_B, ttl=5, grace=30,
@@ -175,6 +197,7 @@ class FrontInClusterTests(TestCase):
         self.assertNotIn(b"x-mcpr-subdomain", forwarded)
 
         redis.stop()
+        await sleep(LOCATION_TTL)  # the front no longer remembers where "held" is
         client = relay.request(f"held.{DOMAIN}")
         for _ in range(100):
             if client.value():
@@ -182,3 +205,67 @@ class FrontInClusterTests(TestCase):
             await sleep(0.02)
         self.assertIn(b"503 Service Unavailable", client.value())
         self.assertIn(b"cluster registry unavailable", client.value())
+
+    async def test_a_moved_tunnel_is_found_again_at_once(self) -> None:
+        """The node a forwarded request was sent to says it does not hold the tunnel (its gateway
+        moved since the name was looked up): the request goes once more, to the node the directory
+        names now, and the public client sees only that answer."""
+        redis = RedisServer(self)
+        connection = redis_connection(redis.url, reactor, timeout=0.5)
+        self.addCleanup(connection.disconnect)
+        peers = RecordingPeers()
+
+        def node(registry: Registry) -> ClusterNode:
+            directory = Directory(connection, NODE_A, ttl=5, grace=30, timeout=0.5, clock=reactor)
+            return ClusterNode(NODE_A, registry, directory, peers, reactor)  # type: ignore[arg-type]
+
+        relay = MemoryRelay(relay_settings(self), cluster=node)
+        b = Directory(redis_connection(redis.url, reactor, timeout=0.5), NODE_B, ttl=5, grace=30, timeout=0.5,
+                      clock=reactor)
+        self.addCleanup(b.close)
+        c = Directory(redis_connection(redis.url, reactor, timeout=0.5), NODE_C, ttl=5, grace=30, timeout=0.5,
+                      clock=reactor)
+        self.addCleanup(c.close)
+        await b.claim("moving", OWNER, assigned=False)
+
+        async def forwarded(count: int) -> None:
+            for _ in range(100):
+                if len(peers.streams) >= count:
+                    return
+                await b.locate("-")  # a round trip to Redis
+            self.fail(f"{count} forwarded stream(s) expected, got {len(peers.streams)}")
+
+        first = relay.request(f"moving.{DOMAIN}")
+        await forwarded(1)
+        peers.sinks[0].head(200, [])
+        peers.sinks[0].end()
+        self.assertIn(b"200 OK", first.value())
+
+        await c.claim("moving", OWNER, assigned=False)  # the gateway moved to C; A still remembers B
+        client = relay.request(f"moving.{DOMAIN}")
+        await forwarded(2)
+        self.assertEqual(peers.streams[1][0], NODE_B)
+        peers.sinks[1].head(502, [(NOT_HELD, b"1"), (b"content-type", b"text/plain")])
+        peers.sinks[1].data(b"tunnel not found\n")
+        peers.sinks[1].end()
+        await forwarded(3)
+        self.assertEqual(peers.streams[2][0], NODE_C)
+        self.assertEqual(client.value(), b"")  # the first answer was not passed on
+        peers.sinks[2].head(200, [(b"content-type", b"text/plain")])
+        peers.sinks[2].data(b"from C")
+        peers.sinks[2].end()
+        self.assertIn(b"200 OK", client.value())
+        self.assertIn(b"from C", client.value())
+
+        # C turns it away too (moved again, and the directory is behind): asked once more only,
+        # and the 502 reaches the client without the internal mark.
+        client = relay.request(f"moving.{DOMAIN}")
+        await forwarded(4)
+        peers.sinks[3].head(502, [(NOT_HELD, b"1")])
+        peers.sinks[3].end()
+        await forwarded(5)
+        peers.sinks[4].head(502, [(NOT_HELD, b"1")])
+        peers.sinks[4].end()
+        self.assertIn(b"502 Bad Gateway", client.value())
+        self.assertNotIn(NOT_HELD, client.value().lower())
+        self.assertEqual(len(peers.streams), 5)

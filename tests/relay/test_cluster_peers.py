@@ -253,6 +253,25 @@ class PeerTests(TestCase):
             self.assertEqual((sink.body, sink.outcome), (b"ok", "end"))
             self.assertIn((b"content-length", b"2"), sink.headers)
 
+    async def test_a_body_can_be_sent_again(self) -> None:
+        """A request turned away by one node ("not held here") goes to another from the same
+        spool: sending it does not close the body, and the length is sent, not chunks."""
+        await self.start()
+        payload = bytes(range(256)) * 1200
+        spool = tempfile.TemporaryFile()
+        self.addCleanup(spool.close)
+        spool.write(payload)
+        request = TunnelRequest(b"POST", b"/mcp", [HOST], spool, len(payload))
+        for attempt in range(2):
+            sink = Sink()
+            self.client.open_stream(self.url, "a", request, sink)
+            arrival = await self.node.next()
+            self.assertEqual(arrival.body, payload, f"attempt {attempt}")
+            self.assertEqual(arrival.request.getHeader(b"content-length"), b"%d" % len(payload))
+            arrival.request.finish()
+            await sink.done
+        self.assertFalse(spool.closed)
+
     async def test_head_keeps_the_length_it_describes(self) -> None:
         await self.start()
         sink = Sink()

@@ -25,7 +25,7 @@ import ipaddress
 import json
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any
 
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.endpoints import (
@@ -142,12 +142,39 @@ class _NodeEndpoints:
         return _NodeEndpoint(tcp)
 
 
+class _Kept(io.RawIOBase):
+    """The request's body as FileBodyProducer reads it, without its closing the file when done: a
+    request the holder turned away ("not held here") is sent again, to the node the directory
+    names now, from the same spool.  twisted.web closes the spool with its request."""
+
+    def __init__(self, body: IO[bytes]) -> None:
+        super().__init__()
+        self._file = body
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._file.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def seekable(self) -> bool:
+        return True  # FileBodyProducer learns the length by seeking: Content-Length, not chunked
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+
 def _body(request: TunnelRequest) -> IBodyProducer | None:
     body = request.body
     if body is None or not request.body_length:
         return None
     body.seek(0)
-    return FileBodyProducer(body)
+    return FileBodyProducer(_Kept(body))
 
 
 class PeerClient:
