@@ -2,10 +2,11 @@
 by a thread of the store's own.
 
 Nothing here waits for the disk.  A report's rows are made at once and added
-to a batch (`Batch.add`, here); every `FLUSH_DELAY` the batch goes to the
-store's thread (a pool of one thread, not the reactor's, whose threads resolve
-host names) to be written, and the next batch waits until that one is, and for
-`FLUSH_DELAY` after its first event.  The batch is bounded (`MAX_QUEUE` events,
+to a batch (`Batch.add`, here); `FLUSH_DELAY` after its first event the batch
+goes to the store's thread (a pool of one thread, not the reactor's, whose
+threads resolve host names) to be written, or `BUSY_FLUSH_DELAY` after it
+under load (`EventStore._flush_at`); the next batch waits until that one is
+written, and as long after its own first event.  The batch is bounded (`MAX_QUEUE` events,
 `MAX_QUEUE_BYTES` of captured bodies): when the disk cannot keep up, what does
 not fit is dropped and counted, never the request.  The count is in
 `/healthz`, in the store itself for `mcpr status`, and in a log line at most
@@ -46,6 +47,12 @@ Watcher = Callable[[list[tuple[Any, ...]]], None]
 # tables and their four indexes) whatever the number of rows, so fewer, larger batches cost less per
 # request; a fifth of a second is still live for `mcpr logs -f`.
 FLUSH_DELAY = 0.2
+# Under load a batch waits longer: a commit cost the gateway ~4 ms of CPU beyond its rows (the writer
+# thread's wake-ups and GIL hand-overs, pages rewritten), which at 2,500 requests/s and five commits a
+# second was half of what the store cost per request (bench/store_cost.py; docs/PERFORMANCE.md).
+BUSY_BATCH = 100  # items that make a batch wait until BUSY_FLUSH_DELAY (100 in FLUSH_DELAY: 500/s)
+BUSY_FLUSH_DELAY = 1.0
+FULL_BATCH = 4096  # items that go at once, however young the batch
 MAX_QUEUE = 10_000  # events waiting for the disk, beside the batch being written
 MAX_QUEUE_BYTES = 64 << 20  # captured bytes waiting for the disk
 EVENT_OVERHEAD = 512  # bytes an event is counted for besides its captured bodies
@@ -227,10 +234,34 @@ class EventStore(Service):
         if self._batch.count == 1:
             self._pending_since = self._clock.seconds()
         self._pending_bytes += size
-        if self._flush_call is None and self._writing is None:
-            self._flush_call = self._clock.callLater(FLUSH_DELAY, self._flush)
+        if self._writing is not None:
+            return
+        if self._batch.count >= FULL_BATCH:
+            if self._flush_call is not None:
+                self._flush_call.cancel()
+            self._flush()
+        elif self._flush_call is None:
+            self._flush_call = self._clock.callLater(FLUSH_DELAY, self._due)
 
     # -- writing
+
+    def _flush_at(self) -> float:
+        """When the batch is to go: `FLUSH_DELAY` after its first event, or `BUSY_FLUSH_DELAY` after
+        it once it holds `BUSY_BATCH` items (a load under which commits are worth sharing; a second is
+        still live for `mcpr logs -f`), or at once when it holds `FULL_BATCH`."""
+        count = self._batch.count
+        if count >= FULL_BATCH:
+            return self._pending_since
+        return self._pending_since + (BUSY_FLUSH_DELAY if count >= BUSY_BATCH else FLUSH_DELAY)
+
+    def _due(self) -> None:
+        """The batch goes now if it is old enough (`_flush_at`), else when it is."""
+        self._flush_call = None
+        wait = self._flush_at() - self._clock.seconds()
+        if wait > 0:
+            self._flush_call = self._clock.callLater(wait, self._due)
+        else:
+            self._flush()
 
     def _flush(self) -> Deferred[None]:
         self._flush_call = None
@@ -266,13 +297,12 @@ class EventStore(Service):
         self._next()
 
     def _next(self) -> None:
-        """After a batch, the next one goes `FLUSH_DELAY` after the first event that queued meanwhile,
-        as if the disk had been free: a batch that went as soon as the last was written would, under
-        a steady load, hold the few requests of one write's duration, and the commit and the thread's
-        wake-ups, not the rows, would be most of what the store costs."""
+        """After a batch, the next one goes when it would have had the disk been free (`_flush_at`
+        after the first event that queued meanwhile): a batch that went as soon as the last was
+        written would, under a steady load, hold the few requests of one write's duration, and the
+        commit and the thread's wake-ups, not the rows, would be most of what the store costs."""
         if self._batch.count and not self._closed:
-            delay = max(0.0, self._pending_since + FLUSH_DELAY - self._clock.seconds())
-            self._flush_call = self._clock.callLater(delay, self._flush)
+            self._due()
 
     def _drop(self, count: int) -> None:
         self.dropped += count

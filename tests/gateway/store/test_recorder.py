@@ -255,6 +255,62 @@ class RecorderTests(SynchronousTestCase):
         self.assertEqual(again.execute("SELECT stopped FROM runs").fetchone()[0], stopped_at)
 
 
+class BusyBatchTests(SynchronousTestCase):
+    """Under load a batch waits longer for company: a commit's cost beyond its rows is then shared by
+    a second of requests, not a fifth; a light load is still written within `FLUSH_DELAY`."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.db = open_store(":memory:")
+        self.addCleanup(self.db.close)
+        self.disk = Disk()
+        settings = StoreSettings(Path("/nowhere/store.sqlite3"), 600.0, 1 << 30, 0, "option --db")
+        self.store = EventStore(StoreWriter(self.db, RUN, 0.0), settings, self.clock, self.disk)
+
+    def report(self, count: int) -> None:
+        for _ in range(count):
+            self.store.request(record(capture=0))
+
+    def test_a_busy_batch_waits_until_busy_flush_delay(self) -> None:
+        self.report(recorder.BUSY_BATCH)
+        self.clock.advance(recorder.FLUSH_DELAY)
+        self.assertEqual(self.disk.jobs, [], "BUSY_BATCH items in FLUSH_DELAY: a busy batch")
+        self.report(1)
+        self.clock.advance(recorder.BUSY_FLUSH_DELAY - recorder.FLUSH_DELAY - 0.01)
+        self.assertEqual(self.disk.jobs, [])
+        self.clock.advance(0.01)
+        self.assertEqual(len(self.disk.jobs), 1)
+        self.disk.run()
+        self.assertEqual(self.store.written, recorder.BUSY_BATCH + 1)
+
+    def test_the_next_busy_batch_waits_as_long_after_its_first_event(self) -> None:
+        self.report(recorder.BUSY_BATCH)
+        self.clock.advance(recorder.BUSY_FLUSH_DELAY)
+        self.report(recorder.BUSY_BATCH)  # queued while the disk writes the first
+        self.clock.advance(0.5)
+        self.disk.run(1)
+        self.assertEqual(self.disk.jobs, [], "the second is half a second old")
+        self.clock.advance(recorder.BUSY_FLUSH_DELAY - 0.5)
+        self.assertEqual(len(self.disk.jobs), 1)
+
+    def test_a_full_batch_goes_at_once(self) -> None:
+        self.report(recorder.FULL_BATCH - 1)
+        self.assertEqual(self.disk.jobs, [])
+        self.report(1)
+        self.assertEqual(len(self.disk.jobs), 1, "FULL_BATCH items go without waiting")
+        self.report(recorder.FULL_BATCH)  # queued while the disk writes the first: goes once it is done
+        self.disk.run(1)
+        self.assertEqual(len(self.disk.jobs), 1)
+        self.disk.run()
+        self.assertEqual((self.store.written, self.store.dropped), (2 * recorder.FULL_BATCH, 0))
+        self.assertEqual(self.clock.getDelayedCalls(), [], "no timer left behind")
+
+    def test_a_light_load_is_written_within_flush_delay(self) -> None:
+        self.report(recorder.BUSY_BATCH - 1)
+        self.clock.advance(recorder.FLUSH_DELAY)
+        self.assertEqual(len(self.disk.jobs), 1)
+
+
 class UnencodableRecordTests(SynchronousTestCase):
     def test_a_record_that_cannot_be_encoded_is_dropped_not_the_request(self) -> None:
         clock = Clock()

@@ -42,6 +42,16 @@ class RedactTests(SynchronousTestCase):
         self.assertEqual(text, json.dumps(got, ensure_ascii=False, separators=(",", ":")))
         self.assertNotIn("secret", text.replace("[redacted]", ""))
 
+    def test_kept_headers_are_encoded_once_secret_ones_never_cached(self) -> None:
+        redact._header_pair.cache_clear()
+        raw = [(b"Authorization", [b"Bearer tok-1"]), (b"Accept", [b"application/json"])]
+        first, _ = redact.headers_json(raw)
+        again, _ = redact.headers_json([(b"Authorization", [b"Bearer tok-2"]), (b"Accept", [b"application/json"])])
+        self.assertEqual(first, again)
+        self.assertEqual(first, '[["authorization","Bearer [redacted]"],["accept","application/json"]]')
+        info = redact._header_pair.cache_info()
+        self.assertEqual((info.currsize, info.hits), (1, 1), "only Accept's pair is kept, and used again")
+
     def test_query_and_form(self) -> None:
         self.assertEqual(redact.form(b"access_token=abc&page=2&api%5Fkey=k"),
                          b"access_token=[redacted]&page=2&api%5Fkey=[redacted]")

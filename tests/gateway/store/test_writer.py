@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -115,6 +116,16 @@ class WriterTests(SynchronousTestCase):
         self.assertFalse(self.db.in_transaction)
         self.writer.write([record()], 2.0, 0)
         self.assertEqual(self.db.execute("SELECT count(*) FROM requests").fetchone()[0], 1)
+
+    def test_a_batch_that_fails_in_a_later_statement_writes_nothing(self) -> None:
+        """The rows go in with `OR FAIL` (no statement journal), which keeps the rows of the statements
+        before the one that failed until the batch is rolled back, whole."""
+        items = [record(1000.0 + i) for i in range(300)]  # 256 + 16 + ...: the last row in a later statement
+        items[-1].method = None  # type: ignore[assignment]  # NOT NULL
+        self.assertRaises(sqlite3.IntegrityError, self.writer.write, items, 1.0, 0)
+        self.assertEqual(self.db.execute("SELECT count(*) FROM requests").fetchone()[0], 0)
+        self.assertEqual(self.db.execute("SELECT written FROM runs").fetchone()[0], 0)
+        self.assertFalse(self.db.in_transaction)
 
     def test_close_marks_the_run_stopped(self) -> None:
         path = self.mktemp()
