@@ -15,12 +15,14 @@ import signal
 import time
 from pathlib import Path
 
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 from twisted.web.client import ResponseDone, readBody
 from twisted.web.http_headers import Headers
 
 from mcpr.common.protocol import CloseCode
+from mcpr.relay.cluster.directory import Directory, redis_connection
 from mcpr.relay.cluster.node import LOCATION_TTL
 from tests.e2e.test_tunnel import Drain
 from tests.support.legacy_gateway import LegacyGateway, refused
@@ -250,6 +252,30 @@ class ClusterFailureTests(ClusterTestBase):
         self.assertIn("reserved", stranger.reason)
         back = await self.register(b, "draining-token", "draining")
         await self.answered_by(b, back, f"draining.{DOMAIN}", b"back on B")
+
+    async def test_a_gateway_gone_while_its_claim_waits_on_redis_leaves_nothing_behind(self) -> None:
+        """Redis hangs while a registration's claim waits on it; the gateway hangs up; Redis comes
+        back: the claim that then succeeds is given back (no tunnel, no live claim), the name is
+        its owner's again at once, and no stranger's."""
+        redis, (a, b) = self.cluster(2)
+        redis.freeze()
+        gateway = LegacyGateway(a.port, "impatient-token", "impatient")
+        connecting = Deferred.fromCoroutine(gateway.connect())
+        connecting.addErrback(lambda _: None)  # closed by the test, unregistered
+        await sleep(0.3)  # the hello is in, the claim waits on Redis
+        gateway.proto.dropConnection(abort=True)
+        await gateway.closed
+        redis.thaw()
+        await sleep(0.5)
+        self.assertEqual(await a.counter("mcpr_relay_tunnels_connected"), 0)
+        connection = redis_connection(redis.url, reactor)
+        self.addCleanup(connection.disconnect)
+        directory = Directory(connection, "http://127.0.0.1:1", grace=600, clock=reactor)
+        self.assertIsNone(await directory.locate("impatient"))  # released, not left to expire
+        stranger = await refused(b.port, "stranger-token", "impatient")
+        self.assertEqual(stranger.code, CloseCode.IN_USE)
+        back = await self.register(b, "impatient-token", "impatient")
+        await self.answered_by(a, back, f"impatient.{DOMAIN}", b"registered once, cleanly")
 
     async def test_redis_restart(self) -> None:
         """Redis down: the nodes serve what they hold, refuse new registrations with 1013 and
