@@ -596,6 +596,16 @@ class CappedChannel(HTTPChannel):
         self._timer = None
         self._phase = _BUSY
         super().allContentReceived()
+        if self.transport is None:
+            self._taken_over()
+
+    def _taken_over(self) -> None:
+        """The resource took the transport over (a WebSocket upgrade: Autobahn's WebSocketResource
+        clears `transport`), so this channel will never read again.  Its head timer and the
+        upgraded request (a cycle with the channel) would otherwise keep the channel, the request
+        and its buffers, 4 KiB, alive until the timer fires: for every registration at the relay."""
+        self._stop_deadline()
+        self.requests.clear()
 
     def checkPersistence(self, request: http.Request, version: bytes) -> bool:
         """Keep-alive unless HTTP/1.0 or `close` is among the Connection header's tokens: twisted.web
