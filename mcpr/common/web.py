@@ -31,6 +31,7 @@ the body is JSON, plain text otherwise; other refusals follow the same rule.
 
 from __future__ import annotations
 
+import functools
 import io
 import ipaddress
 import json
@@ -221,6 +222,9 @@ def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return ip
 
 
+# Parsing an address is a few per cent of a connection's CPU at the relay (every connection and
+# every registration asks), and the same peers come back: the last ones are remembered.
+@functools.lru_cache(maxsize=4096)
 def peer_key(host: str) -> str:
     """What the per-peer cap counts by: the IPv4 address, or the IPv6 /64 (anyone who has one
     IPv6 address has the whole /64, so counting single addresses would cap nothing)."""
