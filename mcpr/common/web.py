@@ -31,6 +31,7 @@ the body is JSON, plain text otherwise; other refusals follow the same rule.
 
 from __future__ import annotations
 
+import functools
 import io
 import ipaddress
 import json
@@ -221,6 +222,9 @@ def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return ip
 
 
+# Parsing an address is a few per cent of a connection's CPU at the relay (every connection and
+# every registration asks), and the same peers come back: the last ones are remembered.
+@functools.lru_cache(maxsize=4096)
 def peer_key(host: str) -> str:
     """What the per-peer cap counts by: the IPv4 address, or the IPv6 /64 (anyone who has one
     IPv6 address has the whole /64, so counting single addresses would cap nothing)."""
@@ -596,6 +600,16 @@ class CappedChannel(HTTPChannel):
         self._timer = None
         self._phase = _BUSY
         super().allContentReceived()
+        if self.transport is None:
+            self._taken_over()
+
+    def _taken_over(self) -> None:
+        """The resource took the transport over (a WebSocket upgrade: Autobahn's WebSocketResource
+        clears `transport`), so this channel will never read again.  Its head timer and the
+        upgraded request (a cycle with the channel) would otherwise keep the channel, the request
+        and its buffers, 4 KiB, alive until the timer fires: for every registration at the relay."""
+        self._stop_deadline()
+        self.requests.clear()
 
     def checkPersistence(self, request: http.Request, version: bytes) -> bool:
         """Keep-alive unless HTTP/1.0 or `close` is among the Connection header's tokens: twisted.web

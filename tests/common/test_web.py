@@ -3,6 +3,8 @@ linger, and the connection caps."""
 
 from __future__ import annotations
 
+import weakref
+
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import ISSLTransport, ITransport
@@ -12,6 +14,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 from zope.interface import directlyProvides, implementer
 
 from mcpr.common import web
@@ -257,6 +260,34 @@ class HeaderDeadlineTests(ChannelTestBase):
         self.assertFalse(self.transport.disconnecting)
         self.clock.advance(0.1)
         self.assertTrue(self.transport.disconnecting)
+
+
+class TakeOver(Resource):
+    """Takes the transport over, as Autobahn's WebSocketResource does for an upgrade, and as the
+    relay's registration socket then does, registers a producer of its own (`_guard_socket`)."""
+
+    isLeaf = True
+
+    def render(self, request):
+        transport, request.channel.transport = request.channel.transport, None
+        transport.protocol = None
+        transport.unregisterProducer()
+        return NOT_DONE_YET
+
+
+class TakenOverTests(ChannelTestBase):
+    """A channel whose transport a resource took over lets go of itself at once: its head timer
+    and the upgraded request would otherwise keep it and its buffers alive (for every tunnel)."""
+
+    timeouts = ChannelTimeouts(header=10)
+
+    def test_the_channel_lets_go(self) -> None:
+        self.site.resource = TakeOver()
+        self.send(b"GET /_tunnel/register HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n")
+        self.assertEqual(self.clock.getDelayedCalls(), [], "the head timer went")
+        channel = weakref.ref(self.channel)
+        del self.channel
+        self.assertIsNone(channel(), "the channel and its request are not kept")
 
 
 class BodyDeadlineTests(ChannelTestBase):

@@ -10,7 +10,16 @@ from typing import Any
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.events import ConnectionTerminated, DataReceived, Event, RequestReceived, StreamEnded, StreamReset
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    Event,
+    PingAckReceived,
+    RequestReceived,
+    SettingsAcknowledged,
+    StreamEnded,
+    StreamReset,
+)
 from h2.settings import SettingCodes
 from hyperframe.frame import (
     ContinuationFrame,
@@ -586,3 +595,63 @@ class ConcurrencyTests(SynchronousTestCase):
         self.assertIn(b"refused", bytes(sink.body))
         self.assertEqual(len(gw.requests), 4)
         decoded_ok(self, gw)
+
+
+class IdleTunnelTests(SynchronousTestCase):
+    """Until its first request a tunnel holds no h2 state (14 KiB each, most of an idle tunnel's
+    memory): the gateway's preface, its window updates and its PINGs are answered as h2 would
+    answer them, and h2, built at the first request, takes up exactly where they left off."""
+
+    def test_an_idle_tunnel_never_builds_h2(self) -> None:
+        gw = Gateway(max_streams=7)
+        gw.raw(PingFrame(0, opaque_data=b"12345678").serialize())
+        self.assertIsNone(gw.tunnel._conn)
+        self.assertTrue([e for e in gw.events if isinstance(e, SettingsAcknowledged)])
+        self.assertEqual(gw.conn.local_settings.max_concurrent_streams, 7, "the gateway's SETTINGS were acknowledged")
+        pongs = [e.ping_data for e in gw.events if isinstance(e, PingAckReceived)]
+        self.assertEqual(pongs, [b"12345678"])
+        self.assertEqual(gw.closes, [])
+
+    def test_the_preface_is_what_h2_sends(self) -> None:
+        out: list[bytes] = []
+        tunnel = H2Tunnel("a", "owner", out.append, lambda code, reason: None,
+                          budget=ControlBudget(1000, Clock()), outbound=Outbound(MiB))
+        tunnel.start()
+        tunnel._started = False  # an h2 built now keeps its own preface: compare it
+        self.assertEqual(out, [tunnel.conn.data_to_send()])
+
+    def test_the_first_request_builds_h2_where_the_preface_left_off(self) -> None:
+        gw = Gateway(max_streams=1)
+        gw.raw(WindowUpdateFrame(0, window_increment=1000).serialize())  # unseen by the gateway's h2
+        first = gw.request(b"/first")
+        second = gw.request(b"/second")
+        conn = gw.tunnel._conn
+        assert conn is not None
+        self.assertEqual(conn.remote_settings.max_concurrent_streams, 1, "the gateway's SETTINGS apply")
+        self.assertEqual(conn.outbound_flow_control_window, 65535 + 1000, "its window updates too")
+        self.assertEqual([dict(r.headers)[b":path"] for r in gw.requests], [b"/first"], "one at a time, as it said")
+        gw.respond(gw.requests[-1].stream_id, body=b"one")
+        self.assertEqual(len(gw.requests), 2)
+        gw.respond(gw.requests[-1].stream_id, body=b"two")
+        self.assertEqual((bytes(first.body), bytes(second.body)), (b"one", b"two"))
+        self.assertEqual(gw.closes, [])
+
+    def test_frames_only_h2_may_judge_build_it(self) -> None:
+        """A SETTINGS value h2 refuses gets h2's GOAWAY at once, as before; so does a GOAWAY."""
+        gw = Gateway()
+        bad = SettingsFrame(0, settings={SettingCodes.MAX_FRAME_SIZE: 1}).serialize()
+        gw.raw(bad)
+        self.assertIsNotNone(gw.tunnel._conn)
+        self.assertEqual(gw.closes, [(1008, "HTTP/2 protocol error")])
+        self.assertEqual(gw.goaway(), ErrorCodes.PROTOCOL_ERROR)
+        gw = Gateway()
+        gw.conn.close_connection()
+        gw.pump()
+        self.assertEqual(gw.closes, [(1008, "gateway ended the HTTP/2 connection")])
+
+    def test_a_control_frame_flood_before_any_request(self) -> None:
+        gw = Gateway(control_rate=100)
+        gw.raw(PingFrame(0, opaque_data=b"12345678").serialize() * 500)
+        self.assertEqual(gw.closes, [(1008, "flood of HTTP/2 control frames")])
+        self.assertEqual(gw.goaway(), ErrorCodes.ENHANCE_YOUR_CALM)
+        self.assertEqual([e for e in gw.events if isinstance(e, PingAckReceived)], [], "no answer to the flood")

@@ -8,9 +8,11 @@ from types import SimpleNamespace
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from mcpr.common.web import TrustedProxies
@@ -119,3 +121,32 @@ class ForwardedAddressTests(SynchronousTestCase):
         stranger = IPv4Address("TCP", "198.51.100.4", 4000)
         self.assertEqual(address_key(stranger, "192.0.2.9", TrustedProxies(["127.0.0.1"])), "198.51.100.4")
         self.assertEqual(address_key(stranger, "192.0.2.9", None), "198.51.100.4")
+
+
+class OptionTests(SynchronousTestCase):
+    """Autobahn's options reach every registration socket from a class made for its factory, so
+    that no socket copies (nor formats, for a debug log) all of them when it opens."""
+
+    def factory(self) -> RegistrationFactory:
+        clock = Clock()
+        return RegistrationFactory(
+            clock, Registry(clock, max_per_owner=8, max_per_peer=8, max_tunnels=8, grace=60, max_reservations=8),
+            _SlowAuth(), SimpleNamespace(), rate=RegistrationRate(clock, per_minute=60, burst=3),
+            public_url="https://*.tunnel.test", registration_timeout=7, max_message_size=1 << 20,
+            ping_interval=20, ping_timeout=10)
+
+    def test_options_are_the_factorys_and_not_copied(self) -> None:
+        factory = self.factory()
+        protocol: RegistrationProtocol = factory.buildProtocol(None)
+        protocol.makeConnection(StringTransport())
+        self.assertIsInstance(protocol, RegistrationProtocol)
+        self.assertEqual((protocol.autoPingInterval, protocol.openHandshakeTimeout, protocol.maxMessagePayloadSize),
+                         (20, 7, 1 << 20))
+        self.assertFalse(set(vars(protocol)) & set(RegistrationProtocol.CONFIG_ATTRS), "copied onto the socket")
+        protocol.connectionLost(Failure(ConnectionDone()))
+
+    def test_options_set_later_reach_new_sockets(self) -> None:
+        factory = self.factory()
+        factory.setProtocolOptions(autoPingInterval=5)
+        protocol: RegistrationProtocol = factory.buildProtocol(None)
+        self.assertEqual((protocol.autoPingInterval, protocol.autoPingTimeout), (5, 10))

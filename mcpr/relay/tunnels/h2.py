@@ -22,6 +22,7 @@ gateway could not decode the next request.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import deque
 from typing import Any, Callable
@@ -92,6 +93,53 @@ _STALLED_SHARE = wire.CONNECTION_WINDOW // 2
 # first round trip could then open more than it holds.  RFC 9113 §6.5.2 suggests at least 100.
 _STREAMS_BEFORE_SETTINGS = 100
 
+# One configuration for every tunnel's h2 (h2 only reads it).  The encoder gets a list validated
+# beforehand (_request_headers), never a lazy one.
+_CONFIG = H2Configuration(client_side=True, header_encoding=None, validate_outbound_headers=False,
+                          normalize_outbound_headers=False)
+
+# Until a tunnel's first request, the gateway only ever sends the frames below, and the relay's h2
+# state would be 14 KiB per tunnel for nothing (most of it `h2.settings.Settings`, a deque per
+# setting per side): they are answered here, and the frames that change h2's state are kept to be
+# replayed into it when it is built (`H2Tunnel.conn`).  Anything else, or more of them than this
+# many bytes, builds it at once, so that h2 judges every frame it would have judged before.
+_SETTINGS, _PING, _WINDOW_UPDATE = 0x4, 0x6, 0x8
+_ACK = 0x1
+_SETTINGS_ACK = b"\x00\x00\x00\x04\x01\x00\x00\x00\x00"
+_PING_ACK_HEAD = b"\x00\x00\x08\x06\x01\x00\x00\x00\x00"
+_MAX_EARLY = 1024
+_MAX_WINDOW = 2**31 - 1
+# SETTINGS values h2 accepts whatever the state (RFC 9113 §6.5.2); any other setting or value
+# builds h2, whose answer may be a GOAWAY.
+_SETTING_OK: dict[int, Callable[[int], bool]] = {
+    SettingCodes.HEADER_TABLE_SIZE: lambda v: True,
+    SettingCodes.ENABLE_PUSH: lambda v: v == 0,
+    SettingCodes.MAX_CONCURRENT_STREAMS: lambda v: True,
+    SettingCodes.INITIAL_WINDOW_SIZE: lambda v: v <= _MAX_WINDOW,
+    SettingCodes.MAX_FRAME_SIZE: lambda v: 16384 <= v <= 16777215,
+    SettingCodes.MAX_HEADER_LIST_SIZE: lambda v: True,
+    SettingCodes.ENABLE_CONNECT_PROTOCOL: lambda v: v in (0, 1),
+}
+
+
+def _prepare(conn: H2Connection) -> None:
+    """What the relay's end says first: its settings and its connection window."""
+    conn.initiate_connection()
+    conn.update_settings({
+        SettingCodes.INITIAL_WINDOW_SIZE: wire.STREAM_WINDOW,
+        SettingCodes.MAX_FRAME_SIZE: wire.MAX_FRAME,
+        SettingCodes.ENABLE_PUSH: 0,
+    })
+    conn.increment_flow_control_window(wire.CONNECTION_WINDOW - 65535)
+
+
+@functools.cache
+def _preface() -> bytes:
+    """The relay's connection preface: the same bytes for every tunnel."""
+    conn = H2Connection(_CONFIG)
+    _prepare(conn)
+    return conn.data_to_send()
+
 
 class _Unforwardable(Exception):
     """A request whose headers cannot go on the tunnel as they are."""
@@ -139,7 +187,7 @@ class H2Tunnel(SocketTunnel):
         self._send = send_binary
         self._streams: dict[int, _RelayStream] = {}
         self._blocked: dict[int, _RelayStream] = {}
-        self._waiting: deque[_RelayStream] = deque()
+        self._waiting: deque[_RelayStream] | None = None  # made at the first request (a deque is 760 bytes)
         self._budget = budget
         self._outbound = outbound
         outbound.drained = self._drained
@@ -151,28 +199,55 @@ class H2Tunnel(SocketTunnel):
         # frame, and the start of a frame header cut by a message boundary.
         self._skip = 0
         self._partial = bytearray()
-        # The encoder gets a list validated beforehand (_request_headers), never a lazy one.
-        self.conn = H2Connection(H2Configuration(client_side=True, header_encoding=None,
-                                                 validate_outbound_headers=False,
-                                                 normalize_outbound_headers=False))
+        self._conn: H2Connection | None = None
+        self._started = False
+        # Before h2 is built: the gateway's frames it must replay, and its connection window so far.
+        self._early = b""
+        self._early_window = 65535
+
+    @property
+    def conn(self) -> H2Connection:
+        """h2's state of this tunnel, built when first needed: at the first request, or for a
+        gateway frame that only h2 may judge (an idle tunnel never needs it)."""
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = H2Connection(_CONFIG)
+            _prepare(conn)
+            if self._started:
+                conn.data_to_send()  # the preface went out at start()
+            early, self._early = self._early, b""
+            if early:
+                self._replay(conn, early)
+        return conn
+
+    def _replay(self, conn: H2Connection, early: bytes) -> None:
+        """Feed h2 the gateway's frames that were answered before it existed (`_early_frames`
+        only keeps frames h2 accepts, so this never fails unless h2 changes)."""
+        try:
+            conn.receive_data(early)
+        except H2Error as e:
+            log.warn("tunnel {subdomain}: h2 refused the gateway's first frames ({why}); closing it",
+                     subdomain=self.subdomain, why=str(e))
+            self._dead = True
+            self._close(CloseCode.POLICY, "HTTP/2 protocol error")
+        conn.data_to_send()  # their answers went out when they came
 
     def start(self) -> None:
         """Send the connection preface, after the registration ack has gone out."""
-        self.conn.initiate_connection()
-        self.conn.update_settings({
-            SettingCodes.INITIAL_WINDOW_SIZE: wire.STREAM_WINDOW,
-            SettingCodes.MAX_FRAME_SIZE: wire.MAX_FRAME,
-            SettingCodes.ENABLE_PUSH: 0,
-        })
-        self.conn.increment_flow_control_window(wire.CONNECTION_WINDOW - 65535)
-        self._flush()
+        self._started = True
+        if self._conn is None:
+            self._send(_preface())
+        else:
+            self._flush()
 
     @property
     def in_flight(self) -> int:
-        return len(self._streams) + len(self._waiting)
+        return len(self._streams) + (len(self._waiting) if self._waiting else 0)
 
     def _flush(self) -> None:
-        data = self.conn.data_to_send()
+        if self._conn is None:
+            return
+        data = self._conn.data_to_send()
         if data:
             for part in wire.split(data):
                 self._send(part)
@@ -185,6 +260,8 @@ class H2Tunnel(SocketTunnel):
             stream.done = True
             sink.fail("tunnel closed")
             return stream
+        if self._waiting is None:
+            self._waiting = deque()
         self._waiting.append(stream)
         self._start_waiting()
         return stream
@@ -301,15 +378,16 @@ class H2Tunnel(SocketTunnel):
             self._send_body(stream)
 
     def _drained(self) -> None:
-        """The socket has written out a full buffer: new streams first, then bodies."""
-        if not self._dead:
+        """The socket has written out a full buffer: new streams first, then bodies (there are none
+        before h2 is built)."""
+        if not self._dead and self._conn is not None:
             self._start_waiting()
             self._send_blocked()
             self._flush()
 
     def reset(self, stream: _RelayStream) -> None:
         if stream.id == 0:
-            if stream in self._waiting:
+            if self._waiting and stream in self._waiting:
                 self._waiting.remove(stream)
             stream.done = True
             return
@@ -360,6 +438,8 @@ class H2Tunnel(SocketTunnel):
             log.warn("tunnel {subdomain}: flood of HTTP/2 control frames; closing it (GOAWAY ENHANCE_YOUR_CALM)",
                      subdomain=self.subdomain)
             self._end(CloseCode.POLICY, "flood of HTTP/2 control frames", ErrorCodes.ENHANCE_YOUR_CALM)
+            return
+        if self._conn is None and self._early_frames(payload):
             return
         try:
             events = self.conn.receive_data(payload)
@@ -425,6 +505,54 @@ class H2Tunnel(SocketTunnel):
         if not completed and end < _TINY_MESSAGE:
             count += 1
         return count
+
+    def _early_frames(self, data: bytes) -> bool:
+        """Answer a message of the gateway's before h2 is built, if it holds only whole SETTINGS,
+        WINDOW_UPDATE (the connection's) and PING frames that h2 would accept, SETTINGS first
+        (the gateway's preface); False if h2 must see it, and then nothing of it was answered."""
+        early, window, settings_seen = self._early, self._early_window, self._settings_seen
+        answers = []
+        pos, end = 0, len(data)
+        while pos < end:
+            if end - pos < _FRAME_HEADER:
+                return False
+            size = int.from_bytes(data[pos:pos + 3], "big")
+            kind, flags = data[pos + 3], data[pos + 4]
+            stream_id = int.from_bytes(data[pos + 5:pos + 9], "big") & 0x7FFFFFFF
+            payload = data[pos + _FRAME_HEADER:pos + _FRAME_HEADER + size]
+            frame = data[pos:pos + _FRAME_HEADER + size]
+            pos += _FRAME_HEADER + size
+            if stream_id or len(payload) < size or (not settings_seen and (kind != _SETTINGS or flags & _ACK)):
+                return False
+            if kind == _SETTINGS:
+                if flags & _ACK:
+                    if size:
+                        return False
+                else:
+                    if size % 6 or not all(
+                            _SETTING_OK.get(int.from_bytes(payload[i:i + 2], "big"), _never)(
+                                int.from_bytes(payload[i + 2:i + 6], "big")) for i in range(0, size, 6)):
+                        return False
+                    settings_seen = True
+                    answers.append(_SETTINGS_ACK)
+                early += frame
+            elif kind == _WINDOW_UPDATE:
+                increment = int.from_bytes(payload, "big") & 0x7FFFFFFF if size == 4 else 0
+                window += increment
+                if not increment or window > _MAX_WINDOW:
+                    return False
+                early += frame
+            elif kind == _PING and size == 8:
+                if not flags & _ACK:
+                    answers.append(_PING_ACK_HEAD + payload)
+            else:
+                return False
+            if len(early) > _MAX_EARLY:
+                return False
+        self._early, self._early_window, self._settings_seen = early, window, settings_seen
+        if answers:
+            self._send(b"".join(answers))
+        return True
 
     def _handle(self, event: Event) -> None:
         if isinstance(event, RemoteSettingsChanged):
@@ -509,6 +637,7 @@ class H2Tunnel(SocketTunnel):
         stream.id, stream.done = 0, False
         stream.body = stream.request.body if stream.request.body_length else None
         self._ceiling = max(1, self.conn.open_outbound_streams)
+        assert self._waiting is not None  # every stream was queued there first
         self._waiting.appendleft(stream)
         self._start_waiting()
         return True
@@ -557,12 +686,16 @@ class H2Tunnel(SocketTunnel):
         """The socket is gone: every open stream fails (aborted, or 502 if it had no head yet)."""
         self._dead = True
         self._outbound.drained = None
-        streams = [*self._streams.values(), *self._waiting]
-        self._streams, self._waiting = {}, deque()
+        streams = [*self._streams.values(), *(self._waiting or ())]
+        self._streams, self._waiting = {}, None
         self._blocked.clear()
         for stream in streams:
             stream.done = True
             stream.sink.fail("tunnel closed")
+
+
+def _never(value: int) -> bool:
+    return False
 
 
 def _rewind(request: TunnelRequest) -> bool:
