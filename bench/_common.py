@@ -17,6 +17,7 @@ import math
 import os
 import re
 import select
+import shutil
 import signal
 import socket
 import statistics
@@ -312,6 +313,15 @@ def run_guarded(run: Callable[[Any], int], args: Any) -> int:
     except (RuntimeError, TimeoutError, OSError) as e:
         print(f"benchmark failed: {e}", file=sys.stderr)
         return 1
+
+
+def clean_up(children: Children, workdir: Path, keep: bool) -> None:
+    """A session's end, however it ends: its processes stopped, its folder removed unless `--keep`."""
+    children.close()
+    if keep:
+        print(f"logs kept in {workdir}", file=sys.stderr)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------

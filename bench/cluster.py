@@ -53,25 +53,26 @@ from pathlib import Path
 from typing import Any
 
 from _common import (
-    HOST,
-    MCP_PATH,
-    REQUEST_BODY,
-    WRK_SCRIPT,
     Children,
+    clean_up,
     col,
     cpu_of,
     fmt,
     free_port,
+    HOST,
     loadavg,
+    MCP_PATH,
     median,
     one_post,
     positive_ints,
     ratio,
+    REQUEST_BODY,
     run_guarded,
     run_wrk,
     wait_for_log,
     wait_for_port,
     wrk_figures,
+    WRK_SCRIPT,
 )
 from side_by_side import (
     DOMAIN,
@@ -443,11 +444,7 @@ def run(args: argparse.Namespace) -> int:
             print("\n" + text)
         return 0
     finally:
-        children.close()
-        if args.keep:
-            print(f"logs kept in {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        clean_up(children, workdir, args.keep)
 
 
 def main() -> int:

@@ -47,35 +47,36 @@ from pathlib import Path
 from typing import Any, Callable
 
 from _common import (
-    HOST,
-    MCP_PATH,
-    REQUEST_BODY,
-    RESULT_BODY,
-    STARTUP_TIMEOUT,
-    WRK_SCRIPT,
     Children,
-    PeakRSS,
+    clean_up,
     col,
     cpu_of,
     descendants,
     fmt,
     free_port,
+    HOST,
     listen_drops,
     loadavg,
     log_summary,
     machine_busy_seconds,
+    MCP_PATH,
     median,
     mib,
     one_post,
+    PeakRSS,
     positive_ints,
     ratio,
     readline,
+    REQUEST_BODY,
+    RESULT_BODY,
     rss_of,
     run_guarded,
     run_wrk,
+    STARTUP_TIMEOUT,
     wait_for_log,
     wait_for_port,
     wrk_figures,
+    WRK_SCRIPT,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -997,8 +998,8 @@ def run(args: argparse.Namespace) -> int:
         s.meta["wrk"] = " ".join((_version(["wrk", "-v"]) or "wrk").split()[:2]) if shutil.which("wrk") else None
         t_start = time.monotonic()
         s.start()
-        say(f"paths: " + ", ".join(f"{p} :{port}" + (f" (Host {h})" if h else "") for p, (port, h) in s.paths.items())
-            + f"; watching " + ", ".join(f"{g} {pids}" for g, pids in s.groups.items()))
+        say("paths: " + ", ".join(f"{p} :{port}" + (f" (Host {h})" if h else "") for p, (port, h) in s.paths.items())
+            + "; watching " + ", ".join(f"{g} {pids}" for g, pids in s.groups.items()))
         timings = s.meta["seconds"] = {"start-up": round(time.monotonic() - t_start, 1)}
 
         def timed(name: str, phase: Callable[[Session], Any], empty: Any) -> Any:
@@ -1047,11 +1048,7 @@ def run(args: argparse.Namespace) -> int:
             print("\n" + table)
         return 0
     finally:
-        children.close()
-        if args.keep:
-            print(f"logs kept in {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        clean_up(children, workdir, args.keep)
 
 
 def _choices(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:

@@ -36,26 +36,26 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from _common import (
-    HOST,
-    MCP_PATH,
-    REQUEST_BODY,
-    WRK_SCRIPT,
     Children,
+    clean_up,
     cpu_seconds,
+    HOST,
     loadavg,
+    MCP_PATH,
     median,
     one_post,
     positive_ints,
     ratio,
+    REQUEST_BODY,
     run_guarded,
     run_wrk,
     wait_for_log,
     wrk_figures,
+    WRK_SCRIPT,
 )
 from side_by_side import GATEWAY_ANNOUNCE, INSTALL, _env, start_upstream
 
@@ -214,11 +214,7 @@ def run(args: argparse.Namespace) -> int:
             print(text)
         return 0
     finally:
-        children.close()
-        if args.keep:
-            print(f"logs kept in {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        clean_up(children, workdir, args.keep)
 
 
 def main() -> int:

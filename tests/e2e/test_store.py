@@ -152,7 +152,7 @@ class StoreThroughTheTunnelTests(TunnelTestBase):
         self.assertEqual((run["tunnel"]["state"], run["tunnel"]["url"]), ("connected", url))
         self.assertEqual((status["traffic"]["requests"], status["traffic"]["errors"]), (len(rows), 1))
         text = await query("status")
-        self.assertIn(f"tunnel    connected at", text)
+        self.assertIn("tunnel    connected at", text)
         self.assertIn(url, text)
 
         (listing,) = ndjson(await query("schema", "--json"))

@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyChannel, DummyRequest
 
 from mcpr.gateway.inspector import feed as feed_module
-from mcpr.gateway.inspector.feed import LiveFeed, row_of_written
+from mcpr.gateway.inspector.feed import row_of_written
 from mcpr.gateway.store import queries
 from mcpr.gateway.store.queries import Filters
 from mcpr.gateway.store.schema import open_store
