@@ -53,26 +53,26 @@ from pathlib import Path
 from typing import Any
 
 from _common import (
+    HOST,
+    MCP_PATH,
+    REQUEST_BODY,
+    WRK_SCRIPT,
     Children,
     clean_up,
     col,
     cpu_of,
     fmt,
     free_port,
-    HOST,
     loadavg,
-    MCP_PATH,
     median,
     one_post,
     positive_ints,
     ratio,
-    REQUEST_BODY,
     run_guarded,
     run_wrk,
     wait_for_log,
     wait_for_port,
     wrk_figures,
-    WRK_SCRIPT,
 )
 from side_by_side import (
     DOMAIN,

@@ -40,22 +40,22 @@ from pathlib import Path
 from typing import Any
 
 from _common import (
+    HOST,
+    MCP_PATH,
+    REQUEST_BODY,
+    WRK_SCRIPT,
     Children,
     clean_up,
     cpu_seconds,
-    HOST,
     loadavg,
-    MCP_PATH,
     median,
     one_post,
     positive_ints,
     ratio,
-    REQUEST_BODY,
     run_guarded,
     run_wrk,
     wait_for_log,
     wrk_figures,
-    WRK_SCRIPT,
 )
 from side_by_side import GATEWAY_ANNOUNCE, INSTALL, _env, start_upstream
 
