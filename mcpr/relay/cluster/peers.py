@@ -155,9 +155,9 @@ class _Kept(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
-        data = self._file.read(len(buffer))
-        buffer[:len(data)] = data
-        return len(data)
+        # Straight into FileBodyProducer's buffer: the spools (twisted.web's temporary file or
+        # BytesIO) read into one without a copy.
+        return self._file.readinto(buffer)  # type: ignore[attr-defined]
 
     def seekable(self) -> bool:
         return True  # FileBodyProducer learns the length by seeking: Content-Length, not chunked
