@@ -24,7 +24,7 @@ from twisted.web.http_headers import Headers
 from mcpr.common.protocol import CloseCode
 from mcpr.relay.cluster.directory import Directory, redis_connection
 from mcpr.relay.cluster.node import LOCATION_TTL
-from tests.e2e.test_tunnel import Drain
+from tests.e2e.test_tunnel import Drain, sse_status
 from tests.support.legacy_gateway import LegacyGateway, refused
 from tests.support.loopback import client_agent, sleep
 from tests.support.processes import ROOT, PeakRSS, Process, free_port, python, run_session, start_upstream, twist
@@ -158,14 +158,10 @@ class ClusterServingTests(ClusterTestBase):
         stream = Drain()
         response.deliverBody(stream)
         await stream.first
-        self.assertEqual(await self.sse_status(bulk_port), {"sse_open": 1, "sse_closed": 0})
+        self.assertEqual(await sse_status(self, bulk_port), {"sse_open": 1, "sse_closed": 0})
         stream.transport.stopProducing()
-        self.assertEqual(await self.sse_status(bulk_port, closed=1), {"sse_open": 0, "sse_closed": 1})
+        self.assertEqual(await sse_status(self, bulk_port, closed=1), {"sse_open": 0, "sse_closed": 1})
 
-    async def sse_status(self, port: int, closed: int = 0) -> dict:
-        """The bulk upstream's SSE counts, once at least `closed` of its streams have closed."""
-        response = await client_agent(self).request(b"GET", f"http://127.0.0.1:{port}/status?closed={closed}".encode())
-        return json.loads(await readBody(response))
 
 
 class ClusterOwnershipTests(ClusterTestBase):

@@ -76,6 +76,12 @@ class _Zeros(io.RawIOBase):
         return n
 
 
+async def sse_status(testcase: TestCase, port: int, closed: int = 0) -> dict:
+    """The bulk upstream's SSE counts, once at least `closed` of its streams have closed."""
+    response = await client_agent(testcase).request(b"GET", f"http://127.0.0.1:{port}/status?closed={closed}".encode())
+    return json.loads(await readBody(response))
+
+
 class TunnelTestBase(TestCase):
     """Starts the relay, gateway and upstream processes of a tunnel test, and makes public requests."""
 
@@ -326,17 +332,12 @@ class TunnelStreamingTests(TunnelTestBase):
         drain = Drain()
         response.deliverBody(drain)
         await drain.first
-        status = await self._status(bulk)
+        status = await sse_status(self, bulk)
         self.assertEqual(status, {"sse_open": 1, "sse_closed": 0})
         drain.transport.stopProducing()
-        status = await self._status(bulk, closed=1)
+        status = await sse_status(self, bulk, closed=1)
         self.assertEqual(status, {"sse_open": 0, "sse_closed": 1})
 
-    async def _status(self, port: int, closed: int = 0) -> dict:
-        """The upstream's SSE counts, once at least `closed` of its streams have closed."""
-        agent = client_agent(self)
-        response = await agent.request(b"GET", f"http://127.0.0.1:{port}/status?closed={closed}".encode())
-        return json.loads(await readBody(response))
 
 
 class TunnelResilienceTests(TunnelTestBase):

@@ -162,7 +162,8 @@ class LocationsTests(SynchronousTestCase):
 class FrontInClusterTests(TestCase):
     """The public front's answers for names this node does not hold."""
 
-    async def test_not_found_unavailable_and_forwarded(self) -> None:
+    def node_a(self) -> tuple[RedisServer, MemoryRelay, RecordingPeers]:
+        """A real redis-server, and node A's front in memory, whose other nodes are recorded."""
         redis = RedisServer(self)
         connection = redis_connection(redis.url, reactor, timeout=0.5)
         self.addCleanup(connection.disconnect)
@@ -172,7 +173,10 @@ class FrontInClusterTests(TestCase):
             directory = Directory(connection, NODE_A, ttl=5, grace=30, timeout=0.5, clock=reactor)
             return ClusterNode(NODE_A, registry, directory, peers, reactor)  # type: ignore[arg-type]
 
-        relay = MemoryRelay(relay_settings(self), cluster=node)
+        return redis, MemoryRelay(relay_settings(self), cluster=node), peers
+
+    async def test_not_found_unavailable_and_forwarded(self) -> None:
+        redis, relay, peers = self.node_a()
         other = Directory(redis_connection(redis.url, reactor, timeout=0.5), NODE_B, ttl=5, grace=30,
                           timeout=0.5, clock=reactor)
         self.addCleanup(other.close)
@@ -210,16 +214,7 @@ class FrontInClusterTests(TestCase):
         """The node a forwarded request was sent to says it does not hold the tunnel (its gateway
         moved since the name was looked up): the request goes once more, to the node the directory
         names now, and the public client sees only that answer."""
-        redis = RedisServer(self)
-        connection = redis_connection(redis.url, reactor, timeout=0.5)
-        self.addCleanup(connection.disconnect)
-        peers = RecordingPeers()
-
-        def node(registry: Registry) -> ClusterNode:
-            directory = Directory(connection, NODE_A, ttl=5, grace=30, timeout=0.5, clock=reactor)
-            return ClusterNode(NODE_A, registry, directory, peers, reactor)  # type: ignore[arg-type]
-
-        relay = MemoryRelay(relay_settings(self), cluster=node)
+        redis, relay, peers = self.node_a()
         b = Directory(redis_connection(redis.url, reactor, timeout=0.5), NODE_B, ttl=5, grace=30, timeout=0.5,
                       clock=reactor)
         self.addCleanup(b.close)
