@@ -83,6 +83,13 @@ class Recorder(Protocol):
         """The recorder's part of `/healthz`."""
 
 
+def elapsed_ms(start: float | None, end: float | None) -> float | None:
+    """Milliseconds from `start` to `end`, to the microsecond, as events and the store give them."""
+    if start is None or end is None:
+        return None
+    return round((end - start) * 1000, 3)
+
+
 @dataclass
 class RequestRecord:
     """What one proxied request did, filled in as it goes."""
@@ -111,22 +118,17 @@ class RequestRecord:
     outcome: str = "ok"
     capture: Capture | None = None
 
-    def _ms(self, start: float | None, end: float | None) -> float | None:
-        if start is None or end is None:
-            return None
-        return round((end - start) * 1000, 3)
-
     @property
     def latency_ms(self) -> float | None:
-        return self._ms(self.started, self.finished)
+        return elapsed_ms(self.started, self.finished)
 
     @property
     def upstream_ms(self) -> float | None:
-        return self._ms(self.started, self.headers_at)
+        return elapsed_ms(self.started, self.headers_at)
 
     @property
     def downstream_ms(self) -> float | None:
-        return self._ms(self.headers_at, self.finished)
+        return elapsed_ms(self.headers_at, self.finished)
 
     def as_event(self) -> dict[str, Any]:
         return {

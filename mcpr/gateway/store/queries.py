@@ -31,7 +31,7 @@ from mcpr.proxy.sse import SSEParser
 
 
 def failed_sql(p: str = "") -> str:
-    """Whether a request (of table alias `p`) counts as failed; `writer.failed` is the Python twin.
+    """Whether a request (of table alias `p`) counts as failed; `writer._add_activity` has its Python twin.
     Without an alias, migration 2's partial index `requests_failed` is on exactly this text."""
     return f"({p}outcome != 'ok' OR coalesce({p}status, 0) >= 400 OR {p}error_code IS NOT NULL)"
 

@@ -1,18 +1,18 @@
 """The event store's reactor side: what the proxy and the tunnel report is queued, and written in batches
 by a thread of the store's own.
 
-Nothing here waits for the disk.  A report's rows are made at once and added
-to a batch (`Batch.add`, here); `FLUSH_DELAY` after its first event the batch
-goes to the store's thread (a pool of one thread, not the reactor's, whose
-threads resolve host names) to be written, or `BUSY_FLUSH_DELAY` after it
-under load (`EventStore._flush_at`); the next batch waits until that one is
-written, and as long after its own first event.  The batch is bounded (`MAX_QUEUE` events,
-`MAX_QUEUE_BYTES` of captured bodies): when the disk cannot keep up, what does
-not fit is dropped and counted, never the request.  The count is in
-`/healthz`, in the store itself for `mcpr status`, and in a log line at most
-every `DROP_REPORT_INTERVAL` seconds.  A batch the disk refused (full,
-read-only), or a record that cannot be encoded, is dropped and counted the
-same way.
+Nothing here waits for the disk.  A report is kept at once in a batch (as one
+blob: `Batch.add`), and `FLUSH_DELAY` after its first event the batch goes to
+the store's thread (a pool of one thread, not the reactor's, whose threads
+resolve host names), which makes its rows and writes them; or
+`BUSY_FLUSH_DELAY` after it under load (`EventStore._flush_at`).  The next
+batch waits until that one is written, and as long after its own first
+event.  The batch is bounded (`MAX_QUEUE` events, `MAX_QUEUE_BYTES` of
+captured bodies): when the disk cannot keep up, what does not fit is dropped
+and counted, never the request.  The count is in `/healthz`, in the store
+itself for `mcpr status`, and in a log line at most every
+`DROP_REPORT_INTERVAL` seconds.  A batch the disk refused (full, read-only),
+or a record that cannot be encoded, is dropped and counted the same way.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from twisted.python.threadpool import ThreadPool
 
 from mcpr.gateway.settings import StoreSettings
 from mcpr.gateway.store.schema import Connect, StoreError, open_store
-from mcpr.gateway.store.writer import Batch, Item, RunInfo, SessionChange, StoreWriter, TunnelChange, Written
+from mcpr.gateway.store.writer import Item, RunInfo, SessionChange, StoreWriter, TunnelChange, Written
 from mcpr.proxy.events import RequestRecord
 
 log = Logger()
@@ -94,7 +94,7 @@ class EventStore(Service):
         self._pool = pool
         self._max_queue = max_queue
         self._max_bytes = max_queue_bytes
-        self._batch = writer.batch()  # the rows of what was reported since the last batch left
+        self._batch = writer.batch()  # what was reported since the last batch left
         self._pending_bytes = 0
         self._pending_since = 0.0  # when the first of `_batch` came
         self._flush_call: IDelayedCall | None = None
@@ -266,19 +266,23 @@ class EventStore(Service):
     def _flush(self) -> Deferred[None]:
         self._flush_call = None
         batch, self._batch, self._pending_bytes = self._batch, self._writer.batch(), 0
-        now, dropped = self._clock.seconds(), self.dropped
-        self._writing = writing = self._run(lambda: self._writer.commit(batch, now, dropped))
-        writing.addCallbacks(self._written, self._failed, callbackArgs=(batch,), errbackArgs=(batch.count,))
+        now, dropped, rows = self._clock.seconds(), self.dropped, bool(self._watchers)
+        self._writing = writing = self._run(lambda: self._writer.commit(batch, now, dropped, rows=rows))
+        writing.addCallbacks(self._written, self._failed, errbackArgs=(batch.count,))
         return writing
 
-    def _written(self, written: Written, batch: Batch) -> None:
+    def _written(self, written: Written) -> None:
         self._writing = None
         self.written += written.count
         if self._error is not None:
             log.info("store: writing to {path} again", path=str(self.settings.path))
             self._error = None
-        if self._watchers and batch.requests:
-            rows = batch.request_rows(written)
+        if written.skipped:
+            log.error("store: cannot record {count} request(s) ({why}); they are dropped", count=written.skipped,
+                      why=written.why)
+            self._drop(written.skipped)
+        rows = written.rows
+        if rows:
             for watcher in list(self._watchers):
                 try:
                     watcher(rows)

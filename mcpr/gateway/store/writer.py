@@ -1,16 +1,22 @@
 """Batches of records turned into rows, and written in one transaction per batch.
 
-Two halves.  `Batch.add` makes an item's rows (redaction, JSON encoding) on
-the reactor thread as it is reported; `commit` runs on the store's own
-thread and does what needs the file: SQLite, ids, and the `*/list` answers
-(hashed, compared with the last one stored).  Making the rows in the store's
-thread did not take that work off the reactor, since the GIL lets one thread
-run Python at a time: it only added the two threads handing the GIL over,
-which cost the gateway more CPU than the rows did (bench/store_cost.py); and
-made per report, the rows cost the reactor tens of microseconds after each
-response rather than milliseconds at every batch.
-SQLite lets the GIL go while it works, so the thread's half does run beside
-the reactor.
+Two halves.  `Batch.add`, on the reactor thread as each item is reported,
+keeps a request as one `marshal`led blob of its row's values and its capture;
+`commit`, on the store's own thread, makes the rows (redaction, JSON
+encoding), gives the ids and writes them, with the `*/list` answers (hashed,
+compared with the last one stored).
+
+Why the rows are made in the store's thread (bench/store_cost.py, per-thread
+CPU from /proc at c16; docs/PERFORMANCE.md "Event store"): made on the
+reactor, they cost the reactor thread +11 % CPU per request, four times what
+the same code costs alone.  A batch held a second of requests as ~30 small
+objects each, which outlive hundreds of requests' own objects in the same
+allocator pools, and every request ran slower for it.  As one blob each they
+cost the reactor +1 %, and the store's thread, where they are made and freed
+256 at a time, no more than they did on the reactor.  (Earlier, with a
+batch five times a second and one statement per row, the opposite was
+measured: the GIL handed over per row cost more than the rows; see `Insert`.)
+SQLite lets the GIL go while it works, so that part runs beside the reactor.
 
 A batch is one `BEGIN IMMEDIATE ... COMMIT`: under load a batch holds
 hundreds of requests, so the cost of a commit is shared, and each table's
@@ -24,6 +30,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import marshal
+import operator
 import os
 import socket
 import sqlite3
@@ -32,8 +40,8 @@ from typing import Any, Sequence, Union
 
 from mcpr.gateway.store import redact
 from mcpr.gateway.store.retention import prune
-from mcpr.proxy.capture import Capture, Listing
-from mcpr.proxy.events import RequestRecord
+from mcpr.proxy.capture import Listing, RawHeaders
+from mcpr.proxy.events import RequestRecord, elapsed_ms
 
 
 @dataclass(frozen=True)
@@ -53,14 +61,18 @@ Item = Union[RequestRecord, SessionChange, TunnelChange]
 
 @dataclass(frozen=True)
 class Written:
-    """What one committed batch became: the count of its items, the id of its first request, and
-    the listing row of each request (by index in the batch) that carried a `*/list` answer. With the
-    batch, that gives the `requests` rows as inserted (`Batch.request_rows`), which the inspector
-    pushes to its live page without reading them back."""
+    """What one committed batch became: the count of its items written, the id of its first
+    request, the listing row of each request (by index in the batch) that carried a `*/list` answer,
+    the `requests` rows as inserted (`_REQUEST_COLUMNS`) when they were asked for (the inspector
+    pushes them to its live page without reading them back), and the requests that could not be
+    encoded, left out: their count and why the first could not."""
 
     count: int
     first: int
     listing_ids: dict[int, int]
+    rows: list[tuple[Any, ...]] | None = None
+    skipped: int = 0
+    why: str | None = None
 
 
 @dataclass(frozen=True)
@@ -70,11 +82,6 @@ class RunInfo:
     version: str
     upstream: str
     listen: Sequence[str]
-
-
-def failed(record: RequestRecord) -> bool:
-    """Whether a request counts as an error (the Python twin of `queries.failed_sql`)."""
-    return record.outcome != "ok" or (record.status or 0) >= 400 or record.error_code is not None
 
 
 _REQUEST_COLUMNS = ("id, request_id, run_id, started, via, method, path, route, status, outcome, session_id, "
@@ -154,39 +161,24 @@ _UPSERT_SESSION = """
 
 @dataclass
 class Batch:
-    """The rows of the items reported since the last batch left, made as each is reported, for
-    `StoreWriter.commit`: requests without their id (given in the transaction) nor their listing,
-    exchanges and listings by the index of their request in the batch."""
+    """What was reported since the last batch left, for `StoreWriter.commit`: each request as one
+    blob (`_pack`), sessions and tunnel events as their rows (few, and never captured)."""
 
     run_id: int
     count: int = 0  # the items added
-    requests: int = 0
-    request_values: list[Any] = field(default_factory=list)  # per request: its index, then its row
-    exchange_values: list[Any] = field(default_factory=list)  # per exchange: its request's index, its row
-    listings: list[tuple[int, list[Listing], float]] = field(default_factory=list)  # (index, answers, ts)
+    packed: list[bytes] = field(default_factory=list)  # the requests, as `_pack` made them
     sessions: list[tuple[Any, ...]] = field(default_factory=list)
     tunnel: list[tuple[Any, ...]] = field(default_factory=list)
-    activity: dict[str, list[Any]] = field(default_factory=dict)
+
+    @property
+    def requests(self) -> int:
+        return len(self.packed)
 
     def add(self, item: Item) -> None:
-        """One item's rows, redacted and encoded; no SQLite here, so it runs on the reactor thread
-        (see the module's docstring), once per report."""
-        # Everything that may fail comes before the first change: an item either goes in whole or
-        # not at all, and the flat lists stay aligned.
+        """One item, kept until its batch is written (the reactor thread, once per report; see the
+        module's docstring). An item that cannot be kept raises before anything changes."""
         if isinstance(item, RequestRecord):
-            row = _request_row(self.run_id, item)
-            exchange = _exchange_row(item.capture) if item.capture is not None else None
-            index = self.requests
-            self.requests += 1
-            self.request_values.append(index)
-            self.request_values += row
-            if exchange is not None:
-                self.exchange_values.append(index)
-                self.exchange_values += exchange
-            if item.capture is not None and item.capture.listings:
-                self.listings.append((index, item.capture.listings, item.started))
-            if item.session_id:
-                _add_activity(self.activity, item)
+            self.packed.append(_pack(item))
         elif isinstance(item, SessionChange):
             self.sessions.append(_session_row(item))
         else:
@@ -195,11 +187,51 @@ class Batch:
             self.tunnel.append((item.ts, self.run_id, state, relay, json.dumps(fields, default=str)))
         self.count += 1
 
-    def request_rows(self, written: Written) -> list[tuple[Any, ...]]:
-        """The `requests` rows as `StoreWriter.commit` inserted them (`_REQUEST_COLUMNS`, ids
-        given); made on the reactor thread, and only for someone watching."""
+
+@dataclass
+class _Rows:
+    """A batch's requests as rows (the store's thread): requests without their id (given in the
+    transaction) nor their listing, exchanges and listings by the index of their request."""
+
+    run_id: int
+    requests: int = 0
+    request_values: list[Any] = field(default_factory=list)  # per request: its index, then its row
+    exchange_values: list[Any] = field(default_factory=list)  # per exchange: its request's index, its row
+    listings: list[tuple[int, list[Listing], float]] = field(default_factory=list)  # (index, answers, ts)
+    activity: dict[str, list[Any]] = field(default_factory=dict)
+    skipped: int = 0
+    why: str | None = None
+
+    def add(self, blob: bytes) -> None:
+        """One request's rows, redacted and encoded; one that cannot be is left out and counted, and
+        the rest of its batch is written all the same."""
+        # Everything that may fail comes before the first change: a request goes in whole or not at
+        # all, and the flat lists stay aligned.
+        try:
+            fields, capture = marshal.loads(blob)
+            row = _request_row(self.run_id, fields)
+            exchange = _exchange_row(*capture[:5]) if capture is not None else None
+            listings = [Listing(*answer) for answer in capture[5]] if capture is not None else []
+        except Exception as e:
+            self.skipped += 1
+            self.why = self.why or f"{type(e).__name__}: {e}"
+            return
+        index = self.requests
+        self.requests += 1
+        self.request_values.append(index)
+        self.request_values += row
+        if exchange is not None:
+            self.exchange_values.append(index)
+            self.exchange_values += exchange
+        if listings:
+            self.listings.append((index, listings, row[_STARTED]))
+        if row[_SESSION_ID]:
+            _add_activity(self.activity, row, fields[_FINISHED])
+
+    def inserted(self, first: int, listing_ids: dict[int, int]) -> list[tuple[Any, ...]]:
+        """The `requests` rows as `StoreWriter.commit` inserted them (`_REQUEST_COLUMNS`, ids given)."""
         w, values = _INSERT_REQUEST.width, self.request_values
-        return [(written.first + values[i], *values[i + 1:i + w], written.listing_ids.get(values[i]))
+        return [(first + values[i], *values[i + 1:i + w], listing_ids.get(values[i]))
                 for i in range(0, len(values), w)]
 
 
@@ -215,28 +247,34 @@ class StoreWriter:
     def batch(self) -> Batch:
         return Batch(self.run_id)
 
-    def commit(self, batch: Batch, now: float, dropped: int) -> Written:
-        """Write one prepared batch and the run's counters, in one transaction (the store's thread)."""
+    def commit(self, batch: Batch, now: float, dropped: int, *, rows: bool = False) -> Written:
+        """Make a batch's rows and write them with the run's counters, in one transaction (the
+        store's thread); with `rows`, give back the `requests` rows as inserted."""
+        made = _Rows(self.run_id)
+        for blob in batch.packed:
+            made.add(blob)
+        count = batch.count - made.skipped
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
             first = db.execute("SELECT coalesce(max(id), 0) + 1 FROM requests").fetchone()[0]
-            _INSERT_REQUEST.run(db, first, batch.request_values)
-            _INSERT_EXCHANGE.run(db, first, batch.exchange_values)
-            listing_ids = {index: self._listings(listings, first + index, ts) for index, listings, ts in batch.listings}
+            _INSERT_REQUEST.run(db, first, made.request_values)
+            _INSERT_EXCHANGE.run(db, first, made.exchange_values)
+            listing_ids = {index: self._listings(listings, first + index, ts) for index, listings, ts in made.listings}
             db.executemany("UPDATE requests SET listing_id = ? WHERE id = ?",
                            [(listing_id, first + index) for index, listing_id in listing_ids.items()])
             db.executemany(_UPSERT_SESSION, batch.sessions)
             db.executemany("INSERT INTO tunnel_events (ts, run_id, state, relay, detail) VALUES (?, ?, ?, ?, ?)",
                            batch.tunnel)
-            db.executemany(_UPSERT_ACTIVITY, [(sid, *values) for sid, values in batch.activity.items()])
+            db.executemany(_UPSERT_ACTIVITY, [(sid, *values) for sid, values in made.activity.items()])
             db.execute("UPDATE runs SET last_seen = ?, written = written + ?, dropped = ? WHERE id = ?",
-                       (now, batch.count, dropped, self.run_id))
+                       (now, count, dropped + made.skipped, self.run_id))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        return Written(batch.count, first, listing_ids)
+        return Written(count, first, listing_ids, made.inserted(first, listing_ids) if rows else None,
+                       made.skipped, made.why)
 
     def write(self, items: Sequence[Item], now: float, dropped: int) -> Written:
         """A batch of `items` made and committed in one go, on one thread: for a store that is not
@@ -283,13 +321,40 @@ def _inserted(cursor: sqlite3.Cursor) -> int:
     return cursor.lastrowid
 
 
-def _request_row(run_id: int, r: RequestRecord) -> tuple[Any, ...]:
-    """The columns of `_REQUEST_COLUMNS` but the first (id) and the last (listing_id)."""
-    return (r.request_id, run_id, r.started, r.via, r.method, r.path, r.route, r.status, r.outcome,
-            r.session_id, r.mcp_method, r.tool, r.resource, r.prompt,
-            _json_id(r.jsonrpc_id),
-            r.error_code, r.error_message, r.latency_ms, r.upstream_ms, r.downstream_ms, r.bytes_in, r.bytes_out,
-            r.client_name, r.client_version)
+# What a request's blob keeps of its record (`_pack`), in this order, as `_request_row` reads it.
+_record_fields = operator.attrgetter(
+    "request_id", "started", "via", "method", "path", "route", "status", "outcome", "session_id", "mcp_method", "tool",
+    "resource", "prompt", "jsonrpc_id", "error_code", "error_message", "headers_at", "finished", "bytes_in",
+    "bytes_out", "client_name", "client_version")
+_FINISHED = 17
+
+
+def _pack(r: RequestRecord) -> bytes:
+    """A request as `_Rows.add` reads it: its record's fields and its capture, in one blob.
+
+    `marshal` (in C) takes what a record holds (str, bytes, numbers, None, and the parsed JSON of
+    the `*/list` answers) and refuses anything else here, on the reactor, as `Batch.add` says."""
+    c = r.capture
+    capture = None if c is None else (
+        c.request_headers, c.response_headers, c.query, c.request_body.data, c.response_body.data,
+        [(answer.method, answer.cursor, answer.result) for answer in c.listings] if c.listings else ())
+    return marshal.dumps((_record_fields(r), capture))
+
+
+def _request_row(run_id: int, fields: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The columns of `_REQUEST_COLUMNS` but the first (id) and the last (listing_id), from a
+    record's `_record_fields`."""
+    (request_id, started, via, method, path, route, status, outcome, session_id, mcp_method, tool, resource, prompt,
+     jsonrpc_id, error_code, error_message, headers_at, finished, bytes_in, bytes_out, client_name,
+     client_version) = fields
+    return (request_id, run_id, started, via, method, path, route, status, outcome, session_id, mcp_method, tool,
+            resource, prompt, _json_id(jsonrpc_id), error_code, error_message, elapsed_ms(started, finished),
+            elapsed_ms(started, headers_at), elapsed_ms(headers_at, finished), bytes_in, bytes_out, client_name,
+            client_version)
+
+
+# Where `_request_row` puts what the store's thread reads back of a request.
+_STARTED, _VIA, _STATUS, _OUTCOME, _SESSION_ID, _ERROR_CODE, _CLIENT_NAME, _CLIENT_VERSION = 2, 3, 7, 8, 9, 15, 22, 23
 
 
 # One encoder for every row: `json.dumps` with any option builds a new one per call.
@@ -303,33 +368,36 @@ def _json_id(value: Any) -> str | None:
     return str(value) if type(value) is int else _encode_id(value)
 
 
-def _exchange_row(c: Capture) -> tuple[Any, ...]:
+def _exchange_row(request_headers: RawHeaders, response_headers: RawHeaders, query: bytes, request_body: bytes,
+                  response_body: bytes) -> tuple[Any, ...]:
     """The columns of an `exchanges` row but its id: redacted, encoded.
 
     The bodies as `bytearray`s, stored as the same BLOBs: the sqlite3 module binds a bytearray (as
     an int, a float or a str) at once, but for `bytes` first looks for an adapter, raising and
-    clearing an exception per value, in the store's thread with the GIL held (25 `bytes` a row
-    took 7.6 µs to bind, 25 bytearrays 1.8)."""
-    request_headers, request_type = redact.headers_json(c.request_headers)
-    response_headers, response_type = redact.headers_json(c.response_headers)
-    return (redact.form(c.query).decode("latin-1"), request_headers, response_headers,
-            bytearray(redact.body(c.request_body.data, request_type)),
-            bytearray(redact.body(c.response_body.data, response_type)))
+    clearing an exception per value, with the GIL held (25 `bytes` a row took 7.6 µs to bind, 25
+    bytearrays 1.8)."""
+    request_json, request_type = redact.headers_json(request_headers)
+    response_json, response_type = redact.headers_json(response_headers)
+    return (redact.form(query).decode("latin-1"), request_json, response_json,
+            bytearray(redact.body(request_body, request_type)),
+            bytearray(redact.body(response_body, response_type)))
 
 
-def _add_activity(activity: dict[str, list[Any]], r: RequestRecord) -> None:
-    """Fold one request into its session's row for this batch: (first, last, via, client, version,
-    requests, errors)."""
-    assert r.session_id is not None
-    end = r.finished if r.finished is not None else r.started
-    row = activity.get(r.session_id)
-    if row is None:
-        activity[r.session_id] = [r.started, end, r.via, r.client_name, r.client_version, 1, int(failed(r))]
+def _add_activity(activity: dict[str, list[Any]], row: tuple[Any, ...], finished: float | None) -> None:
+    """Fold one request (its `_request_row`) into its session's row for this batch: (first, last,
+    via, client, version, requests, errors)."""
+    started, session_id = row[_STARTED], row[_SESSION_ID]
+    end = finished if finished is not None else started
+    # Whether it counts as an error: the Python twin of `queries.failed_sql`.
+    error = int(row[_OUTCOME] != "ok" or (row[_STATUS] or 0) >= 400 or row[_ERROR_CODE] is not None)
+    current = activity.get(session_id)
+    if current is None:
+        activity[session_id] = [started, end, row[_VIA], row[_CLIENT_NAME], row[_CLIENT_VERSION], 1, error]
         return
-    row[0], row[1] = min(row[0], r.started), max(row[1], end)
-    row[3], row[4] = row[3] or r.client_name, row[4] or r.client_version
-    row[5] += 1
-    row[6] += int(failed(r))
+    current[0], current[1] = min(current[0], started), max(current[1], end)
+    current[3], current[4] = current[3] or row[_CLIENT_NAME], current[4] or row[_CLIENT_VERSION]
+    current[5] += 1
+    current[6] += error
 
 
 def _session_row(change: SessionChange) -> tuple[Any, ...]:

@@ -64,7 +64,9 @@ class FeedTests(SynchronousTestCase):
         batch = self.writer.batch()
         for r in records:
             batch.add(r)
-        return batch.request_rows(self.writer.commit(batch, 2000.0, 0))
+        rows = self.writer.commit(batch, 2000.0, 0, rows=True).rows
+        assert rows is not None
+        return rows
 
     def write(self, *records: Any) -> None:
         """A batch written, and the feed told, as `EventStore` tells its watchers."""

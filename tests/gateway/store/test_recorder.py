@@ -326,8 +326,28 @@ class UnencodableRecordTests(SynchronousTestCase):
         store.request(record())
         self.assertEqual((store.dropped, store.health()["queued"]), (1, 1))
         self.assertTrue(any("cannot record a RequestRecord" in formatEvent(e) for e in events))
-        self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
         clock.advance(recorder.FLUSH_DELAY)
         disk.run()
         self.assertEqual(db.execute("SELECT count(*) FROM requests").fetchone()[0], 1)
         self.assertEqual(db.execute("SELECT count(*) FROM exchanges").fetchone()[0], 1)
+
+
+    def test_a_record_that_the_stores_thread_cannot_encode_is_dropped_and_counted(self) -> None:
+        clock = Clock()
+        db = open_store(":memory:")
+        self.addCleanup(db.close)
+        disk = Disk()
+        settings = StoreSettings(Path("/nowhere/store.sqlite3"), 600.0, 1 << 30, 1024, "option --db")
+        store = EventStore(StoreWriter(db, RUN, 0.0), settings, clock, disk)
+        bad = record()
+        bad.capture.response_headers = [(b"x-odd", [5])]  # type: ignore[union-attr, list-item]
+        store.request(bad)
+        store.request(record())
+        self.assertEqual(store.dropped, 0, "kept as it came: its rows are made in the store's thread")
+        clock.advance(recorder.FLUSH_DELAY)
+        with capturedLogs() as events:
+            disk.run()
+        self.assertEqual((store.dropped, store.written), (1, 1))
+        self.assertTrue(any("cannot record 1 request(s) (AttributeError" in formatEvent(e) for e in events))
+        self.assertEqual(db.execute("SELECT count(*) FROM requests").fetchone()[0], 1)

@@ -53,6 +53,28 @@ class WriterTests(SynchronousTestCase):
         self.assertIn(b'"token":"[redacted]"', exchange[3])
         self.assertEqual(exchange[4], b'{"ok":true}')
 
+    def test_a_request_whose_rows_cannot_be_made_is_left_out_not_its_batch(self) -> None:
+        """The rows are made in the store's thread (`commit`): one request that cannot be encoded
+        there is counted, and the rest of its batch is written."""
+        bad = record(session_id="s-1")
+        bad.capture.request_headers = [(b"x-odd", [5])]  # type: ignore[union-attr, list-item]
+        batch = self.writer.batch()
+        for r in (record(session_id="s-1"), bad, record(session_id="s-1")):
+            batch.add(r)
+        written = self.writer.commit(batch, 2000.0, 2, rows=True)
+        self.assertEqual((written.count, written.skipped), (2, 1))
+        self.assertIn("AttributeError", written.why or "")
+        assert written.rows is not None
+        self.assertEqual([row[0] for row in written.rows], [1, 2])
+        self.assertEqual(self.db.execute("SELECT count(*) FROM exchanges").fetchone()[0], 2)
+        self.assertEqual(self.db.execute("SELECT written, dropped FROM runs").fetchone(), (2, 3))
+        self.assertEqual(self.db.execute("SELECT requests FROM sessions WHERE id = 's-1'").fetchone(), (2,))
+
+    def test_rows_are_given_back_only_when_asked(self) -> None:
+        batch = self.writer.batch()
+        batch.add(record())
+        self.assertIsNone(self.writer.commit(batch, 2000.0, 0).rows)
+
     def test_ids_follow_rows_written_by_another_writer(self) -> None:
         """Two gateways of one project share the file: each batch takes the ids after the last."""
         self.writer.write([record()], 1.0, 0)
