@@ -87,6 +87,10 @@ class RunInfo:
 _REQUEST_COLUMNS = ("id, request_id, run_id, started, via, method, path, route, status, outcome, session_id, "
                     "mcp_method, tool, resource, prompt, jsonrpc_id, error_code, error_message, latency_ms, "
                     "upstream_ms, downstream_ms, bytes_in, bytes_out, client_name, client_version, listing_id")
+# Requests whose rows are made, then written, at a time in `StoreWriter.commit`: the rows of a
+# whole batch (thousands under load, ~30 objects each) would all be alive at once, in the allocator
+# the reactor thread shares; a statement's worth are.
+ROWS_AT_ONCE = 256
 # The host parameters one statement may have: SQLite's default limit, 999 before 3.32.
 _MAX_PARAMETERS = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
 
@@ -190,8 +194,9 @@ class Batch:
 
 @dataclass
 class _Rows:
-    """A batch's requests as rows (the store's thread): requests without their id (given in the
-    transaction) nor their listing, exchanges and listings by the index of their request."""
+    """A batch's requests as rows (the store's thread), made and written `ROWS_AT_ONCE` at a time
+    (`next`): requests without their id (given in the transaction) nor their listing, exchanges
+    and listings by the index of their request in the batch."""
 
     run_id: int
     requests: int = 0
@@ -234,6 +239,12 @@ class _Rows:
         return [(first + values[i], *values[i + 1:i + w], listing_ids.get(values[i]))
                 for i in range(0, len(values), w)]
 
+    def next(self) -> None:
+        """The rows made so far are written: let them go (the counts and the sessions' rows stay)."""
+        self.request_values.clear()
+        self.exchange_values.clear()
+        self.listings.clear()
+
 
 class StoreWriter:
     """Owns the store's connection, used from one thread at a time (the store's)."""
@@ -251,18 +262,25 @@ class StoreWriter:
         """Make a batch's rows and write them with the run's counters, in one transaction (the
         store's thread); with `rows`, give back the `requests` rows as inserted."""
         made = _Rows(self.run_id)
-        for blob in batch.packed:
-            made.add(blob)
-        count = batch.count - made.skipped
+        inserted: list[tuple[Any, ...]] | None = [] if rows else None
+        listing_ids: dict[int, int] = {}
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
             first = db.execute("SELECT coalesce(max(id), 0) + 1 FROM requests").fetchone()[0]
-            _INSERT_REQUEST.run(db, first, made.request_values)
-            _INSERT_EXCHANGE.run(db, first, made.exchange_values)
-            listing_ids = {index: self._listings(listings, first + index, ts) for index, listings, ts in made.listings}
-            db.executemany("UPDATE requests SET listing_id = ? WHERE id = ?",
-                           [(listing_id, first + index) for index, listing_id in listing_ids.items()])
+            for start in range(0, len(batch.packed), ROWS_AT_ONCE):
+                for blob in batch.packed[start:start + ROWS_AT_ONCE]:
+                    made.add(blob)
+                _INSERT_REQUEST.run(db, first, made.request_values)
+                _INSERT_EXCHANGE.run(db, first, made.exchange_values)
+                listed = {index: self._listings(answers, first + index, ts) for index, answers, ts in made.listings}
+                db.executemany("UPDATE requests SET listing_id = ? WHERE id = ?",
+                               [(listing_id, first + index) for index, listing_id in listed.items()])
+                if inserted is not None:
+                    inserted += made.inserted(first, listed)
+                listing_ids.update(listed)
+                made.next()
+            count = batch.count - made.skipped
             db.executemany(_UPSERT_SESSION, batch.sessions)
             db.executemany("INSERT INTO tunnel_events (ts, run_id, state, relay, detail) VALUES (?, ?, ?, ?, ?)",
                            batch.tunnel)
@@ -273,8 +291,7 @@ class StoreWriter:
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        return Written(count, first, listing_ids, made.inserted(first, listing_ids) if rows else None,
-                       made.skipped, made.why)
+        return Written(count, first, listing_ids, inserted, made.skipped, made.why)
 
     def write(self, items: Sequence[Item], now: float, dropped: int) -> Written:
         """A batch of `items` made and committed in one go, on one thread: for a store that is not

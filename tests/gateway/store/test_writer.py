@@ -8,6 +8,7 @@ import sqlite3
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from mcpr.gateway.store import writer
 from mcpr.gateway.store.schema import open_store
 from mcpr.gateway.store.writer import RunInfo, SessionChange, StoreWriter, TunnelChange
 from mcpr.proxy.capture import Listing
@@ -69,6 +70,25 @@ class WriterTests(SynchronousTestCase):
         self.assertEqual(self.db.execute("SELECT count(*) FROM exchanges").fetchone()[0], 2)
         self.assertEqual(self.db.execute("SELECT written, dropped FROM runs").fetchone(), (2, 3))
         self.assertEqual(self.db.execute("SELECT requests FROM sessions WHERE id = 's-1'").fetchone(), (2,))
+
+    def test_a_batch_larger_than_rows_at_once_keeps_its_ids_and_listings(self) -> None:
+        n = writer.ROWS_AT_ONCE * 2 + 5
+        listed = {writer.ROWS_AT_ONCE + 3, n - 1}
+        batch = self.writer.batch()
+        for i in range(n):
+            answers = (Listing("tools/list", None, tools(f"t{i}")),) if i in listed else ()
+            batch.add(record(1000.0 + i, session_id="s", mcp_method="tools/list" if answers else "tools/call",
+                             listings=answers))
+        written = self.writer.commit(batch, 3000.0, 0, rows=True)
+        assert written.rows is not None
+        self.assertEqual([row[0] for row in written.rows], list(range(1, n + 1)))
+        self.assertEqual(sorted(written.listing_ids), sorted(listed))
+        by_id = dict(self.db.execute("SELECT id, listing_id FROM requests WHERE listing_id IS NOT NULL"))
+        self.assertEqual(by_id, {i + 1: written.listing_ids[i] for i in listed})
+        self.assertEqual({row[0]: row[-1] for row in written.rows if row[-1] is not None}, by_id)
+        self.assertEqual(self.db.execute("SELECT count(*) FROM exchanges").fetchone()[0], n)
+        self.assertEqual(self.db.execute("SELECT requests, first_seen, last_activity FROM sessions").fetchone(),
+                         (n, 1000.0, 1000.0 + n - 1 + 0.01))
 
     def test_rows_are_given_back_only_when_asked(self) -> None:
         batch = self.writer.batch()
