@@ -386,15 +386,24 @@ def _stat_fields(pid: int) -> list[str] | None:
     return stat[stat.rindex(")") + 2:].split()
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process (all its threads) so far, or None if it is gone."""
+def _own_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (all its threads) and of its children that ended, or None
+    if it is gone."""
     fields = _stat_fields(pid)
-    return None if fields is None else (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return None if fields is None else sum(int(f) for f in fields[11:15]) / CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU seconds of a process and every process below it (the gateway's store writer), so far,
+    or None if it is gone."""
+    return cpu_of([pid])
 
 
 def cpu_of(pids: Iterable[int]) -> float | None:
-    """CPU seconds of a group of processes (an nginx master and its workers), None if none is there."""
-    values = [v for v in (cpu_seconds(p) for p in pids) if v is not None]
+    """CPU seconds of a group of processes (an nginx master and its workers) and of every process
+    below them, None if none is there."""
+    tree = {d for p in pids for d in descendants(p)}
+    values = [v for v in (_own_cpu_seconds(p) for p in tree) if v is not None]
     return sum(values) if values else None
 
 

@@ -1,26 +1,44 @@
 """The inspector's reads of the event store, on a thread of their own.
 
 A page asks while the gateway writes: every query runs on one worker thread
-(not the reactor, not the store's writer thread, so reads and writes never
-queue behind each other) over a read-only connection, which WAL lets read
+(not the reactor; the store's writer is a process of its own, so reads and
+writes never queue behind each other) over a read-only connection, which WAL lets read
 while the writer commits.  The connection is opened on that thread at the
 first question, so even opening the file never blocks the reactor.
 """
 
 from __future__ import annotations
 
+import functools
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
 
-from mcpr.gateway.store.recorder import worker_pool
 from mcpr.gateway.store.schema import open_reader
 
 T = TypeVar("T")
+
+
+def worker_pool(name: str) -> ThreadPool:
+    """A pool of one worker thread, for SQLite work off the reactor, whose thread does not keep the
+    process alive.
+
+    A service tree that fails to start (a port in use) is stopped without a
+    running reactor: a `stopService` waiting for its thread's last job then
+    never returns, the pool is never stopped, and the process would hang after
+    the one-line error instead of exiting.  A normal stop completes before the
+    reactor ends, so a daemon thread cuts nothing short.
+    """
+    pool = ThreadPool(minthreads=1, maxthreads=1, name=name)
+    pool.threadFactory = functools.partial(threading.Thread, daemon=True)  # type: ignore[assignment]
+    return pool
+
 
 
 class StoreReader(Service):

@@ -41,7 +41,7 @@ class _Watching(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._store.watch(self._feed.rows_written)
+        self._store.watch(self._feed.rows_written, lambda: bool(self._feed.subscribers))
 
     def stopService(self) -> None:
         super().stopService()
@@ -74,7 +74,8 @@ def inspector_service(settings: GatewaySettings, store: EventStore, proxy: Proxy
         def question(db: sqlite3.Connection) -> tuple[int, list[RequestRow]]:
             start = queries.last_id(db) if after is None else after
             return start, queries.requests(db, filters, after=start, limit=limit)
-        return reader.ask(question)
+        # After the batch being written: it left without rows for the live feed if no page was open.
+        return store.settled().addCallback(lambda _: reader.ask(question))
 
     feed = LiveFeed(backfill)
     _Watching(store, feed).setServiceParent(top)

@@ -1,10 +1,10 @@
 """The event store's reactor side: what the proxy and the tunnel report is queued, and written in batches
-by a thread of the store's own.
+by a process of the store's own (`worker`).
 
 Nothing here waits for the disk.  A report is kept at once in a batch (as one
 blob: `Batch.add`), and `FLUSH_DELAY` after its first event the batch goes to
-the store's thread (a pool of one thread, not the reactor's, whose threads
-resolve host names), which makes its rows and writes them; or
+the store's writer process (`writer_process`), which makes its rows and
+writes them; or
 `BUSY_FLUSH_DELAY` after it under load (`EventStore._flush_at`).  The next
 batch waits until that one is written, and as long after its own first
 event.  The batch is bounded (`MAX_QUEUE` events, `MAX_QUEUE_BYTES` of
@@ -17,31 +17,46 @@ or a record that cannot be encoded, is dropped and counted the same way.
 
 from __future__ import annotations
 
-import functools
 import sqlite3
-import threading
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Coroutine, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 from mcpr.gateway.settings import StoreSettings
-from mcpr.gateway.store.schema import Connect, StoreError, open_store
-from mcpr.gateway.store.writer import Item, RunInfo, SessionChange, StoreWriter, TunnelChange, Written
+from mcpr.gateway.store.schema import StoreError, open_store
+from mcpr.gateway.store.writer import Batch, Item, RunInfo, SessionChange, StoreWriter, TunnelChange, Written
+from mcpr.gateway.store.writer_process import WriterProcess
 from mcpr.proxy.events import RequestRecord
 
 log = Logger()
 
-T = TypeVar("T")
-
 # Called on the reactor thread with the `requests` rows of each batch once committed.
 Watcher = Callable[[list[tuple[Any, ...]]], None]
+
+
+class Writer(Protocol):
+    """Where batches are written: `StoreWriter`'s calls, answered later (`WriterProcess`; tests play
+    it in memory)."""
+
+    run_id: int
+
+    def start(self) -> None: ...
+
+    def commit(self, batch: Batch, now: float, dropped: int, rows: bool) -> Deferred[Written]: ...
+
+    def heartbeat(self, now: float, dropped: int) -> Deferred[None]: ...
+
+    def prune(self, now: float, retain: float, max_size: int) -> Deferred[int]: ...
+
+    def close(self, now: float, dropped: int) -> Coroutine[Any, Any, None]: ...
+
+    def close_unstarted(self, batch: Batch | None, now: float, dropped: int) -> None: ...
+
 
 # Seconds a report waits for others to share its commit: each commit writes every page it touched (the
 # tables and their four indexes) whatever the number of rows, so fewer, larger batches cost less per
@@ -61,21 +76,6 @@ HEARTBEAT_INTERVAL = 30.0  # `mcpr status` says a gateway stopped answering afte
 PRUNE_INTERVAL = 300.0
 
 
-def worker_pool(name: str) -> ThreadPool:
-    """A pool of one worker thread, for SQLite work off the reactor, whose thread does not keep the
-    process alive.
-
-    A service tree that fails to start (a port in use) is stopped without a
-    running reactor: a `stopService` waiting for its thread's last job then
-    never returns, the pool is never stopped, and the process would hang after
-    the one-line error instead of exiting.  A normal stop completes before the
-    reactor ends, so a daemon thread cuts nothing short.
-    """
-    pool = ThreadPool(minthreads=1, maxthreads=1, name=name)
-    pool.threadFactory = functools.partial(threading.Thread, daemon=True)  # type: ignore[assignment]
-    return pool
-
-
 class EventStore(Service):
     """The gateway's `Recorder` (and the tunnel's event sink), over one SQLite file.
 
@@ -84,17 +84,14 @@ class EventStore(Service):
     be bound does.
     """
 
-    def __init__(self, writer: StoreWriter, settings: StoreSettings, clock: Any,
-                 run: Callable[[Callable[[], Any]], Deferred[Any]], pool: ThreadPool | None = None, *,
+    def __init__(self, writer: Writer, settings: StoreSettings, clock: Any, *,
                  max_queue: int = MAX_QUEUE, max_queue_bytes: int = MAX_QUEUE_BYTES) -> None:
         self.settings = settings
         self._writer = writer
         self._clock = clock
-        self._run = run
-        self._pool = pool
         self._max_queue = max_queue
         self._max_bytes = max_queue_bytes
-        self._batch = writer.batch()  # what was reported since the last batch left
+        self._batch = Batch(writer.run_id)  # what was reported since the last batch left
         self._pending_bytes = 0
         self._pending_since = 0.0  # when the first of `_batch` came
         self._flush_call: IDelayedCall | None = None
@@ -109,44 +106,40 @@ class EventStore(Service):
         self._last_prune = clock.seconds()
         self._heartbeat = LoopingCall(self._tick)
         self._heartbeat.clock = clock
-        self._watchers: list[Watcher] = []
+        self._watchers: list[tuple[Watcher, Callable[[], bool]]] = []
 
     @classmethod
-    def open(cls, settings: StoreSettings, run: RunInfo, reactor: Any, *, connect: Connect | None = None,
-             max_queue: int = MAX_QUEUE) -> EventStore:
-        """The store of `settings`, its file created or migrated, written from a thread of its own
-        started and stopped with this service; `StoreError`, one line that names the setting and
-        says what to do, if the file cannot be used."""
+    def open(cls, settings: StoreSettings, run: RunInfo, reactor: Any, *, max_queue: int = MAX_QUEUE) -> EventStore:
+        """The store of `settings`, its file created or migrated and this run begun in it, written by a
+        process of its own started and stopped with this service; `StoreError`, one line that names
+        the setting and says what to do, if the file cannot be used."""
         try:
-            db = open_store(str(settings.path), connect=connect)
-            writer = StoreWriter(db, run, reactor.seconds())
+            db = open_store(str(settings.path))
+            try:
+                run_id = StoreWriter(db, run, reactor.seconds()).run_id
+            finally:
+                db.close()
         except (sqlite3.Error, OSError, StoreError) as e:
             raise StoreError(f"{settings.origin}: cannot use the event store {settings.path}: {_why(e)}") from None
-        pool = worker_pool("mcpr-store")
-
-        def in_pool(f: Callable[[], T]) -> Deferred[T]:
-            return deferToThreadPool(reactor, pool, f)
-
-        return cls(writer, settings, reactor, in_pool, pool, max_queue=max_queue)
+        return cls(WriterProcess(reactor, str(settings.path), run_id), settings, reactor, max_queue=max_queue)
 
     # -- the service
 
     def startService(self) -> None:
-        """The thread starts with the reactor's first turn: a gateway whose start fails further on
-        (a port in use) stops this service before the reactor runs, and a thread asked to do
-        anything then could never say it is done, nor let the process exit."""
+        """The writer starts with the reactor's first turn: a gateway whose start fails further on
+        (a port in use) stops this service before the reactor runs, and a process asked to do
+        anything then could never say it is done."""
         super().startService()
         self._begin_call = self._clock.callLater(0, self._begin)
 
     def _begin(self) -> None:
         self._begin_call = None
-        if self._pool is not None:
-            self._pool.start()
+        self._writer.start()
         self._prune()
         self._heartbeat.start(HEARTBEAT_INTERVAL, now=False)
 
     def stopService(self) -> Deferred[None]:
-        """Write what is queued, mark the run stopped, close the file, then stop the thread."""
+        """Write what is queued, mark the run stopped, close the file, then let the writer end."""
         super().stopService()
         return Deferred.fromCoroutine(self._stop())
 
@@ -156,7 +149,7 @@ class EventStore(Service):
             self._flush_call.cancel()
         self._flush_call = None
         if self._begin_call is not None:
-            # Stopped before the reactor ran: no thread has touched the file, so this one closes it.
+            # Stopped before the reactor ran: no writer has touched the file, so this one closes it.
             self._begin_call.cancel()
             self._begin_call = None
             self._close_unstarted()
@@ -169,24 +162,20 @@ class EventStore(Service):
             await self._flush()
         dropped, now = self.dropped, self._clock.seconds()
         try:
-            await self._run(lambda: self._writer.close(now, dropped))
+            await self._writer.close(now, dropped)
         except Exception as e:
             log.error("store: could not close {path}: {why}", path=str(self.settings.path), why=str(e))
         if self._report_call is not None and self._report_call.active():
             self._report_call.cancel()
         self._report_dropped()
-        if self._pool is not None:
-            self._pool.stop()
 
     def _close_unstarted(self) -> None:
         now, dropped = self._clock.seconds(), self.dropped
         try:
-            if self._batch.count:
-                self._writer.commit(self._batch, now, dropped)
-            self._writer.close(now, dropped)
+            self._writer.close_unstarted(self._batch if self._batch.count else None, now, dropped)
         except Exception as e:
             log.error("store: could not close {path}: {why}", path=str(self.settings.path), why=str(e))
-        self._batch, self._pending_bytes = self._writer.batch(), 0
+        self._batch, self._pending_bytes = Batch(self._writer.run_id), 0
 
     # -- what the proxy and the tunnel report (the reactor thread)
 
@@ -207,13 +196,31 @@ class EventStore(Service):
         if type == "tunnel":
             self._offer(TunnelChange(ts, fields), EVENT_OVERHEAD)
 
-    def watch(self, watcher: Watcher) -> None:
-        """Have `watcher` told of the requests of every batch written from now on: the rows are
-        readable by then, and the live page needs no polling of the file."""
-        self._watchers.append(watcher)
+    def watch(self, watcher: Watcher, active: Callable[[], bool] = lambda: True) -> None:
+        """Have `watcher` told of the requests of every batch written from now on while `active()`
+        (asked as each batch leaves: the inspector's feed while a live page is open; the rows are
+        made, in the writer, only then): the rows are readable by then, and the live page needs no
+        polling of the file.  A reader that starts to watch should read what it missed once
+        `settled`."""
+        self._watchers.append((watcher, active))
 
     def unwatch(self, watcher: Watcher) -> None:
-        self._watchers.remove(watcher)
+        self._watchers = [w for w in self._watchers if w[0] != watcher]
+
+    def settled(self) -> Deferred[None]:
+        """Fires once the batch being written, if any, is: a batch that left while no watcher was
+        active carries no rows to tell, so a reader that catches up from the file must read after it."""
+        d: Deferred[None] = Deferred()
+        if self._writing is None:
+            d.callback(None)
+            return d
+
+        def settle(result: object) -> object:
+            d.callback(None)
+            return result
+
+        self._writing.addBoth(settle)
+        return d
 
     def health(self) -> dict[str, Any]:
         return {"path": str(self.settings.path), "written": self.written, "dropped": self.dropped,
@@ -265,11 +272,11 @@ class EventStore(Service):
 
     def _flush(self) -> Deferred[None]:
         self._flush_call = None
-        batch, self._batch, self._pending_bytes = self._batch, self._writer.batch(), 0
-        now, dropped, rows = self._clock.seconds(), self.dropped, bool(self._watchers)
-        self._writing = writing = self._run(lambda: self._writer.commit(batch, now, dropped, rows=rows))
-        writing.addCallbacks(self._written, self._failed, errbackArgs=(batch.count,))
-        return writing
+        batch, self._batch, self._pending_bytes = self._batch, Batch(self._writer.run_id), 0
+        rows = any(active() for _, active in self._watchers)
+        writing = self._writer.commit(batch, self._clock.seconds(), self.dropped, rows)
+        self._writing = done = writing.addCallbacks(self._written, self._failed, errbackArgs=(batch.count,))
+        return done
 
     def _written(self, written: Written) -> None:
         self._writing = None
@@ -283,7 +290,7 @@ class EventStore(Service):
             self._drop(written.skipped)
         rows = written.rows
         if rows:
-            for watcher in list(self._watchers):
+            for watcher, _ in list(self._watchers):
                 try:
                     watcher(rows)
                 except Exception:
@@ -332,14 +339,14 @@ class EventStore(Service):
     def _tick(self) -> None:
         """The heartbeat `mcpr status` reads, and retention every `PRUNE_INTERVAL`."""
         now, dropped = self._clock.seconds(), self.dropped
-        self._run(lambda: self._writer.heartbeat(now, dropped)).addErrback(self._housekeeping_failed)
+        self._writer.heartbeat(now, dropped).addErrback(self._housekeeping_failed)
         if now - self._last_prune >= PRUNE_INTERVAL:
             self._prune()
 
     def _prune(self) -> None:
         now = self._last_prune = self._clock.seconds()
         s = self.settings
-        self._run(lambda: self._writer.prune(now, s.retain, s.max_size)).addErrback(self._housekeeping_failed)
+        self._writer.prune(now, s.retain, s.max_size).addErrback(self._housekeeping_failed)
 
     def _housekeeping_failed(self, failure: Failure) -> None:
         log.error("store: housekeeping on {path} failed: {why}", path=str(self.settings.path),

@@ -255,6 +255,14 @@ class StoreWriter:
             "INSERT INTO runs (started, last_seen, pid, host, version, upstream, listen) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (now, now, os.getpid(), socket.gethostname(), run.version, run.upstream, json.dumps(list(run.listen)))))
 
+    @classmethod
+    def attach(cls, db: sqlite3.Connection, run_id: int) -> StoreWriter:
+        """A writer of a run already begun: the writer process's, whose run the gateway made when
+        it opened the store (`EventStore.open`)."""
+        writer = cls.__new__(cls)
+        writer.db, writer.run_id = db, run_id
+        return writer
+
     def batch(self) -> Batch:
         return Batch(self.run_id)
 

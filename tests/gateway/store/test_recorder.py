@@ -16,34 +16,9 @@ from mcpr.gateway.store import recorder
 from mcpr.gateway.store.recorder import EventStore
 from mcpr.gateway.store.schema import StoreError, open_store
 from mcpr.gateway.store.writer import RunInfo, StoreWriter
-from tests.support.store import record
+from tests.support.store import Disk, QueuedWriter, record
 
 RUN = RunInfo("t", "http://127.0.0.1:1/mcp", ["tcp:0"])
-
-
-class Disk:
-    """The store's thread, played by the test: each job waits until the test runs it."""
-
-    def __init__(self) -> None:
-        self.jobs: list[tuple[Callable[[], Any], Deferred[Any]]] = []
-
-    def __call__(self, job: Callable[[], Any]) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self.jobs.append((job, d))
-        return d
-
-    def run(self, count: int | None = None) -> None:
-        """Run the waiting jobs in order, as the thread would: `count` of them, or until none is
-        left (jobs that the finished ones led to included)."""
-        while self.jobs and (count is None or count > 0):
-            count = None if count is None else count - 1
-            job, d = self.jobs.pop(0)
-            try:
-                result = job()
-            except Exception as e:
-                d.errback(e)
-            else:
-                d.callback(result)
 
 
 class RecorderTests(SynchronousTestCase):
@@ -55,7 +30,7 @@ class RecorderTests(SynchronousTestCase):
         self.disk = Disk()
         settings = StoreSettings(Path("/nowhere/store.sqlite3"), retain=600.0, max_size=1 << 30, capture=1024,
                                  origin="option --db")
-        self.store = EventStore(self.writer, settings, self.clock, self.disk, max_queue=5, max_queue_bytes=10_000)
+        self.store = EventStore(QueuedWriter(self.writer, self.disk), settings, self.clock, max_queue=5, max_queue_bytes=10_000)
         self.store.startService()
         self.clock.advance(0)  # the reactor's first turn: the thread starts, with a retention pass
         self.assertEqual(len(self.disk.jobs), 1)
@@ -164,6 +139,31 @@ class RecorderTests(SynchronousTestCase):
         self.disk.run()
         self.assertEqual((heard, self.stored()), ([[1, 2]], 3))
 
+    def test_rows_are_made_only_for_an_active_watcher_and_settled_waits_for_the_write(self) -> None:
+        heard: list[list[int]] = []
+        open_pages: list[str] = []
+        self.store.watch(lambda rows: heard.append([row[0] for row in rows]), lambda: bool(open_pages))
+        asked: list[bool] = []
+        commit = self.store._writer.commit  # type: ignore[attr-defined]
+
+        def spy(batch: object, now: float, dropped: int, rows: bool) -> Deferred[Any]:
+            asked.append(rows)
+            return commit(batch, now, dropped, rows)
+
+        self.store._writer.commit = spy  # type: ignore[attr-defined]
+        self.store.request(record())
+        self.clock.advance(recorder.FLUSH_DELAY)  # leaves while no page is open
+        open_pages.append("a page")
+        settled = self.store.settled()
+        self.assertNoResult(settled)
+        self.disk.run()
+        self.successResultOf(settled)
+        self.successResultOf(self.store.settled())  # nothing in flight: at once
+        self.store.request(record())
+        self.clock.advance(recorder.FLUSH_DELAY)
+        self.disk.run()
+        self.assertEqual((asked, heard), ([False, True], [[2]]))
+
     def test_captured_bytes_bound_the_queue_too(self) -> None:
         big = record(response_body=b"x" * 1024, request_body=b"y" * 1024)
         for _ in range(5):
@@ -240,7 +240,7 @@ class RecorderTests(SynchronousTestCase):
         db = open_store(path)
         writer = StoreWriter(db, RUN, self.clock.seconds())
         disk = Disk()
-        store = EventStore(writer, self.store.settings, self.clock, disk)
+        store = EventStore(QueuedWriter(writer, disk), self.store.settings, self.clock)
         store.startService()
         store.session(1000.0, {"session_id": "s", "state": "active"})  # a service that started before
         stopped_at = self.clock.seconds()
@@ -265,7 +265,7 @@ class BusyBatchTests(SynchronousTestCase):
         self.addCleanup(self.db.close)
         self.disk = Disk()
         settings = StoreSettings(Path("/nowhere/store.sqlite3"), 600.0, 1 << 30, 0, "option --db")
-        self.store = EventStore(StoreWriter(self.db, RUN, 0.0), settings, self.clock, self.disk)
+        self.store = EventStore(QueuedWriter(StoreWriter(self.db, RUN, 0.0), self.disk), settings, self.clock)
 
     def report(self, count: int) -> None:
         for _ in range(count):
@@ -318,7 +318,7 @@ class UnencodableRecordTests(SynchronousTestCase):
         self.addCleanup(db.close)
         disk = Disk()
         settings = StoreSettings(Path("/nowhere/store.sqlite3"), 600.0, 1 << 30, 1024, "option --db")
-        store = EventStore(StoreWriter(db, RUN, 0.0), settings, clock, disk)
+        store = EventStore(QueuedWriter(StoreWriter(db, RUN, 0.0), disk), settings, clock)
         bad = record()
         bad.capture.request_headers = [(b"x-odd", [object()])]  # type: ignore[union-attr, list-item]
         with capturedLogs() as events:
@@ -339,7 +339,7 @@ class UnencodableRecordTests(SynchronousTestCase):
         self.addCleanup(db.close)
         disk = Disk()
         settings = StoreSettings(Path("/nowhere/store.sqlite3"), 600.0, 1 << 30, 1024, "option --db")
-        store = EventStore(StoreWriter(db, RUN, 0.0), settings, clock, disk)
+        store = EventStore(QueuedWriter(StoreWriter(db, RUN, 0.0), disk), settings, clock)
         bad = record()
         bad.capture.response_headers = [(b"x-odd", [5])]  # type: ignore[union-attr, list-item]
         store.request(bad)
