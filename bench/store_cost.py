@@ -13,11 +13,18 @@ concurrency, and in each both gateways in turn, the order swapped every
 round, so that drift of the machine hits both alike; every figure is the
 median of the rounds.
 
-    CPU/request  utime + stime of the gateway process (all its threads: the
-                 store's writer thread is one of them) over the cell, from
-                 /proc/PID/stat, divided by the requests wrk completed
+    CPU/request  utime + stime of the gateway process (all its threads) and
+                 of the store's writer process, its child, over the cell,
+                 from /proc/PID/stat, divided by the requests wrk completed
     p50, p99     wrk's latency percentiles
     req/s        requests wrk completed per second
+
+Pinned (on a machine of two CPUs or more; --no-pin to let the scheduler
+place them): the gateways on the first CPU, wrk and the upstream on the
+others.  Unpinned, a cell's CPU per request moved by ±15 % with where the
+scheduler put the gateway beside wrk, and two identical gateways differed by
+4 % over ten rounds; pinned, by 1 %.  The store's writer process shares its
+gateway's CPU, so what it costs the reactor by taking turns is in the figure.
 
 The figures quoted are the ratios store / no-store of the same run
 (absolute figures move with the machine): of the medians, and the median of
@@ -89,7 +96,8 @@ class Run:
         home = self.workdir / mode
         home.mkdir()
         log_path = self.workdir / f"gateway-{mode}.log"
-        cmd = [sys.executable, "-m", "twisted", "--log-format=text", "mcpr", "--mcp",
+        pin = ["taskset", "--cpu-list", str(self.args.gateway_cpu)] if self.args.gateway_cpu is not None else []
+        cmd = [*pin, sys.executable, "-m", "twisted", "--log-format=text", "mcpr", "--mcp",
                f"http://{HOST}:{up_port}{MCP_PATH}", "--listen", f"tcp:0:interface={HOST}", "--no-tunnel"]
         cmd += ["--db", str(self.store)] if mode == "store" else ["--no-store"]
         with open(log_path, "wb") as log:
@@ -156,7 +164,9 @@ def report(summary: dict, stored: dict, sent: int, upstream: str, load: tuple[li
     lines = [f"The event store's cost per request: gateway with its store / with --no-store, same run "
              f"({args.rounds} round(s) of {args.duration} s per cell, median; upstream {upstream}; load average "
              f"{' '.join(load[0] or ['?'])} at the start, {' '.join(load[1] or ['?'])} at the end, "
-             f"{os.cpu_count()} CPUs)", "",
+             f"{os.cpu_count()} CPUs; "
+             + (f"gateways pinned to CPU {args.gateway_cpu}, the load to the others)" if args.gateway_cpu is not None
+                else "not pinned)"), "",
              f"{'':8}{'CPU µs/req':>22}  {'p50 ms':>18}  {'p99 ms':>18}  {'req/s':>18}",
              f"{'':8}" + "".join(f"{'store  no-store  x':>20}" for _ in range(4))]
     for cell, figures in summary.items():
@@ -186,6 +196,11 @@ def run(args: argparse.Namespace) -> int:
     if shutil.which("wrk") is None:
         print(f"wrk is not installed ({INSTALL['wrk']}): it drives the load", file=sys.stderr)
         return 1
+    args.gateway_cpu = None
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if args.pin and len(cpus) >= 2 and shutil.which("taskset") is not None:
+        args.gateway_cpu = cpus[0]
+        os.sched_setaffinity(0, cpus[1:])  # wrk and the upstream, started from here, inherit it
     children = Children()
     workdir = Path(tempfile.mkdtemp(prefix="mcpr-bench-store-"))
     try:
@@ -227,6 +242,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, help="unmeasured seconds of load before each cell (1; --quick 0)")
     parser.add_argument("--concurrency", type=positive_ints, help="wrk connections per cell (1,16; --quick 16)")
     parser.add_argument("--keep", action="store_true", help="keep the working directory (logs, the store)")
+    parser.add_argument("--no-pin", dest="pin", action="store_false",
+                        help="do not pin the gateways to one CPU and the load to the others")
     parser.add_argument("--json", action="store_true", help="all figures as JSON on stdout, the report on stderr")
     args = parser.parse_args()
     for name, full, quick in (("rounds", 9, 1), ("duration", 2, 1), ("warmup", 1, 0), ("concurrency", [1, 16], [16])):

@@ -318,7 +318,7 @@ class ProxyResource(Resource):
             return None
         # Results are kept for `initialize` (the session table), and for the `*/list` methods when a
         # store keeps every distinct answer.
-        kept = LIST_METHODS | {"initialize"} if self.recorder is not None else {"initialize"}
+        kept = _KEPT_FOR_STORE if self.recorder is not None else _KEPT
         keep = [m.id for m in rt.rpc.requests if m.method in kept]
         content_type = response.headers.getRawHeaders(b"content-type", [None])[0]
         return AnswerWatcher(content_type, keep)
@@ -347,7 +347,7 @@ class ProxyResource(Resource):
         for answer in answers:
             if answer.kind == jsonrpc.ERROR and record.error_code is None:
                 record.error_code, record.error_message = answer.error_code, answer.error_message
-        if record.capture is not None:
+        if record.capture is not None and any(m.method in LIST_METHODS for m in rt.rpc.requests):
             record.capture.listings += _listings(rt.rpc, answers)
         initialize = next((m for m in rt.rpc.requests if m.method == "initialize"), None)
         session_id = response.headers.getRawHeaders(b"mcp-session-id", [None])[0]
@@ -487,6 +487,10 @@ def _looks_json(request: Request) -> bool:
     return request.method == b"POST" and any(
         is_json(t) for t in request.requestHeaders.getRawHeaders(b"content-type", ())
     )
+
+
+_KEPT = frozenset({"initialize"})
+_KEPT_FOR_STORE = LIST_METHODS | _KEPT
 
 
 def _listings(rpc: jsonrpc.Batch, answers: list[jsonrpc.Message]) -> list[Listing]:
