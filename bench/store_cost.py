@@ -19,12 +19,13 @@ median of the rounds.
     p50, p99     wrk's latency percentiles
     req/s        requests wrk completed per second
 
-Pinned (on a machine of two CPUs or more; --no-pin to let the scheduler
-place them): the gateways on the first CPU, wrk and the upstream on the
-others.  Unpinned, a cell's CPU per request moved by ±15 % with where the
-scheduler put the gateway beside wrk, and two identical gateways differed by
-4 % over ten rounds; pinned, by 1 %.  The store's writer process shares its
-gateway's CPU, so what it costs the reactor by taking turns is in the figure.
+With --pin (on a machine of two CPUs or more), the gateways run on the
+first CPU and wrk and the upstream on the others.  Two identical gateways
+then differed by 1 % over ten rounds, against 4 % unpinned; but the store's
+writer process then shares its gateway's CPU, which it would not on a
+machine of several cores, and taking turns with it costs the reactor its
+caches: pinned, the store cost 8-11 % where unpinned it cost 4-8 %
+(2026-12-02, same hour).  So the default leaves placement to the scheduler.
 
 The figures quoted are the ratios store / no-store of the same run
 (absolute figures move with the machine): of the medians, and the median of
@@ -242,8 +243,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, help="unmeasured seconds of load before each cell (1; --quick 0)")
     parser.add_argument("--concurrency", type=positive_ints, help="wrk connections per cell (1,16; --quick 16)")
     parser.add_argument("--keep", action="store_true", help="keep the working directory (logs, the store)")
-    parser.add_argument("--no-pin", dest="pin", action="store_false",
-                        help="do not pin the gateways to one CPU and the load to the others")
+    parser.add_argument("--pin", action="store_true",
+                        help="pin the gateways (and the store's writer) to one CPU and the load to the others")
     parser.add_argument("--json", action="store_true", help="all figures as JSON on stdout, the report on stderr")
     args = parser.parse_args()
     for name, full, quick in (("rounds", 9, 1), ("duration", 2, 1), ("warmup", 1, 0), ("concurrency", [1, 16], [16])):
