@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import marshal
 import signal
+import sqlite3
 import struct
 import sys
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, cast
 
 from mcpr.gateway.store.schema import open_store
 from mcpr.gateway.store.writer import Batch, StoreWriter
@@ -75,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     path, run_id = (argv if argv is not None else sys.argv[1:])
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # The sqlite3 module binds int, float, str and bytearray at once, but for None first looks for an
+    # adapter, and raises and clears an AttributeError when there is none: a row's ten or so Nones cost
+    # more than the rest of its binding (10 Nones: 5.9 us a statement, 2.0 with this). An adapter
+    # found in the registry returns None, which is bound as NULL. The registry is this process's own.
+    sqlite3.register_adapter(type(None), cast("Callable[[None], None]", {}.get))
     try:
         writer = StoreWriter.attach(open_store(path), int(run_id))
     except Exception as e:

@@ -54,6 +54,8 @@ class WriterProcessTests(TestCase):
         await self.writer.heartbeat(2001.0, 2)
         self.assertEqual(await self.writer.prune(2002.0, 10 ** 9, 1 << 40), 0)
         self.assertEqual(self.read("SELECT count(*) FROM exchanges"), [(3,)])
+        self.assertEqual(self.read("SELECT typeof(resource), typeof(error_code) FROM requests"), [("null", "null")] * 3,
+                         "its None adapter binds NULL")
         pid = self.writer.pid
         assert pid is not None
         await self.writer.close(2003.0, 2)
