@@ -3,6 +3,7 @@ up, events are dropped and counted, never waited for."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any, Callable
 
@@ -312,13 +313,16 @@ class BusyBatchTests(SynchronousTestCase):
 
 
 class UnencodableRecordTests(SynchronousTestCase):
-    def test_a_record_that_cannot_be_encoded_is_dropped_not_the_request(self) -> None:
+    def store(self) -> tuple[EventStore, Clock, Disk, sqlite3.Connection]:
         clock = Clock()
         db = open_store(":memory:")
         self.addCleanup(db.close)
         disk = Disk()
         settings = StoreSettings(Path("/nowhere/store.sqlite3"), 600.0, 1 << 30, 1024, "option --db")
-        store = EventStore(QueuedWriter(StoreWriter(db, RUN, 0.0), disk), settings, clock)
+        return EventStore(QueuedWriter(StoreWriter(db, RUN, 0.0), disk), settings, clock), clock, disk, db
+
+    def test_a_record_that_cannot_be_encoded_is_dropped_not_the_request(self) -> None:
+        store, clock, disk, db = self.store()
         bad = record()
         bad.capture.request_headers = [(b"x-odd", [object()])]  # type: ignore[union-attr, list-item]
         with capturedLogs() as events:
@@ -332,14 +336,8 @@ class UnencodableRecordTests(SynchronousTestCase):
         self.assertEqual(db.execute("SELECT count(*) FROM requests").fetchone()[0], 1)
         self.assertEqual(db.execute("SELECT count(*) FROM exchanges").fetchone()[0], 1)
 
-
-    def test_a_record_that_the_stores_thread_cannot_encode_is_dropped_and_counted(self) -> None:
-        clock = Clock()
-        db = open_store(":memory:")
-        self.addCleanup(db.close)
-        disk = Disk()
-        settings = StoreSettings(Path("/nowhere/store.sqlite3"), 600.0, 1 << 30, 1024, "option --db")
-        store = EventStore(QueuedWriter(StoreWriter(db, RUN, 0.0), disk), settings, clock)
+    def test_a_record_that_the_writer_cannot_encode_is_dropped_and_counted(self) -> None:
+        store, clock, disk, db = self.store()
         bad = record()
         bad.capture.response_headers = [(b"x-odd", [5])]  # type: ignore[union-attr, list-item]
         store.request(bad)
