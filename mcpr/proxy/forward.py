@@ -105,11 +105,43 @@ def quick_ack(transport: Any) -> None:
 
 
 class _QuickAck(ProtocolWrapper):
-    """Sits on the TCP connection, under TLS if any, to see every read the socket gives."""
+    """Sits on the TCP connection, under TLS if any, to see every read the socket gives.
+
+    It is also the transport Twisted's HTTP client pauses and resumes, and a
+    pause asked for while a read is being handled waits until that read
+    returns.  The client pauses the socket as soon as a response's headers are
+    in and resumes it when the body gets a reader (`deliverBody`), which the
+    proxy does within the same read: applied at once, that pause and resume
+    were an `epoll_ctl` DEL and ADD for every request.  No byte can arrive
+    before the read returns, so a pause that is still wanted then is applied
+    then, and one undone before it never reaches the socket.
+    """
+
+    _reading = False
+    _pause_wanted = False
 
     def dataReceived(self, data: bytes) -> None:
         quick_ack(self.transport)
-        self.wrappedProtocol.dataReceived(data)
+        self._reading = True
+        try:
+            self.wrappedProtocol.dataReceived(data)
+        finally:
+            self._reading = False
+            if self._pause_wanted:
+                self._pause_wanted = False
+                self.transport.pauseProducing()  # type: ignore[union-attr]  # a TCP transport
+
+    def pauseProducing(self) -> None:
+        if self._reading:
+            self._pause_wanted = True
+        else:
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def resumeProducing(self) -> None:
+        if self._pause_wanted:
+            self._pause_wanted = False  # paused and resumed within one read: the socket never knew
+        else:
+            self.transport.resumeProducing()  # type: ignore[union-attr]
 
 
 class _QuickAckFactory(WrappingFactory):

@@ -95,6 +95,45 @@ class UpstreamEndpointTests(SynchronousTestCase):
         self.assertEqual(tcp.transport.socket.options, [(socket.IPPROTO_TCP, forward._QUICKACK, 1)])
 
 
+class Pausing(Protocol):
+    """Pauses its transport on every read, and resumes it at once when told to (as the HTTP
+    client does when the proxy takes a response's body in the same read)."""
+
+    resume_at_once = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.pauseProducing()
+        if self.resume_at_once:
+            self.transport.resumeProducing()
+
+
+class PauseWithinAReadTests(SynchronousTestCase):
+    """A pause asked for while a read is handled reaches the socket when the read returns, if still wanted."""
+
+    def connect(self) -> tuple[MemoryEndpoint, Pausing]:
+        tcp = MemoryEndpoint()
+        protocol = self.successResultOf(UpstreamEndpoint(tcp).connect(Factory.forProtocol(Pausing)))
+        return tcp, protocol
+
+    def test_paused_and_resumed_within_a_read_the_socket_never_pauses(self) -> None:
+        tcp, protocol = self.connect()
+        protocol.resume_at_once = True
+        states = []
+        tcp.transport.pauseProducing = lambda: states.append("paused")  # type: ignore[method-assign]
+        tcp.transport.resumeProducing = lambda: states.append("resumed")  # type: ignore[method-assign]
+        tcp.protocol.dataReceived(b"HTTP/1.1 200 OK\r\n")
+        self.assertEqual(states, [])
+
+    def test_a_pause_still_wanted_is_applied_when_the_read_returns(self) -> None:
+        tcp, protocol = self.connect()
+        tcp.protocol.dataReceived(b"HTTP/1.1 200 OK\r\n")
+        self.assertEqual(tcp.transport.producerState, "paused")
+        protocol.transport.resumeProducing()  # outside a read: at once
+        self.assertEqual(tcp.transport.producerState, "producing")
+        protocol.transport.pauseProducing()
+        self.assertEqual(tcp.transport.producerState, "paused")
+
+
 class RealSocketTests(TestCase):
     """UpstreamEndpoint on a real loopback socket, as the kernel sees it."""
 
