@@ -274,29 +274,29 @@ class Forwarder:
         self.pool.cachedConnectionTimeout = idle_timeout  # type: ignore[assignment]  # seconds; Twisted's stub says int
         self._agent = _UpstreamAgent.over(reactor, _UpstreamEndpoints(reactor, connect_timeout), self.pool)
 
-    async def send(
-        self, method: bytes, url: bytes, headers: Headers, body: IBodyProducer | None
-    ) -> IResponse:
-        """The upstream response once its headers arrived; the body is still to be read."""
+    def send(self, method: bytes, url: bytes, headers: Headers, body: IBodyProducer | None) -> Deferred[IResponse]:
+        """The upstream response once its headers arrived; the body is still to be read.
+
+        It fails with `UpstreamTimeout`, `UpstreamUnavailable`, or
+        `CancelledError` when cancelled.  A Deferred with one callback rather
+        than a coroutine: on every request, the coroutine's own Deferred and
+        its resumption cost more than the mapping of its outcome.
+        """
         d = self._agent.request(method, url, headers, body)
-        expired = []
+        timer = self._reactor.callLater(self._timeout, d.cancel)
 
-        def expire() -> None:
-            expired.append(True)
-            d.cancel()
-
-        timer = self._reactor.callLater(self._timeout, expire)
-        try:
-            return await d
-        except Exception as e:
-            if expired:
-                raise UpstreamTimeout(url, f"no response headers within {self._timeout:g} s") from None
-            if cancelled(e):
-                raise CancelledError() from None
-            raise UpstreamUnavailable(url, describe(e)) from None
-        finally:
+        def settle(result: IResponse | Failure) -> IResponse:
             if timer.active():
                 timer.cancel()
+            elif isinstance(result, Failure):  # the timer went off and cancelled the request
+                raise UpstreamTimeout(url, f"no response headers within {self._timeout:g} s")
+            if isinstance(result, Failure):
+                if cancelled(result.value):
+                    raise CancelledError()
+                raise UpstreamUnavailable(url, describe(result.value))
+            return result
+
+        return d.addBoth(settle)
 
     def close(self) -> Deferred[None]:
         return self.pool.closeCachedConnections()
