@@ -334,7 +334,9 @@ class BodyPipe(Protocol):
     def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
         if not self._stopped:
             self._unregister()
-        if self._stopped or reason.check(ResponseDone, PotentialDataLoss):
+        # isinstance rather than `reason.check`, which names every class it is given (reflect.qual)
+        # and looks the names up: 1 % of a small request's CPU, for the same answer.
+        if self._stopped or isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
             self._done.callback(None)
         else:
             self._done.errback(reason)
