@@ -217,9 +217,10 @@ class _UpstreamAgent(Agent):
     `Agent.request`.
 
     Going on means calling Agent's private `_getEndpoint`, `_computeHostValue`
-    and `_requestWithEndpoint` and twisted.web's `_ensureValidURI` (the same
-    from Twisted 22.4 to 26.10); they are used nowhere else, and a Twisted
-    without them fails every test that proxies a request.
+    and `_requestWithEndpoint` and twisted.web's `_ensureValidURI` (as
+    `Agent.request` calls them in Twisted 26.10, the tested version); they are
+    used nowhere else, and a Twisted without them fails every test that
+    proxies a request.
     """
 
     _targets: dict[bytes, tuple[URI, tuple[bytes, bytes, int], IStreamClientEndpoint, bytes, bytes]]
