@@ -32,10 +32,21 @@ def connection_tokens(headers: Headers) -> frozenset[bytes]:
     return frozenset(t.strip().lower() for v in values for t in v.split(b",") if t.strip())
 
 
+# HOP_BY_HOP with each caller's own `drop` (a constant of the caller's), made once rather than on
+# every request; bounded, in case a caller ever passes sets made on the fly.
+_DROPPED: dict[frozenset[bytes], frozenset[bytes]] = {}
+
+
 def end_to_end(source: Headers, drop: frozenset[bytes] = frozenset()) -> Headers:
     """A copy of `source` without hop-by-hop headers, those `Connection` names, and `drop`."""
     out = Headers()
-    dropped = HOP_BY_HOP | drop | connection_tokens(source)
+    dropped = _DROPPED.get(drop)
+    if dropped is None:
+        dropped = HOP_BY_HOP | drop
+        if len(_DROPPED) < 64:
+            _DROPPED[drop] = dropped
+    if source.hasHeader(b"connection"):
+        dropped = dropped | connection_tokens(source)
     for name, values in source.getAllRawHeaders():
         if name.lower() not in dropped:
             out.setRawHeaders(name, values)

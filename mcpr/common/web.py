@@ -631,8 +631,31 @@ class CappedChannel(HTTPChannel):
         self._stop_deadline()
         super().connectionLost(reason)
 
+    # twisted.web asks the channel for both addresses in every Request's constructor, and the
+    # proxy asks whether it is TLS for every request: the transport would build a new address
+    # each time (and make a getsockname system call for the local one), the TLS check would look
+    # through the wrapper.  None of it changes while the connection lives, so it is asked once.
+    _host: IAddress | None = None
+    _peer: IAddress | None = None
+    _secure: bool | None = None
+
+    def getHost(self) -> IAddress:
+        host = self._host
+        if host is None:
+            host = self._host = super().getHost()
+        return host
+
+    def getPeer(self) -> IAddress:
+        peer = self._peer
+        if peer is None:
+            peer = self._peer = super().getPeer()
+        return peer
+
     def isSecure(self) -> bool:
-        return is_secure(self.transport)
+        secure = self._secure
+        if secure is None:
+            secure = self._secure = is_secure(self.transport)
+        return secure
 
     # -- deadlines
 

@@ -158,14 +158,15 @@ class RequestRecord:
 
     def console_line(self) -> str:
         """`21:23:11 POST 200 147B 8ms 8ms↑ 0ms↓ tools/call add`."""
+        started, headers_at, finished = self.started, self.headers_at, self.finished
         parts = [
-            time.strftime("%H:%M:%S", time.localtime(self.started)),
+            _clock(started),
             self.method,
             str(self.status if self.status is not None else "-"),
             human_bytes(self.bytes_out),
-            _ms_text(self.latency_ms),
-            _ms_text(self.upstream_ms) + "↑",
-            _ms_text(self.downstream_ms) + "↓",
+            _span_text(started, finished),
+            _span_text(started, headers_at) + "↑",
+            _span_text(headers_at, finished) + "↓",
         ]
         if self.mcp_method:
             parts.append(self.mcp_method)
@@ -181,8 +182,24 @@ class RequestRecord:
         return " ".join(parts)
 
 
-def _ms_text(ms: float | None) -> str:
-    return "-" if ms is None else f"{ms:.0f}ms"
+# The console line's clock, made once a second rather than once a line (`localtime` and `strftime`
+# were a quarter of the line's cost): the last whole second and its text.
+_last_clock: tuple[int, str] = (-1, "")
+
+
+def _clock(seconds: float) -> str:
+    global _last_clock
+    whole = int(seconds)
+    if whole != _last_clock[0]:
+        _last_clock = (whole, time.strftime("%H:%M:%S", time.localtime(whole)))
+    return _last_clock[1]
+
+
+def _span_text(start: float | None, end: float | None) -> str:
+    """What `_ms` gives, as the console line shows it: `8ms`, or `-`."""
+    if start is None or end is None:
+        return "-"
+    return f"{round((end - start) * 1000, 3):.0f}ms"
 
 
 def human_bytes(n: int, *, iec: bool = False) -> str:

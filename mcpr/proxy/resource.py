@@ -221,7 +221,7 @@ class ProxyResource(Resource):
             host=request.getHeader(b"host"),
             proto=b"https" if request.isSecure() else b"http",
         )
-        exchange.pending = Deferred.fromCoroutine(self.forwarder.send(request.method, rt.url, headers, body))
+        exchange.pending = self.forwarder.send(request.method, rt.url, headers, body)
         try:
             response = await exchange.pending
         except CancelledError:

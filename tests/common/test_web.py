@@ -439,3 +439,28 @@ class ContentTypeParseTests(SynchronousTestCase):
     def test_forms_are_still_parsed(self) -> None:
         seen = self.render(b"a=1", b"application/x-www-form-urlencoded")
         self.assertEqual(seen["args"], {b"a": [b"1"]})
+
+
+class AddressTests(ChannelTestBase):
+    """The channel asks its transport for the addresses and for TLS once, not for every request."""
+
+    def test_each_request_sees_the_addresses_asked_once(self) -> None:
+        expected = (self.transport.getHost(), self.transport.getPeer(), False)
+        asked: list[str] = []
+        for name in ("getHost", "getPeer"):
+            original = getattr(self.transport, name)
+            self.patch(self.transport, name, lambda name=name, original=original: asked.append(name) or original())
+        seen = []
+
+        class Where(Resource):
+            isLeaf = True
+
+            def render(self, request):
+                seen.append((request.getHost(), request.getClientAddress(), request.isSecure()))
+                return b"ok"
+
+        self.site.resource = Where()
+        for _ in range(3):
+            self.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertEqual(seen, [expected] * 3)
+        self.assertEqual(sorted(asked), ["getHost", "getPeer"])

@@ -3,6 +3,7 @@
 import io
 import json
 import sys
+import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -51,6 +52,12 @@ class EventTests(SynchronousTestCase):
         self.assertEqual(line.split(" ", 1)[1], "POST 200 147B 8ms 8ms↑ 0ms↓ tools/call add")
         event = r.as_event()
         self.assertEqual((event["latency_ms"], event["upstream_ms"]), (8.5, 8.0))
+
+    def test_console_clock_is_the_local_time_of_each_start(self) -> None:
+        """The clock text made once a second is the one `localtime` gives for every start in it."""
+        for started in (100.2, 100.9, 101.0, 3600.5, 100.0):
+            line = RequestRecord("r", started, "direct", "GET", "/", "passthrough").console_line()
+            self.assertEqual(line.split(" ", 1)[0], time.strftime("%H:%M:%S", time.localtime(started)))
 
     def test_human_bytes(self) -> None:
         self.assertEqual([human_bytes(n) for n in (0, 1023, 1536, 5 << 20, 3 << 30)],

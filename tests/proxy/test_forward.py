@@ -1,4 +1,4 @@
-"""Upstream connections: Nagle off and every read acknowledged at once, for http and https alike."""
+"""Upstream connections: Nagle off and every read acknowledged at once, for http and https alike; the Agent."""
 
 from __future__ import annotations
 
@@ -13,10 +13,14 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import readBody
+from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 from zope.interface import implementer
 
 from mcpr.proxy import forward
-from mcpr.proxy.forward import UpstreamEndpoint
+from mcpr.proxy.forward import Forwarder, UpstreamEndpoint, UpstreamUnavailable
 
 
 class Received(Protocol):
@@ -95,6 +99,45 @@ class UpstreamEndpointTests(SynchronousTestCase):
         self.assertEqual(tcp.transport.socket.options, [(socket.IPPROTO_TCP, forward._QUICKACK, 1)])
 
 
+class Pausing(Protocol):
+    """Pauses its transport on every read, and resumes it at once when told to (as the HTTP
+    client does when the proxy takes a response's body in the same read)."""
+
+    resume_at_once = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.pauseProducing()
+        if self.resume_at_once:
+            self.transport.resumeProducing()
+
+
+class PauseWithinAReadTests(SynchronousTestCase):
+    """A pause asked for while a read is handled reaches the socket when the read returns, if still wanted."""
+
+    def connect(self) -> tuple[MemoryEndpoint, Pausing]:
+        tcp = MemoryEndpoint()
+        protocol = self.successResultOf(UpstreamEndpoint(tcp).connect(Factory.forProtocol(Pausing)))
+        return tcp, protocol
+
+    def test_paused_and_resumed_within_a_read_the_socket_never_pauses(self) -> None:
+        tcp, protocol = self.connect()
+        protocol.resume_at_once = True
+        states = []
+        tcp.transport.pauseProducing = lambda: states.append("paused")  # type: ignore[method-assign]
+        tcp.transport.resumeProducing = lambda: states.append("resumed")  # type: ignore[method-assign]
+        tcp.protocol.dataReceived(b"HTTP/1.1 200 OK\r\n")
+        self.assertEqual(states, [])
+
+    def test_a_pause_still_wanted_is_applied_when_the_read_returns(self) -> None:
+        tcp, protocol = self.connect()
+        tcp.protocol.dataReceived(b"HTTP/1.1 200 OK\r\n")
+        self.assertEqual(tcp.transport.producerState, "paused")
+        protocol.transport.resumeProducing()  # outside a read: at once
+        self.assertEqual(tcp.transport.producerState, "producing")
+        protocol.transport.pauseProducing()
+        self.assertEqual(tcp.transport.producerState, "paused")
+
+
 class RealSocketTests(TestCase):
     """UpstreamEndpoint on a real loopback socket, as the kernel sees it."""
 
@@ -105,3 +148,34 @@ class RealSocketTests(TestCase):
         protocol = await UpstreamEndpoint(tcp).connect(Factory.forProtocol(Protocol))
         self.addCleanup(protocol.transport.loseConnection)
         self.assertNotEqual(protocol.transport.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 0)
+
+
+class EchoHost(Resource):
+    isLeaf = True
+
+    def render(self, request):
+        return b"%s %s" % (request.getHeader(b"host"), request.uri)
+
+
+class AgentTests(TestCase):
+    """The Forwarder's Agent, which works out each URL once: what goes out is what Agent would send."""
+
+    async def test_host_and_path_as_agent_computes_them_the_callers_headers_untouched(self) -> None:
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(EchoHost()))
+        self.addCleanup(port.stopListening)
+        forwarder = Forwarder(reactor, headers_timeout=5)
+        self.addCleanup(forwarder.close)
+        url = b"http://127.0.0.1:%d/mcp?x=1" % port.getHost().port
+        headers = Headers({b"accept": [b"application/json"]})
+        for _ in range(2):  # worked out, then taken from the table
+            response = await forwarder.send(b"GET", url, headers, None)
+            self.assertEqual(await readBody(response), b"127.0.0.1:%d /mcp?x=1" % port.getHost().port)
+        self.assertEqual(list(headers.getAllRawHeaders()), [(b"Accept", [b"application/json"])])
+
+    async def test_a_url_agent_refuses_is_refused(self) -> None:
+        forwarder = Forwarder(reactor, headers_timeout=5)
+        self.addCleanup(forwarder.close)
+        with self.assertRaises(UpstreamUnavailable):
+            await forwarder.send(b"GET", b"ftp://127.0.0.1/", Headers(), None)
+        with self.assertRaises(ValueError):
+            await forwarder.send(b"GET", b"http://127.0.0.1/a b", Headers(), None)
