@@ -126,11 +126,10 @@ class WriterProcess:
         return self._call("prune", now, retain, max_size)
 
     async def close(self, now: float, dropped: int) -> None:
-        """Close the run, then let the process end."""
+        """Close the run, then let the process end (one is started for it if the last one died)."""
+        self.start()
         pipe = self._pipe
-        if pipe is None:
-            self.close_unstarted(None, now, dropped)
-            return
+        assert pipe is not None
         try:
             await self._call("close", now, dropped)
         finally:

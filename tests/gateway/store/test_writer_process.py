@@ -79,7 +79,14 @@ class WriterProcessTests(TestCase):
         self.assertEqual((written.count, self.writer.starts), (1, 2))
         self.assertNotEqual(self.writer.pid, pid)
         self.assertEqual(self.read("SELECT count(*) FROM requests"), [(1,)], "the killed one's batch is not there")
-        await self.writer.close(2002.0, 2)
+        os.kill(self.writer.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        for _ in range(100):  # until the reactor has seen it end
+            if self.writer.pid is None:
+                break
+            await deferLater(reactor, 0.05)
+        self.assertIsNone(self.writer.pid)
+        await self.writer.close(2002.0, 2)  # a writer is started again to close the run
+        self.assertEqual((self.writer.starts, self.read("SELECT stopped FROM runs")), (3, [(2002.0,)]))
 
     async def test_ctrl_c_reaches_the_gateway_not_its_writer(self) -> None:
         """SIGINT (a terminal's Ctrl-C) and SIGTERM go to the whole group: the writer stays for the
