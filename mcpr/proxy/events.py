@@ -196,10 +196,9 @@ def _clock(seconds: float) -> str:
 
 
 def _span_text(start: float | None, end: float | None) -> str:
-    """What `_ms` gives, as the console line shows it: `8ms`, or `-`."""
-    if start is None or end is None:
-        return "-"
-    return f"{round((end - start) * 1000, 3):.0f}ms"
+    """`elapsed_ms` as the console line shows it: `8ms`, or `-`."""
+    ms = elapsed_ms(start, end)
+    return "-" if ms is None else f"{ms:.0f}ms"
 
 
 def human_bytes(n: int, *, iec: bool = False) -> str:

@@ -347,7 +347,7 @@ class ProxyResource(Resource):
         for answer in answers:
             if answer.kind == jsonrpc.ERROR and record.error_code is None:
                 record.error_code, record.error_message = answer.error_code, answer.error_message
-        if record.capture is not None and any(m.method in LIST_METHODS for m in rt.rpc.requests):
+        if record.capture is not None:
             record.capture.listings += _listings(rt.rpc, answers)
         initialize = next((m for m in rt.rpc.requests if m.method == "initialize"), None)
         session_id = response.headers.getRawHeaders(b"mcp-session-id", [None])[0]
@@ -495,6 +495,8 @@ _KEPT_FOR_STORE = LIST_METHODS | _KEPT
 
 def _listings(rpc: jsonrpc.Batch, answers: list[jsonrpc.Message]) -> list[Listing]:
     """The `*/list` requests of `rpc` that got a result among `answers`."""
+    if not any(m.method in LIST_METHODS for m in rpc.requests):  # most requests: no answer to index
+        return []
     results = {jsonrpc.id_key(a.id): a.result for a in answers if a.kind == jsonrpc.RESPONSE}
     found = []
     for m in rpc.requests:

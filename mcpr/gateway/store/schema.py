@@ -32,10 +32,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
-
-Connect = Callable[[str], sqlite3.Connection]
-
+from typing import Sequence
 
 class StoreError(Exception):
     """The store cannot be used: missing, unreadable, or from another version of mcpr."""
@@ -158,8 +155,7 @@ def _prepare(db: sqlite3.Connection) -> None:
     db.execute("PRAGMA journal_size_limit=67108864")  # the WAL is cut back to 64 MiB after a checkpoint
 
 
-def open_store(path: str, *, connect: Connect | None = None,
-               migrations: Sequence[Migration] = MIGRATIONS) -> sqlite3.Connection:
+def open_store(path: str, *, migrations: Sequence[Migration] = MIGRATIONS) -> sqlite3.Connection:
     """The store at `path` (`:memory:` for tests), created or migrated to the latest schema,
     on a connection usable from the thread that opened it or any one thread after it."""
     if path != ":memory:":
@@ -171,7 +167,7 @@ def open_store(path: str, *, connect: Connect | None = None,
         # Bodies and headers are private even redacted: the file (and so its -wal and -shm, which
         # SQLite gives the file's mode) is made 0600 before SQLite creates it with the umask's.
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-    db = (connect or _connect)(path)
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
         if db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
             # Must precede the first table: space freed by retention can then be given back.
@@ -182,10 +178,6 @@ def open_store(path: str, *, connect: Connect | None = None,
         db.close()
         raise
     return db
-
-
-def _connect(path: str) -> sqlite3.Connection:
-    return sqlite3.connect(path, isolation_level=None, check_same_thread=False)
 
 
 def applied_version(db: sqlite3.Connection) -> int:

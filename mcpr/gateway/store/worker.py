@@ -45,7 +45,7 @@ def _commit(writer: StoreWriter, count: int, packed: list[bytes], sessions: list
             tunnel: list[tuple[Any, ...]], now: float, dropped: int, rows: bool) -> tuple[Any, ...]:
     batch = Batch(writer.run_id, count, packed, sessions, tunnel)
     w = writer.commit(batch, now, dropped, rows=rows)
-    return (w.count, w.first, w.listing_ids, w.rows, w.skipped, w.why)
+    return (w.count, w.first, w.rows, w.skipped, w.why)
 
 
 OPS: dict[str, Callable[..., Any]] = {

@@ -62,14 +62,12 @@ Item = Union[RequestRecord, SessionChange, TunnelChange]
 @dataclass(frozen=True)
 class Written:
     """What one committed batch became: the count of its items written, the id of its first
-    request, the listing row of each request (by index in the batch) that carried a `*/list` answer,
-    the `requests` rows as inserted (`_REQUEST_COLUMNS`) when they were asked for (the inspector
+    request, the `requests` rows as inserted (`_REQUEST_COLUMNS`) when they were asked for (the inspector
     pushes them to its live page without reading them back), and the requests that could not be
     encoded, left out: their count and why the first could not."""
 
     count: int
     first: int
-    listing_ids: dict[int, int]
     rows: list[tuple[Any, ...]] | None = None
     skipped: int = 0
     why: str | None = None
@@ -174,10 +172,6 @@ class Batch:
     sessions: list[tuple[Any, ...]] = field(default_factory=list)
     tunnel: list[tuple[Any, ...]] = field(default_factory=list)
 
-    @property
-    def requests(self) -> int:
-        return len(self.packed)
-
     def add(self, item: Item) -> None:
         """One item, kept until its batch is written (the reactor thread, once per report; see the
         module's docstring). An item that cannot be kept raises before anything changes."""
@@ -271,7 +265,6 @@ class StoreWriter:
         store's thread); with `rows`, give back the `requests` rows as inserted."""
         made = _Rows(self.run_id)
         inserted: list[tuple[Any, ...]] | None = [] if rows else None
-        listing_ids: dict[int, int] = {}
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -286,7 +279,6 @@ class StoreWriter:
                                [(listing_id, first + index) for index, listing_id in listed.items()])
                 if inserted is not None:
                     inserted += made.inserted(first, listed)
-                listing_ids.update(listed)
                 made.next()
             count = batch.count - made.skipped
             db.executemany(_UPSERT_SESSION, batch.sessions)
@@ -299,7 +291,7 @@ class StoreWriter:
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        return Written(count, first, listing_ids, inserted, made.skipped, made.why)
+        return Written(count, first, inserted, made.skipped, made.why)
 
     def write(self, items: Sequence[Item], now: float, dropped: int) -> Written:
         """A batch of `items` made and committed in one go, on one thread: for a store that is not

@@ -31,9 +31,12 @@ class RecorderTests(SynchronousTestCase):
         self.disk = Disk()
         settings = StoreSettings(Path("/nowhere/store.sqlite3"), retain=600.0, max_size=1 << 30, capture=1024,
                                  origin="option --db")
-        self.store = EventStore(QueuedWriter(self.writer, self.disk), settings, self.clock, max_queue=5, max_queue_bytes=10_000)
+        self.queued = QueuedWriter(self.writer, self.disk)
+        self.store = EventStore(self.queued, settings, self.clock, max_queue=5, max_queue_bytes=10_000)
         self.store.startService()
-        self.clock.advance(0)  # the reactor's first turn: the thread starts, with a retention pass
+        self.assertFalse(self.queued.started, "not before the reactor runs")
+        self.clock.advance(0)  # the reactor's first turn: the writer starts, with a retention pass
+        self.assertTrue(self.queued.started)
         self.assertEqual(len(self.disk.jobs), 1)
         self.disk.run()
         self.addCleanup(self.stop)

@@ -82,9 +82,9 @@ class WriterTests(SynchronousTestCase):
         written = self.writer.commit(batch, 3000.0, 0, rows=True)
         assert written.rows is not None
         self.assertEqual([row[0] for row in written.rows], list(range(1, n + 1)))
-        self.assertEqual(sorted(written.listing_ids), sorted(listed))
         by_id = dict(self.db.execute("SELECT id, listing_id FROM requests WHERE listing_id IS NOT NULL"))
-        self.assertEqual(by_id, {i + 1: written.listing_ids[i] for i in listed})
+        self.assertEqual(sorted(by_id), sorted(i + 1 for i in listed))
+        self.assertEqual(by_id, dict(self.db.execute("SELECT first_request, id FROM listings")))
         self.assertEqual({row[0]: row[-1] for row in written.rows if row[-1] is not None}, by_id)
         self.assertEqual(self.db.execute("SELECT count(*) FROM exchanges").fetchone()[0], n)
         self.assertEqual(self.db.execute("SELECT requests, first_seen, last_activity FROM sessions").fetchone(),
