@@ -122,3 +122,15 @@ class WriterProcessTests(TestCase):
         await store.stopService()
         self.assertEqual(self.read("SELECT count(*) FROM requests"), [(5,)])
         self.assertEqual(self.read("SELECT written, stopped IS NOT NULL FROM runs ORDER BY id DESC LIMIT 1"), [(5, 1)])
+
+    def test_stopped_before_the_reactor_turned_it_writes_without_a_process(self) -> None:
+        """A gateway whose start fails further on stops its store before the reactor runs: what was
+        queued and the run's end are written at once, and no writer process is started."""
+        settings = StoreSettings(Path(self.path), retain=600.0, max_size=1 << 30, capture=1024, origin="option --db")
+        store = EventStore.open(settings, RUN, reactor)
+        store.startService()
+        store.request(record(1000.0))
+        self.successResultOf(store.stopService())
+        self.assertEqual(store._writer.starts, 0)  # type: ignore[attr-defined]
+        self.assertEqual(self.read("SELECT count(*) FROM requests"), [(1,)])
+        self.assertEqual(self.read("SELECT stopped IS NOT NULL FROM runs ORDER BY id DESC LIMIT 1"), [(1,)])
