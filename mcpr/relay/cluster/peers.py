@@ -25,7 +25,7 @@ import ipaddress
 import json
 import re
 from collections.abc import Callable
-from typing import IO, Any
+from typing import Any
 
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.endpoints import (
@@ -37,10 +37,8 @@ from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import (
     IProtocol,
     IProtocolFactory,
-    IPushProducer,
     IStreamClientEndpoint,
 )
-from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
@@ -48,12 +46,10 @@ from twisted.web.client import (
     Agent,
     FileBodyProducer,
     HTTPConnectionPool,
-    ResponseDone,
     readBody,
 )
-from twisted.web.http import NO_BODY_CODES, PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
+from twisted.web.iweb import IAgentEndpointFactory
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
@@ -63,6 +59,7 @@ from mcpr.common.headers import end_to_end
 from mcpr.common.names import valid_label
 from mcpr.common.web import body_length, no_delay
 from mcpr.relay.tunnels.contract import ResponseSink, Stream, TunnelRequest
+from mcpr.relay.tunnels.http1 import FINISHED, Exchange, body_producer
 
 log = Logger()
 
@@ -142,41 +139,6 @@ class _NodeEndpoints:
         return _NodeEndpoint(tcp)
 
 
-class _Kept(io.RawIOBase):
-    """The request's body as FileBodyProducer reads it, without its closing the file when done: a
-    request the holder turned away ("not held here") is sent again, to the node the directory
-    names now, from the same spool.  twisted.web closes the spool with its request."""
-
-    def __init__(self, body: IO[bytes]) -> None:
-        super().__init__()
-        self._file = body
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        # Straight into FileBodyProducer's buffer: the spools (twisted.web's temporary file or
-        # BytesIO) read into one without a copy.
-        return self._file.readinto(buffer)  # type: ignore[attr-defined]
-
-    def seekable(self) -> bool:
-        return True  # FileBodyProducer learns the length by seeking: Content-Length, not chunked
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        return self._file.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self._file.tell()
-
-
-def _body(request: TunnelRequest) -> IBodyProducer | None:
-    body = request.body
-    if body is None or not request.body_length:
-        return None
-    body.seek(0)
-    return FileBodyProducer(_Kept(body))
-
-
 class PeerClient:
     """Opens forwarded streams to other nodes over persistent HTTP/1.1 connections."""
 
@@ -208,10 +170,10 @@ class PeerClient:
         open_now = self._open.get(node, 0)
         if open_now >= self._max_per_node:
             sink.fail("cluster node busy")
-            return _FINISHED
+            return FINISHED
         self._open[node] = open_now + 1
-        exchange = _Exchange(self, node, request.method, sink)
-        exchange.send(self._agent.request(request.method, url, headers, _body(request)))
+        exchange = Exchange(request.method, sink, _NodeExchange(self, node))
+        exchange.send(self._agent.request(request.method, url, headers, body_producer(request)))
         return exchange
 
     def _released(self, node: str) -> None:
@@ -263,110 +225,31 @@ class PeerClient:
         await self._pool.closeCachedConnections()
 
 
-class _Finished:
-    """A stream that ended before it began: nothing to cancel."""
+class _NodeExchange:
+    """What one forwarded exchange does to its client's account of `node`."""
 
-    def cancel(self) -> None:
-        pass
-
-
-_FINISHED = _Finished()
-
-
-class _Exchange(Protocol):
-    """One forwarded request: the `Stream` its caller may cancel, and the protocol its response
-    body is delivered to.  Every outcome releases its slot once, and the sink hears nothing more
-    once it was cancelled."""
-
-    def __init__(self, client: PeerClient, node: str, method: bytes, sink: ResponseSink) -> None:
+    def __init__(self, client: PeerClient, node: str) -> None:
         self._client = client
         self._node = node
-        self._method = method
-        self._sink = sink
-        self._pending: Deferred[IResponse] | None = None
-        self._cancelled = False
-        self._over = False
 
-    def send(self, response: Deferred[IResponse]) -> None:
-        self._pending = response
-        response.addCallbacks(self._head, self._failed).addErrback(self._bug)
+    def released(self) -> None:
+        self._client._released(self._node)
 
-    def cancel(self) -> None:
-        if self._over:
-            return
-        self._cancelled = True
-        self._release()
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.cancel()  # connecting or waiting for the head: the connection is dropped
-        elif self.transport is not None:
-            self._producer.stopProducing()
-        # Otherwise the sink is handling the head: connectionMade drops the body.
-
-    def _release(self) -> None:
-        if not self._over:
-            self._over = True
-            self._client._released(self._node)
-
-    def _head(self, response: IResponse) -> None:
-        self._pending = None
+    def head_received(self) -> None:
         self._client._reached(self._node)
-        headers = [(name.lower(), value) for name, values in response.headers.getAllRawHeaders()
-                   for value in values]
-        # twisted.web's client keeps a body's framing fields to itself (a HEAD's Content-Length, which
-        # describes the GET, stays among the headers); the length it read is the tunnel's own.
-        length = response.length
-        if isinstance(length, int) and self._method != b"HEAD" and response.code not in NO_BODY_CODES:
-            headers.append((b"content-length", b"%d" % length))
-        self._sink.head(response.code, headers)
-        response.deliverBody(self)
-        # Registered now, not in connectionMade: deliverBody resumes the socket once its protocol is
-        # connected, which would undo a pause the sink makes as it registers.
-        if not self._over:
-            self._sink.register(self._producer)
 
-    def _failed(self, failure: Failure) -> None:
-        self._pending = None
-        if self._cancelled:
-            return
-        self._release()
-        error = failure.value
+    def failed(self, error: BaseException) -> str:
         if any(isinstance(cause, (ConnectError, DNSLookupError)) for cause in causes(error)):
             self._client._unreachable(self._node, error)
-            self._sink.fail("cluster node unreachable")
-            return
+            return "cluster node unreachable"
         log.warn("cluster node {node} failed before the response head: {why}", node=self._node,
                  why=describe(error))
-        self._sink.fail("cluster node failed")
+        return "cluster node failed"
 
-    def _bug(self, failure: Failure) -> None:
-        log.failure("forwarding to cluster node {node} failed", failure, node=self._node)
-
-    # -- the response body
-
-    @property
-    def _producer(self) -> IPushProducer:
-        """deliverBody's transport: a push producer over the node-to-node socket."""
-        return self.transport  # type: ignore[return-value]
-
-    def connectionMade(self) -> None:
-        if self._cancelled:  # while the sink had the head
-            self._producer.stopProducing()
-
-    def dataReceived(self, data: bytes) -> None:
-        if not self._cancelled:
-            self._sink.data(data)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._cancelled:
-            return
-        self._release()
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self._sink.end()
-            return
+    def broke_off(self, reason: Failure) -> str:
         log.info("the response from cluster node {node} broke off: {why}", node=self._node,
                  why=describe(reason.value))
-        self._sink.fail("cluster node connection lost")
+        return "cluster node connection lost"
 
 
 def internal_request(request: Request) -> TunnelRequest:
