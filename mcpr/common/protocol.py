@@ -11,6 +11,14 @@ import enum
 SUBPROTOCOL = "mcpr-tunnel.h2"
 REGISTER_PATH = "/_tunnel/register"
 
+# Pooled sockets (docs/protocol.md, "Pooled sockets"): plain HTTP/1.1 connections a gateway opens
+# beside its registration, upgraded at POOL_PATH with the key its registration answer named.
+POOL_PATH = "/_tunnel/pool"
+POOL_UPGRADE = b"mcpr-pool"
+POOL_HEADER = b"x-mcpr-pool"
+# The most pooled sockets one tunnel may ask for; the relay's `tunnel_pool` setting lowers it.
+MAX_POOL = 64
+
 # WebSocket close reasons are capped at 123 bytes of UTF-8 (RFC 6455 §5.5); keep a margin.
 MAX_REASON = 120
 

@@ -24,6 +24,8 @@ from urllib.parse import urlsplit
 
 from twisted.python import usage
 
+from mcpr.common.protocol import MAX_POOL
+
 CONFIG_NAME = "mcpr.toml"
 
 # Both daemons cap request bodies at this size unless told otherwise.
@@ -124,6 +126,15 @@ def parse_count(value: Any) -> int:
         value = int(value.strip())
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError("expected a positive integer")
+    return value
+
+
+def parse_pool_size(value: Any) -> int:
+    """Pooled sockets per tunnel (docs/protocol.md, "Pooled sockets"): 0 turns them off."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_POOL:
+        raise ValueError(f"expected a number of sockets from 0 (none) to {MAX_POOL}")
     return value
 
 

@@ -750,6 +750,28 @@ class CappedChannel(HTTPChannel):
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
 
+def take_over(request: Request, protocol: Protocol, answer: bytes) -> None:
+    """Hand `request`'s connection to `protocol` after writing `answer` (an upgrade's 101) on it.
+
+    twisted.web has no API for this (Twisted #3204); this is what Autobahn's
+    WebSocketResource does: the channel lets go of its transport (so it never
+    reads again, `CappedChannel._taken_over`) and whatever wraps the socket (TLS,
+    the connection counter) delivers to `protocol` from then on.
+    """
+    channel = request.channel
+    transport: Any = channel.transport
+    channel.transport = None
+    transport.unregisterProducer()  # twisted.web's channel is its transport's producer
+    if isinstance(transport, ProtocolWrapper):
+        transport.wrappedProtocol = protocol
+    elif isinstance(transport.protocol, ProtocolWrapper):
+        transport.protocol.wrappedProtocol = protocol
+    else:
+        transport.protocol = protocol
+    transport.write(answer)
+    protocol.makeConnection(transport)
+
+
 class CappedSite(Site):
     """A Site whose requests know the body cap, where they came from and whom to tell of a refusal.
 

@@ -170,7 +170,7 @@ def tunnel_service(settings: GatewaySettings, resource: ProxyResource, reactor: 
     site = build_site(resource, settings, via="tunnel")
     events: EventSink = resource.events if store is None else _Both(resource.events, store)
     return TunnelClient(reactor, settings.relay_url, token, settings.tunnel_subdomain, site, events, on_url, ping_interval=settings.tunnel_ping_interval,
-                        ping_timeout=settings.tunnel_ping_timeout)
+                        ping_timeout=settings.tunnel_ping_timeout, pool=settings.tunnel_pool)
 
 
 def makeService(options: usage.Options, reactor: Any = None) -> IService:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sys
 import threading
 import typing
@@ -62,6 +63,7 @@ from mcpr.common.names import is_concrete, matches, valid_label
 from mcpr.common.protocol import PROVIDER_UNAVAILABLE, CloseCode
 from mcpr.common.web import no_delay
 from mcpr.gateway.h2_server import serve_streams
+from mcpr.gateway.pool import LanePool
 
 log = Logger()
 
@@ -88,6 +90,7 @@ WHY_WAITING: dict[int, str] = {
 }
 
 
+_POOL_KEY = re.compile(r"[A-Za-z0-9_-]{16,128}")  # sent back as a header value: no more than this
 _FINAL = frozenset(code for code in CloseCode if code.final)
 assert _FINAL <= set(WHY_FINAL)
 
@@ -232,6 +235,7 @@ class TunnelProtocol(WebSocketClientProtocol):
         self._registered = False
         self._refusal: Refusal | None = None
         self._answer_timer: IDelayedCall | None = None
+        self._lanes: LanePool | None = None
 
     def connectionMade(self) -> None:
         no_delay(self.transport)  # HTTP/2 frames are small writes; Nagle would hold them ~40 ms
@@ -246,7 +250,10 @@ class TunnelProtocol(WebSocketClientProtocol):
             self._refusal = Refusal(f"the relay does not speak {wire.SUBPROTOCOL}")
             self.sendClose(1000)
             return
-        self._send_json({"token": self.factory.token, "subdomain": self.factory.subdomain})
+        hello: dict[str, Any] = {"token": self.factory.token, "subdomain": self.factory.subdomain}
+        if self.factory.pool_size:
+            hello["pool"] = self.factory.pool_size
+        self._send_json(hello)
         self._await_answer()
 
     def _await_answer(self) -> None:
@@ -302,6 +309,7 @@ class TunnelProtocol(WebSocketClientProtocol):
             self.factory.subdomain = subdomain or asked
             self._h2 = serve_streams(self, self.factory.site, self.factory.reactor)
             self._registered = True
+            self._open_lanes(message.get("pool"))
             self.factory.owner.tunnel_registered(url)
         elif "subdomains" in message:
             offered = message["subdomains"]
@@ -311,6 +319,24 @@ class TunnelProtocol(WebSocketClientProtocol):
                 self.dropConnection(abort=True)
                 return
             self._pick(patterns)
+
+    def _open_lanes(self, offer: Any) -> None:
+        """The pooled sockets the registration answer offers, if it offers any (docs/protocol.md)."""
+        if offer is None or not self.factory.pool_size:
+            return
+        key, size = (offer.get("key"), offer.get("size")) if isinstance(offer, dict) else (None, None)
+        if not (isinstance(key, str) and _POOL_KEY.fullmatch(key) and isinstance(size, int)
+                and not isinstance(size, bool) and 0 < size <= wire.MAX_POOL):
+            log.warn("tunnel: the relay's pooled-socket offer is malformed; using the tunnel alone")
+            return
+        factory = self.factory
+        assert factory.pool_endpoint is not None and factory.subdomain is not None
+        parts = urlsplit(factory.url)
+        path = parts.path[: -len(wire.REGISTER_PATH)] + wire.POOL_PATH
+        self._lanes = LanePool(factory.reactor, factory.pool_endpoint, host=parts.netloc, path=path,
+                               subdomain=factory.subdomain, key=key, size=min(size, factory.pool_size),
+                               site=factory.site)
+        self._lanes.start()
 
     def fail_tunnel(self, reason: str) -> None:
         """Close with 1011 (Autobahn's sendClose allows only 1000 and 3000-4999): the relay's
@@ -342,6 +368,9 @@ class TunnelProtocol(WebSocketClientProtocol):
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self._stop_waiting()
+        if self._lanes is not None:
+            lanes, self._lanes = self._lanes, None
+            lanes.stop()
         if self._h2 is not None:
             h2, self._h2 = self._h2, None
             try:
@@ -367,12 +396,16 @@ class TunnelFactory(WebSocketClientFactory):
     noisy = False
 
     def __init__(self, url: str, *, token: str, subdomain: str | None, site: Site, owner: TunnelOwner,
-                 reactor: Any) -> None:
+                 reactor: Any, pool_size: int = 0, pool_endpoint: IStreamClientEndpoint | None = None) -> None:
+        """`pool_size` pooled sockets are asked for at each registration and opened through
+        `pool_endpoint`, the relay's address as the WebSocket reaches it."""
         super().__init__(url, protocols=[wire.SUBPROTOCOL], reactor=reactor)
         self.token = token
         self.subdomain = subdomain  # the relay's answer or the user's pick, kept for reconnects
         self.site = site
         self.owner = owner
+        self.pool_size = pool_size if pool_endpoint is not None else 0
+        self.pool_endpoint = pool_endpoint
 
 
 @provider(ILogObserver)
@@ -412,7 +445,8 @@ class TunnelClient(ClientService):
     def __init__(self, reactor: Any, relay_url: str, token: str, subdomain: str | None, site: Site,
                  events: EventSink, on_url: Callable[[str], None], *, ping_interval: float = 20.0,
                  ping_timeout: float = 10.0, backoff: Backoff | None = None,
-                 choose: Callable[[list[str]], Deferred[str]] = choose_on_terminal) -> None:
+                 choose: Callable[[list[str]], Deferred[str]] = choose_on_terminal, pool: int = 0) -> None:
+        """`pool`: pooled sockets to ask the relay for beside the tunnel (0: none)."""
         self.relay_url = relay_url
         self.url: str | None = None
         self.state = "idle"
@@ -431,7 +465,8 @@ class TunnelClient(ClientService):
         endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, host, port, timeout=10)
         if secure:
             endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
-        self._factory = TunnelFactory(url, token=token, subdomain=subdomain, site=site, owner=self, reactor=reactor)
+        self._factory = TunnelFactory(url, token=token, subdomain=subdomain, site=site, owner=self, reactor=reactor,
+                                      pool_size=pool, pool_endpoint=endpoint)
         self._factory.setProtocolOptions(
             autoPingInterval=ping_interval, autoPingTimeout=ping_timeout, openHandshakeTimeout=10,
             closeHandshakeTimeout=5, maxMessagePayloadSize=4 * wire.MAX_MESSAGE,

@@ -1,9 +1,9 @@
 """The relay's public HTTP side: route by Host, and answer for itself.
 
 `<label>.<domain>` goes into that label's tunnel (`forwarding.py`); any other
-host only gets the relay's own endpoints (`/healthz`, `/_tunnel/register`, and
-a status page on the bare domain), so the relay can be health-checked on
-127.0.0.1 and registered with through any name that reaches it.
+host only gets the relay's own endpoints (`/healthz`, `/_tunnel/register`,
+`/_tunnel/pool`, and a status page on the bare domain), so the relay can be
+health-checked on 127.0.0.1 and registered with through any name that reaches it.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from mcpr.common.protocol import REGISTER_PATH
 from mcpr.relay.forwarding import TunnelForwarder
 from mcpr.relay.metrics import RequestStats
 from mcpr.relay.registry import Registry
+from mcpr.relay.tunnels.pool import PoolResource, SocketPool
 
 
 def split_host(host: bytes | None, domain: str) -> tuple[str, str | None]:
@@ -81,6 +82,7 @@ class RelayFront(Resource):
         self._status = _Page(self._status_html)
         self._tunnel_dir = Resource()
         self._tunnel_dir.putChild(b"register", register)
+        self._tunnel_dir.putChild(b"pool", PoolResource(self._pool_of))
 
     def getChildWithDefault(self, path: bytes, request: Request) -> IResource:
         kind, label = split_host(request.getHeader(b"host"), self.domain)
@@ -96,6 +98,9 @@ class RelayFront(Resource):
 
     def render(self, request: Request) -> Any:
         return self.getChildWithDefault(b"", request).render(request)
+
+    def _pool_of(self, subdomain: str) -> SocketPool | None:
+        return getattr(self._registry.get(subdomain), "pool", None)
 
     def health(self) -> dict[str, Any]:
         """Always answered 200, even degraded: a load balancer that took every node out of service

@@ -33,6 +33,7 @@ from mcpr.relay.tunnels.contract import Tunnel
 from mcpr.relay.tunnels.guard import ControlBudget, Outbound, TunnelLimits
 from mcpr.relay.tunnels.h2 import H2Tunnel
 from mcpr.relay.tunnels.legacy import LegacyTunnel
+from mcpr.relay.tunnels.pool import SocketPool
 
 
 class RegistrationObserver(Protocol):
@@ -161,6 +162,7 @@ class RegistrationProtocol(WebSocketServerProtocol):
         self._hello_done: Deferred[None] | None = None
         self._budget: ControlBudget | None = None  # set when the socket opens (_guard_socket)
         self._outbound: Outbound | None = None
+        self._pool_asked = 0  # pooled sockets the gateway's hello asked for
 
     # -- autobahn callbacks
 
@@ -208,6 +210,9 @@ class RegistrationProtocol(WebSocketServerProtocol):
             return
         if self._state is _State.HELLO:
             token = message.get("token")
+            pool = message.get("pool")
+            if isinstance(pool, int) and not isinstance(pool, bool) and pool > 0:
+                self._pool_asked = min(pool, wire.MAX_POOL)
             self._state = _State.AUTHENTICATING
             self._hello_done = Deferred.fromCoroutine(self._hello(token if isinstance(token, str) else "", subdomain))
             self._hello_done.addErrback(self._crashed)
@@ -308,7 +313,12 @@ class RegistrationProtocol(WebSocketServerProtocol):
         self._cancel_timer()
         self._state = _State.REGISTERED
         url = self.factory.public_url(subdomain)
-        self._send_json({"subdomain": subdomain, "url": url})
+        answer: dict[str, Any] = {"subdomain": subdomain, "url": url}
+        size = min(self._pool_asked, self.factory.limits.pool)
+        if size and isinstance(tunnel, H2Tunnel):
+            tunnel.pool = SocketPool(subdomain, size)
+            answer["pool"] = {"key": tunnel.pool.key, "size": size}
+        self._send_json(answer)
         self.tunnel = tunnel
         if isinstance(tunnel, H2Tunnel):
             tunnel.start()

@@ -5,10 +5,10 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from urllib.parse import urlsplit
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 from mcpr.common.settings import (
     CONFIG_NAME,
@@ -23,6 +23,7 @@ from mcpr.common.settings import (
     parse_http_url,
     parse_list,
     parse_ping_seconds,
+    parse_pool_size,
     parse_port,
     parse_seconds,
     parse_size,
@@ -142,6 +143,10 @@ RELAY_SETTINGS: tuple[Setting, ...] = (
             help="Control frames a gateway may send per second, with a burst of as many: HTTP/2 PING, "
                  "SETTINGS, WINDOW_UPDATE, PRIORITY, RST_STREAM, empty DATA..., legacy messages without "
                  "data, WebSocket pings (default 1000; GOAWAY ENHANCE_YOUR_CALM and close 1008 above)."),
+    Setting("tunnel_pool", parse_pool_size, 8, ("relay", "tunnel_pool"),
+            help="Pooled sockets a gateway may open beside its tunnel: plain HTTP/1.1 connections that "
+                 "carry one request at a time, cheaper than the tunnel's HTTP/2 streams (default 8, "
+                 "at most 64; 0 turns them off)."),
     Setting("gateway_backlog", parse_size, 1 << 20, ("relay", "gateway_backlog"),
             help="Bytes the relay may queue for a gateway that does not read, beyond its socket buffer "
                  "(default 1MiB; the socket is dropped above). Request bodies and new requests wait instead."),
@@ -225,6 +230,7 @@ class RelaySettings:
     public_url: str
     control_frame_rate: int
     gateway_backlog: int
+    tunnel_pool: int
     client_header_timeout: float
     client_body_timeout: float
     min_body_rate: int

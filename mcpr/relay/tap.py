@@ -100,7 +100,8 @@ def _service_tree(options: usage.Options, reactor: Any) -> RelayService:
         public_url=settings.public_url,
         registration_timeout=settings.registration_timeout, max_message_size=settings.max_message_size,
         ping_interval=settings.ping_interval, ping_timeout=settings.ping_timeout,
-        limits=TunnelLimits(control_rate=settings.control_frame_rate, backlog=settings.gateway_backlog),
+        limits=TunnelLimits(control_rate=settings.control_frame_rate, backlog=settings.gateway_backlog,
+                           pool=settings.tunnel_pool),
         trusted=TrustedProxies(settings.trusted_proxies), cluster=cluster)
     heartbeat = Heartbeat(cluster.directory, cluster.placements, cluster.lost, reactor) if cluster is not None else None
     front = RelayFront(reactor, settings.domain, registry, forwarder, stats, WebSocketResource(registration),

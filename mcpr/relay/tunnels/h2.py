@@ -50,8 +50,9 @@ from zope.interface import implementer
 from mcpr.common import h2_frames  # noqa: F401  (frames' cheap repr: see there)
 from mcpr.common import protocol as wire
 from mcpr.common.protocol import CloseCode
-from mcpr.relay.tunnels.contract import ResponseSink, SocketTunnel, TunnelRequest
+from mcpr.relay.tunnels.contract import ResponseSink, SocketTunnel, Stream, TunnelRequest
 from mcpr.relay.tunnels.guard import ControlBudget, Outbound
+from mcpr.relay.tunnels.pool import SocketPool
 
 log = Logger()
 
@@ -204,6 +205,8 @@ class H2Tunnel(SocketTunnel):
         # Before h2 is built: the gateway's frames it must replay, and its connection window so far.
         self._early = b""
         self._early_window = 65535
+        self.pool: SocketPool | None = None
+        """Its gateway's pooled sockets, if it asked for them: requests take an idle one first."""
 
     @property
     def conn(self) -> H2Connection:
@@ -242,7 +245,8 @@ class H2Tunnel(SocketTunnel):
 
     @property
     def in_flight(self) -> int:
-        return len(self._streams) + (len(self._waiting) if self._waiting else 0)
+        pooled = self.pool.busy if self.pool is not None else 0
+        return len(self._streams) + (len(self._waiting) if self._waiting else 0) + pooled
 
     def _flush(self) -> None:
         if self._conn is None:
@@ -254,7 +258,11 @@ class H2Tunnel(SocketTunnel):
 
     # -- requests out
 
-    def open_stream(self, request: TunnelRequest, sink: ResponseSink) -> _RelayStream:
+    def open_stream(self, request: TunnelRequest, sink: ResponseSink) -> Stream:
+        if self.pool is not None and not self._dead:
+            pooled = self.pool.open_stream(request, sink)
+            if pooled is not None:
+                return pooled
         stream = _RelayStream(self, request, sink)
         if self._dead:
             stream.done = True
@@ -686,6 +694,8 @@ class H2Tunnel(SocketTunnel):
         """The socket is gone: every open stream fails (aborted, or 502 if it had no head yet)."""
         self._dead = True
         self._outbound.drained = None
+        if self.pool is not None:
+            self.pool.close()
         streams = [*self._streams.values(), *(self._waiting or ())]
         self._streams, self._waiting = {}, None
         self._blocked.clear()
