@@ -132,7 +132,9 @@ class LanePool:
 
     def _fill(self) -> None:
         self._retry = None
-        while not self._stopped and len(self._sockets) + len(self._connecting) < self.size:
+        for _ in range(self.size - len(self._sockets) - len(self._connecting)):
+            if self._stopped or self._retry is not None:
+                return  # a connection failed at once: the retry fills the rest
             connecting = self._endpoint.connect(self._factory)
             self._connecting.add(connecting)
             connecting.addBoth(self._connected, connecting)

@@ -44,6 +44,10 @@ class RelayMetrics:
                                 registry=self.registry)
         self.bytes = Counter("mcpr_relay_bytes", "Body bytes relayed.", ["direction"], registry=self.registry)
         self.in_flight = Gauge("mcpr_relay_in_flight", "Public requests being served.", registry=self.registry)
+        self.pooled_sockets = Gauge("mcpr_relay_pooled_sockets", "Pooled sockets open, over all tunnels.",
+                                    registry=self.registry)
+        self.pooled_requests = Counter("mcpr_relay_pooled_requests", "Public requests that took a pooled "
+                                       "socket rather than an HTTP/2 stream.", registry=self.registry)
         self.cluster_forwarded = Counter(
             "mcpr_relay_cluster_forwarded", "Requests between cluster nodes: out, sent to the node holding "
             "the tunnel; in, received for a tunnel held here.", ["direction"], registry=self.registry)
@@ -172,3 +176,9 @@ class RegistrationStats:
         if released:
             log.info("tunnel {subdomain} disconnected", subdomain=tunnel.subdomain)
         self._metrics.tunnels.set(len(self._registry))
+
+    def pooled_sockets(self, delta: int) -> None:
+        self._metrics.pooled_sockets.inc(delta)
+
+    def pooled_request(self) -> None:
+        self._metrics.pooled_requests.inc()

@@ -33,11 +33,11 @@ from mcpr.relay.tunnels.contract import Tunnel
 from mcpr.relay.tunnels.guard import ControlBudget, Outbound, TunnelLimits
 from mcpr.relay.tunnels.h2 import H2Tunnel
 from mcpr.relay.tunnels.legacy import LegacyTunnel
-from mcpr.relay.tunnels.pool import SocketPool
+from mcpr.relay.tunnels.pool import PoolObserver, SocketPool
 
 
-class RegistrationObserver(Protocol):
-    """Told how each registration socket fares (metrics and logs)."""
+class RegistrationObserver(PoolObserver, Protocol):
+    """Told how each registration socket fares (metrics and logs), and of its pooled sockets."""
 
     def registered(self, tunnel: Tunnel, hint: str, peer: str | None, url: str) -> None: ...
 
@@ -316,7 +316,7 @@ class RegistrationProtocol(WebSocketServerProtocol):
         answer: dict[str, Any] = {"subdomain": subdomain, "url": url}
         size = min(self._pool_asked, self.factory.limits.pool)
         if size and isinstance(tunnel, H2Tunnel):
-            tunnel.pool = SocketPool(subdomain, size)
+            tunnel.pool = SocketPool(subdomain, size, self.factory.observer)
             answer["pool"] = {"key": tunnel.pool.key, "size": size}
         self._send_json(answer)
         self.tunnel = tunnel

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
+import typing
 from typing import Callable
 
 from twisted.internet.protocol import Protocol, connectionDone
@@ -133,12 +134,31 @@ class _SocketExchange:
         return "pooled socket lost"
 
 
+class PoolObserver(typing.Protocol):
+    """Told of the relay's pooled sockets (metrics)."""
+
+    def pooled_sockets(self, delta: int) -> None:
+        """Pooled sockets opened (+1) or closed (-1)."""
+
+    def pooled_request(self) -> None:
+        """A public request took a pooled socket."""
+
+
+class _Unobserved:
+    def pooled_sockets(self, delta: int) -> None:
+        pass
+
+    def pooled_request(self) -> None:
+        pass
+
+
 class SocketPool:
     """One tunnel's pooled sockets: who may add one (the key), how many, which are idle."""
 
-    def __init__(self, subdomain: str, size: int) -> None:
+    def __init__(self, subdomain: str, size: int, observer: PoolObserver = _Unobserved()) -> None:
         self.subdomain = subdomain
         self.size = size
+        self._observer = observer
         self.key = secrets.token_urlsafe(32)
         self.busy = 0
         """Exchanges running on a pooled socket."""
@@ -158,6 +178,7 @@ class SocketPool:
             return None
         socket = PooledSocket(self)
         self._sockets.add(socket)
+        self._observer.pooled_sockets(1)
         return socket
 
     def open_stream(self, request: TunnelRequest, sink: ResponseSink) -> Stream | None:
@@ -166,6 +187,7 @@ class SocketPool:
             return None
         socket = self._idle.pop()
         self.busy += 1
+        self._observer.pooled_request()
         return socket.send(request, sink)
 
     def idle_again(self, socket: PooledSocket) -> None:
@@ -173,7 +195,9 @@ class SocketPool:
             self._idle.append(socket)
 
     def lost(self, socket: PooledSocket) -> None:
-        self._sockets.discard(socket)
+        if socket in self._sockets:
+            self._sockets.remove(socket)
+            self._observer.pooled_sockets(-1)
         if socket in self._idle:
             self._idle.remove(socket)
 
