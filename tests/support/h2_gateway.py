@@ -20,6 +20,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.endpoints import TCP4ClientEndpoint
 
+from tests.support.public import RawClient, raw
 from tests.support.ws_client import client_factory, close_cleanly
 
 from mcpr.common.protocol import split
@@ -64,8 +65,10 @@ class H2Gateway:
     """Register `subdomain` with `token`, then serve public requests by hand."""
 
     def __init__(self, port: int, token: str, subdomain: str, *, max_streams: int = 1024,
-                 window: int = 1 << 20, auto_ack: bool = True) -> None:
+                 window: int = 1 << 20, auto_ack: bool = True, pool: int = 0) -> None:
+        """`pool`: pooled sockets to ask for (the ack's "pool" then holds the key; `pooled_socket`)."""
         self.port = port
+        self.pool = pool
         self.token = token
         self.subdomain = subdomain
         self.auto_ack = auto_ack
@@ -94,7 +97,10 @@ class H2Gateway:
 
     def _opened(self, proto: _Protocol) -> None:
         self.proto = proto
-        proto.sendMessage(json.dumps({"token": self.token, "subdomain": self.subdomain}).encode())
+        hello = {"token": self.token, "subdomain": self.subdomain}
+        if self.pool:
+            hello["pool"] = self.pool
+        proto.sendMessage(json.dumps(hello).encode())
 
     def _message(self, payload: bytes, binary: bool) -> None:
         if self.ack is None:
@@ -208,3 +214,20 @@ class H2Gateway:
     async def close(self) -> None:
         if self.proto is not None and not self.closed.called:
             await close_cleanly(self.proto, self.closed)
+
+
+def pool_upgrade(subdomain: str, key: str, *, host: str = "relay.test") -> bytes:
+    return (f"GET /_tunnel/pool HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: mcpr-pool\r\n"
+            f"x-mcpr-pool: {subdomain} {key}\r\n\r\n").encode()
+
+
+async def pooled_socket(gateway: H2Gateway) -> RawClient:
+    """One of `gateway`'s pooled sockets, upgraded: what the relay writes into it arrives in `received`
+    (the 101 cleared), and the test answers as it likes."""
+    assert gateway.ack is not None and "pool" in gateway.ack, "the relay offered no pool"
+    client = await raw(gateway.port, pool_upgrade(gateway.subdomain, gateway.ack["pool"]["key"]))
+    answer = await client.until(b"\r\n\r\n")
+    if not answer.startswith(b"HTTP/1.1 101 "):
+        raise AssertionError(f"pooled socket refused: {answer[:200]!r}")
+    del client.received[:answer.index(b"\r\n\r\n") + 4]
+    return client

@@ -250,7 +250,8 @@ class PoolResource(Resource):
 
 
 def _refuse(request: Request, status: int, message: str) -> bytes:
-    request.setResponseCode(status)
+    request.setResponseCode(status, b"Upgrade Required" if status == 426 else None)  # twisted.web lacks 426
     request.setHeader(b"content-type", b"text/plain; charset=utf-8")
     request.setHeader(b"connection", b"close")
+    request.channel.persistent = False  # the gateway closes a refused socket; no need to keep it
     return (message + "\n").encode()
