@@ -103,12 +103,14 @@ class LanePool:
     """Keeps `size` pooled sockets open to the relay for one registration."""
 
     def __init__(self, reactor: Any, endpoint: IStreamClientEndpoint, *, host: str, path: str, subdomain: str,
-                 key: str, size: int, site: Site) -> None:
+                 key: str, size: int, site: Site, limit: int | None = None) -> None:
         """`endpoint` reaches the relay as the tunnel's WebSocket does; `host` and `path` are the
-        upgrade request's Host and target."""
+        upgrade request's Host and target; `size` sockets are kept open, `limit` at most when the
+        relay asks for more (`grow`)."""
         self.reactor: IReactorTime = reactor
         self.site = site
         self.size = size
+        self.limit = size if limit is None else limit
         self.upgrade = (f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\n"
                         f"Upgrade: {wire.POOL_UPGRADE.decode()}\r\n"
                         f"{wire.POOL_HEADER.decode()}: {subdomain} {key}\r\n\r\n").encode("ascii")
@@ -129,6 +131,14 @@ class LanePool:
 
     def start(self) -> None:
         self._fill()
+
+    def grow(self, wanted: int) -> None:
+        """The relay asks for `wanted` sockets: as many as it says, up to `limit`."""
+        wanted = min(wanted, self.limit)
+        if wanted > self.size and not self._stopped:
+            self.size = wanted
+            if self._retry is None:
+                self._fill()
 
     def _fill(self) -> None:
         self._retry = None

@@ -142,9 +142,10 @@ GATEWAY_SETTINGS: tuple[Setting, ...] = (
             help="Subdomain to ask the relay for (env MCPR_TUNNEL_SUBDOMAIN)."),
     Setting("tunnel_ping_interval", parse_ping_seconds, 20.0, ("tunnel", "ping_interval")),
     Setting("tunnel_ping_timeout", parse_ping_seconds, 10.0, ("tunnel", "ping_timeout")),
-    Setting("tunnel_pool", parse_pool_size, 8, ("tunnel", "pool"),
-            help="Pooled sockets to open to the relay beside the tunnel, each carrying one request at "
-                 "a time for less CPU than the tunnel's HTTP/2 streams (default 8; 0 for none)."),
+    Setting("tunnel_pool", parse_pool_size, 64, ("tunnel", "pool"),
+            help="Pooled sockets to open to the relay beside the tunnel at most, each carrying one request "
+                 "at a time for less CPU than the tunnel's HTTP/2 streams; 4 at first, more when the relay "
+                 "asks (default 64; 0 for none)."),
     Setting("events", parse_text, None, ("events",), help="Write JSON-lines events to FILE, or '-' for stdout."),
     Setting("upstream_timeout", parse_seconds, 30.0, ("upstream_timeout",),
             help="Seconds to wait for the upstream's response headers (30)."),

@@ -279,6 +279,8 @@ class TunnelProtocol(WebSocketClientProtocol):
             if self._h2 is not None:
                 if isBinary:
                     self._h2.dataReceived(payload)
+                else:
+                    self._control(payload)
                 return
             self._stop_waiting()
             self._registration_answer(payload)
@@ -320,6 +322,18 @@ class TunnelProtocol(WebSocketClientProtocol):
                 return
             self._pick(patterns)
 
+    def _control(self, payload: bytes) -> None:
+        """A control message from the relay beside the HTTP/2 bytes: `{"pool": N}` asks for N
+        pooled sockets (this gateway opens at most its own `tunnel_pool`).  Anything else is
+        ignored, so that a newer relay's messages do not break this gateway."""
+        try:
+            message = json.loads(payload)
+        except ValueError:
+            return
+        wanted = message.get("pool") if isinstance(message, dict) else None
+        if self._lanes is not None and isinstance(wanted, int) and not isinstance(wanted, bool):
+            self._lanes.grow(wanted)
+
     def _open_lanes(self, offer: Any) -> None:
         """The pooled sockets the registration answer offers, if it offers any (docs/protocol.md)."""
         if offer is None or not self.factory.pool_size:
@@ -335,7 +349,7 @@ class TunnelProtocol(WebSocketClientProtocol):
         path = parts.path[: -len(wire.REGISTER_PATH)] + wire.POOL_PATH
         self._lanes = LanePool(factory.reactor, factory.pool_endpoint, host=parts.netloc, path=path,
                                subdomain=factory.subdomain, key=key, size=min(size, factory.pool_size),
-                               site=factory.site)
+                               limit=factory.pool_size, site=factory.site)
         self._lanes.start()
 
     def fail_tunnel(self, reason: str) -> None:

@@ -316,8 +316,9 @@ class RegistrationProtocol(WebSocketServerProtocol):
         answer: dict[str, Any] = {"subdomain": subdomain, "url": url}
         size = min(self._pool_asked, self.factory.limits.pool)
         if size and isinstance(tunnel, H2Tunnel):
-            tunnel.pool = SocketPool(subdomain, size, self.factory.observer)
-            answer["pool"] = {"key": tunnel.pool.key, "size": size}
+            pool = tunnel.pool = SocketPool(subdomain, size, self.factory.observer,
+                                            ask=lambda wanted: self._send_json({"pool": wanted}))
+            answer["pool"] = {"key": pool.key, "size": pool.wanted, "max": size}
         self._send_json(answer)
         self.tunnel = tunnel
         if isinstance(tunnel, H2Tunnel):

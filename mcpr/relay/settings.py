@@ -143,10 +143,10 @@ RELAY_SETTINGS: tuple[Setting, ...] = (
             help="Control frames a gateway may send per second, with a burst of as many: HTTP/2 PING, "
                  "SETTINGS, WINDOW_UPDATE, PRIORITY, RST_STREAM, empty DATA..., legacy messages without "
                  "data, WebSocket pings (default 1000; GOAWAY ENHANCE_YOUR_CALM and close 1008 above)."),
-    Setting("tunnel_pool", parse_pool_size, 8, ("relay", "tunnel_pool"),
+    Setting("tunnel_pool", parse_pool_size, 64, ("relay", "tunnel_pool"),
             help="Pooled sockets a gateway may open beside its tunnel: plain HTTP/1.1 connections that "
-                 "carry one request at a time, cheaper than the tunnel's HTTP/2 streams (default 8, "
-                 "at most 64; 0 turns them off)."),
+                 "carry one request at a time, cheaper than the tunnel's HTTP/2 streams. It opens 4 and "
+                 "more as its concurrency needs (default 64, the most; 0 turns them off)."),
     Setting("gateway_backlog", parse_size, 1 << 20, ("relay", "gateway_backlog"),
             help="Bytes the relay may queue for a gateway that does not read, beyond its socket buffer "
                  "(default 1MiB; the socket is dropped above). Request bodies and new requests wait instead."),

@@ -7,6 +7,7 @@ import io
 import re
 from pathlib import Path
 
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.web.client import FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
@@ -87,6 +88,24 @@ class PooledSocketTests(MetricsBase):
         self.assertEqual(metric(await self.metrics(metrics_port), "mcpr_relay_pooled_requests_total"), 1.0)
 
 
+class PoolGrowthTests(MetricsBase):
+    async def test_a_busy_tunnel_gets_more_pooled_sockets(self) -> None:
+        relay, relay_port = self.start_relay()
+        metrics_port = port_after(relay, "metrics on")
+        _, url, _ = self.start_gateway(f"http://127.0.0.1:{self.start_bulk()}/mcp", relay_port)
+        await self.sockets_open(metrics_port, 4.0)
+        agent = client_agent(self)
+        for _ in range(3):  # waves of 24 requests that each hold their carrier for 300 ms
+            responses = await gatherResults([Deferred.fromCoroutine(self.public(relay_port, url, "/slow?ms=300", agent=agent))
+                                             for _ in range(24)])
+            self.assertEqual([r.code for r in responses], [200] * 24)
+            await gatherResults([readBody(r) for r in responses])
+        text = await self.metrics(metrics_port)
+        self.assertGreaterEqual(metric(text, "mcpr_relay_pooled_sockets"), 16, "4, asked for 8, 16, 32")
+        self.assertLessEqual(metric(text, "mcpr_relay_pooled_sockets"), 64)
+        self.assertGreater(metric(text, "mcpr_relay_pooled_requests_total"), 24)
+
+
 class SecurePooledSocketTests(MetricsBase):
     """Over TLS the pooled sockets are TLS too, to the name the gateway verified."""
 
@@ -106,7 +125,7 @@ class SecurePooledSocketTests(MetricsBase):
                                       "--relay-url", f"https://localhost:{tls_port}", "--subdomain", "secure"),
                           name="gateway", cwd=str(cwd), env={"MCPR_TUNNEL_TOKEN": "wss-token", "SSL_CERT_FILE": str(trust)})
         gateway.wait_for("Tunnel: ")
-        await self.sockets_open(metrics_port, 8.0)
+        await self.sockets_open(metrics_port, 4.0)  # the first 4; more come when needed
         # The gateway's upstream (port 1) is down: the 502 is the gateway's own JSON-RPC error.
         response = await client_agent(self).request(
             b"POST", f"http://127.0.0.1:{plain_port}/mcp".encode(),

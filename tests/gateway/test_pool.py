@@ -131,3 +131,16 @@ class LanePoolTests(SynchronousTestCase):
         self.pool.stop()
         self.assertTrue(all(transport.disconnecting for _, transport in self.endpoint.connected))
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_the_relay_asks_for_more_within_the_limit(self) -> None:
+        site = CappedSite(Hello(), max_request_body=1024, via="tunnel", reactor=self.clock)
+        pool = LanePool(self.clock, self.endpoint, host="relay.test", path="/_tunnel/pool", subdomain="a",
+                        key="k" * 43, size=2, limit=5, site=site)
+        pool.start()
+        self.assertEqual(len(self.endpoint.connected), 2)
+        pool.grow(4)
+        self.assertEqual(len(self.endpoint.connected), 4)
+        pool.grow(1000)
+        self.assertEqual(len(self.endpoint.connected), 5, "never beyond its own limit")
+        pool.grow(3)
+        self.assertEqual(len(self.endpoint.connected), 5, "asking for fewer closes none")

@@ -177,3 +177,39 @@ class TunnelTests(SynchronousTestCase):
         self.assertEqual(tunnel.in_flight, 2)
         tunnel.closed()
         self.assertTrue(transport.disconnecting, "the pool closes with its tunnel")
+
+
+class GrowthTests(SynchronousTestCase):
+    """A busy tunnel asks its gateway for more pooled sockets, doubling up to the pool's size, and
+    asks again only once the gateway has opened what it was asked for."""
+
+    def test_the_pool_grows_with_its_load(self) -> None:
+        asked: list[int] = []
+        pool = SocketPool("a", 16, ask=asked.append)
+        self.assertEqual(pool.wanted, 4)
+
+        def open_sockets(n: int) -> None:
+            for _ in range(n):
+                socket = pool.adopt()
+                assert socket is not None
+                socket.makeConnection(StringTransport())
+
+        open_sockets(4)
+        for _ in range(4):
+            self.assertIsNotNone(pool.open_stream(post(), Sink()))
+        self.assertEqual(asked, [], "no request waited yet")
+        self.assertIsNone(pool.open_stream(post(), Sink()))
+        self.assertEqual(asked, [8])
+        self.assertIsNone(pool.open_stream(post(), Sink()))
+        self.assertEqual(asked, [8], "not again before the gateway opened them")
+        open_sockets(4)
+        for _ in range(4):
+            pool.open_stream(post(), Sink())
+        pool.open_stream(post(), Sink())
+        self.assertEqual(asked, [8, 16])
+        open_sockets(8)
+        for _ in range(8):
+            pool.open_stream(post(), Sink())
+        pool.open_stream(post(), Sink())
+        self.assertEqual(asked, [8, 16], "never beyond its size")
+        self.assertIsNone(pool.adopt())

@@ -29,7 +29,7 @@ class TunnelLimits:
     backlog: int = 1 << 20
     """Bytes the relay may write to a socket whose buffer is already full; above it the socket is
     closed.  Request bodies and new streams never count: they wait until the socket drains."""
-    pool: int = 8
+    pool: int = 64
     """Pooled sockets its gateway may open (`tunnel_pool`; 0: none)."""
 
 

@@ -152,12 +152,26 @@ class _Unobserved:
         pass
 
 
-class SocketPool:
-    """One tunnel's pooled sockets: who may add one (the key), how many, which are idle."""
+INITIAL = 4
+"""Pooled sockets a gateway opens at registration; more when the relay asks (`SocketPool.wanted`)."""
 
-    def __init__(self, subdomain: str, size: int, observer: PoolObserver = _Unobserved()) -> None:
+
+class SocketPool:
+    """One tunnel's pooled sockets: who may add one (the key), how many, which are idle.
+
+    The gateway opens `wanted` sockets at first.  A request that finds none
+    idle takes an HTTP/2 stream and, once the gateway has opened what it was
+    asked for, doubles `wanted` (up to `size`) through `ask`, a control message
+    on the registration socket: an idle tunnel costs a few sockets, a busy one
+    gets as many as its concurrency needs.
+    """
+
+    def __init__(self, subdomain: str, size: int, observer: PoolObserver = _Unobserved(),
+                 ask: Callable[[int], None] | None = None) -> None:
         self.subdomain = subdomain
         self.size = size
+        self.wanted = min(INITIAL, size)
+        self._ask = ask
         self._observer = observer
         self.key = secrets.token_urlsafe(32)
         self.busy = 0
@@ -184,11 +198,17 @@ class SocketPool:
     def open_stream(self, request: TunnelRequest, sink: ResponseSink) -> Stream | None:
         """`request` on an idle pooled socket, or None if none is idle."""
         if not self._idle:
+            self._grow()
             return None
         socket = self._idle.pop()
         self.busy += 1
         self._observer.pooled_request()
         return socket.send(request, sink)
+
+    def _grow(self) -> None:
+        if self._ask is not None and not self._closed and len(self._sockets) >= self.wanted < self.size:
+            self.wanted = min(self.size, 2 * self.wanted)
+            self._ask(self.wanted)
 
     def idle_again(self, socket: PooledSocket) -> None:
         if not self._closed and socket in self._sockets:
