@@ -124,11 +124,6 @@ class LanePool:
         self._told: str | None = None  # the last failure logged, so that a retry loop logs it once
         self._stopped = False
 
-    @property
-    def open(self) -> int:
-        """Pooled sockets the relay has taken (answered 101)."""
-        return sum(1 for socket in self._sockets if socket.opened_at is not None)
-
     def start(self) -> None:
         self._fill()
 

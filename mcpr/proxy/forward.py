@@ -12,10 +12,9 @@ from __future__ import annotations
 import socket
 from typing import IO, Any, Callable
 
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import (
-    IConsumer,
     IOpenSSLClientConnectionCreator,
     IProtocol,
     IProtocolFactory,
@@ -34,6 +33,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from mcpr.common.bodies import BytesProducer
 from mcpr.common.failures import cancelled, describe
 from mcpr.common.web import no_delay
 
@@ -53,28 +53,6 @@ class UpstreamUnavailable(UpstreamError):
 
 class UpstreamTimeout(UpstreamError):
     status = 504
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """A body already in memory: written at once, no cooperator round trip."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self._data)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 def body_producer(data: bytes | None, content: IO[bytes] | None) -> IBodyProducer | None:

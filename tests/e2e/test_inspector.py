@@ -20,7 +20,7 @@ from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
 from mcpr.gateway.settings import DEFAULT_INSPECTOR
-from mcpr.proxy.forward import BytesProducer
+from mcpr.common.bodies import BytesProducer
 from tests.e2e.test_inspector_browser import HELD, HeldSession
 from tests.support.processes import Process, start_gateway, start_upstream, twist
 

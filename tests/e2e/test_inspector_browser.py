@@ -24,7 +24,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
-from mcpr.proxy.forward import BytesProducer
+from mcpr.common.bodies import BytesProducer
 from tests.support.browser import Browser, find_chromium, when
 from tests.support.processes import ROOT, start_gateway, start_upstream
 

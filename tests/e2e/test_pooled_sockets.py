@@ -13,8 +13,7 @@ from twisted.web.http_headers import Headers
 
 from tests.e2e.test_relay_ops import port_after
 from tests.e2e.test_tunnel import DOMAIN, TunnelTestBase
-from tests.support.certificates import CA as TEST_CA
-from tests.support.certificates import INTERMEDIATE, escape, full_chain, issue, pem, write
+from tests.support.certificates import escape, localhost_certificates
 from tests.support.loopback import client_agent, sleep
 from tests.support.processes import Process, free_port, run_session, start_upstream, twist
 
@@ -110,12 +109,7 @@ class SecurePooledSocketTests(MetricsBase):
     """Over TLS the pooled sockets are TLS too, to the name the gateway verified."""
 
     async def test_pooled_sockets_over_tls(self) -> None:
-        certs = Path(self.mktemp()).resolve() / "certs"
-        certs.mkdir(parents=True)
-        signer = (INTERMEDIATE[0], INTERMEDIATE[1].subject)
-        write(certs, "relay.pem", full_chain(issue("localhost", signer, names=("localhost", "*.localhost"))))
-        trust = certs.parent / "root.pem"
-        trust.write_bytes(pem(TEST_CA[1]))
+        certs, trust = localhost_certificates(Path(self.mktemp()).resolve())
         tls_port = free_port()
         relay, plain_port = self.start_relay(None, "--listen", f"tls:{escape(certs)}:port={tls_port}:interface=127.0.0.1")
         metrics_port = port_after(relay, "metrics on")

@@ -20,8 +20,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import FileBodyProducer, ResponseDone, readBody
 from twisted.web.http_headers import Headers
 
-from tests.support.certificates import CA as TEST_CA
-from tests.support.certificates import INTERMEDIATE, escape, full_chain, issue, pem, write
+from tests.support.certificates import escape, localhost_certificates
 from tests.support.legacy_gateway import LegacyGateway
 from tests.support.loopback import client_agent, sleep
 from tests.support.processes import ROOT, PeakRSS, Process, free_port, python, run_session, start_upstream, twist
@@ -426,12 +425,7 @@ class SecureRelayTests(TunnelTestBase):
     """`--relay-url https://...`: the tunnel runs over wss and the gateway verifies the relay's name."""
 
     def start_tls_relay(self) -> tuple[int, Path]:
-        certs = Path(self.mktemp()).resolve() / "certs"
-        certs.mkdir(parents=True)
-        signer = (INTERMEDIATE[0], INTERMEDIATE[1].subject)
-        write(certs, "relay.pem", full_chain(issue("localhost", signer, names=("localhost", "*.localhost"))))
-        trust = certs.parent / "root.pem"
-        trust.write_bytes(pem(TEST_CA[1]))
+        certs, trust = localhost_certificates(Path(self.mktemp()).resolve())
         port = free_port()
         relay = Process(self, twist("mcpr-relay", "--domain", DOMAIN, "--public-url", f"https://*.{DOMAIN}:{port}",
                                     "--listen", f"tls:{escape(certs)}:port={port}:interface=127.0.0.1"),

@@ -98,6 +98,18 @@ def full_chain(issued: Issued) -> bytes:
     return pem(issued[0], issued[1], INTERMEDIATE[1], CA[1])
 
 
+def localhost_certificates(folder: Path) -> tuple[Path, Path]:
+    """A relay's certificate folder for `localhost` and `*.localhost` in `folder`, and the file a
+    client trusts it by (the root): (certificates, trust)."""
+    certs = folder / "certs"
+    certs.mkdir(parents=True)
+    signer = (INTERMEDIATE[0], INTERMEDIATE[1].subject)
+    write(certs, "relay.pem", full_chain(issue("localhost", signer, names=("localhost", "*.localhost"))))
+    trust = folder / "root.pem"
+    trust.write_bytes(pem(CA[1]))
+    return certs, trust
+
+
 def escape(path: Path) -> str:
     """Endpoint-string escaping, as for any Twisted endpoint."""
     return str(path).replace("\\", "\\\\").replace(":", "\\:")

@@ -28,7 +28,7 @@ from twisted.web.iweb import IResponse
 from mcpr.common.headers import HOP_BY_HOP
 from mcpr.gateway.store.queries import Body, RequestDetail
 from mcpr.gateway.store.redact import REDACTED
-from mcpr.proxy.forward import BytesProducer
+from mcpr.common.bodies import BytesProducer
 
 MAX_BODY = 1 << 20  # an edited request body, and so the inspector's request body cap
 MAX_ANSWER = 1 << 20  # of the answer, kept for the page

@@ -15,8 +15,8 @@ from __future__ import annotations
 import io
 from typing import IO, Any, Protocol
 
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IConsumer, IPushProducer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -25,8 +25,7 @@ from twisted.web.client import FileBodyProducer, ResponseDone
 from twisted.web.http import NO_BODY_CODES, PotentialDataLoss
 from twisted.web.iweb import IBodyProducer, IResponse
 
-from zope.interface import implementer
-
+from mcpr.common.bodies import BytesProducer
 from mcpr.relay.tunnels.contract import ResponseSink, TunnelRequest
 
 log = Logger()
@@ -79,29 +78,6 @@ WHOLE_BODY = 64 << 10
 """A body up to this size is written at once, with its head; a larger one is streamed from its spool."""
 
 
-@implementer(IBodyProducer)
-class _WholeBody:
-    """A small body, written with the request's head: FileBodyProducer would write it a reactor turn
-    later, through a cooperator task, for every request (a JSON-RPC call is a few hundred bytes)."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self._data)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
 def body_producer(request: TunnelRequest) -> IBodyProducer | None:
     """The spooled body, from its start, with its length; None for none."""
     body = request.body
@@ -111,7 +87,7 @@ def body_producer(request: TunnelRequest) -> IBodyProducer | None:
     if request.body_length <= WHOLE_BODY:
         data = body.read(request.body_length)
         body.seek(0)  # for a second send (see _Kept)
-        return _WholeBody(data)
+        return BytesProducer(data)
     return FileBodyProducer(_Kept(body))
 
 

@@ -206,7 +206,8 @@ class SocketPool:
         return socket.send(request, sink)
 
     def _grow(self) -> None:
-        if self._ask is not None and not self._closed and len(self._sockets) >= self.wanted < self.size:
+        delivered = len(self._sockets) >= self.wanted  # the gateway opened what it was asked for
+        if self._ask is not None and not self._closed and delivered and self.wanted < self.size:
             self.wanted = min(self.size, 2 * self.wanted)
             self._ask(self.wanted)
 
