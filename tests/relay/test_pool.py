@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 
+from twisted.internet import task
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
@@ -57,9 +58,9 @@ class PoolTests(SynchronousTestCase):
         head, _, body = sent.partition(b"\r\n\r\n")
         lines = head.split(b"\r\n")
         self.assertEqual(lines[0], b"POST /mcp?x=1 HTTP/1.1")
-        self.assertIn(b"Host: a.tunnel.test", lines)
-        self.assertIn(b"X-Forwarded-For: 192.0.2.1", lines)
-        self.assertIn(b"Content-Length: 40", lines)
+        self.assertEqual(lines[1], b"host: a.tunnel.test", "as the front made the headers: Host first")
+        self.assertIn(b"x-forwarded-for: 192.0.2.1", lines)
+        self.assertIn(b"content-length: 40", lines)
         self.assertNotIn(b"Connection: close", lines, "the socket is kept for the next request")
         self.assertEqual(body, b'{"jsonrpc":"2.0","id":1,"method":"ping"}')
         self.assertEqual(self.pool.busy, 1)
@@ -139,6 +140,99 @@ class PoolTests(SynchronousTestCase):
         socket.connectionLost()
         self.assertEqual((sink.status, bytes(sink.body), sink.failed), (200, b"partial", "pooled socket lost"))
         self.assertEqual(self.pool.busy, 0)
+
+    def test_a_chunked_answer_is_passed_on_unframed_and_the_socket_kept(self) -> None:
+        socket, transport = self.socket()
+        sink = Sink()
+        self.pool.open_stream(post(), sink)
+        socket.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                            b"7\r\ndata: 1\r\n")
+        self.assertEqual((sink.status, sink.headers), (200, [(b"content-type", b"text/event-stream")]))
+        self.assertIs(sink.producer, socket, "the public side's backpressure pauses this socket")
+        socket.dataReceived(b"0\r\n\r\n")
+        self.assertEqual((bytes(sink.body), sink.ended, transport.disconnecting), (b"data: 1", True, False))
+        self.assertIsNotNone(self.pool.open_stream(post(), Sink()), "idle again")
+
+    def test_an_answer_read_until_close_ends_with_its_socket(self) -> None:
+        socket, transport = self.socket()
+        sink = Sink()
+        self.pool.open_stream(post(), sink)
+        socket.dataReceived(b"HTTP/1.1 200 OK\r\n\r\nall of it")
+        self.assertFalse(sink.ended)
+        socket.connectionLost()
+        self.assertEqual((bytes(sink.body), sink.ended, sink.failed), (b"all of it", True, None))
+        self.assertEqual((len(self.pool), self.pool.busy), (0, 0))
+
+    def test_bytes_past_the_end_of_an_answer_close_the_socket(self) -> None:
+        socket, transport = self.socket()
+        sink = Sink()
+        self.pool.open_stream(post(), sink)
+        socket.dataReceived(OK + b"HTTP/1.1 200 OK\r\n\r\n")
+        self.assertTrue(sink.ended, "the answer itself was whole")
+        self.assertTrue(transport.disconnecting)
+        self.assertIsNone(self.pool.open_stream(post(), Sink()), "the socket is no longer offered")
+
+    def test_a_malformed_answer_fails_its_request_and_closes_the_socket(self) -> None:
+        socket, transport = self.socket()
+        sink = Sink()
+        self.pool.open_stream(post(), sink)
+        socket.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+        self.assertEqual((sink.status, sink.failed, transport.disconnecting), (None, "pooled socket failed", True))
+        self.assertEqual(self.pool.busy, 0)
+
+    def test_a_large_body_is_streamed_with_the_socket_as_its_consumer(self) -> None:
+        socket, transport = self.socket()
+        body = bytes(range(256)) * 1024  # 256 KiB: past the size written with the head
+        clock = Clock()
+        cooperator = task.Cooperator(scheduler=lambda work: clock.callLater(0, work), started=True)
+        self.patch(task, "cooperate", cooperator.cooperate)
+        sink = Sink()
+        self.pool.open_stream(TunnelRequest(b"PUT", b"/f", [(b"host", b"a.tunnel.test")], io.BytesIO(body),
+                                            len(body)), sink)
+        self.assertIsNotNone(transport.producer, "the upload is the socket's producer")
+        for _ in range(20):
+            clock.advance(0)
+        head, _, sent = transport.value().partition(b"\r\n\r\n")
+        self.assertIn(b"content-length: 262144", head.split(b"\r\n"))
+        self.assertEqual(sent, body)
+        self.assertIsNone(transport.producer, "and unregistered once sent")
+        socket.dataReceived(OK)
+        self.assertTrue(sink.ended)
+        self.assertFalse(transport.disconnecting)
+
+    def test_an_answer_before_the_body_is_sent_ends_the_upload_and_the_socket(self) -> None:
+        socket, transport = self.socket()
+        body = b"x" * (1 << 20)
+        sink = Sink()
+        self.pool.open_stream(TunnelRequest(b"PUT", b"/f", [(b"host", b"a.tunnel.test")], io.BytesIO(body),
+                                            len(body)), sink)
+        socket.dataReceived(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual((sink.status, sink.ended), (413, True))
+        self.assertIsNone(transport.producer)
+        self.assertTrue(transport.disconnecting, "half a body sent: the socket cannot carry another request")
+
+    def test_the_public_side_pauses_and_resumes_the_socket(self) -> None:
+        socket, transport = self.socket()
+        sink = Sink()
+        self.pool.open_stream(post(), sink)
+        socket.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+        sink.producer.pauseProducing()
+        self.assertEqual(transport.producerState, "paused")
+        socket.dataReceived(b"cd")
+        self.assertTrue(sink.ended)
+        self.assertEqual(transport.producerState, "producing", "an idle socket is never left paused")
+
+    def test_a_cancel_after_its_exchange_leaves_the_next_one_alone(self) -> None:
+        socket, transport = self.socket()
+        first = self.pool.open_stream(post(), Sink())
+        assert first is not None
+        socket.dataReceived(OK)
+        second = Sink()
+        self.pool.open_stream(post(), second)
+        first.cancel()
+        self.assertFalse(transport.disconnecting)
+        socket.dataReceived(OK)
+        self.assertTrue(second.ended)
 
     def test_the_pool_holds_at_most_its_size_and_nothing_once_closed(self) -> None:
         (_, first), (_, second) = self.socket(), self.socket()

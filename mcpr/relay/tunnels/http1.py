@@ -47,7 +47,7 @@ class ExchangeOwner(Protocol):
         """The response broke off after its head: log what the hop must, and say what the sink is told."""
 
 
-class _Kept(io.RawIOBase):
+class Kept(io.RawIOBase):
     """The request's body as FileBodyProducer reads it, without its closing the file when done: a
     request may be sent again from the same spool (a cluster node that no longer holds the
     tunnel), and twisted.web closes the spool with its request."""
@@ -86,9 +86,9 @@ def body_producer(request: TunnelRequest) -> IBodyProducer | None:
     body.seek(0)
     if request.body_length <= WHOLE_BODY:
         data = body.read(request.body_length)
-        body.seek(0)  # for a second send (see _Kept)
+        body.seek(0)  # for a second send (see Kept)
         return BytesProducer(data)
-    return FileBodyProducer(_Kept(body))
+    return FileBodyProducer(Kept(body))
 
 
 class _Finished:

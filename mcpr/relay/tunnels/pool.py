@@ -1,8 +1,9 @@
 """A tunnel's pooled sockets: plain HTTP/1.1 connections its gateway opened beside the registration.
 
-A public request through a pooled socket costs the relay one twisted.web
-client exchange, where an HTTP/2 stream inside WebSocket messages costs h2,
-HPACK and Autobahn framing in both processes (docs/PERFORMANCE.md, "A design
+A public request through a pooled socket costs the relay one HTTP/1.1 head
+written and one read (`mcpr.common.response_reader`), where an HTTP/2 stream
+inside WebSocket messages costs h2, HPACK and Autobahn framing in both
+processes (docs/PERFORMANCE.md, "A design
 that reaches localtunnel").  The registration answer hands the gateway a key;
 the gateway opens up to `size` sockets with it (`GET /_tunnel/pool`,
 `Upgrade: mcpr-pool`); the relay answers 101 and from then on writes requests
@@ -13,8 +14,9 @@ the pool is never a queue.  The WebSocket stays the control channel: when it
 closes, so do the pooled sockets.
 
 A pooled socket belongs to its gateway, which may be hostile: what it sends
-while no request is asked, or a response head that does not end within
-`HEAD_BUDGET` bytes, closes that socket (the request, if any, gets a 502), and
+while no request is asked, past a response's end, or anything that is not a
+response framed by RFC 9112 (a head that does not end within `HEAD_BUDGET`
+bytes included) closes that socket (the request, if any, gets a 502), and
 the public side's framing stays the relay's (`forwarding.PublicResponse`
 checks every head).  Nothing it does reaches another tunnel.
 """
@@ -24,29 +26,23 @@ from __future__ import annotations
 import hmac
 import secrets
 import typing
-from typing import Callable
+from typing import Any, Callable
 
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http_headers import Headers
+from twisted.web.client import FileBodyProducer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
-
-# twisted.web's HTTP/1.1 client connection and request are the classes behind `Agent`; they live
-# in a private module.  The pool drives one connection per socket itself, because an Agent would
-# hide which socket an exchange got (and so when its head is in), and would parse a URL and run a
-# pool timer for every request.  Used only here; `HTTP11ClientProtocol(quiescentCallback)`,
-# `.request(Request)` and `Request._construct` have kept their shape since Twisted 12.1.
-from twisted.web._newclient import HTTP11ClientProtocol
-from twisted.web._newclient import Request as ClientRequest
+from zope.interface import implementer
 
 from mcpr.common import protocol as wire
-from mcpr.common.failures import describe
 from mcpr.common.names import valid_label
+from mcpr.common.response_reader import ResponseReader
 from mcpr.common.web import take_over
 from mcpr.relay.tunnels.contract import ResponseSink, Stream, TunnelRequest
-from mcpr.relay.tunnels.http1 import Exchange, body_producer
+from mcpr.relay.tunnels.http1 import WHOLE_BODY, Kept
 
 log = Logger()
 
@@ -55,83 +51,191 @@ HEAD_BUDGET = 128 << 10
 capped at 16 KiB), and more than one read (64 KiB), so that a head and the start of its body read
 together never come near it."""
 
+_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 
+
+def request_head(request: TunnelRequest) -> bytes:
+    """The request's head as it goes into a pooled socket: its headers as the front made them
+    (end-to-end, lower-cased, Host first) and the body's length."""
+    lines = [b"%s %s HTTP/1.1" % (request.method, request.path)]
+    lines.extend(b"%s: %s" % pair for pair in request.headers)
+    if request.body_length or request.method in _BODY_METHODS:
+        lines.append(b"content-length: %d" % request.body_length)
+    lines.append(b"\r\n")
+    return b"\r\n".join(lines)
+
+
+@implementer(IPushProducer)
 class PooledSocket(Protocol):
-    """One pooled socket: twisted.web's client over it, behind the guards its gateway's bytes pass."""
+    """One pooled socket: one exchange at a time, its response read by a `ResponseReader` and
+    passed into the sink.  The socket is the sink's producer, so a slow public reader pauses it,
+    and the `Stream` its caller may cancel: a cancelled exchange closes the socket rather than
+    reading the rest of its response."""
 
     def __init__(self, pool: SocketPool) -> None:
         self._pool = pool
-        self.client = HTTP11ClientProtocol(self._quiescent)
+        self._reader = ResponseReader(self, HEAD_BUDGET)
+        self._sink: ResponseSink | None = None  # while an exchange runs
+        self._upload: FileBodyProducer | None = None
+        self._paused = False
+        self._head = False
         self.busy = False
-        self._head_left: int | None = None  # while a head is awaited: the bytes it may still take
 
     def connectionMade(self) -> None:
-        self.client.makeConnection(self.transport)
         self._pool.idle_again(self)
+
+    def send(self, request: TunnelRequest, sink: ResponseSink) -> Stream:
+        self.busy = True
+        self._sink = sink
+        self._head = False
+        self._reader.expect(bodiless=request.method == b"HEAD")
+        head = request_head(request)
+        body, length = request.body, request.body_length
+        transport: Any = self.transport  # a TCP or TLS transport: a consumer as well
+        if body is None or not length:
+            transport.write(head)
+        elif length <= WHOLE_BODY:  # with its head, in one write
+            body.seek(0)
+            transport.write(head + body.read(length))
+            body.seek(0)  # as the other hops leave a spool: ready to be sent again
+        else:
+            transport.write(head)
+            body.seek(0)
+            self._upload = upload = FileBodyProducer(Kept(body))
+            transport.registerProducer(upload, True)
+            upload.startProducing(transport).addBoth(self._uploaded, upload)
+        return _Exchange(self, sink)
+
+    def _uploaded(self, result: object, upload: FileBodyProducer) -> None:
+        """The body is sent (or its sending was stopped: `_stop_upload` has unregistered it)."""
+        if self._upload is upload:
+            self._upload = None
+            if self.transport is not None:
+                self.transport.unregisterProducer()  # type: ignore[attr-defined]
+
+    def _stop_upload(self) -> bool:
+        """Stop a body still being sent; True if there was one."""
+        upload, self._upload = self._upload, None
+        if upload is None:
+            return False
+        if self.transport is not None:
+            self.transport.unregisterProducer()  # type: ignore[attr-defined]
+        upload.stopProducing()
+        return True
+
+    # -- the gateway's bytes
 
     def dataReceived(self, data: bytes) -> None:
-        left = self._head_left
-        if left is not None:
-            left -= len(data)
-            if left < 0:
-                self._pool.offence(self, f"a response head over {HEAD_BUDGET >> 10} KiB")
-                return
-            self._head_left = left
-        elif not self.busy:
+        if not self.busy:
             self._pool.offence(self, "bytes while no request was asked")
             return
-        self.client.dataReceived(data)
+        self._reader.feed(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._head_left = None
-        self.client.connectionLost(reason)
+        self._upload = None
+        if self.busy and not self._reader.closed():  # closed() ends a response read until close
+            sink, self._sink = self._sink, None
+            self._over()
+            if sink is not None:
+                if not self._head:
+                    log.info("tunnel {subdomain}: a pooled socket closed before the response head",
+                             subdomain=self._pool.subdomain)
+                sink.fail("pooled socket lost" if self._head else "pooled socket failed")
         self._pool.lost(self)
 
-    def _quiescent(self, client: HTTP11ClientProtocol) -> None:
-        """The response is over and the connection kept: twisted.web calls this before the body's
-        receiver hears of the end, so the socket is idle again when the exchange is released."""
-        self.busy = False
-        self._pool.idle_again(self)
+    # -- the ResponseReceiver
 
-    def send(self, request: TunnelRequest, sink: ResponseSink) -> Exchange:
-        self.busy = True
-        self._head_left = HEAD_BUDGET
-        headers = Headers()
-        for name, value in request.headers:
-            headers.addRawHeader(name, value)
-        exchange = Exchange(request.method, sink, _SocketExchange(self._pool, self))
-        out = ClientRequest._construct(request.method, request.path, headers, body_producer(request), persistent=True)
-        exchange.send(self.client.request(out))
-        return exchange
+    def head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self._head = True
+        sink = self._sink
+        if sink is not None:
+            sink.head(status, headers)
+            if self._sink is sink:  # not cancelled by what the sink made of the head
+                sink.register(self)
 
-    def head_in(self) -> None:
-        self._head_left = None
+    def body(self, data: bytes) -> None:
+        if self._sink is not None:
+            self._sink.data(data)
+
+    def complete(self, reusable: bool, rest: bytes) -> None:
+        """The response is read.  The socket is idle again before the sink hears of the end, so
+        that the next request the end lets in can take it."""
+        sink, self._sink = self._sink, None
+        if self._stop_upload():
+            reusable = False  # answered before its body was all sent
+        self._over()
+        if rest:
+            self._pool.offence(self, "bytes past the end of a response")
+        elif reusable:
+            if self._paused:
+                self.resumeProducing()
+            self._pool.idle_again(self)
+        else:
+            self._pool.lost(self)
+            if self.transport is not None:
+                self.transport.loseConnection()
+        if sink is not None:
+            sink.end()
+
+    def error(self, reason: str) -> None:
+        sink, self._sink = self._sink, None
+        self._stop_upload()
+        self._over()
+        self._pool.offence(self, reason)
+        if sink is not None:
+            sink.fail("pooled socket lost" if self._head else "pooled socket failed")
+
+    def _over(self) -> None:
+        if self.busy:
+            self.busy = False
+            self._pool.busy -= 1
+
+    # -- the Stream
+
+    def cancel(self, sink: ResponseSink | None) -> None:
+        """`sink`'s exchange is over for its caller: if it still runs, the rest of its response is
+        not read and the socket closes."""
+        if self._sink is not sink or sink is None:
+            return
+        self._sink = None
+        self._reader.stop()
+        self._stop_upload()
+        self._over()
+        self._pool.lost(self)
+        self.abort()
+
+    # -- the IPushProducer the sink pauses
+
+    def pauseProducing(self) -> None:
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def stopProducing(self) -> None:
+        self.cancel(self._sink)
 
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
 
-class _SocketExchange:
-    """One exchange's turns, as the pool accounts for them."""
+class _Exchange:
+    """One exchange as its caller may cancel it: only while it runs, never a later one on the
+    same socket."""
 
-    def __init__(self, pool: SocketPool, socket: PooledSocket) -> None:
-        self._pool = pool
+    __slots__ = ("_socket", "_sink")
+
+    def __init__(self, socket: PooledSocket, sink: ResponseSink) -> None:
         self._socket = socket
+        self._sink = sink
 
-    def released(self) -> None:
-        self._pool.busy -= 1
-
-    def head_received(self) -> None:
-        self._socket.head_in()
-
-    def failed(self, error: BaseException) -> str:
-        log.info("tunnel {subdomain}: a pooled socket failed before the response head: {why}",
-                 subdomain=self._pool.subdomain, why=describe(error))
-        return "pooled socket failed"
-
-    def broke_off(self, reason: Failure) -> str:
-        return "pooled socket lost"
+    def cancel(self) -> None:
+        self._socket.cancel(self._sink)
 
 
 class PoolObserver(typing.Protocol):
