@@ -1,9 +1,10 @@
 """One request sent with twisted.web's HTTP/1.1 client, its response passed into a `ResponseSink`.
 
-The relay has two HTTP/1.1 hops behind its public front: node-to-node
-forwarding in a cluster (`mcpr.relay.cluster.peers`) and a tunnel's pooled
-sockets (`mcpr.relay.tunnels.pool`).  Both give each exchange a connection to
-itself while it runs, so TCP's own flow control is per stream: the sink is
+The relay's node-to-node forwarding in a cluster (`mcpr.relay.cluster.peers`)
+sends through an `Agent`; a tunnel's pooled sockets (`mcpr.relay.tunnels.pool`)
+read their responses themselves and share only the spool reader (`Kept`).  Each
+exchange has a connection to itself while it runs, so TCP's own flow control
+is per stream: the sink is
 given the socket as its producer, and a slow public reader pauses that socket
 only.  A cancelled exchange closes its connection instead of leaving it half
 read.  What differs between the hops (accounting, what a failure is called and
