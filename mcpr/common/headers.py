@@ -32,6 +32,18 @@ def connection_tokens(headers: Headers) -> frozenset[bytes]:
     return frozenset(t.strip().lower() for v in values for t in v.split(b",") if t.strip())
 
 
+def content_length(values: list[bytes]) -> int:
+    """The one length a message's `Content-Length` field lines declare (RFC 9110 §8.6: a list of
+    equal values is that value), or ValueError saying what is wrong with them."""
+    lengths = {part.strip() for value in values for part in value.split(b",")}
+    if len(lengths) != 1:
+        raise ValueError("contradictory content-length")
+    (length,) = lengths
+    if not length.isdigit() or len(length) > 18:
+        raise ValueError("invalid content-length")
+    return int(length)
+
+
 # HOP_BY_HOP with each caller's own `drop` (a constant of the caller's), made once rather than on
 # every request; bounded, in case a caller ever passes sets made on the fly.
 _DROPPED: dict[frozenset[bytes], frozenset[bytes]] = {}

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from mcpr.common.headers import content_length
+
 CHUNK_LINE = 4096
 """Bytes a chunk-size line may take, its extensions included."""
 
@@ -69,11 +71,6 @@ class ResponseReader:
         self._bodiless = False
         self._reusable = False
         self._turn = 0  # bumped by expect and stop: a callback that did either ends the feed it ran in
-
-    @property
-    def in_head(self) -> bool:
-        """No final head yet for the expected response."""
-        return self._state == _HEAD
 
     def expect(self, bodiless: bool = False) -> None:
         """A request was sent: read its response; `bodiless` for the answer to a HEAD."""
@@ -211,7 +208,7 @@ class ResponseReader:
             elif name == b"transfer-encoding":
                 codings.extend(part.strip().lower() for part in value.split(b","))
                 continue
-            elif name == b"connection" and b"close" in value.lower():
+            elif name == b"connection":
                 close = close or b"close" in {part.strip() for part in value.lower().split(b",")}
             headers.append((name, value))
         self._reusable = not close
@@ -272,11 +269,7 @@ class ResponseReader:
 
 
 def _length(values: list[bytes]) -> int:
-    """The one length the `Content-Length` lines declare (a list of equal values is that value)."""
-    lengths = {part.strip(b" \t") for value in values for part in value.split(b",")}
-    if len(lengths) != 1:
-        raise ProtocolError("contradictory content-length")
-    (length,) = lengths
-    if not length.isdigit() or len(length) > 18:
-        raise ProtocolError("an invalid content-length")
-    return int(length)
+    try:
+        return content_length(values)
+    except ValueError as e:
+        raise ProtocolError(str(e)) from None

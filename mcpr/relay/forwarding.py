@@ -27,7 +27,7 @@ from twisted.web.http import NO_BODY_CODES
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from mcpr.common.headers import HOP_BY_HOP, add_forwarded, end_to_end
+from mcpr.common.headers import HOP_BY_HOP, add_forwarded, content_length, end_to_end
 from mcpr.common.web import body_length
 from mcpr.relay.cluster.directory import DirectoryUnavailable
 from mcpr.relay.cluster.node import ClusterNode
@@ -102,15 +102,11 @@ class BadHead(Exception):
 
 
 def declared_length(values: list[bytes]) -> int:
-    """The one length a response's `Content-Length` field lines declare (RFC 9110 §8.6: a list
-    of equal values is that value), or BadHead."""
-    lengths = {part.strip() for value in values for part in value.split(b",")}
-    if len(lengths) != 1:
-        raise BadHead("contradictory content-length")
-    (length,) = lengths
-    if not length.isdigit() or len(length) > 18:
-        raise BadHead("invalid content-length")
-    return int(length)
+    """The one length a response's `Content-Length` field lines declare, or BadHead."""
+    try:
+        return content_length(values)
+    except ValueError as e:
+        raise BadHead(str(e)) from None
 
 
 class PublicResponse:

@@ -37,6 +37,10 @@ def post(body: bytes = b'{"jsonrpc":"2.0","id":1,"method":"ping"}') -> TunnelReq
     return TunnelRequest(b"POST", b"/mcp?x=1", headers, io.BytesIO(body), len(body))
 
 
+def put(body: bytes) -> TunnelRequest:
+    return TunnelRequest(b"PUT", b"/f", [(b"host", b"a.tunnel.test")], io.BytesIO(body), len(body))
+
+
 class PoolTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.counts = Counts()
@@ -187,8 +191,7 @@ class PoolTests(SynchronousTestCase):
         cooperator = task.Cooperator(scheduler=lambda work: clock.callLater(0, work), started=True)
         self.patch(task, "cooperate", cooperator.cooperate)
         sink = Sink()
-        self.pool.open_stream(TunnelRequest(b"PUT", b"/f", [(b"host", b"a.tunnel.test")], io.BytesIO(body),
-                                            len(body)), sink)
+        self.pool.open_stream(put(body), sink)
         self.assertIsNotNone(transport.producer, "the upload is the socket's producer")
         for _ in range(20):
             clock.advance(0)
@@ -204,8 +207,7 @@ class PoolTests(SynchronousTestCase):
         socket, transport = self.socket()
         body = b"x" * (1 << 20)
         sink = Sink()
-        self.pool.open_stream(TunnelRequest(b"PUT", b"/f", [(b"host", b"a.tunnel.test")], io.BytesIO(body),
-                                            len(body)), sink)
+        self.pool.open_stream(put(body), sink)
         socket.dataReceived(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\n\r\n")
         self.assertEqual((sink.status, sink.ended), (413, True))
         self.assertIsNone(transport.producer)
