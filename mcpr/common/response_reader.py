@@ -25,6 +25,11 @@ from typing import Protocol
 
 from mcpr.common.headers import content_length
 
+HEAD_BUDGET = 128 << 10
+"""Bytes a response head may take: well above any head a server sends (twisted.web's own lines are
+capped at 16 KiB), and more than one read (64 KiB), so that a head and the start of its body read
+together never come near it."""
+
 CHUNK_LINE = 4096
 """Bytes a chunk-size line may take, its extensions included."""
 

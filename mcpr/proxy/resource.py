@@ -17,7 +17,7 @@ from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import IBodyProducer, IResponse
+from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -29,11 +29,12 @@ from mcpr.proxy import jsonrpc
 from mcpr.proxy.answers import AnswerWatcher
 from mcpr.proxy.capture import LIST_METHODS, Capture, Listing
 from mcpr.proxy.events import EventLog, Recorder, RequestRecord
-from mcpr.proxy.forward import BodyPipe, Forwarder, UpstreamError, body_producer
+from mcpr.proxy.forward import BodyPipe, Forwarder, UpstreamError, request_body
 from mcpr.proxy.rewrite.csp import CspPolicy
 from mcpr.proxy.rewrite.plan import Plan, plan
 from mcpr.proxy.routing import Kind, Route, Upstream, route
 from mcpr.proxy.sessions import Session, SessionTracker
+from mcpr.proxy.upstream_client import Body
 from mcpr.proxy.widgets import WidgetDevServer, WidgetFolder, WidgetSource, listing, local_html
 
 log = Logger()
@@ -180,7 +181,7 @@ class ProxyResource(Resource):
         if answers is not None:
             self._conclude(rt, record, response, answers)
 
-    def _classify(self, request: Request, record: RequestRecord) -> tuple[Route, IBodyProducer | None] | None:
+    def _classify(self, request: Request, record: RequestRecord) -> tuple[Route, Body] | None:
         """Where the request goes and its body, with the record filled in from them.
 
         None for a request the gateway answers itself: a widget asset from the
@@ -206,10 +207,10 @@ class ProxyResource(Resource):
             session = self.sessions.touch(session_id)
             if session is not None:
                 record.client_name, record.client_version = session.client_name, session.client_version
-        return rt, body_producer(data, content)
+        return rt, request_body(data, content)
 
     async def _send(self, request: Request, record: RequestRecord, exchange: _Exchange, rt: Route,
-                    body: IBodyProducer | None) -> IResponse | None:
+                    body: Body) -> IResponse | None:
         """The upstream's response, its body still to come.
 
         None when there is nothing to pipe: the client left first, or the

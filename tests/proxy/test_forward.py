@@ -19,8 +19,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
 
-from mcpr.proxy import forward
-from mcpr.proxy.forward import Forwarder, UpstreamEndpoint, UpstreamUnavailable
+from mcpr.proxy import upstream_client
+from mcpr.proxy.forward import Forwarder, UpstreamUnavailable
+from mcpr.proxy.upstream_client import UpstreamEndpoint
 
 
 class Received(Protocol):
@@ -81,61 +82,21 @@ class UpstreamEndpointTests(SynchronousTestCase):
             tcp, factory, protocol = self.connect(tls)
             self.assertIsInstance(protocol, Received)
             self.assertTrue(tcp.transport.no_delay)
-            self.assertFalse(factory.noisy)
 
-    @skipIf(forward._QUICKACK is None, "TCP_QUICKACK is Linux only")
+    @skipIf(upstream_client._QUICKACK is None, "TCP_QUICKACK is Linux only")
     def test_every_read_is_acknowledged_at_once(self) -> None:
         tcp, _, protocol = self.connect()
-        quick_ack = (socket.IPPROTO_TCP, forward._QUICKACK, 1)
+        quick_ack = (socket.IPPROTO_TCP, upstream_client._QUICKACK, 1)
         for chunk in (b"HTTP/1.1 200 OK\r\n", b"\r\n"):
             tcp.protocol.dataReceived(chunk)
         self.assertEqual(tcp.transport.socket.options, [quick_ack, quick_ack])
         self.assertEqual(protocol.data, b"HTTP/1.1 200 OK\r\n\r\n")
 
-    @skipIf(forward._QUICKACK is None, "TCP_QUICKACK is Linux only")
+    @skipIf(upstream_client._QUICKACK is None, "TCP_QUICKACK is Linux only")
     def test_under_tls_the_tcp_socket_gets_the_option(self) -> None:
         tcp, _, _ = self.connect(optionsForClientTLS("upstream.example"))
         tcp.protocol.dataReceived(b"\x16\x03\x03\x00\x00")  # any bytes: TLS reads them off TCP
-        self.assertEqual(tcp.transport.socket.options, [(socket.IPPROTO_TCP, forward._QUICKACK, 1)])
-
-
-class Pausing(Protocol):
-    """Pauses its transport on every read, and resumes it at once when told to (as the HTTP
-    client does when the proxy takes a response's body in the same read)."""
-
-    resume_at_once = False
-
-    def dataReceived(self, data: bytes) -> None:
-        self.transport.pauseProducing()
-        if self.resume_at_once:
-            self.transport.resumeProducing()
-
-
-class PauseWithinAReadTests(SynchronousTestCase):
-    """A pause asked for while a read is handled reaches the socket when the read returns, if still wanted."""
-
-    def connect(self) -> tuple[MemoryEndpoint, Pausing]:
-        tcp = MemoryEndpoint()
-        protocol = self.successResultOf(UpstreamEndpoint(tcp).connect(Factory.forProtocol(Pausing)))
-        return tcp, protocol
-
-    def test_paused_and_resumed_within_a_read_the_socket_never_pauses(self) -> None:
-        tcp, protocol = self.connect()
-        protocol.resume_at_once = True
-        states = []
-        tcp.transport.pauseProducing = lambda: states.append("paused")  # type: ignore[method-assign]
-        tcp.transport.resumeProducing = lambda: states.append("resumed")  # type: ignore[method-assign]
-        tcp.protocol.dataReceived(b"HTTP/1.1 200 OK\r\n")
-        self.assertEqual(states, [])
-
-    def test_a_pause_still_wanted_is_applied_when_the_read_returns(self) -> None:
-        tcp, protocol = self.connect()
-        tcp.protocol.dataReceived(b"HTTP/1.1 200 OK\r\n")
-        self.assertEqual(tcp.transport.producerState, "paused")
-        protocol.transport.resumeProducing()  # outside a read: at once
-        self.assertEqual(tcp.transport.producerState, "producing")
-        protocol.transport.pauseProducing()
-        self.assertEqual(tcp.transport.producerState, "paused")
+        self.assertEqual(tcp.transport.socket.options, [(socket.IPPROTO_TCP, upstream_client._QUICKACK, 1)])
 
 
 class RealSocketTests(TestCase):
@@ -157,10 +118,10 @@ class EchoHost(Resource):
         return b"%s %s" % (request.getHeader(b"host"), request.uri)
 
 
-class AgentTests(TestCase):
-    """The Forwarder's Agent, which works out each URL once: what goes out is what Agent would send."""
+class ForwarderTests(TestCase):
+    """The Forwarder's client, which works out each URL once, against twisted.web's server."""
 
-    async def test_host_and_path_as_agent_computes_them_the_callers_headers_untouched(self) -> None:
+    async def test_host_and_path_as_a_server_reads_them_the_callers_headers_untouched(self) -> None:
         port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(EchoHost()))
         self.addCleanup(port.stopListening)
         forwarder = Forwarder(reactor, headers_timeout=5)
@@ -172,7 +133,7 @@ class AgentTests(TestCase):
             self.assertEqual(await readBody(response), b"127.0.0.1:%d /mcp?x=1" % port.getHost().port)
         self.assertEqual(list(headers.getAllRawHeaders()), [(b"Accept", [b"application/json"])])
 
-    async def test_a_url_agent_refuses_is_refused(self) -> None:
+    async def test_a_url_that_cannot_be_sent_is_refused(self) -> None:
         forwarder = Forwarder(reactor, headers_timeout=5)
         self.addCleanup(forwarder.close)
         with self.assertRaises(UpstreamUnavailable):

@@ -10,10 +10,11 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
+from mcpr.common.response_reader import HEAD_BUDGET
 from mcpr.relay.tunnels.contract import TunnelRequest
 from mcpr.relay.tunnels.guard import ControlBudget, Outbound
 from mcpr.relay.tunnels.h2 import H2Tunnel
-from mcpr.relay.tunnels.pool import HEAD_BUDGET, PooledSocket, SocketPool
+from mcpr.relay.tunnels.pool import PooledSocket, SocketPool
 
 from .test_h2_tunnel import Sink
 

@@ -39,17 +39,12 @@ from zope.interface import implementer
 
 from mcpr.common import protocol as wire
 from mcpr.common.names import valid_label
-from mcpr.common.response_reader import ResponseReader
+from mcpr.common.response_reader import HEAD_BUDGET, ResponseReader
 from mcpr.common.web import take_over
 from mcpr.relay.tunnels.contract import ResponseSink, Stream, TunnelRequest
 from mcpr.relay.tunnels.http1 import WHOLE_BODY, Kept
 
 log = Logger()
-
-HEAD_BUDGET = 128 << 10
-"""Bytes a response head may take: well above any head a server sends (twisted.web's own lines are
-capped at 16 KiB), and more than one read (64 KiB), so that a head and the start of its body read
-together never come near it."""
 
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 
