@@ -36,13 +36,14 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
-from twisted.web.client import URI, BrowserLikePolicyForHTTPS, FileBodyProducer, ResponseDone
+from twisted.web.client import URI, BrowserLikePolicyForHTTPS, ResponseDone
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http import RESPONSES, PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface import implementer
 
+from mcpr.common.bodies import Upload
 from mcpr.common.headers import content_length
 from mcpr.common.response_reader import HEAD_BUDGET, ResponseReader
 from mcpr.common.web import no_delay
@@ -293,7 +294,7 @@ class UpstreamConnection(Protocol):
         self.origin = origin
         self._reader = ResponseReader(self, HEAD_BUDGET)
         self.exchange: _Exchange | None = None
-        self._upload: FileBodyProducer | None = None
+        self._upload: Upload | None = None
         self._holding = False  # body bytes wait for their protocol
         self._paused = False  # the transport's reads are paused
         self._eof = False
@@ -314,25 +315,12 @@ class UpstreamConnection(Protocol):
             transport.write(exchange.head + body if body else exchange.head)
         else:
             transport.write(exchange.head)
-            self._upload = upload = FileBodyProducer(body)
-            transport.registerProducer(upload, True)
-            upload.startProducing(transport).addBoth(self._uploaded, upload)
-
-    def _uploaded(self, result: object, upload: FileBodyProducer) -> None:
-        """The body is sent (or its sending was stopped: `_stop_upload` has unregistered it)."""
-        if self._upload is upload:
-            self._upload = None
-            if self.transport is not None:
-                self.transport.unregisterProducer()  # type: ignore[attr-defined]
+            self._upload = Upload(transport, body)
 
     def _stop_upload(self) -> bool:
+        """Stop a body still being sent; True if there was one."""
         upload, self._upload = self._upload, None
-        if upload is None:
-            return False
-        if self.transport is not None:
-            self.transport.unregisterProducer()  # type: ignore[attr-defined]
-        upload.stopProducing()
-        return True
+        return upload is not None and upload.stop()
 
     def drop(self, exchange: _Exchange) -> None:
         """`exchange` is abandoned: read nothing more of it and close the connection, which ends

@@ -32,12 +32,12 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import FileBodyProducer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from mcpr.common import protocol as wire
+from mcpr.common.bodies import Upload
 from mcpr.common.names import valid_label
 from mcpr.common.response_reader import HEAD_BUDGET, ResponseReader
 from mcpr.common.web import take_over
@@ -71,7 +71,7 @@ class PooledSocket(Protocol):
         self._pool = pool
         self._reader = ResponseReader(self, HEAD_BUDGET)
         self._sink: ResponseSink | None = None  # while an exchange runs
-        self._upload: FileBodyProducer | None = None
+        self._upload: Upload | None = None
         self._paused = False
         self._head = False
         self.busy = False
@@ -96,27 +96,13 @@ class PooledSocket(Protocol):
         else:
             transport.write(head)
             body.seek(0)
-            self._upload = upload = FileBodyProducer(Kept(body))
-            transport.registerProducer(upload, True)
-            upload.startProducing(transport).addBoth(self._uploaded, upload)
+            self._upload = Upload(transport, Kept(body))
         return _Exchange(self, sink)
-
-    def _uploaded(self, result: object, upload: FileBodyProducer) -> None:
-        """The body is sent (or its sending was stopped: `_stop_upload` has unregistered it)."""
-        if self._upload is upload:
-            self._upload = None
-            if self.transport is not None:
-                self.transport.unregisterProducer()  # type: ignore[attr-defined]
 
     def _stop_upload(self) -> bool:
         """Stop a body still being sent; True if there was one."""
         upload, self._upload = self._upload, None
-        if upload is None:
-            return False
-        if self.transport is not None:
-            self.transport.unregisterProducer()  # type: ignore[attr-defined]
-        upload.stopProducing()
-        return True
+        return upload is not None and upload.stop()
 
     # -- the gateway's bytes
 
