@@ -12,6 +12,20 @@ The pool lives as long as the registration that handed out its key: a closed
 tunnel closes its pooled sockets.  A socket that closes is opened again; one
 the relay refuses, or that cannot be opened, is tried again after a backoff,
 and the tunnel's HTTP/2 streams carry every request meanwhile.
+
+A socket that carried a request may close at any age, and nothing is wrong:
+the relay closes one whose public client left, whose response came too late
+or broke its framing rules, or was not to be kept (`Connection: close`), and
+this side closes one whose upstream broke off.  Under load that is routine,
+so such a socket is replaced at once and quietly.  Only a socket closed
+before it carried anything, refused, or not connected is a failure; the
+backoff and the warning last until a socket proves itself (carries a request
+or lives `SHORT_LIVED`), not merely until the next 101, or a relay that
+accepts and drops every socket would be reconnected to, and warned about,
+every half second.  The first failure of a run is logged at info: one that a
+retry cures (the tunnel closing at the relay while a socket opens, a pool
+found full while the relay has yet to see a socket close) needs nobody; the
+warning comes when the retry fails too, once for each reason.
 """
 
 from __future__ import annotations
@@ -35,8 +49,8 @@ MAX_ANSWER = 8 << 10
 """The relay's answer to an upgrade is a short head; a longer one is not the relay's."""
 RETRY_FIRST, RETRY_CAP = 0.5, 30.0
 SHORT_LIVED = 1.0
-"""A pooled socket closed this soon after it opened counts as a failure, so that a relay that
-closes them at once is not reconnected to in a loop."""
+"""A pooled socket closed this soon after it opened, before it carried a request, counts as a
+failure, so that a relay that closes them at once is not reconnected to in a loop."""
 
 
 class _PooledSocket(Protocol):
@@ -48,6 +62,8 @@ class _PooledSocket(Protocol):
         self._channel: Protocol | None = None
         self.opened_at: float | None = None
         self.refused = False
+        self.asked = False
+        """Whether the relay sent a request on it: a close is then that exchange's, not a failure."""
 
     def connectionMade(self) -> None:
         no_delay(self.transport)  # a response's head and body are separate writes
@@ -57,6 +73,8 @@ class _PooledSocket(Protocol):
     def dataReceived(self, data: bytes) -> None:
         channel = self._channel
         if channel is not None:
+            if not self.asked:
+                self._asked()
             channel.dataReceived(data)
             return
         answer = self._answer + data
@@ -81,7 +99,12 @@ class _PooledSocket(Protocol):
         self._pool.opened(self)
         rest = answer[end + 4:]
         if rest:
+            self._asked()
             channel.dataReceived(rest)
+
+    def _asked(self) -> None:
+        self.asked = True
+        self._pool.proved()
 
     def _refused(self, why: str) -> None:
         self.refused = True
@@ -121,7 +144,8 @@ class LanePool:
         self._connecting: set[Deferred[Any]] = set()
         self._failures = 0
         self._retry: IDelayedCall | None = None
-        self._told: str | None = None  # the last failure logged, so that a retry loop logs it once
+        self._told: str | None = None  # the last failure warned about, so that a retry loop warns once
+        self._proof: IDelayedCall | None = None  # after failures: when a socket opened since has lived
         self._stopped = False
 
     def start(self) -> None:
@@ -156,6 +180,20 @@ class LanePool:
             self._sockets.add(result)
 
     def opened(self, socket: _PooledSocket) -> None:
+        """A 101 is no proof that the relay keeps the socket: the failures are forgotten once it
+        has lived `SHORT_LIVED` (or carried a request first)."""
+        if self._failures and self._proof is None:
+            self._proof = self.reactor.callLater(SHORT_LIVED, self._proved)
+
+    def proved(self) -> None:
+        """A socket carried a request: the relay uses the pool."""
+        if self._failures:
+            self._proved()
+
+    def _proved(self) -> None:
+        proof, self._proof = self._proof, None
+        if proof is not None and proof.active():
+            proof.cancel()
         if self._told is not None:
             log.info("tunnel: pooled sockets open again")
         self._failures, self._told = 0, None
@@ -171,27 +209,39 @@ class LanePool:
         if opened is None:
             if not socket.refused:
                 self._failed("the relay closed it before answering")
-        elif self.reactor.seconds() - opened < SHORT_LIVED:
-            self._failed("the relay closed it at once")
-        elif self._retry is None:
-            self._fill()
+        elif not socket.asked and self.reactor.seconds() - opened < SHORT_LIVED:
+            self._failed("the relay accepted it, then closed it before sending a request")
+        else:
+            if socket.asked:
+                log.debug("tunnel: a pooled socket closed after a request; opening another")
+            if self._retry is None:
+                self._fill()
 
     def _failed(self, why: str) -> None:
         """One retry for however many sockets failed together, later after each round that failed."""
-        if self._told != why:
+        proof, self._proof = self._proof, None
+        if proof is not None and proof.active():
+            proof.cancel()
+        if self._stopped or self._retry is not None:
+            return  # this round has failed already: its retry opens this socket again too
+        if not self._failures:
+            # Maybe the tunnel ending at the relay while this socket opened, or a pool the relay
+            # counts full until it sees a closed socket go: the retry tells.
+            log.info("tunnel: cannot open a pooled socket ({why}); retrying", why=why)
+        elif self._told != why:
             self._told = why
             log.warn("tunnel: cannot open a pooled socket ({why}); requests take the tunnel meanwhile", why=why)
-        if self._retry is None and not self._stopped:
-            self._failures += 1
-            delay = min(RETRY_CAP, RETRY_FIRST * 2 ** (self._failures - 1))
-            self._retry = self.reactor.callLater(delay, self._fill)
+        self._failures += 1
+        delay = min(RETRY_CAP, RETRY_FIRST * 2 ** (self._failures - 1))
+        self._retry = self.reactor.callLater(delay, self._fill)
 
     def stop(self) -> None:
         """The registration is over: its pooled sockets close, their requests see their client leave."""
         self._stopped = True
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        self._retry = None
+        for call in (self._retry, self._proof):
+            if call is not None and call.active():
+                call.cancel()
+        self._retry = self._proof = None
         for connecting in list(self._connecting):
             connecting.cancel()
         for socket in list(self._sockets):

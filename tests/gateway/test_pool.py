@@ -6,9 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
@@ -47,6 +48,9 @@ class Endpoint:
         return succeed(protocol)
 
 
+REQUEST = b"POST /mcp HTTP/1.1\r\nHost: a.relay.test\r\nContent-Length: 2\r\n\r\n{}"
+
+
 class LanePoolTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
@@ -54,6 +58,17 @@ class LanePoolTests(SynchronousTestCase):
         site = CappedSite(Hello(), max_request_body=1024, via="tunnel", reactor=self.clock)
         self.pool = LanePool(self.clock, self.endpoint, host="relay.test:8080", path="/_tunnel/pool",
                              subdomain="a", key="k" * 43, size=3, site=site)
+        self.logs: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.logs.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.logs.append)
+
+    def told(self, level: LogLevel) -> list[str]:
+        return [formatEvent(e) for e in self.logs
+                if e.get("log_namespace") == "mcpr.gateway.pool" and e.get("log_level") == level]
+
+    def retry_delay(self) -> float:
+        (call,) = self.clock.getDelayedCalls()
+        return call.getTime() - self.clock.seconds()
 
     def test_each_socket_asks_for_the_upgrade_with_the_key(self) -> None:
         self.pool.start()
@@ -144,3 +159,58 @@ class LanePoolTests(SynchronousTestCase):
         self.assertEqual(len(self.endpoint.connected), 5, "never beyond its own limit")
         pool.grow(3)
         self.assertEqual(len(self.endpoint.connected), 5, "asking for fewer closes none")
+
+    def test_a_socket_closed_after_its_request_is_replaced_at_once_and_quietly(self) -> None:
+        # A public client that leaves mid-request makes the relay abort the pooled socket carrying
+        # it, however young: that is load, not a relay refusing the pool.
+        self.pool.start()
+        socket, _ = self.endpoint.connected[0]
+        socket.dataReceived(SWITCHING + REQUEST)
+        self.clock.advance(0.1)
+        socket.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(len(self.endpoint.connected), 4, "another opened at once")
+        self.assertEqual(self.clock.getDelayedCalls(), [], "no backoff")
+        self.assertEqual(self.told(LogLevel.warn) + self.told(LogLevel.info), [])
+
+    def test_a_relay_that_drops_every_socket_after_the_101_is_backed_off_and_warned_of_once(self) -> None:
+        self.pool.start()
+        delays = []
+        for _ in range(5):
+            for socket, _ in self.endpoint.connected[-3:]:
+                socket.dataReceived(SWITCHING)
+            for socket, _ in self.endpoint.connected[-3:]:
+                socket.connectionLost(Failure(ConnectionLost()))
+            delays.append(self.retry_delay())
+            self.clock.advance(delays[-1])
+        self.assertEqual(delays, [RETRY_FIRST * 2 ** n for n in range(5)], "a 101 alone does not reset it")
+        self.assertEqual(len(self.told(LogLevel.warn)), 1, self.told(LogLevel.warn))
+        self.assertEqual(len(self.told(LogLevel.info)), 1, "the first failure, before the retry told more")
+
+    def test_a_failure_the_retry_cures_is_no_warning(self) -> None:
+        self.pool.start()
+        socket, _ = self.endpoint.connected[0]
+        socket.dataReceived(SWITCHING)
+        socket.connectionLost(Failure(ConnectionLost()))  # e.g. the tunnel closing at the relay
+        self.clock.advance(RETRY_FIRST)
+        socket, _ = self.endpoint.connected[3]
+        socket.dataReceived(SWITCHING + REQUEST)
+        self.assertEqual(self.told(LogLevel.warn), [])
+        (info,) = self.told(LogLevel.info)
+        self.assertIn("before sending a request", info)
+
+    def test_a_socket_that_lives_after_failures_resets_the_backoff(self) -> None:
+        self.pool.start()
+        for _ in range(3):
+            socket, _ = self.endpoint.connected[-1]
+            socket.dataReceived(SWITCHING)
+            socket.connectionLost(Failure(ConnectionLost()))
+            self.clock.advance(self.retry_delay())
+        self.assertIn("before sending a request", "".join(self.told(LogLevel.warn)))
+        socket, _ = self.endpoint.connected[-1]
+        socket.dataReceived(SWITCHING)
+        self.clock.advance(SHORT_LIVED)  # it stayed, idle: the relay keeps the pool after all
+        self.assertEqual(self.told(LogLevel.info)[-1], "tunnel: pooled sockets open again")
+        other, _ = self.endpoint.connected[0]  # never answered until now
+        other.dataReceived(SWITCHING)
+        other.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.retry_delay(), RETRY_FIRST)
