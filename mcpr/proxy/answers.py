@@ -15,6 +15,13 @@ from mcpr.proxy import jsonrpc
 from mcpr.proxy.sse import EventTooLarge, SSEParser
 
 
+def _may_hold_error(body: bytes) -> bool:
+    """Whether a JSON body may hold an error object: a member named "error", which in UTF-8 only
+    these seven bytes spell, or a `\\u` escape, which could spell the name otherwise, or a NUL,
+    which any UTF-16 or UTF-32 body (that `json.loads` also reads) holds."""
+    return b'"error"' in body or b"\\u" in body or b"\0" in body
+
+
 def is_event_stream(content_type: bytes | None) -> bool:
     return content_type is not None and content_type.split(b";", 1)[0].strip().lower() == b"text/event-stream"
 
@@ -31,6 +38,7 @@ class AnswerWatcher:
         self._keep = set(jsonrpc.id_key(k) for k in keep_results)
         self.answers: list[jsonrpc.Message] = []
         self.gave_up = False
+        self._unread: bytes | None = None
 
     @property
     def active(self) -> bool:
@@ -57,10 +65,23 @@ class AnswerWatcher:
         self._buffer.append(data)
 
     def finish(self) -> list[jsonrpc.Message]:
+        """The errors, and the results asked to be kept.  A JSON body that can hold neither is not
+        parsed (most answers: a result nobody keeps), unless `answered` needs its ids."""
         if self._json and not self.gave_up and self._buffer:
-            self._take(b"".join(self._buffer))
+            body = b"".join(self._buffer)
             self._buffer = []
+            if self._keep or _may_hold_error(body):
+                self._take(body)
+            else:
+                self._unread = body
         return self.answers
+
+    def answered(self, ids: set[Any]) -> bool:
+        """Whether every id in `ids` (`jsonrpc.id_key`) has its answer, once `finish` was called."""
+        if self._unread is not None:
+            self._take(self._unread)
+            self._unread = None
+        return ids <= {jsonrpc.id_key(a.id) for a in self.answers}
 
     def _take(self, text: str | bytes) -> None:
         batch = jsonrpc.parse_value(jsonrpc.loads_or_none(text))

@@ -17,9 +17,9 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
-from twisted.web.http_headers import Headers
 
 from mcpr.common.failures import cancelled, describe
+from mcpr.common.headers import FieldLines
 from mcpr.proxy.upstream_client import Body, UpstreamClient, UpstreamResponse
 
 
@@ -69,7 +69,7 @@ class Forwarder:
         self.client = UpstreamClient(reactor, connect_timeout=connect_timeout, max_idle_per_origin=max_idle_per_host,
                                      idle_timeout=idle_timeout)
 
-    def send(self, method: bytes, url: bytes, headers: Headers, body: Body) -> Deferred[UpstreamResponse]:
+    def send(self, method: bytes, url: bytes, headers: FieldLines, body: Body) -> Deferred[UpstreamResponse]:
         """The upstream response once its headers arrived; the body is still to be read.
 
         It fails with `UpstreamTimeout`, `UpstreamUnavailable`, or

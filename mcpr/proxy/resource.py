@@ -284,7 +284,7 @@ class ProxyResource(Resource):
         answers = watcher.finish() if watcher is not None else []
         if not exchange.gone:
             request.finish()
-        elif rt.kind is not Kind.MCP_STREAM and not _answered(rt, answers):
+        elif rt.kind is not Kind.MCP_STREAM and not _answered(rt, watcher):
             # An SDK client closes a POST's SSE stream once it has its answer,
             # and a GET stream ends when the client leaves: both are normal.
             record.outcome = "client-gone"
@@ -508,10 +508,10 @@ def _listings(rpc: jsonrpc.Batch, answers: list[jsonrpc.Message]) -> list[Listin
     return found
 
 
-def _answered(rt: Route, answers: list[jsonrpc.Message]) -> bool:
-    """Whether every request of the route's body has its answer among `answers`."""
+def _answered(rt: Route, watcher: AnswerWatcher | None) -> bool:
+    """Whether every request of the route's body has its answer among what `watcher` read."""
     wanted = {jsonrpc.id_key(m.id) for m in rt.rpc.requests} if rt.rpc is not None else {None}
-    return wanted <= {jsonrpc.id_key(a.id) for a in answers}
+    return watcher.answered(wanted) if watcher is not None else not wanted
 
 
 def _header(request: Request, name: bytes) -> str | None:

@@ -44,7 +44,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface import implementer
 
 from mcpr.common.bodies import Upload
-from mcpr.common.headers import content_length
+from mcpr.common.headers import FieldLines, content_length
 from mcpr.common.response_reader import HEAD_BUDGET, ResponseReader
 from mcpr.common.web import no_delay
 
@@ -84,11 +84,20 @@ def quick_ack(transport: Any) -> None:
 
 
 class _QuickAck(ProtocolWrapper):
-    """Sits on the TCP connection, under TLS if any, to see every read the socket gives."""
+    """Sits on the TCP connection, under TLS if any, to see every read the socket gives.
+
+    Only a read that leaves an answer unfinished is acknowledged at once: the
+    upstream is waiting for that ACK only if it has more to send, and the
+    system call on every read was 2.6 % of a small request's CPU.
+    """
+
+    reader: Any = None
+    """The protocol that reads the answers (set once connected), if it can tell it waits for more."""
 
     def dataReceived(self, data: bytes) -> None:
-        quick_ack(self.transport)
         self.wrappedProtocol.dataReceived(data)
+        if getattr(self.reader, "exchange", True) is not None:
+            quick_ack(self.transport)
 
 
 class _QuickAckFactory(WrappingFactory):
@@ -119,7 +128,9 @@ class UpstreamEndpoint:
         assert isinstance(connection, _QuickAck)
         no_delay(connection.transport)
         protocol: Any = connection.wrappedProtocol
-        return protocol if self._tls is None else protocol.wrappedProtocol
+        inner = protocol if self._tls is None else protocol.wrappedProtocol
+        connection.reader = inner
+        return inner
 
 
 class _Origin(Factory):
@@ -452,7 +463,7 @@ class UpstreamClient:
         self._closing: list[Deferred[None]] = []
         self._sweep: Any = None
 
-    def request(self, method: bytes, url: bytes, headers: Headers, body: Body) -> Deferred[UpstreamResponse]:
+    def request(self, method: bytes, url: bytes, headers: FieldLines, body: Body) -> Deferred[UpstreamResponse]:
         """The answer once its head is in.  Raises ValueError for a URL that cannot be sent;
         the Deferred fails with `SchemeNotSupported`, the connect's error, `UpstreamClosed` or
         `UpstreamBroke`, or `CancelledError` when cancelled."""
@@ -577,15 +588,17 @@ class UpstreamClient:
         return waiting
 
 
-def _head(method: bytes, target: _Target, headers: Headers, body: Body) -> bytes:
+def _head(method: bytes, target: _Target, headers: FieldLines, body: Body) -> bytes:
     """The request's head in one piece: the origin-form path, Host (the caller's, if it set one)
-    first, the caller's headers, and the body's length."""
-    host = headers.getRawHeaders(b"host", (target.host,))[0]
-    lines = [b"%s %s HTTP/1.1" % (method, target.path), b"Host: " + host]
-    for name, values in headers.getAllRawHeaders():
-        if name != b"Host":
-            for value in values:
-                lines.append(name + b": " + value)
+    first, the caller's other field lines as they are, and the body's length."""
+    host = target.host
+    lines = [b"%s %s HTTP/1.1" % (method, target.path), b""]
+    for name, value in headers:
+        if name == b"host":
+            host = value
+        else:
+            lines.append(name + b": " + value)
+    lines[1] = b"Host: " + host
     if isinstance(body, bytes):
         lines.append(b"Content-Length: %d" % len(body))
     elif body is not None:

@@ -23,7 +23,6 @@ from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
 from twisted.web import http
 from twisted.web.client import readBody
-from twisted.web.http_headers import Headers
 from twisted.web.server import NOT_DONE_YET, Request
 
 from mcpr.proxy import jsonrpc
@@ -216,7 +215,7 @@ class WidgetDevServer:
     async def html(self, name: str) -> str | None:
         url = self.url_for(self.path_of(name).encode())
         try:
-            response = await self._forwarder.send(b"GET", url, Headers({b"accept": [b"text/html"]}), None)
+            response = await self._forwarder.send(b"GET", url, [(b"accept", b"text/html")], None)
         except UpstreamError as e:
             log.warn("widget {name}: dev server unavailable: {why}", name=name, why=e.reason)
             return None

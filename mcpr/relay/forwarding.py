@@ -27,7 +27,7 @@ from twisted.web.http import NO_BODY_CODES
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from mcpr.common.headers import HOP_BY_HOP, add_forwarded, content_length, end_to_end
+from mcpr.common.headers import HOP_BY_HOP, add_forwarded, content_length, end_to_end_lines
 from mcpr.common.web import body_length
 from mcpr.relay.cluster.directory import DirectoryUnavailable
 from mcpr.relay.cluster.node import ClusterNode
@@ -72,23 +72,20 @@ def tunnel_headers(request: Request) -> list[tuple[bytes, bytes]]:
     gateway keeps the relay's Host and Proto in turn and appends the relay to
     `X-Forwarded-For` (mcpr/proxy/headers.py).
     """
-    out = end_to_end(request.requestHeaders, _REQUEST_DROPPED)
+    out = end_to_end_lines(request.requestHeaders, _REQUEST_DROPPED)
     peer = getattr(request.getClientAddress(), "host", None)
     if getattr(request.channel, "peer_trusted", False):
-        if peer and out.hasHeader(b"forwarded"):
-            prior = out.getRawHeaders(b"forwarded", [])
-            out.setRawHeaders(b"forwarded", [b", ".join([*prior, _forwarded_for(peer)])])
+        prior = [value for name, value in out if name == b"forwarded"]
+        if peer and prior:
+            out = [line for line in out if line[0] != b"forwarded"]
+            out.append((b"forwarded", b", ".join([*prior, _forwarded_for(peer)])))
     else:
-        for name, _ in list(out.getAllRawHeaders()):
-            lower = name.lower()
-            if lower in _CLIENT_CLAIMS or lower.startswith(b"x-forwarded-"):
-                out.removeHeader(name)
+        out = [line for line in out if line[0] not in _CLIENT_CLAIMS and not line[0].startswith(b"x-forwarded-")]
     host = request.getHeader(b"host")
     add_forwarded(out, client_ip=peer, host=host, proto=b"https" if request.isSecure() else b"http")
-    headers = [(name.lower(), value) for name, values in out.getAllRawHeaders() for value in values]
     if host is not None:
-        headers.insert(0, (b"host", host))
-    return headers
+        out.insert(0, (b"host", host))
+    return out
 
 
 def tunnel_request(request: Request) -> TunnelRequest:

@@ -23,23 +23,22 @@ class RequestHeaderTests(SynchronousTestCase):
                          (b"Proxy-Authorization", b"x"), (b"Host", b"public.example"),
                          (b"Content-Length", b"5"), (b"Transfer-Encoding", b"chunked"))
         out = upstream_request_headers(source, client_ip="10.1.2.3", host=b"public.example", proto=b"https")
-        self.assertEqual(out.getRawHeaders(b"authorization"), [b"Bearer t"])
-        self.assertEqual(out.getRawHeaders(b"mcp-session-id"), [b"s"])
-        self.assertEqual(out.getRawHeaders(b"cookie"), [b"a=1", b"b=2"])
-        for gone in (b"connection", b"x-secret", b"keep-alive", b"te", b"upgrade", b"proxy-authorization",
-                     b"host", b"content-length", b"transfer-encoding"):
-            self.assertFalse(out.hasHeader(gone), gone)
-        self.assertEqual(out.getRawHeaders(b"x-forwarded-for"), [b"10.1.2.3"])
-        self.assertEqual(out.getRawHeaders(b"x-forwarded-host"), [b"public.example"])
-        self.assertEqual(out.getRawHeaders(b"x-forwarded-proto"), [b"https"])
+        self.assertEqual(out, [(b"authorization", b"Bearer t"), (b"mcp-session-id", b"s"), (b"cookie", b"a=1"),
+                               (b"cookie", b"b=2"), (b"x-forwarded-for", b"10.1.2.3"),
+                               (b"x-forwarded-host", b"public.example"), (b"x-forwarded-proto", b"https")])
 
     def test_forwarded_headers_from_a_hop_in_front_are_kept_and_extended(self) -> None:
         source = headers((b"X-Forwarded-For", b"203.0.113.9"), (b"X-Forwarded-Host", b"abc.tunnel.example"),
                          (b"X-Forwarded-Proto", b"https"))
         out = upstream_request_headers(source, client_ip="127.0.0.1", host=b"127.0.0.1:3000", proto=b"http")
-        self.assertEqual(out.getRawHeaders(b"x-forwarded-for"), [b"203.0.113.9, 127.0.0.1"])
-        self.assertEqual(out.getRawHeaders(b"x-forwarded-host"), [b"abc.tunnel.example"])
-        self.assertEqual(out.getRawHeaders(b"x-forwarded-proto"), [b"https"])
+        self.assertEqual(sorted(out), [(b"x-forwarded-for", b"203.0.113.9, 127.0.0.1"),
+                                       (b"x-forwarded-host", b"abc.tunnel.example"), (b"x-forwarded-proto", b"https")])
+
+    def test_several_forwarded_for_lines_become_one(self) -> None:
+        source = headers((b"X-Forwarded-For", b"203.0.113.9"), (b"Accept", b"*/*"), (b"X-Forwarded-For", b"10.0.0.1"))
+        out = upstream_request_headers(source, client_ip="127.0.0.1", host=None, proto=b"http")
+        self.assertEqual(out, [(b"accept", b"*/*"), (b"x-forwarded-for", b"203.0.113.9, 10.0.0.1, 127.0.0.1"),
+                               (b"x-forwarded-proto", b"http")])
 
 
 class ResponseHeaderTests(SynchronousTestCase):

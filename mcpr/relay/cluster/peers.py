@@ -55,7 +55,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from mcpr.common.failures import causes, describe
-from mcpr.common.headers import end_to_end
+from mcpr.common.headers import end_to_end_lines
 from mcpr.common.names import valid_label
 from mcpr.common.web import body_length, no_delay
 from mcpr.relay.tunnels.contract import ResponseSink, Stream, TunnelRequest
@@ -256,8 +256,7 @@ def internal_request(request: Request) -> TunnelRequest:
     """The forwarded request as it enters the holder's local tunnel: the headers as the sending node
     built them (its `X-Forwarded-*` included: it was the edge), without the hop's own fields and
     hop-by-hop ones, Host first: the same shape as `forwarding.tunnel_request`."""
-    out = end_to_end(request.requestHeaders, _INTERNAL_DROPPED)
-    headers = [(name.lower(), value) for name, values in out.getAllRawHeaders() for value in values]
+    headers = end_to_end_lines(request.requestHeaders, _INTERNAL_DROPPED)
     host = request.getHeader(b"host")
     if host is not None:
         headers.insert(0, (b"host", host))
