@@ -85,6 +85,20 @@ class StoreCostBenchTests(SynchronousTestCase):
         self.assertIn("target: the store under 10 %", done.stderr)
 
 
+class InstructionsBenchTests(SynchronousTestCase):
+    def test_small_run(self) -> None:
+        """bench/instructions.py on 30 requests (about 20 s): the gateway under callgrind gives a count."""
+        if shutil.which("valgrind") is None:
+            raise SkipTest("valgrind is not installed (apt-get install valgrind): the count needs callgrind")
+        cmd = [sys.executable, str(ROOT / "bench" / "instructions.py"), "--requests", "30", "--warmup", "10",
+               "--connections", "2", "--json"]
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+        self.assertEqual(done.returncode, 0, f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}")
+        (result,) = json.loads(done.stdout)["results"]
+        self.assertEqual(result["requests"], 30)
+        self.assertGreater(result["instructions_per_request"], 10_000)  # a proxied request is no less
+
+
 class ClusterBenchTests(SynchronousTestCase):
     def test_quick_run(self) -> None:
         """bench/cluster.py --quick on 2 nodes and 2 tunnels (about 30 s): both phases measured, the
