@@ -43,7 +43,7 @@ from urllib.parse import urlsplit
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.application.internet import ClientService
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -59,6 +59,7 @@ from twisted.web.server import Site
 from zope.interface import implementer, provider
 
 from mcpr.common import protocol as wire
+from mcpr.common.host_endpoint import HostEndpoint
 from mcpr.common.names import is_concrete, matches, valid_label
 from mcpr.common.protocol import PROVIDER_UNAVAILABLE, CloseCode
 from mcpr.common.web import no_delay
@@ -476,7 +477,7 @@ class TunnelClient(ClientService):
         self._choose = choose
         self._stopping = False  # stopService was called: a choice made afterwards must not restart it
         url, host, port, secure = websocket_url(relay_url)
-        endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, host, port, timeout=10)
+        endpoint: IStreamClientEndpoint = HostEndpoint(reactor, host, port, timeout=10)
         if secure:
             endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
         self._factory = TunnelFactory(url, token=token, subdomain=subdomain, site=site, owner=self, reactor=reactor,

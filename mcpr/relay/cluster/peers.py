@@ -21,18 +21,12 @@ from __future__ import annotations
 
 import hmac
 import io
-import ipaddress
 import json
 import re
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, TimeoutError
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-)
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import (
     IProtocol,
@@ -56,6 +50,7 @@ from zope.interface import implementer
 
 from mcpr.common.failures import causes, describe
 from mcpr.common.headers import end_to_end_lines
+from mcpr.common.host_endpoint import HostEndpoint
 from mcpr.common.names import valid_label
 from mcpr.common.web import body_length, no_delay
 from mcpr.relay.tunnels.contract import ResponseSink, Stream, TunnelRequest
@@ -120,23 +115,14 @@ class _NodeEndpoint:
 
 @implementer(IAgentEndpointFactory)
 class _NodeEndpoints:
-    """Plain TCP to a node URL's address.  A host name goes through HostnameEndpoint, which also
-    reports a refused connection only after its happy-eyeballs delay (0.3 s): node URLs are
-    meant to hold addresses."""
+    """Plain TCP to a node URL's address (`HostEndpoint`: node URLs are meant to hold addresses,
+    and a name is resolved once in a while, not per connect)."""
 
     def __init__(self, reactor: Any) -> None:
         self._reactor = reactor
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        host = uri.host.decode("ascii")
-        try:
-            version = ipaddress.ip_address(host).version
-        except ValueError:
-            tcp: IStreamClientEndpoint = HostnameEndpoint(self._reactor, host, uri.port, timeout=CONNECT_TIMEOUT)
-        else:
-            kind = TCP4ClientEndpoint if version == 4 else TCP6ClientEndpoint
-            tcp = kind(self._reactor, host, uri.port, timeout=CONNECT_TIMEOUT)
-        return _NodeEndpoint(tcp)
+        return _NodeEndpoint(HostEndpoint(self._reactor, uri.host.decode("ascii"), uri.port, timeout=CONNECT_TIMEOUT))
 
 
 class PeerClient:
