@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from twisted.web.http_headers import Headers
 
-from mcpr.common.headers import FieldLines, add_forwarded, end_to_end, end_to_end_lines
+from mcpr.common.headers import FieldLines, add_forwarded, end_to_end_lines, strip_to_end_to_end
 
 # Request headers the proxy recomputes: the upstream client sets Host and Content-Length
 # from the upstream URL and the body.
@@ -28,7 +28,12 @@ def upstream_request_headers(
     return out
 
 
+_RESPONSE_RECOMPUTED = frozenset({b"content-length"})
+
+
 def downstream_response_headers(source: Headers) -> Headers:
     """The upstream response's end-to-end headers, without Content-Length: the caller sets it
-    again when the body passes unchanged (see `response.length`)."""
-    return end_to_end(source, frozenset({b"content-length"}))
+    again when the body passes unchanged (see `response.length`).  `source` itself, stripped:
+    the upstream client made it for this response alone, and what reads it afterwards (the
+    rewrite plan, the session id) reads end-to-end headers only."""
+    return strip_to_end_to_end(source, _RESPONSE_RECOMPUTED)

@@ -158,9 +158,10 @@ class RegistrationStats:
     def __init__(self, metrics: RelayMetrics, registry: Registry) -> None:
         self._metrics = metrics
         self._registry = registry
+        self._ok = metrics.registrations.labels("ok")  # looked up once, not per registration
 
     def registered(self, tunnel: Tunnel, hint: str, peer: str | None, url: str) -> None:
-        self._metrics.registrations.labels("ok").inc()
+        self._ok.inc()
         self._metrics.tunnels.set(len(self._registry))
         log.info("tunnel {subdomain} registered (token {hint}, from {peer}): {url}", subdomain=tunnel.subdomain,
                  hint=hint, peer=peer, url=url)
