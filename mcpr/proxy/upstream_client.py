@@ -48,6 +48,10 @@ Body = bytes | IO[bytes] | None
 _RETRIED = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE"})
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 _VISIBLE = frozenset(range(0x21, 0x7F))
+# How an answer's body ends, made once: a Failure per request was 1 % of its CPU, and no reader
+# changes the one it is given.
+_DONE = Failure(ResponseDone())
+_LOST = Failure(PotentialDataLoss())  # read until close: the close was its end
 
 
 class UpstreamClosed(Exception):
@@ -332,7 +336,7 @@ class UpstreamConnection(Protocol):
             self.origin.client.forget(self)
             if self.transport is not None:
                 self.transport.loseConnection()
-        exchange.end(Failure(PotentialDataLoss() if self._eof else ResponseDone()))
+        exchange.end(_LOST if self._eof else _DONE)
 
     def error(self, reason: str) -> None:
         exchange, self.exchange = self.exchange, None
