@@ -211,14 +211,16 @@ class ReservationStore(Service):
 
 
 def _write(db: sqlite3.Connection, batch: dict[str, Change]) -> None:
+    """One transaction per batch, each statement run over its rows in C (`executemany`): the batch
+    holds one change per name, so deletions and upserts of different names commute."""
+    gone = [(subdomain,) for subdomain, change in batch.items() if change is None]
+    kept = [(subdomain, *change) for subdomain, change in batch.items() if change is not None]
     with db:
         db.execute("BEGIN")
-        for subdomain, change in batch.items():
-            if change is None:
-                db.execute("DELETE FROM reservations WHERE subdomain = ?", (subdomain,))
-            else:
-                db.execute("INSERT OR REPLACE INTO reservations (subdomain, owner, expires) VALUES (?, ?, ?)",
-                           (subdomain, *change))
+        if gone:
+            db.executemany("DELETE FROM reservations WHERE subdomain = ?", gone)
+        if kept:
+            db.executemany("INSERT OR REPLACE INTO reservations (subdomain, owner, expires) VALUES (?, ?, ?)", kept)
 
 
 def _pool_runner(reactor: IReactorFromThreads, pool: ThreadPool) -> Runner[Any]:
