@@ -14,6 +14,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from mcpr.proxy import jsonrpc
+from mcpr.proxy.rewrite import streaming
 from mcpr.proxy.rewrite.csp import CspPolicy
 from mcpr.proxy.rewrite.plan import Plan, plan
 from mcpr.proxy.rewrite.streaming import EventStreamRewriter, JsonRewriter
@@ -167,6 +168,53 @@ class McpAnswerTests(SynchronousTestCase):
         for method in ("ping", "initialize", "prompts/get"):
             changes = decide(mcp(call(method)), head(content_type="application/json"))
             self.assertEqual(changes, Plan(content_length=10), method)
+
+    def parses(self) -> list[bytes | str]:
+        """What the rewriters parse from now on."""
+        parsed: list[bytes | str] = []
+        real = streaming.loads_or_none
+
+        def counted(text: bytes | str):
+            parsed.append(text)
+            return real(text)
+
+        self.patch(streaming, "loads_or_none", counted)
+        return parsed
+
+    def test_a_tools_call_answer_without_metadata_passes_unparsed(self) -> None:
+        body = b'{"jsonrpc": "2.0", "id": 1, "result": {"content": [{"type": "text", "text": "3"}]}}'
+        for content_type in ("application/json", "text/event-stream"):
+            parsed = self.parses()
+            changes = decide(mcp(call("tools/call")), head(content_type=content_type))
+            out: list[bytes] = []
+            rewriter = changes.rewriter(out.append, Headers())
+            assert rewriter is not None
+            sent = body if content_type == "application/json" else b"event: message\ndata: " + body + b"\n\n"
+            rewriter.feed(sent)
+            rewriter.finish()
+            self.assertEqual((b"".join(out), parsed), (sent, []), content_type)
+
+    def test_a_tools_call_answer_with_metadata_or_a_widget_resource_is_still_rewritten(self) -> None:
+        meta = self.answer({"content": [], "_meta": dict(META)})
+        answer, _ = rewritten(decide(mcp(call("tools/call")), head(content_type="application/json")), meta)
+        self.assertIn("https://abc.tunnel.example.com", answer["result"]["_meta"]["openai/widgetCSP"]["connect_domains"])
+        embedded = self.answer({"content": [{"type": "resource", "resource": {
+            "uri": WIDGET, "mimeType": "text/html+skybridge", "text": "<p>hi</p>"}}]})
+        answer, _ = rewritten(decide(mcp(call("tools/call")), head(content_type="application/json")), embedded)
+        self.assertIn("_meta", answer["result"]["content"][0]["resource"])
+
+    def test_metadata_named_with_an_escape_is_still_found(self) -> None:
+        parsed = self.parses()
+        changes = decide(mcp(call("tools/call")), head(content_type="application/json"))
+        out: list[bytes] = []
+        headers = Headers()
+        rewriter = changes.rewriter(out.append, headers)
+        assert rewriter is not None
+        rewriter.feed(b'{"jsonrpc":"2.0","id":1,"result":{"content":[],"_m\\u0065ta":'
+                      + json.dumps(META).encode() + b"}}")
+        rewriter.finish()
+        self.assertEqual(len(parsed), 1)
+        self.assertIn("https://abc.tunnel.example.com", b"".join(out).decode())
 
     def test_direct_mode_without_a_csp_setting_has_nothing_to_do(self) -> None:
         changes = decide(mcp(call("tools/list")), head(content_type="application/json"), origin=None)

@@ -290,6 +290,20 @@ def _is_widget_resource(item: dict, uri: str | None) -> bool:
     return uri is not None and uri.startswith("ui://")
 
 
+# The methods whose answers `could_change` can rule out from their bytes: a tool's or a result's
+# metadata is only ever rewritten, never added, except on an embedded widget resource.
+SCREENED_METHODS = frozenset({"tools/list", "tools/call"})
+
+
+def could_change(body: bytes) -> bool:
+    """Whether an answer to a `SCREENED_METHODS` request may hold what `rewrite_result` changes:
+    a metadata member (`_meta` or `meta`, both ending in these bytes) or an embedded resource
+    (`"type": "resource"`).  In UTF-8 those names are only spelled so or with a `\\u` escape;
+    a UTF-16 or UTF-32 body holds NULs.  Most `tools/call` answers hold neither: they pass
+    without being parsed."""
+    return b'meta"' in body or b'"resource"' in body or b"\\u" in body or b"\0" in body
+
+
 def _items(method: str, result: dict) -> Iterator[tuple[dict, str | None, bool]]:
     """Each object of a result that may carry widget metadata: (object, widget URI, is a widget resource)."""
     if method == "tools/list":

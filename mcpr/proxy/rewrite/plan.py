@@ -22,9 +22,9 @@ from mcpr.common.web import is_json
 from mcpr.proxy import jsonrpc
 from mcpr.proxy.answers import is_event_stream
 from mcpr.proxy.jsonrpc import id_key
-from mcpr.proxy.rewrite.csp import REWRITTEN_METHODS, CspPolicy, CspRewriter
+from mcpr.proxy.rewrite.csp import REWRITTEN_METHODS, SCREENED_METHODS, CspPolicy, CspRewriter, could_change
 from mcpr.proxy.rewrite.oauth import OriginMap, is_discovery
-from mcpr.proxy.rewrite.streaming import BodyRewriter, EventStreamRewriter, JsonRewriter, Transform
+from mcpr.proxy.rewrite.streaming import DEFAULT_CAP, BodyRewriter, EventStreamRewriter, JsonRewriter, Screen, Transform
 from mcpr.proxy.routing import Kind, Route, Upstream
 from mcpr.proxy.widgets import substitute_html
 
@@ -39,13 +39,16 @@ class Plan:
     `origins` moves upstream URLs in `WWW-Authenticate` and `Location`;
     `transform`, if any, changes the JSON of the body, which then goes
     through a rewriter (event by event when `event_stream`);
-    `content_length` is the upstream's, kept when the body passes unchanged.
+    `content_length` is the upstream's, kept when the body passes unchanged;
+    `screen`, if any, lets a body (or an event) whose bytes cannot need the
+    transform pass without being parsed.
     """
 
     origins: OriginMap | None = None
     transform: Transform | None = None
     event_stream: bool = False
     content_length: int | None = None
+    screen: Screen | None = None
 
     def rewrite_headers(self, headers: Headers) -> None:
         """Apply the plan to the downstream response headers, not yet sent."""
@@ -62,8 +65,8 @@ class Plan:
         if self.transform is None:
             return None
         if self.event_stream:
-            return EventStreamRewriter(self.transform, write)
-        return JsonRewriter(self.transform, write, headers)
+            return EventStreamRewriter(self.transform, write, DEFAULT_CAP, self.screen)
+        return JsonRewriter(self.transform, write, headers, DEFAULT_CAP, self.screen)
 
 
 def plan(rt: Route, request: Request, response: IResponse, *, origin: str | None, htmls: LocalHtml,
@@ -82,17 +85,20 @@ def plan(rt: Route, request: Request, response: IResponse, *, origin: str | None
     if discovery or headers.hasHeader(b"www-authenticate") or headers.hasHeader(b"location"):
         origins = OriginMap(upstream, origin or request_origin(request))
     transform: Transform | None = None
+    screen: Screen | None = None
     if response.code == 200 and (event_stream or is_json(content_type)) and not _encoded(headers):
         if rt.kind is Kind.MCP_POST and rt.rpc is not None:
             methods = _rewritten_methods(rt.rpc)
             if methods:
                 transform = _answers_transform(methods, CspRewriter(csp, origin, upstream.host), htmls)
+                if transform is not None and not htmls and SCREENED_METHODS.issuperset(methods.values()):
+                    screen = could_change
         elif origins is not None and discovery:
             transform = origins.document
     length = response.length
     keep = (transform is None and isinstance(length, int) and request.method != b"HEAD"
             and response.code not in (204, 304))
-    return Plan(origins, transform, event_stream, length if keep else None)
+    return Plan(origins, transform, event_stream, length if keep else None, screen)
 
 
 def request_origin(request: Request) -> str:

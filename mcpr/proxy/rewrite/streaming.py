@@ -24,6 +24,8 @@ log = Logger()
 
 # Mutates a parsed JSON value in place; says whether it changed anything.
 Transform = Callable[[Any], bool]
+# Whether a body's bytes may hold anything the transform changes (False: it passes unparsed).
+Screen = Callable[[bytes], bool]
 
 DEFAULT_CAP = 8 << 20
 
@@ -68,8 +70,9 @@ class JsonRewriter:
     """
 
     def __init__(self, transform: Transform, write: Callable[[bytes], None], headers: Headers,
-                 cap: int = DEFAULT_CAP) -> None:
+                 cap: int = DEFAULT_CAP, screen: Screen | None = None) -> None:
         self._transform = transform
+        self._screen = screen
         self._write = write
         self._headers = headers
         self._cap = cap
@@ -93,7 +96,7 @@ class JsonRewriter:
         if self._passing:
             return
         body, self._chunks = b"".join(self._chunks), []
-        out = rewrite_json(body, self._transform)
+        out = None if self._screen is not None and not self._screen(body) else rewrite_json(body, self._transform)
         if out is None:
             out = body
         self._headers.setRawHeaders(b"content-length", [str(len(out)).encode()])
@@ -110,8 +113,10 @@ class EventStreamRewriter:
     parser itself.
     """
 
-    def __init__(self, transform: Transform, write: Callable[[bytes], None], cap: int = DEFAULT_CAP) -> None:
+    def __init__(self, transform: Transform, write: Callable[[bytes], None], cap: int = DEFAULT_CAP,
+                 screen: Screen | None = None) -> None:
         self._transform = transform
+        self._screen = screen
         self._write = write
         self._cap = cap
         self._held: list[bytes] = []  # bytes of the incomplete block: no boundary among them
@@ -162,6 +167,8 @@ class EventStreamRewriter:
     def _block(self, raw: bytes) -> bytes:
         if b'"result"' not in raw:
             return raw  # not an answer (a notification, a comment): nothing to parse
+        if self._screen is not None and not self._screen(raw):
+            return raw
         events = SSEParser().feed(raw)
         if not events or events[0].data.lstrip()[:1] not in ("{", "["):
             return raw
