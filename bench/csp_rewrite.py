@@ -13,6 +13,11 @@ upstream socket would deliver them, with the public origin of a tunnel:
     json          JsonRewriter: hold the body, parse, rewrite every tool's _meta, serialize
     sse           EventStreamRewriter: the same answer as one SSE event
     json, no meta the same rewrite of tools without widget metadata (parse, walk, nothing to change)
+    call, parsed  a `tools/call` answer of the same size, no metadata (half a text content, half
+                  `structuredContent` records), parsed and walked, as every such answer on a
+                  public tunnel was before 2026-12-03
+    call, screened the same answer as the proxy passes it now: its bytes hold no metadata member
+                  and no embedded resource (`csp.could_change`), so it is not parsed
 
 Times are the median of --rounds runs in the same process, the cases taking
 turns; the ratios to the baseline are the figures that carry across machines.
@@ -30,7 +35,7 @@ from typing import Callable
 from twisted.web.http_headers import Headers
 
 from mcpr.proxy import jsonrpc
-from mcpr.proxy.rewrite.csp import CspPolicy, CspRewriter
+from mcpr.proxy.rewrite.csp import CspPolicy, CspRewriter, could_change
 from mcpr.proxy.rewrite.plan import answers_transform
 from mcpr.proxy.rewrite.streaming import EventStreamRewriter, JsonRewriter
 
@@ -73,12 +78,30 @@ def document(size: int, meta: bool) -> bytes:
     return body
 
 
+def call_answer(size: int) -> bytes:
+    """A `tools/call` result of about `size` bytes: half a text content, half structured records."""
+    text = "A line of what the tool found, as a server returns it. " * (size // 112 + 1)
+    rows = [{"id": i, "name": f"row {i}", "tags": ["a", "b"], "score": i / 2, "ok": True} for i in range(size // 160)]
+    return json.dumps({"jsonrpc": "2.0", "id": 7, "result": {"content": [{"type": "text", "text": text}],
+                                                              "structuredContent": {"rows": rows}}}).encode()
+
+
 REQUEST = jsonrpc.parse(b'{"jsonrpc":"2.0","id":7,"method":"tools/list"}')
+CALL = jsonrpc.parse(b'{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"t"}}')
 
 
-def transform():
+def transform(request: jsonrpc.Batch = REQUEST):
     csp = CspRewriter(CspPolicy(), PUBLIC, "localhost")
-    return answers_transform(REQUEST, csp, {})
+    return answers_transform(request, csp, {})
+
+
+def run_call(body: bytes, screened: bool) -> bytes:
+    out: list[bytes] = []
+    rewriter = JsonRewriter(transform(CALL), out.append, Headers(), screen=could_change if screened else None)
+    for i in range(0, len(body), CHUNK):
+        rewriter.feed(body[i:i + CHUNK])
+    rewriter.finish()
+    return b"".join(out)
 
 
 def run_json(body: bytes) -> bytes:
@@ -130,12 +153,16 @@ def main() -> None:
     meta = rewritten["result"]["tools"][0]["_meta"]
     assert meta["openai/widgetCSP"]["connect_domains"] == [PUBLIC, "https://api.example.com"], meta
     assert b'"openai/widgetDomain"' in run_sse(stream)
+    answer = call_answer(args.size)
+    assert run_call(answer, True) == run_call(answer, False) == answer
 
     cases = median_ms({
         "baseline (loads+dumps)": (baseline, body),
         "json rewrite": (run_json, body),
         "sse rewrite": (run_sse, stream),
         "json rewrite, no meta": (run_json, plain),
+        "tools/call, parsed": (lambda b: run_call(b, False), answer),
+        "tools/call, screened": (lambda b: run_call(b, True), answer),
     }, args.rounds)
     base = cases["baseline (loads+dumps)"]
     tools = len(rewritten["result"]["tools"])

@@ -116,7 +116,11 @@ def add_baseline_paths() -> None:
     PROCESSES["gateway" + BASELINE_SUFFIX] = ("gateway" + BASELINE_SUFFIX,)
     PROCESSES["tunnel" + BASELINE_SUFFIX] = ("relay" + BASELINE_SUFFIX, "gateway" + BASELINE_SUFFIX)
 
-DOMAIN = "localhost"
+DOMAIN = "localhost"  # localtunnel's: its tldjs parses subdomains of names it knows
+# mcpr's relay serves a public-looking name, as in production: under `*.localhost` the gateway would
+# take its tunnel URL for a local one and skip the widget CSP rewrite that every public tunnel runs.
+# No name is resolved: every client connects to 127.0.0.1 and sends the name as Host.
+RELAY_DOMAIN = "tunnel.example"
 SUBDOMAIN = "bench"
 TUNNEL_TOKEN = "bench-token"
 MAX_BODY = "200MiB"
@@ -393,8 +397,8 @@ class Session:
         log_path = self.workdir / f"{name}.log"
         for _ in range(3):  # the free port may be taken between the probe and the listen
             port = free_port()
-            cmd = [sys.executable, "-m", "twisted", "--log-format=text", "mcpr-relay", "--domain", DOMAIN,
-                   "--listen", f"tcp:{port}:interface={HOST}", "--public-url", f"http://*.{DOMAIN}:{port}", *extra]
+            cmd = [sys.executable, "-m", "twisted", "--log-format=text", "mcpr-relay", "--domain", RELAY_DOMAIN,
+                   "--listen", f"tcp:{port}:interface={HOST}", "--public-url", f"http://*.{RELAY_DOMAIN}:{port}", *extra]
             # Its reservations in the working directory, not in ~/.local/state/mcpr-relay, where every
             # relay of every session would load the names of the last ones (10,000 after the idle phase).
             with open(log_path, "wb") as log:
@@ -460,7 +464,7 @@ class Session:
         if relay_port is not None:
             self.meta["tunnel_url" + suffix] = wait_for_log(gateway, log_path, GATEWAY_TUNNEL,
                                                             "the gateway's tunnel").group(1)
-            self.paths["tunnel" + suffix] = (relay_port, f"{SUBDOMAIN}.{DOMAIN}:{relay_port}")
+            self.paths["tunnel" + suffix] = (relay_port, f"{SUBDOMAIN}.{RELAY_DOMAIN}:{relay_port}")
 
     # -- measuring ------------------------------------------------------------
 
