@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IHostnameResolver, IHostResolution
 from twisted.internet.protocol import Factory, Protocol
@@ -56,7 +56,11 @@ class HostEndpointTests(SynchronousTestCase):
 
     def accept(self) -> None:
         """The latest connect attempt succeeds."""
-        host, port, factory = self.reactor.tcpClients[-1][:3]
+        self.accept_at(-1)
+
+    def accept_at(self, index: int) -> None:
+        """The connect attempt at `index` succeeds."""
+        host, port, factory = self.reactor.tcpClients[index][:3]
         peer = (IPv6Address if ":" in host else IPv4Address)("TCP", host, port)
         factory.buildProtocol(peer).makeConnection(StringTransport(peerAddress=peer))
 
@@ -106,3 +110,70 @@ class HostEndpointTests(SynchronousTestCase):
         self.refuse()
         self.failureResultOf(connecting, ConnectionRefusedError)
         self.assertEqual(len(self.reactor.tcpClients), 1)
+
+    def test_connects_during_the_first_resolution_wait_for_its_address(self) -> None:
+        endpoint = HostEndpoint(self.reactor, "upstream.test", 9000, timeout=5)
+        first = self.connect(endpoint)
+        waiting = [self.connect(endpoint) for _ in range(3)]
+        self.assertEqual(len(self.reactor.tcpClients), 1, "the others wait instead of resolving")
+        self.accept()
+        self.successResultOf(first)
+        self.assertEqual([c[:2] for c in self.reactor.tcpClients[1:]], [("10.0.0.5", 9000)] * 3)
+        for index, connecting in enumerate(waiting, 1):
+            self.accept_at(index)
+            self.successResultOf(connecting)
+        self.assertEqual(self.resolver.asked, ["upstream.test"])
+
+    def test_a_first_resolution_that_fails_fails_its_waiters(self) -> None:
+        endpoint = HostEndpoint(self.reactor, "upstream.test", 9000, timeout=5)
+        first, second = self.connect(endpoint), self.connect(endpoint)
+        self.refuse()
+        self.reactor.advance(1)  # HostnameEndpoint reports the failure of its last address after its delay
+        self.failureResultOf(first, ConnectionRefusedError)
+        self.failureResultOf(second, ConnectionRefusedError)
+        self.assertEqual(self.resolver.asked, ["upstream.test"])
+
+    def test_a_waiter_cancelled_leaves_the_others(self) -> None:
+        endpoint = HostEndpoint(self.reactor, "upstream.test", 9000, timeout=5)
+        first, cancelled, kept = self.connect(endpoint), self.connect(endpoint), self.connect(endpoint)
+        cancelled.cancel()
+        self.failureResultOf(cancelled, CancelledError)
+        self.accept()
+        self.successResultOf(first)
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        self.accept()
+        self.successResultOf(kept)
+
+    def test_after_a_while_one_connect_resolves_and_the_others_keep_the_known_address(self) -> None:
+        endpoint = HostEndpoint(self.reactor, "upstream.test", 9000, timeout=5)
+        self.connect(endpoint)
+        self.accept()
+        self.reactor.advance(host_endpoint.REMEMBER)
+        self.resolver.address = "10.0.0.6"
+        refreshing = self.connect(endpoint)
+        self.assertEqual(self.reactor.tcpClients[-1][0], "10.0.0.6")
+        meanwhile = self.connect(endpoint)
+        self.assertEqual(self.reactor.tcpClients[-1][0], "10.0.0.5")
+        self.accept()
+        self.successResultOf(meanwhile)
+        self.accept_at(-2)
+        self.successResultOf(refreshing)
+        self.connect(endpoint)
+        self.assertEqual(self.reactor.tcpClients[-1][0], "10.0.0.6")
+        self.assertEqual(self.resolver.asked, ["upstream.test"] * 2)
+
+    def test_a_refresh_that_fails_falls_back_to_the_known_address(self) -> None:
+        endpoint = HostEndpoint(self.reactor, "upstream.test", 9000, timeout=5)
+        self.connect(endpoint)
+        self.accept()
+        self.reactor.advance(host_endpoint.REMEMBER)
+        self.resolver.address = "10.0.0.6"
+        refreshing = self.connect(endpoint)
+        self.refuse()  # the new address refuses
+        self.reactor.advance(1)
+        self.assertEqual(self.reactor.tcpClients[-1][0], "10.0.0.5")
+        self.accept()
+        self.successResultOf(refreshing)
+        self.connect(endpoint)  # kept a while longer: no resolution for this one
+        self.assertEqual(self.reactor.tcpClients[-1][0], "10.0.0.5")
+        self.assertEqual(self.resolver.asked, ["upstream.test"] * 2)
