@@ -15,13 +15,6 @@ from mcpr.proxy import jsonrpc
 from mcpr.proxy.sse import EventTooLarge, SSEParser
 
 
-def _may_hold_error(body: bytes) -> bool:
-    """Whether a JSON body may hold an error object: a member named "error", which in UTF-8 only
-    these seven bytes spell, or a `\\u` escape, which could spell the name otherwise, or a NUL,
-    which any UTF-16 or UTF-32 body (that `json.loads` also reads) holds."""
-    return b'"error"' in body or b"\\u" in body or b"\0" in body
-
-
 def is_event_stream(content_type: bytes | None) -> bool:
     return content_type is not None and content_type.split(b";", 1)[0].strip().lower() == b"text/event-stream"
 
@@ -70,7 +63,7 @@ class AnswerWatcher:
         if self._json and not self.gave_up and self._buffer:
             body = b"".join(self._buffer)
             self._buffer = []
-            if self._keep or _may_hold_error(body):
+            if self._keep or jsonrpc.may_hold(body, b'"error"'):  # an error is a member named so
                 self._take(body)
             else:
                 self._unread = body

@@ -118,6 +118,16 @@ def parse_value(obj: Any) -> Batch | None:
     return None if message is None else Batch((message,))
 
 
+def may_hold(body: bytes, *spellings: bytes) -> bool:
+    """Whether JSON text may hold a name or string whose plain UTF-8 bytes are one of `spellings`:
+    as written, or through a `\\u` escape, or in UTF-16 or UTF-32 (which `json.loads` also reads,
+    and whose ASCII characters all come with NULs).  A body that cannot is not worth parsing for
+    it.  Cheapest first: a one-byte search is memchr, so `\\u` is searched only where a
+    backslash is."""
+    return (b"\0" in body or any(spelling in body for spelling in spellings)
+            or (b"\\" in body and b"\\u" in body))
+
+
 def loads_or_none(text: bytes | str) -> Any:
     """The JSON value of `text`, or None if it is not JSON (or is too deeply nested to parse).
 

@@ -144,13 +144,18 @@ class HostEndpointTests(SynchronousTestCase):
         self.accept()
         self.successResultOf(kept)
 
-    def test_after_a_while_one_connect_resolves_and_the_others_keep_the_known_address(self) -> None:
+    def refresh(self) -> tuple[HostEndpoint, Deferred]:
+        """An endpoint that reached 10.0.0.5, then, `REMEMBER` later, the connect that resolves
+        the name again (now 10.0.0.6), its attempt pending."""
         endpoint = HostEndpoint(self.reactor, "upstream.test", 9000, timeout=5)
         self.connect(endpoint)
         self.accept()
         self.reactor.advance(host_endpoint.REMEMBER)
         self.resolver.address = "10.0.0.6"
-        refreshing = self.connect(endpoint)
+        return endpoint, self.connect(endpoint)
+
+    def test_after_a_while_one_connect_resolves_and_the_others_keep_the_known_address(self) -> None:
+        endpoint, refreshing = self.refresh()
         self.assertEqual(self.reactor.tcpClients[-1][0], "10.0.0.6")
         meanwhile = self.connect(endpoint)
         self.assertEqual(self.reactor.tcpClients[-1][0], "10.0.0.5")
@@ -163,12 +168,7 @@ class HostEndpointTests(SynchronousTestCase):
         self.assertEqual(self.resolver.asked, ["upstream.test"] * 2)
 
     def test_a_refresh_that_fails_falls_back_to_the_known_address(self) -> None:
-        endpoint = HostEndpoint(self.reactor, "upstream.test", 9000, timeout=5)
-        self.connect(endpoint)
-        self.accept()
-        self.reactor.advance(host_endpoint.REMEMBER)
-        self.resolver.address = "10.0.0.6"
-        refreshing = self.connect(endpoint)
+        endpoint, refreshing = self.refresh()
         self.refuse()  # the new address refuses
         self.reactor.advance(1)
         self.assertEqual(self.reactor.tcpClients[-1][0], "10.0.0.5")

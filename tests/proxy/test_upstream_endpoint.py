@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-from unittest import skipIf
 
 from twisted.internet import reactor
 from twisted.internet.defer import succeed
@@ -74,6 +73,10 @@ class MemoryEndpoint:
         return succeed(self.protocol)
 
 
+# Linux's TCP_QUICKACK; the fake socket records it on any platform (the tests patch it in).
+QUICKACK = upstream_endpoint._QUICKACK or 12
+
+
 class UpstreamEndpointTests(SynchronousTestCase):
     """UpstreamEndpoint in memory: the socket options it sets, over TCP and TLS."""
 
@@ -83,34 +86,40 @@ class UpstreamEndpointTests(SynchronousTestCase):
         protocol = self.successResultOf(UpstreamEndpoint(tcp, tls).connect(factory))
         return tcp, factory, protocol
 
+    def setUp(self) -> None:
+        self.patch(upstream_endpoint, "_QUICKACK", QUICKACK)
+
+    def test_without_the_option_nothing_is_set(self) -> None:
+        self.patch(upstream_endpoint, "_QUICKACK", None)  # not Linux
+        tcp, _, protocol = self.connect()
+        tcp.protocol.dataReceived(b"HTTP/1.1 200 OK\r\n")
+        self.assertEqual((tcp.transport.socket.options, protocol.data), ([], b"HTTP/1.1 200 OK\r\n"))
+
     def test_nagle_off_and_the_callers_own_protocol_back(self) -> None:
         for tls in (None, optionsForClientTLS("upstream.example")):
             tcp, factory, protocol = self.connect(tls)
             self.assertIsInstance(protocol, Received)
             self.assertTrue(tcp.transport.no_delay)
 
-    @skipIf(upstream_endpoint._QUICKACK is None, "TCP_QUICKACK is Linux only")
     def test_every_read_is_acknowledged_at_once_unless_the_reader_says_its_answer_is_in(self) -> None:
         tcp, _, protocol = self.connect()
-        quick_ack = (socket.IPPROTO_TCP, upstream_endpoint._QUICKACK, 1)
+        quick_ack = (socket.IPPROTO_TCP, QUICKACK, 1)
         for chunk in (b"HTTP/1.1 200 OK\r\n", b"\r\n"):
             tcp.protocol.dataReceived(chunk)
         self.assertEqual(tcp.transport.socket.options, [quick_ack, quick_ack])
         self.assertEqual(protocol.data, b"HTTP/1.1 200 OK\r\n\r\n")
 
-    @skipIf(upstream_endpoint._QUICKACK is None, "TCP_QUICKACK is Linux only")
     def test_a_read_that_ends_the_answer_is_not_acknowledged_at_once(self) -> None:
         tcp = MemoryEndpoint()
         self.successResultOf(UpstreamEndpoint(tcp).connect(Factory.forProtocol(AnswerReader)))
         for chunk in (b"HTTP/1.1 200 OK\r\n", b"Content-Length: 0\r\n", b"\r\n"):
             tcp.protocol.dataReceived(chunk)
-        self.assertEqual(tcp.transport.socket.options, [(socket.IPPROTO_TCP, upstream_endpoint._QUICKACK, 1)] * 2)
+        self.assertEqual(tcp.transport.socket.options, [(socket.IPPROTO_TCP, QUICKACK, 1)] * 2)
 
-    @skipIf(upstream_endpoint._QUICKACK is None, "TCP_QUICKACK is Linux only")
     def test_under_tls_the_tcp_socket_gets_the_option(self) -> None:
         tcp, _, _ = self.connect(optionsForClientTLS("upstream.example"))
         tcp.protocol.dataReceived(b"\x16\x03\x03\x00\x00")  # any bytes: TLS reads them off TCP
-        self.assertEqual(tcp.transport.socket.options, [(socket.IPPROTO_TCP, upstream_endpoint._QUICKACK, 1)])
+        self.assertEqual(tcp.transport.socket.options, [(socket.IPPROTO_TCP, QUICKACK, 1)])
 
 
 class RealSocketTests(TestCase):

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any, Iterator
 
+from mcpr.proxy.jsonrpc import may_hold
+
 EXTEND = "extend"
 OVERRIDE = "override"
 
@@ -297,13 +299,9 @@ SCREENED_METHODS = frozenset({"tools/list", "tools/call"})
 
 def could_change(body: bytes) -> bool:
     """Whether an answer to a `SCREENED_METHODS` request may hold what `rewrite_result` changes:
-    a metadata member (`_meta` or `meta`, both ending in these bytes) or an embedded resource
-    (`"type": "resource"`).  In UTF-8 those names are only spelled so or with a `\\u` escape;
-    a UTF-16 or UTF-32 body holds NULs.  Most `tools/call` answers hold neither: they pass
-    without being parsed."""
-    # Cheapest first: a one-byte search is memchr; `\\u` is searched only where a backslash is.
-    return (b"\0" in body or b'meta"' in body or b'"resource"' in body
-            or (b"\\" in body and b"\\u" in body))
+    a metadata member (`_meta` or `meta`, both ending in `meta"`) or an embedded resource
+    (`"type": "resource"`).  Most `tools/call` answers hold neither: they pass unparsed."""
+    return may_hold(body, b'meta"', b'"resource"')
 
 
 def _items(method: str, result: dict) -> Iterator[tuple[dict, str | None, bool]]:

@@ -24,7 +24,7 @@ from mcpr.proxy.answers import is_event_stream
 from mcpr.proxy.jsonrpc import id_key
 from mcpr.proxy.rewrite.csp import REWRITTEN_METHODS, SCREENED_METHODS, CspPolicy, CspRewriter, could_change
 from mcpr.proxy.rewrite.oauth import OriginMap, is_discovery
-from mcpr.proxy.rewrite.streaming import DEFAULT_CAP, BodyRewriter, EventStreamRewriter, JsonRewriter, Screen, Transform
+from mcpr.proxy.rewrite.streaming import BodyRewriter, EventStreamRewriter, JsonRewriter, Screen, Transform
 from mcpr.proxy.routing import Kind, Route, Upstream
 from mcpr.proxy.widgets import substitute_html
 
@@ -65,8 +65,8 @@ class Plan:
         if self.transform is None:
             return None
         if self.event_stream:
-            return EventStreamRewriter(self.transform, write, DEFAULT_CAP, self.screen)
-        return JsonRewriter(self.transform, write, headers, DEFAULT_CAP, self.screen)
+            return EventStreamRewriter(self.transform, write, screen=self.screen)
+        return JsonRewriter(self.transform, write, headers, screen=self.screen)
 
 
 def plan(rt: Route, request: Request, response: IResponse, *, origin: str | None, htmls: LocalHtml,
