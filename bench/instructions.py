@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""The gateway's instructions per small request, counted by callgrind: this tree against another.
+"""Instructions per unit of work, counted by callgrind: the gateway's per small request, or the
+relay's per tunnel registration; this tree against another.
 
-    .venv/bin/python bench/instructions.py [--baseline TREE] [--requests N] [--connections K] [--json]
+    .venv/bin/python bench/instructions.py [--target gateway|registration] [--baseline TREE]
+                                           [--requests N] [--connections K] [--json]
 
 Why instructions: on this project's machine two identical gateways differ by
 up to 25 % in CPU time per request from one wrk round to the next (a shared
@@ -24,6 +26,15 @@ translates the code it runs), then the counters are zeroed, then
 dump's instruction total divided by the requests.  The store's writer process
 is not under callgrind: its work per request is a separate process's.
 
+With `--target registration` the relay runs under callgrind instead, set up as
+side_by_side.py's idle phase sets it up (open registration, the per-address
+caps lifted), and bench/_roles.py's idle client registers tunnels on it
+`--connections` at a time: `--warmup` first, then, the counters zeroed,
+`--requests` more (each the whole exchange: TCP accept, WebSocket upgrade,
+the JSON hello and answer, the reservation written by the relay's SQLite
+thread, which callgrind counts with the rest of the process, and the tunnel's
+HTTP/2 start).  The figure is instructions per registration.
+
 Exit status: 0 when the run completed, 1 when it could not, 130 on Ctrl-C.
 """
 
@@ -40,8 +51,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import HOST, MCP_PATH, Children, clean_up, post_request, run_guarded, wait_for_log
-from side_by_side import GATEWAY_ANNOUNCE, _env, start_upstream
+from _common import HOST, MCP_PATH, Children, clean_up, post_request, readline, run_guarded, wait_for_log
+from side_by_side import GATEWAY_ANNOUNCE, RELAY_DOMAIN, RELAY_LISTENING, ROLES, _env, start_upstream
 
 VALGRIND = "apt-get install -y valgrind"
 _TOTALS = re.compile(r"^(?:summary|totals): (\d+)", re.M)
@@ -79,24 +90,56 @@ def callgrind_control(*args: str) -> None:
     subprocess.run(["callgrind_control", *args], check=True, capture_output=True, timeout=300)
 
 
-def measure(name: str, tree: Path | None, up_port: int, children: Children, workdir: Path,
-            args: argparse.Namespace) -> dict:
+def register(port: int, count: int, window: int, prefix: str, children: Children, workdir: Path) -> None:
+    """`count` tunnels registered by the idle client, `window` at a time; they stay open until it stops."""
+    cmd = [sys.executable, str(ROLES), "idle", "--port", str(port), "--count", str(count), "--window", str(window),
+           "--prefix", prefix]
+    with open(workdir / f"idle-{prefix}.log", "wb") as err:
+        client = children.start(f"idle-{prefix}", cmd, stdout=subprocess.PIPE, stderr=err, bufsize=0)
+    deadline = time.monotonic() + 60 + count  # callgrind runs the relay some 50 times slower
+    while (line := readline(client.stdout, deadline)).startswith("progress"):
+        pass
+    result = json.loads(line)
+    if result["registered"] != count:
+        raise RuntimeError(f"{result['failed']} of {count} registrations failed: {result['failures']}")
+
+
+def _start(name: str, tree: Path | None, children: Children, workdir: Path, daemon: list[str],
+           announce: re.Pattern[str], group: int) -> tuple[subprocess.Popen, int]:
     home = workdir / name
     home.mkdir()
     log_path = workdir / f"{name}.log"
     out = workdir / f"callgrind.{name}"
     cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no",
-           sys.executable, "-m", "twisted", "--log-format=text", "mcpr", "--mcp",
-           f"http://{HOST}:{up_port}{MCP_PATH}", "--listen", f"tcp:0:interface={HOST}", "--no-tunnel"]
+           sys.executable, "-m", "twisted", "--log-format=text", *daemon]
     env = _env(PYTHONPATH=str(tree)) if tree else _env()
     with open(log_path, "wb") as log:
         proc = children.start(name, cmd, cwd=home, env=env | {"XDG_STATE_HOME": str(workdir / f"{name}-state")},
                               stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    port = int(wait_for_log(proc, log_path, GATEWAY_ANNOUNCE, f"the gateway ({name})", timeout=300).group(2))
-    send(port, args.warmup, args.connections)
-    callgrind_control("--zero", str(proc.pid))
-    started = time.monotonic()
-    send(port, args.requests, args.connections)
+    return proc, int(wait_for_log(proc, log_path, announce, f"{daemon[0]} ({name})", timeout=300).group(group))
+
+
+def measure(name: str, tree: Path | None, up_port: int, children: Children, workdir: Path,
+            args: argparse.Namespace) -> dict:
+    if args.target == "registration":
+        many = str(2 * (args.warmup + args.requests) + 100)
+        proc, port = _start(name, tree, children, workdir, [
+            "mcpr-relay", "--domain", RELAY_DOMAIN, "--listen", f"tcp:0:interface={HOST}",
+            "--max-tunnels", many, "--max-tunnels-per-ip", many, "--max-connections-per-ip", many,
+            "--registration-rate", str(int(many) * 60), "--registration-burst", many], RELAY_LISTENING, 1)
+        if args.warmup:
+            register(port, args.warmup, args.connections, f"w{name.replace('-', '')}x", children, workdir)
+        callgrind_control("--zero", str(proc.pid))
+        started = time.monotonic()
+        register(port, args.requests, args.connections, f"m{name.replace('-', '')}x", children, workdir)
+    else:
+        proc, port = _start(name, tree, children, workdir, [
+            "mcpr", "--mcp", f"http://{HOST}:{up_port}{MCP_PATH}", "--listen", f"tcp:0:interface={HOST}",
+            "--no-tunnel"], GATEWAY_ANNOUNCE, 2)
+        send(port, args.warmup, args.connections)
+        callgrind_control("--zero", str(proc.pid))
+        started = time.monotonic()
+        send(port, args.requests, args.connections)
     seconds = time.monotonic() - started
     for old in workdir.glob(f"callgrind.{name}*"):
         old.unlink()
@@ -118,10 +161,14 @@ def run(args: argparse.Namespace) -> int:
     children = Children()
     workdir = Path(tempfile.mkdtemp(prefix="mcpr-instructions-"))
     try:
-        up_port, upstream = start_upstream(children, workdir, lambda text: print(text, file=sys.stderr))
-        results = [measure("gateway", None, up_port, children, workdir, args)]
+        if args.target == "registration":
+            up_port, upstream = 0, "none"
+        else:
+            up_port, upstream = start_upstream(children, workdir, lambda text: print(text, file=sys.stderr))
+        name = "gateway" if args.target == "gateway" else "relay"
+        results = [measure(name, None, up_port, children, workdir, args)]
         if args.baseline:
-            results.append(measure("gateway-0", Path(args.baseline).resolve(), up_port, children, workdir, args))
+            results.append(measure(f"{name}-0", Path(args.baseline).resolve(), up_port, children, workdir, args))
     except RuntimeError as e:
         print(f"instructions: {e}", file=sys.stderr)
         return 1
@@ -130,8 +177,12 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"upstream": upstream, "results": results}, indent=2))
         return 0
-    print(f"Gateway instructions per small request (callgrind; {args.requests} requests over "
-          f"{args.connections} connections after {args.warmup} unmeasured; upstream {upstream})")
+    if args.target == "registration":
+        print(f"Relay instructions per tunnel registration (callgrind; {args.requests} registrations, "
+              f"{args.connections} at a time, after {args.warmup} unmeasured)")
+    else:
+        print(f"Gateway instructions per small request (callgrind; {args.requests} requests over "
+              f"{args.connections} connections after {args.warmup} unmeasured; upstream {upstream})")
     for r in results:
         print(f"  {r['name']:<10} {r['instructions_per_request']:>12,}  ({r['tree']})")
     if len(results) == 2:
@@ -142,10 +193,14 @@ def run(args: argparse.Namespace) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target", choices=("gateway", "registration"), default="gateway",
+                        help="what is counted: the gateway's small requests, or the relay's registrations (gateway)")
     parser.add_argument("--baseline", metavar="TREE", help="another checkout, measured the same way after this one")
-    parser.add_argument("--requests", type=int, default=2000, help="measured requests (2000)")
-    parser.add_argument("--warmup", type=int, default=300, help="unmeasured requests first (300)")
-    parser.add_argument("--connections", type=int, default=8, help="kept-alive connections (8)")
+    parser.add_argument("--requests", type=int, default=2000,
+                        help="measured requests or registrations (2000)")
+    parser.add_argument("--warmup", type=int, default=300, help="unmeasured ones first (300)")
+    parser.add_argument("--connections", type=int, default=8,
+                        help="kept-alive connections, or registrations under way at once (8)")
     parser.add_argument("--keep", action="store_true", help="keep the logs and callgrind files")
     parser.add_argument("--json", action="store_true", help="the figures as JSON")
     args = parser.parse_args()

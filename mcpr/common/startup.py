@@ -13,7 +13,8 @@ line can go.
 `twist` also logs Twisted's JSON format (about 600 bytes a line) whenever its
 log file is not a terminal: under systemd, in a pipe or a file.  Both daemons
 are read by people first, so they log text unless `--log-format` says
-otherwise.  That text log formats its timestamp once a second, not once a line.
+otherwise, and `--log-format=text` (the Dockerfile's) gets the same cheaper text observer
+(`mcpr.common.text_log`) as the default.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import IO, NoReturn, Sequence
+from typing import NoReturn, Sequence
 
 from twisted.application.service import MultiService
-from twisted.logger import FileLogObserver, LogEvent, formatEventAsClassicLogText, formatTime
 from twisted.python import usage
 
 from mcpr.common.settings import ConfigError
+from mcpr.common.text_log import text_log_observer
 
 # `twist`'s status for a usage error (sysexits.h EX_USAGE); systemd shows it as "64/USAGE".
 EXIT_STATUS = os.EX_USAGE
@@ -68,34 +69,6 @@ def log_format_given(argv: Sequence[str], plugin: str) -> bool:
     return False
 
 
-class _Stamp:
-    """`formatTime` for the log's lines, computed once a second: `twist`'s text observer formats
-    the time of every line (`datetime`, time zone, `strftime`), 2-3 % of the relay's CPU for
-    a registration, which logs one line."""
-
-    def __init__(self) -> None:
-        self._second: int | None = None
-        self._text = ""
-
-    def __call__(self, when: float | None) -> str:
-        if when is None:
-            return formatTime(when)
-        second = int(when)
-        if second != self._second:
-            self._second, self._text = second, formatTime(second)
-        return self._text
-
-
-def text_log_observer(out: IO[str]) -> FileLogObserver:
-    """What `twisted.logger.textFileLogObserver` makes, the same lines, with `_Stamp`'s time."""
-    stamp = _Stamp()
-
-    def format_event(event: LogEvent) -> str | None:
-        return formatEventAsClassicLogText(event, formatTime=stamp)
-
-    return FileLogObserver(out, format_event)
-
-
 class DaemonOptions(usage.Options):
     """The base of both daemons' options: parsed as a `twist` plugin (`parent` is then twist's
     own options), a usage or configuration error is one line and the exit, and the log is text
@@ -128,7 +101,7 @@ class DaemonOptions(usage.Options):
 
         `twist` keeps no record of whether `--log-format` was given (its default is stored the
         same way), hence the look at the command line it parsed, `sys.argv`."""
-        if not log_format_given(sys.argv[1:], twist.subCommand or self.program):
+        if twist.get("logFormat") == "text" or not log_format_given(sys.argv[1:], twist.subCommand or self.program):
             twist["fileLogObserverFactory"] = text_log_observer
             twist["logFormat"] = "text"
         if self.stdout_taken() and twist.get("logFile") is sys.stdout:

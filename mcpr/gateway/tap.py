@@ -19,6 +19,7 @@ from mcpr.common.accesslog import LineWriter
 from mcpr.common.service import address_of, listener
 from mcpr.common.settings import ConfigError, cli_values, listen_origin, options_from
 from mcpr.common.startup import Daemon, DaemonOptions, SettingError, one_line_errors
+from mcpr.common.text_log import plain_autobahn_log
 from mcpr.common.web import CappedSite
 from mcpr.gateway.inspector.service import inspector_service
 from mcpr.gateway.reload import ReloadService
@@ -174,6 +175,7 @@ def tunnel_service(settings: GatewaySettings, resource: ProxyResource, reactor: 
 
 
 def makeService(options: usage.Options, reactor: Any = None) -> IService:
+    plain_autobahn_log()
     with one_line_errors(Options.program):
         return _service_tree(options, reactor)
 

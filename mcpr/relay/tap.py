@@ -19,6 +19,7 @@ from mcpr.common.accesslog import LineWriter
 from mcpr.common.service import SighupService, address_of, listener
 from mcpr.common.settings import ConfigError, cli_values, listen_origin, options_from
 from mcpr.common.startup import DaemonOptions, SettingError, one_line_errors
+from mcpr.common.text_log import plain_autobahn_log
 from mcpr.common.web import CappedSite, ChannelTimeouts, ConnectionLimits, TrustedProxies
 from mcpr.relay.auth import Authenticator
 from mcpr.relay.cluster.directory import Directory, Heartbeat, redacted_redis_url, redis_connection
@@ -73,6 +74,7 @@ class Options(DaemonOptions):
 
 
 def makeService(options: usage.Options, reactor: Any = None) -> IService:
+    plain_autobahn_log()
     with one_line_errors(Options.program):
         return _service_tree(options, reactor)
 
