@@ -98,6 +98,18 @@ class InstructionsBenchTests(SynchronousTestCase):
         self.assertEqual(result["requests"], 30)
         self.assertGreater(result["instructions_per_request"], 10_000)  # a proxied request is no less
 
+    def test_registrations(self) -> None:
+        """--target registration on 20 tunnels (about 30 s): the relay under callgrind gives a count."""
+        if shutil.which("valgrind") is None:
+            raise SkipTest("valgrind is not installed (apt-get install valgrind): the count needs callgrind")
+        cmd = [sys.executable, str(ROOT / "bench" / "instructions.py"), "--target", "registration", "--requests", "20",
+               "--warmup", "5", "--connections", "5", "--json"]
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+        self.assertEqual(done.returncode, 0, f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}")
+        (result,) = json.loads(done.stdout)["results"]
+        self.assertEqual((result["name"], result["requests"]), ("relay", 20))
+        self.assertGreater(result["instructions_per_request"], 100_000)  # an upgrade, a hello, an answer at least
+
 
 class ClusterBenchTests(SynchronousTestCase):
     def test_quick_run(self) -> None:

@@ -1,10 +1,11 @@
 """Both daemons' text log: `twist`'s text lines at a fraction of their cost, and Autobahn's in
 plain text.
 
-A tunnel registration logs one line and every proxied request logs one access line in each
-daemon, so the line's cost is paid per unit of work: with Twisted's `textFileLogObserver` it
-was about a tenth of the relay's CPU for a registration (py-spy and cProfile, session 8 in
-docs/PERFORMANCE.md).  Two things made it dear, both kept out of here:
+A tunnel registration logs one line (a proxied request's access line goes to
+`accesslog.LineWriter`, not through the logger), so the line's cost is paid per registration:
+with Twisted's `textFileLogObserver` it was 7.5 % of the relay's py-spy samples
+for a registration (docs/PERFORMANCE.md, session 8).  Two things made it dear, both kept out of
+here:
 
 - the time of every line formatted anew (`datetime`, time zone, `strftime`): `_Stamp` formats
   it once a second;
