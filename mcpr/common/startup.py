@@ -19,6 +19,7 @@ otherwise, and `--log-format=text` (the Dockerfile's) gets the same cheaper text
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from collections.abc import Iterator
@@ -113,18 +114,40 @@ class SettingError(usage.UsageError):
     says what is expected, so no pointer to `--help` follows it."""
 
 
+def freeze_start_up_heap() -> None:
+    """Leave what the daemon built to start out of every later garbage collection.
+
+    CPython's full collection walks every object the collector tracks, and under load it runs
+    about once a second: the objects of the requests in flight at each young collection count
+    as long-lived, and a full collection follows once those reach a quarter of the long-lived
+    heap.  Nearly all of that heap is the start-up's (modules, classes, the service tree: some
+    70,000 objects), and it lives as long as the process.  Measured on the gateway at c64 (wrk,
+    8 s, the bench's origin): eleven full collections took 0.45 s, 5.7 % of its CPU, and with the
+    start-up heap frozen 0.05 s; req/s went up 9-17 % in two interleaved pairs.  Each such pause
+    is also a stall of every stream the process carries.
+
+    Frozen objects are never collected: garbage in a reference cycle among them stays.  At this
+    point no connection exists yet, so only what start-up made is frozen; a reload that replaces
+    part of it leaves at most that part behind once.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 class Daemon(MultiService):
     """The root of a daemon's service tree: a `ConfigError` while it starts (a listener that
     cannot listen) ends `twist` with its one line.
 
     The services that started before are stopped first, as far as that goes without a running
     reactor: a worker thread left running (the relay's reservations store has one) would keep
-    the process from exiting.
+    the process from exiting.  With `freeze_heap` (the daemon under `twist`, not a test's
+    process), the tree's start ends with `freeze_start_up_heap`.
     """
 
-    def __init__(self, program: str) -> None:
+    def __init__(self, program: str, *, freeze_heap: bool = False) -> None:
         super().__init__()
         self.program = program
+        self.freeze_heap = freeze_heap
 
     def startService(self) -> None:
         try:
@@ -134,3 +157,5 @@ class Daemon(MultiService):
                 if service.running:
                     service.stopService()
             fail(self.program, str(e))
+        if self.freeze_heap:
+            freeze_start_up_heap()

@@ -186,7 +186,7 @@ def _service_tree(options: usage.Options, reactor: Any) -> Daemon:
     settings: GatewaySettings = options["settings"]
     for warning in settings.warnings:
         log.warn("{warning}", warning=warning)
-    top = Daemon(Options.program)
+    top = Daemon(Options.program, freeze_heap=options.parent is not None)  # under twist, not in a test
     store = build_store(settings, reactor)
     resource = build_resource(settings, reactor, store)
     _Closer(resource).setServiceParent(top)

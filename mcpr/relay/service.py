@@ -46,11 +46,11 @@ class RelayService(Daemon):
     def __init__(self, clock: IReactorTime, settings: RelaySettings, *, auth: Authenticator, registry: Registry,
                  forwarder: TunnelForwarder, stats: RequestStats,
                  read: Callable[[], RelaySettings] | None = None, store: ReservationStore | None = None,
-                 cluster: ClusterNode | None = None) -> None:
+                 cluster: ClusterNode | None = None, freeze_heap: bool = False) -> None:
         """`read` gives fresh settings for a reload (None: only certificates are reloaded); `store`
         keeps the registry's reservations across restarts (None: in memory only); `cluster`: this
-        node's part in a cluster, which the drain leaves first."""
-        super().__init__("mcpr-relay")
+        node's part in a cluster, which the drain leaves first; `freeze_heap`: `Daemon`'s."""
+        super().__init__("mcpr-relay", freeze_heap=freeze_heap)
         self._clock = clock
         self._settings = settings
         self._auth = auth

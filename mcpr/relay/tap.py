@@ -111,7 +111,8 @@ def _service_tree(options: usage.Options, reactor: Any) -> RelayService:
                        cluster=_cluster_health(settings, heartbeat) if heartbeat is not None else None)
     site = public_site(front, settings, reactor, connection_budget(settings.max_connections))
     relay = RelayService(reactor, settings, auth=auth, registry=registry, forwarder=forwarder, stats=stats,
-                         read=lambda: load_relay(**reload_args), store=store, cluster=cluster)
+                         read=lambda: load_relay(**reload_args), store=store, cluster=cluster,
+                         freeze_heap=options.parent is not None)  # under twist, not in a test
 
     def announce(port: IListeningPort) -> None:
         log.info("mcpr relay {version} for {domain}: listening on {address}", version=__version__,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 
 from twisted.application.service import Service
@@ -105,6 +106,21 @@ class _Refusing(Service):
 
 
 class DaemonTests(SynchronousTestCase):
+    def test_under_twist_the_start_up_heap_is_frozen(self) -> None:
+        """Only with freeze_heap (as the taps pass under twist): a test's own process stays as it is."""
+        self.addCleanup(gc.unfreeze)
+        before = gc.get_freeze_count()
+        Daemon("probe").startService()
+        self.assertEqual(gc.get_freeze_count(), before)
+        made_at_start = [[]]  # a container the collector tracks, made before the start
+        self.assertTrue(any(o is made_at_start for o in gc.get_objects()))
+        daemon = Daemon("probe", freeze_heap=True)
+        daemon.startService()
+        self.assertTrue(daemon.running)
+        self.assertGreater(gc.get_freeze_count(), before)
+        self.assertFalse(any(o is made_at_start for o in gc.get_objects()),
+                         "frozen: out of the collector's generations")
+
     def test_a_config_error_at_start_stops_what_started_and_exits(self) -> None:
         written: list[str] = []
         self.patch(sys.stderr, "write", written.append)
