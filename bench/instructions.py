@@ -90,11 +90,12 @@ def callgrind_control(*args: str) -> None:
     subprocess.run(["callgrind_control", *args], check=True, capture_output=True, timeout=300)
 
 
-def register(port: int, count: int, window: int, prefix: str, children: Children, workdir: Path) -> None:
-    """`count` tunnels registered by the idle client, `window` at a time; they stay open until it stops."""
+def register(port: int, count: int, window: int, prefix: str, children: Children, workdir: Path) -> subprocess.Popen:
+    """`count` tunnels registered by the idle client, `window` at a time; it keeps them open until
+    the caller stops it."""
     cmd = [sys.executable, str(ROLES), "idle", "--port", str(port), "--count", str(count), "--window", str(window),
            "--prefix", prefix]
-    with open(workdir / f"idle-{prefix}.log", "wb") as err:
+    with open(workdir / f"idle-{port}-{prefix}.log", "wb") as err:
         client = children.start(f"idle-{prefix}", cmd, stdout=subprocess.PIPE, stderr=err, bufsize=0)
     deadline = time.monotonic() + 60 + count  # callgrind runs the relay some 50 times slower
     while (line := readline(client.stdout, deadline)).startswith("progress"):
@@ -102,6 +103,7 @@ def register(port: int, count: int, window: int, prefix: str, children: Children
     result = json.loads(line)
     if result["registered"] != count:
         raise RuntimeError(f"{result['failed']} of {count} registrations failed: {result['failures']}")
+    return client
 
 
 def _start(name: str, tree: Path | None, children: Children, workdir: Path, daemon: list[str],
@@ -121,17 +123,19 @@ def _start(name: str, tree: Path | None, children: Children, workdir: Path, daem
 
 def measure(name: str, tree: Path | None, up_port: int, children: Children, workdir: Path,
             args: argparse.Namespace) -> dict:
+    clients: list[subprocess.Popen] = []  # the idle clients holding the registered tunnels open
     if args.target == "registration":
         many = str(2 * (args.warmup + args.requests) + 100)
         proc, port = _start(name, tree, children, workdir, [
             "mcpr-relay", "--domain", RELAY_DOMAIN, "--listen", f"tcp:0:interface={HOST}",
             "--max-tunnels", many, "--max-tunnels-per-ip", many, "--max-connections-per-ip", many,
             "--registration-rate", str(int(many) * 60), "--registration-burst", many], RELAY_LISTENING, 1)
+        # Each relay is fresh, so the same names serve both; the two batches differ by prefix.
         if args.warmup:
-            register(port, args.warmup, args.connections, f"w{name.replace('-', '')}x", children, workdir)
+            clients.append(register(port, args.warmup, args.connections, "warm", children, workdir))
         callgrind_control("--zero", str(proc.pid))
         started = time.monotonic()
-        register(port, args.requests, args.connections, f"m{name.replace('-', '')}x", children, workdir)
+        clients.append(register(port, args.requests, args.connections, "counted", children, workdir))
     else:
         proc, port = _start(name, tree, children, workdir, [
             "mcpr", "--mcp", f"http://{HOST}:{up_port}{MCP_PATH}", "--listen", f"tcp:0:interface={HOST}",
@@ -147,6 +151,7 @@ def measure(name: str, tree: Path | None, up_port: int, children: Children, work
     dumps = sorted(workdir.glob(f"callgrind.{name}*"))
     totals = [int(m.group(1)) for d in dumps if (m := _TOTALS.search(d.read_text(errors="replace")))]
     children.stop(proc)
+    children.stop_together(clients)
     if not totals:
         raise RuntimeError(f"no callgrind dump from {name} ({[d.name for d in dumps]})")
     instructions = max(totals)  # the dump of the measured window (the exit's own dump is removed above)

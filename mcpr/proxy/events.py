@@ -197,9 +197,8 @@ def _clock(seconds: float) -> str:
 
 def _span_text(start: float | None, end: float | None) -> str:
     """`elapsed_ms` as the console line shows it: `8ms`, or `-`."""
-    if start is None or end is None:
-        return "-"
-    return "%.0fms" % round((end - start) * 1000, 3)  # as elapsed_ms rounds, so the line and the store agree
+    ms = elapsed_ms(start, end)
+    return "-" if ms is None else "%.0fms" % ms
 
 
 def human_bytes(n: int, *, iec: bool = False) -> str:

@@ -23,6 +23,7 @@ from mcpr.common.web import no_delay
 
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
+
 def quick_ack(transport: Any) -> None:
     """Acknowledge at once (Linux).  An upstream that writes its headers and body
     separately without TCP_NODELAY (uvicorn+h11 does) holds the body until our

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import IO, Callable
 
 from twisted.logger import LogLevel, textFileLogObserver
 from twisted.python.failure import Failure
@@ -11,9 +12,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from mcpr.common.text_log import plain_autobahn_log, text_log_observer
 
 
-def _lines(observer_factory: object, events: list[dict]) -> str:
+def _lines(observer_factory: Callable[[IO[str]], Callable[[dict], None]], events: list[dict]) -> str:
     out = io.StringIO()
-    observer = observer_factory(out)  # type: ignore[operator]
+    observer = observer_factory(out)
     for event in events:
         observer(dict(event))
     return out.getvalue()
